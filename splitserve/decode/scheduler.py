@@ -1,0 +1,116 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recomputation.
+
+The scheduler owns request state: which requests wait, which run, how many of their tokens are computed
+and which pages hold them. The page allocator owns the pages themselves.
+
+Each step spends a token budget: first on the running requests, oldest first (one token for a decoding
+request, the next chunk for one still prefilling), then on admitting waiting requests in arrival order.
+When a running request needs a page and none is free, the newest running request is preempted: its pages
+are freed and it goes back to the front of the queue, to be recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.request import Chunk, Request, RequestStatus
+from splitserve.engine.sampling import TokenLogprob
+
+
+class Scheduler:
+    def __init__(
+        self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest first
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a request wherever it is and free its pages. Returns it, or None if it is unknown."""
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    request.finish_reason = "abort"
+                    request.status = RequestStatus.FINISHED
+                    self._release(request)
+                    return request
+        return None
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow_pages(request, request.num_computed_tokens + n):
+                victim = self.running.pop()  # the newest: later than every request scheduled so far
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                chunks.append(Chunk(request, n))
+                budget -= n
+                i += 1
+        # Admit new work only when the running batch got all it needs this step.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow_pages(request, n):
+                break  # first come, first served: no overtaking the head of the queue
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(Chunk(request, n))
+            budget -= n
+        return chunks
+
+    def update(self, chunks: list[Chunk], sampled: list[tuple[Request, int, TokenLogprob | None]]) -> list[Request]:
+        """Account for a finished step: computed tokens advance, sampled tokens append. Returns finished requests."""
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        finished = []
+        for request, token_id, logprob in sampled:
+            request.append_token(token_id, logprob, self.max_model_len)
+            if request.finish_reason is not None:
+                self.running.remove(request)
+                request.status = RequestStatus.FINISHED
+                self._release(request)
+                finished.append(request)
+        return finished
+
+    def _grow_pages(self, request: Request, num_tokens: int) -> bool:
+        """Make `request` hold pages for `num_tokens` tokens; False (and no change) if too few are free."""
+        needed = -(-num_tokens // self.page_size) - len(request.pages)
+        if needed > self.allocator.num_free:
+            return False
+        if needed > 0:
+            request.pages.extend(self.allocator.allocate(needed))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.pages)
+        request.pages = []

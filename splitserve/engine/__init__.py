@@ -1,0 +1,1 @@
+"""Engine pieces both pools share: the paged KV cache and its allocator, requests, sampling, the model runner."""

@@ -1,0 +1,73 @@
+"""A generation request's state as the scheduler and runner see it (the scheduler is its owner)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from splitserve.engine.sampling import SamplingParams, TokenLogprob
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted: holds no pages
+    RUNNING = "running"  # holds pages for its computed tokens
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    token_ids: list[int]  # prompt, then every generated token
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    num_computed_tokens: int = 0  # tokens whose K/V are in this request's pages
+    pages: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+
+    @classmethod
+    def create(
+        cls, request_id: str, prompt_token_ids: list[int], params: SamplingParams, eos_token_ids: frozenset[int]
+    ) -> Request:
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator().manual_seed(params.seed)
+        return cls(request_id, list(prompt_token_ids), len(prompt_token_ids), params, eos_token_ids, generator=generator)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None, max_model_len: int) -> None:
+        """Record a sampled token and decide whether the request is done."""
+        self.token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        p = self.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            self.finish_reason = "stop"
+        elif len(self.token_ids) - self.num_prompt_tokens >= p.max_tokens or len(self.token_ids) >= max_model_len:
+            self.finish_reason = "length"
+
+
+class Chunk(NamedTuple):
+    """`num_tokens` of `request`'s uncomputed tokens, scheduled for one forward pass."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the request's last token, so the step samples a new one."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens

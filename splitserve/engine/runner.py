@@ -1,0 +1,116 @@
+"""`ModelRunner`: owns the weights, the KV cache tensor and the step's input buffers, and turns a list of
+scheduled chunks into one forward pass over pages plus one sampled token per finished chunk."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.kv_cache import allocate_kv_cache, parse_memory_size
+from splitserve.engine.request import Chunk, Request
+from splitserve.engine.sampling import TokenLogprob, sample
+from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
+from splitserve.model.checkpoint import iter_safetensors
+from splitserve.model.config import ModelConfig
+from splitserve.model.llama import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, folder: Path, config: EngineConfig):
+        self.model_config = model_config
+        self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
+        self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(
+            model_config, self.page_size, parse_memory_size(config.kv_cache_memory), self.dtype, self.device
+        )
+        self.num_pages = self.kv_cache.shape[0]
+        limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+        # A request running alone must always fit, so the KV cache's capacity also caps the length.
+        self.max_model_len = min(limit, self.num_pages * self.page_size)
+        if self.max_model_len < limit:
+            log.warning("KV cache holds %d tokens: max_model_len capped from %d", self.max_model_len, limit)
+
+        # Step inputs live on the device in buffers allocated once and refilled each step.
+        n, s = config.max_num_batched_tokens, config.max_num_seqs
+        self.max_pages_per_seq = math.ceil(self.max_model_len / self.page_size)
+        long = dict(dtype=torch.long, device=self.device)
+        self._input_ids, self._positions = torch.zeros(n, **long), torch.zeros(n, **long)
+        self._slot_pages, self._slot_offsets = torch.zeros(n, **long), torch.zeros(n, **long)
+        self._decode_page_table = torch.zeros(s, self.max_pages_per_seq, **long)
+        self._decode_context_lens = torch.zeros(s, **long)
+        self._token_range = torch.arange(self.max_pages_per_seq * self.page_size, **long)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[Chunk]) -> list[tuple[Request, int, TokenLogprob | None]]:
+        """Run the chunks' tokens through the model; sample for every chunk that completes its request."""
+        # Decode rows (one query token) first: the attention batches them in one call.
+        ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
+        meta, sample_rows = self._prepare(ordered)
+        n = sum(c.num_tokens for c in ordered)
+        hidden = self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta)
+        finishing = [c.request for c in ordered if c.completes]
+        if not finishing:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        tokens, logprobs = sample(logits, [r.params for r in finishing], [r.generator for r in finishing])
+        return list(zip(finishing, tokens, logprobs, strict=True))
+
+    def _prepare(self, ordered: list[Chunk]) -> tuple[PagedAttentionMetadata, list[int]]:
+        ps = self.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_pages: list[int] = []
+        sample_rows: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_pages: list[list[int]] = []
+        decode_lens: list[int] = []
+        for c in ordered:
+            r, start = c.request, c.request.num_computed_tokens
+            end = start + c.num_tokens
+            row = len(ids)
+            ids.extend(r.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_pages.extend(r.pages[p // ps] for p in range(start, end))
+            if c.completes:
+                sample_rows.append(row + c.num_tokens - 1)
+            used_pages = r.pages[: math.ceil(end / ps)]
+            if c.num_tokens == 1:
+                decode_pages.append(used_pages)
+                decode_lens.append(end)
+            else:
+                mask = None
+                if start > 0:  # a later chunk: its queries also see the prefix already in pages
+                    q_pos = torch.arange(start, end, device=self.device)
+                    mask = self._token_range[:end].unsqueeze(0) <= q_pos.unsqueeze(1)
+                page_ids = torch.tensor(used_pages, dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(row, c.num_tokens, end, page_ids, mask))
+
+        n = len(ids)
+        self._input_ids[:n].copy_(torch.tensor(ids))
+        pos = torch.tensor(positions)
+        self._positions[:n].copy_(pos)
+        self._slot_pages[:n].copy_(torch.tensor(slot_pages))
+        self._slot_offsets[:n].copy_(pos % ps)
+
+        nd = len(decode_pages)
+        max_pages = max((len(p) for p in decode_pages), default=0)
+        table = self._decode_page_table[:nd, :max_pages]
+        if nd:
+            table.copy_(torch.tensor([p + [0] * (max_pages - len(p)) for p in decode_pages]))
+            self._decode_context_lens[:nd].copy_(torch.tensor(decode_lens))
+        mask = self._token_range[: max_pages * ps].unsqueeze(0) < self._decode_context_lens[:nd].unsqueeze(1)
+        meta = PagedAttentionMetadata(
+            slot_pages=self._slot_pages[:n],
+            slot_offsets=self._slot_offsets[:n],
+            num_decode=nd,
+            decode_page_table=table,
+            decode_mask=mask.view(nd, 1, 1, max_pages * ps),
+            prefills=prefills,
+        )
+        return meta, sample_rows

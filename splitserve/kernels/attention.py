@@ -1,0 +1,80 @@
+"""Paged attention: write a step's new K/V into pages, and attend each query over its pages.
+
+The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`
+(see DESIGN.md). A step's tokens form one flat batch: first the decode rows (one query token each),
+then the prefill chunks (several query tokens, possibly after a prefix already in pages).
+This module is the reference path; it is the single place the model calls for attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill chunk: rows [query_start, query_start+query_len) of the batch."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # prefix in pages + this chunk
+    page_ids: torch.Tensor  # [ceil(context_len / page_size)] pages holding the context, in order
+    causal_mask: torch.Tensor | None  # [query_len, context_len] bool, None when there is no prefix
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Where each token of the flat batch writes its K/V and what each query attends to."""
+
+    slot_pages: torch.Tensor  # [num_tokens] page of each new token's K/V
+    slot_offsets: torch.Tensor  # [num_tokens] offset within that page
+    num_decode: int  # rows [0, num_decode) are decode queries
+    decode_page_table: torch.Tensor  # [num_decode, max_pages] (padding entries point at any page)
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_pages * page_size] bool, True = attend
+    prefills: list[PrefillSpan]
+
+
+def write_kv(
+    kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
+) -> None:
+    """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots."""
+    kv_cache[:, layer, 0][meta.slot_pages, meta.slot_offsets] = k
+    kv_cache[:, layer, 1][meta.slot_pages, meta.slot_offsets] = v
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages.
+
+    The K/V of the batch's own tokens must already be written (`write_kv`).
+    """
+    k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        # Gather every decode sequence's pages into one padded batch and attend in one call.
+        k = k_pages[meta.decode_page_table].flatten(1, 2).transpose(1, 2)  # [nd, kv_heads, T, dim]
+        v = v_pages[meta.decode_page_table].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:nd] = o.squeeze(2)
+    for span in meta.prefills:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        k = k_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
+        v = v_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0),
+            k,
+            v,
+            attn_mask=span.causal_mask,
+            is_causal=span.causal_mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    return out

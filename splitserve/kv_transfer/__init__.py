@@ -1,0 +1,1 @@
+"""KV page transfer between a prefill and a decode worker over UCX (see DESIGN.md)."""

@@ -1,0 +1,132 @@
+"""`LLM`: the offline Python API. Load a model once, then generate for many prompts with continuous batching."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from splitserve.decode.engine import Engine
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.errors import InvalidRequestError
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    text: str | None = None  # None when the model folder has no tokenizer
+
+
+class LLM:
+    """Generate from a Llama-family model (default: the embedded SmolLM2-135M-Instruct).
+
+    Keyword arguments are `EngineConfig` fields: dtype, device, page_size, kv_cache_memory, max_num_seqs,
+    max_num_batched_tokens, max_model_len.
+    """
+
+    def __init__(self, model: str | None = None, **engine_options: Any):
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = _load_tokenizer(self.engine.model_path)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids) at once; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return self._run([self._encode(p) for p in prompts], texts, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[Message] | Sequence[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate the assistant's next message for each conversation, with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        tokenizer = self._require_tokenizer()
+        if tokenizer.chat_template is None:
+            raise InvalidRequestError("this model has no chat template")
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        # The template already holds the special tokens: do not let the tokenizer add another BOS.
+        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return self._run(ids, texts, sampling_params, use_tqdm)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._require_tokenizer()(prompt).input_ids
+        return list(prompt)
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{self.engine.model_path} has no tokenizer: pass prompts as token ids")
+        return self.tokenizer
+
+    def _run(
+        self,
+        prompt_ids: list[list[int]],
+        texts: list[str | None],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompt_ids)
+        if len(params) != len(prompt_ids):
+            raise InvalidRequestError(f"{len(prompt_ids)} prompts but {len(params)} sampling params")
+        for ids in prompt_ids:  # all or nothing: reject a bad batch before queueing any of it
+            self.engine.validate_prompt(ids)
+
+        outputs: dict[str, RequestOutput] = {}
+        for ids, text in zip(prompt_ids, texts, strict=True):
+            request_id = str(next(self._ids))
+            outputs[request_id] = RequestOutput(request_id, text, ids)
+        pending = set(outputs)
+        try:
+            for (request_id, out), p in zip(outputs.items(), params, strict=True):
+                self.engine.add_request(request_id, out.prompt_token_ids, p)
+            with tqdm(total=len(outputs), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                while pending:
+                    for update in self.engine.step():
+                        out = outputs[update.request_id]
+                        out.token_ids.append(update.token_id)
+                        if update.logprob is not None:
+                            out.logprobs.append(update.logprob)
+                        if update.finish_reason is not None:
+                            out.finish_reason = update.finish_reason
+                            pending.discard(update.request_id)
+                            bar.update(1)
+        finally:
+            for request_id in pending:  # interrupted: leave no request (and no page) behind
+                self.engine.abort(request_id)
+        if self.tokenizer is not None:
+            for out in outputs.values():
+                out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        return list(outputs.values())
+
+
+def _load_tokenizer(folder) -> PreTrainedTokenizerBase | None:
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)

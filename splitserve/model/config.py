@@ -1,0 +1,92 @@
+"""`ModelConfig`: the few numbers of a Hugging Face config that the runtime needs, checked once at load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from splitserve.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Rope types whose frequencies do not depend on the sequence length at run time.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    eos_token_ids: tuple[int, ...]
+    hf_config: PretrainedConfig
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ModelConfig:
+        try:
+            hf = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read the model config in {folder}: {e}") from e
+        archs = getattr(hf, "architectures", None) or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or hf.model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.hidden_act != "silu":
+            raise ModelLoadError(f"unsupported activation {hf.hidden_act!r} (only silu)")
+        rope_type = hf.rope_parameters.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if getattr(hf, "use_sliding_window", False):
+            raise ModelLoadError("sliding-window attention is not supported")
+
+        max_positions = hf.max_position_embeddings
+        # Mistral's sliding window only matters past its length: serving shorter contexts is exact.
+        if arch == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
+            max_positions = min(max_positions, hf.sliding_window)
+        num_heads = hf.num_attention_heads
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,  # Qwen2 always has q/k/v bias, never o bias
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            eos_token_ids=_eos_token_ids(folder, hf),
+            hf_config=hf,
+        )
+
+
+def _eos_token_ids(folder: str | Path, hf: PretrainedConfig) -> tuple[int, ...]:
+    """EOS ids from generation_config.json when present (chat models list several), else config.json."""
+    eos = None
+    if (Path(folder) / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    if eos is None:
+        eos = hf.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)

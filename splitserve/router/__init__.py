@@ -1,0 +1,1 @@
+"""The router: OpenAI-compatible HTTP for clients, ZeroMQ to the workers (see DESIGN.md)."""
