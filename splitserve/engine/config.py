@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.kv_cache import parse_memory_size
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -26,12 +28,17 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_memory_size(self.kv_cache_memory)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.kv_cache import allocate_kv_cache, parse_memory_size
+from splitserve.engine.kv_cache import allocate_kv_cache
 from splitserve.engine.request import Chunk, Request
 from splitserve.engine.sampling import TokenLogprob, sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
@@ -27,7 +27,7 @@ class ModelRunner:
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         self.kv_cache = allocate_kv_cache(
-            model_config, self.page_size, parse_memory_size(config.kv_cache_memory), self.dtype, self.device
+            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device
         )
         self.num_pages = self.kv_cache.shape[0]
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)

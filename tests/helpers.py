@@ -1,0 +1,63 @@
+"""Helpers for tests: Hugging Face greedy references and a driver that submits requests mid-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from splitserve.decode.engine import Engine
+from splitserve.engine.sampling import SamplingParams
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+    """transformers' greedy `generate`, fp32, one prompt at a time (no padding)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for ids, n in zip(prompts, max_new_tokens, strict=True):
+            x = torch.tensor([ids])
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                pad_token_id=model.generation_config.eos_token_id,
+            )
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def run_staggered(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], arrival_steps: list[int]
+) -> tuple[list[list[int]], int]:
+    """Add prompt i just before step `arrival_steps[i]`; run to the end.
+
+    Returns each request's output tokens and the number of steps whose batch mixed a prompt chunk
+    with decode rows (requests joining a running batch).
+    """
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    pending = set(outputs)
+    mixed_steps = 0
+    execute = engine.runner.execute
+
+    def observed_execute(chunks):
+        nonlocal mixed_steps
+        prefilling = [c.request.num_computed_tokens < c.request.num_prompt_tokens for c in chunks]
+        mixed_steps += any(prefilling) and not all(prefilling)
+        return execute(chunks)
+
+    engine.runner.execute = observed_execute
+    try:
+        step = 0
+        while pending:
+            for i, arrival in enumerate(arrival_steps):
+                if arrival == step:
+                    engine.add_request(str(i), prompts[i], params[i])
+            for update in engine.step():
+                outputs[update.request_id].append(update.token_id)
+                if update.finish_reason is not None:
+                    pending.discard(update.request_id)
+            step += 1
+            assert step < 10_000, "engine made no progress"
+    finally:
+        del engine.runner.execute
+    return [outputs[str(i)] for i in range(len(prompts))], mixed_steps
