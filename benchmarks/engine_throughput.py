@@ -23,8 +23,8 @@ from splitserve import LLM, SamplingParams
 from splitserve.engine.config import DTYPES
 
 WORDS = (
-    "the model reads a prompt and writes an answer one token at a time while the scheduler keeps many requests "
-    "in flight so that every forward pass does useful work for all of them at once"
+    "the model reads a prompt and writes an answer one token at a time while the scheduler keeps many "
+    "requests in flight so that every forward pass does useful work for all of them at once"
 ).split()
 
 
@@ -108,8 +108,10 @@ def main() -> None:
 
     print(f"\n{'scenario':<16}{'engine':<30}{'out tok/s':>11}{'ms/token':>10}{'vs HF one-at-a-time':>22}")
     for scenario, engine, tokens, seconds, baseline in rows:
-        print(f"{scenario:<16}{engine:<30}{tokens / seconds:>11.1f}{1000 * seconds / tokens:>10.2f}"
-              f"{baseline / seconds:>21.2f}x")
+        print(
+            f"{scenario:<16}{engine:<30}{tokens / seconds:>11.1f}{1000 * seconds / tokens:>10.2f}"
+            f"{baseline / seconds:>21.2f}x"
+        )
     print(f"\n{c}: splitserve / transformers padded batch = {t_hf_batch / t_ours:.2f}x")
 
 

@@ -80,15 +80,17 @@ def _generate(args: argparse.Namespace) -> int:
     n = len(out.token_ids)
     logging.getLogger("splitserve").info(
         "loaded in %.1fs; %d tokens in %.2fs (%.1f tokens/s), finish_reason=%s",
-        loaded - started, n, done - loaded, n / max(done - loaded, 1e-9), out.finish_reason,
+        loaded - started,
+        n,
+        done - loaded,
+        n / max(done - loaded, 1e-9),
+        out.finish_reason,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="splitserve", description="Disaggregated prefill/decode LLM serving."
-    )
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log timings and progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    gen.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)"
-    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     gen.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens; -1 = all")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")

@@ -46,8 +46,16 @@ def _save_tiny(model_cls, config, folder: Path, seed: int) -> Path:
     return folder
 
 
-COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
-              eos_token_id=7, bos_token_id=1, pad_token_id=0)
+COMMON = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    eos_token_id=7,
+    bos_token_id=1,
+    pad_token_id=0,
+)
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +79,17 @@ def tiny_llama_untied(tmp_path_factory) -> Path:
     """Llama with untied embeddings, multi-head attention and Llama-3 rope scaling."""
     from transformers import LlamaForCausalLM
 
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    cfg = LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                      rope_parameters=rope)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    cfg = LlamaConfig(
+        **COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rope_parameters=rope
+    )
     return _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-llama-untied"), seed=3)
 
 

@@ -19,10 +19,13 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int])
         for ids, n in zip(prompts, max_new_tokens, strict=True):
             x = torch.tensor([ids])
             y = model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                do_sample=False,
                 pad_token_id=model.generation_config.eos_token_id,
             )
-            outs.append(y[0, len(ids):].tolist())
+            outs.append(y[0, len(ids) :].tolist())
     return outs
 
 

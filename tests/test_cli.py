@@ -15,8 +15,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_every_generate_flag():
     out = _run("generate", "--help")
     assert out.returncode == 0
-    for flag in ("--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--seed", "--ignore-eos",
-                 "--dtype", "--kv-cache-memory"):
+    for flag in (
+        "--model",
+        "--prompt",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--seed",
+        "--ignore-eos",
+        "--dtype",
+        "--kv-cache-memory",
+    ):
         assert flag in out.stdout
 
 

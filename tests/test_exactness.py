@@ -59,12 +59,17 @@ def test_chunked_prefill_equals_unchunked(tiny_llama_gqa):
     params = SamplingParams(max_tokens=20, temperature=0)
     results = {}
     for budget in (16, 37, 512):
-        engine = Engine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=8,
-                                     max_num_batched_tokens=budget))
-        chunk_sizes = []
+        engine = Engine(
+            EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=8, max_num_batched_tokens=budget)
+        )
+        chunk_sizes: list[int] = []
         execute = engine.runner.execute
-        engine.runner.execute = lambda chunks, execute=execute: (
-            chunk_sizes.extend(c.num_tokens for c in chunks), execute(chunks))[1]
+
+        def recording_execute(chunks, execute=execute, sizes=chunk_sizes):
+            sizes.extend(c.num_tokens for c in chunks)
+            return execute(chunks)
+
+        engine.runner.execute = recording_execute
         engine.add_request("r", prompt, params)
         tokens = []
         while engine.has_unfinished():

@@ -20,7 +20,12 @@ from splitserve.engine.sampling import TokenLogprob
 
 class Scheduler:
     def __init__(
-        self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
     ):
         self.allocator = allocator
         self.page_size = page_size

@@ -39,7 +39,9 @@ class Request:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator().manual_seed(params.seed)
-        return cls(request_id, list(prompt_token_ids), len(prompt_token_ids), params, eos_token_ids, generator=generator)
+        return cls(
+            request_id, list(prompt_token_ids), len(prompt_token_ids), params, eos_token_ids, generator=generator
+        )
 
     @property
     def num_tokens(self) -> int:

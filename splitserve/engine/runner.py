@@ -26,9 +26,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
-        self.kv_cache = allocate_kv_cache(
-            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device
-        )
+        self.kv_cache = allocate_kv_cache(model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device)
         self.num_pages = self.kv_cache.shape[0]
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         # A request running alone must always fit, so the KV cache's capacity also caps the length.

@@ -52,17 +52,11 @@ def paged_attention(
 
     The K/V of the batch's own tokens must already be written (`write_kv`).
     """
-    k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        # Gather every decode sequence's pages into one padded batch and attend in one call.
-        k = k_pages[meta.decode_page_table].flatten(1, 2).transpose(1, 2)  # [nd, kv_heads, T, dim]
-        v = v_pages[meta.decode_page_table].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale)
+    k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         k = k_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
@@ -78,3 +72,24 @@ def paged_attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query token per sequence: gather every sequence's pages into one padded batch laid out
+    `[kv_head * sequence, T, dim]`, so the query heads sharing a KV head meet its K/V in one batched
+    matmul. Softmax in fp32; padding past each context length is masked."""
+    nd, num_heads, dim = q.shape
+    kv_heads = layer_cache.shape[3]
+    group = num_heads // kv_heads
+    # [num_pages, 2, page_size, kv_heads, dim] -> [2, kv_heads, nd, max_pages, page_size, dim]
+    kv = layer_cache.permute(1, 3, 0, 2, 4)[:, :, meta.decode_page_table]
+    span = kv.shape[3] * kv.shape[4]
+    k = kv[0].reshape(kv_heads * nd, span, dim)
+    v = kv[1].reshape(kv_heads * nd, span, dim)
+    qg = q.view(nd, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * nd, group, dim)
+    scores = torch.bmm(qg, k.transpose(1, 2)).float() * scale  # [kv_heads * nd, group, T]
+    scores.view(kv_heads, nd, group, span).masked_fill_(~meta.decode_mask.view(1, nd, 1, span), float("-inf"))
+    out = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [kv_heads * nd, group, dim]
+    return out.view(kv_heads, nd, group, dim).transpose(0, 1).reshape(nd, num_heads, dim)

@@ -49,10 +49,12 @@ class Attention(nn.Module):
         meta: PagedAttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        write_kv(kv_cache, self.layer, k, v.view(n, self.num_kv_heads, self.head_dim), meta)
+        qkv = self.qkv_proj(x)
+        # Rotate the query and key heads in one pass: [tokens, heads + kv_heads, head_dim].
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        write_kv(kv_cache, self.layer, k, v, meta)
         o = paged_attention(q, kv_cache, self.layer, meta, self.scale)
         return self.o_proj(o.view(n, self.q_size))
 
