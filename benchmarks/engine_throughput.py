@@ -5,6 +5,7 @@ Two scenarios, measured in one run:
   N concurrent   all requests submitted at once (continuous batching); transformers runs them one at a
                  time (what a server without batching does) and as one left-padded static batch
 
+The 1-stream scenario also reports time per output token after the first (prefill excluded).
 Output lengths are forced (ignore_eos here, min_new_tokens in transformers), so both make the same tokens.
 
     .venv/bin/python benchmarks/engine_throughput.py [--model PATH] [--dtype bf16] [--concurrency 32]
@@ -93,6 +94,11 @@ def main() -> None:
     t_ours = sum(run_ours(llm, [p], [n]) for p, n in zip(prompts[:k], outputs[:k], strict=True))
     with torch.inference_mode():
         t_hf = run_hf_one_at_a_time(hf, prompts[:k], outputs[:k])
+        # Time per output token after the first: the same requests again, stopped after one token.
+        first_ours = sum(run_ours(llm, [p], [1]) for p in prompts[:k])
+        first_hf = run_hf_one_at_a_time(hf, prompts[:k], [1] * k)
+    tpot_ours = (t_ours - first_ours) / (single_tokens - k)
+    tpot_hf = (t_hf - first_hf) / (single_tokens - k)
     rows.append(("1 stream", "splitserve", single_tokens, t_ours, t_hf))
     rows.append(("1 stream", "transformers", single_tokens, t_hf, t_hf))
 
@@ -112,7 +118,11 @@ def main() -> None:
             f"{scenario:<16}{engine:<30}{tokens / seconds:>11.1f}{1000 * seconds / tokens:>10.2f}"
             f"{baseline / seconds:>21.2f}x"
         )
-    print(f"\n{c}: splitserve / transformers padded batch = {t_hf_batch / t_ours:.2f}x")
+    print(
+        f"\n1 stream, time per output token after the first: splitserve {1000 * tpot_ours:.1f} ms, "
+        f"transformers {1000 * tpot_hf:.1f} ms ({tpot_hf / tpot_ours:.2f}x)"
+    )
+    print(f"{c}: splitserve / transformers padded batch = {t_hf_batch / t_ours:.2f}x")
 
 
 if __name__ == "__main__":
