@@ -91,12 +91,15 @@ def main() -> None:
     rows = []
     k = args.single_requests
     single_tokens = sum(outputs[:k])
-    t_ours = sum(run_ours(llm, [p], [n]) for p, n in zip(prompts[:k], outputs[:k], strict=True))
+    # Interleave the two engines request by request, so that both see the same background load.
+    t_ours = t_hf = first_ours = first_hf = 0.0
     with torch.inference_mode():
-        t_hf = run_hf_one_at_a_time(hf, prompts[:k], outputs[:k])
-        # Time per output token after the first: the same requests again, stopped after one token.
-        first_ours = sum(run_ours(llm, [p], [1]) for p in prompts[:k])
-        first_hf = run_hf_one_at_a_time(hf, prompts[:k], [1] * k)
+        for p, n in zip(prompts[:k], outputs[:k], strict=True):
+            t_ours += run_ours(llm, [p], [n])
+            t_hf += run_hf_one_at_a_time(hf, [p], [n])
+            # The same request stopped after one token: what remains is time per output token after the first.
+            first_ours += run_ours(llm, [p], [1])
+            first_hf += run_hf_one_at_a_time(hf, [p], [1])
     tpot_ours = (t_ours - first_ours) / (single_tokens - k)
     tpot_hf = (t_hf - first_hf) / (single_tokens - k)
     rows.append(("1 stream", "splitserve", single_tokens, t_ours, t_hf))
