@@ -1,0 +1,466 @@
+"""`TransferAgent`: moves KV pages between workers over UCX (ucxx core API, tagged two-sided messages).
+
+Each worker wraps its page tensor in one agent. The decode side *reserves* destination pages: the agent
+posts one receive straight into each page (zero-copy) and returns a `Ticket`. The prefill side *sends*
+its pages against that ticket: one tagged message per page, read straight from its page tensor, then a
+`Done` message. Nothing is staged, and a transfer carries only the ticket's ids.
+
+Tags: `xid << 20 | i + 1` for page i of transfer `xid` (numbered by the receiver, never reused),
+`xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes and cancels.
+
+Every wait has a deadline, and a transfer ends exactly once, as a `Completion` from `poll()`; only then
+may the caller free or reuse its pages. Without endpoint error handling (which would rule out shared
+memory) UCX does not report a dead peer, so deadlines are how one is found:
+- a receiver whose deadline passes *abandons* its posted receives: it completes them itself with 1-byte
+  messages from its own endpoint, so no receive can later write into a freed page, and tells its
+  senders to cancel; a receive already matched to a dead sender's message cannot complete at all, and
+  is given up after a short grace (counted in `metrics.orphaned_receives`);
+- messages for an abandoned transfer that arrive later are drained into a scratch buffer, so a live
+  but late sender's sends complete too;
+- a sender whose deadline passes closes its endpoint to that receiver, which cancels what is in flight.
+
+Progress is driven by the owner's loop calling `poll()` (no progress thread: on 2 cores one would steal
+a core).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from splitserve.kv_transfer.messages import (
+    MAX_CONTROL_BYTES,
+    Cancel,
+    CompatKey,
+    Control,
+    Done,
+    Hello,
+    HelloReply,
+    ProtocolError,
+    Ticket,
+    decode_control,
+    decode_done,
+    frame,
+)
+
+# ucxx sets a variable that UCX 1.21 does not know; UCX would print a warning on stdout for it.
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+import ucxx._lib.libucxx as ucx
+from ucxx._lib.arr import Array
+
+log = logging.getLogger(__name__)
+
+_INDEX_BITS = 20
+MAX_PAGES_PER_TRANSFER = (1 << _INDEX_BITS) - 1
+CONTROL_TAG = 1 << 63
+# How long an abandoned transfer's tags are watched for late messages to drain.
+ZOMBIE_GRACE_S = 60.0
+# How long an abandoned reservation waits for its receives to complete before giving them up (see below).
+ABANDON_GRACE_S = 0.5
+
+
+class TransferError(RuntimeError):
+    """A transfer that cannot start (bad arguments, incompatible peer)."""
+
+
+class IncompatiblePeerError(TransferError):
+    pass
+
+
+class Role(enum.Enum):
+    SEND = "send"
+    RECV = "recv"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of one transfer, as its side saw it. Only now may that side's pages be reused."""
+
+    role: Role
+    receiver_id: str
+    xid: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class TransferMetrics:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    transfers_sent: int = 0
+    transfers_received: int = 0
+    failures: int = 0
+    orphaned_receives: int = 0
+    seconds_sending: float = 0.0
+    seconds_receiving: float = 0.0
+
+
+def _page_tag(xid: int, index: int) -> ucx.UCXXTag:
+    return ucx.UCXXTag((xid << _INDEX_BITS) | (index + 1))
+
+
+def _done_tag(xid: int) -> ucx.UCXXTag:
+    return ucx.UCXXTag(xid << _INDEX_BITS)
+
+
+@dataclass(eq=False)
+class _Reservation:
+    xid: int
+    pages: list[int]
+    deadline: float
+    started: float
+    recvs: list = field(default_factory=list)
+    done_buffer: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.uint8))
+    done_recv: object = None
+    abandoned: str | None = None  # why we stopped waiting for the sender
+    abandoned_at: float = 0.0
+
+
+class _PeerState(enum.Enum):
+    HELLO_SENT = "hello_sent"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class _Peer:
+    agent_id: str
+    address: bytes
+    state: _PeerState
+    error: str = ""
+
+
+@dataclass(eq=False)
+class _Outgoing:
+    ticket: Ticket
+    pages: list[int]
+    deadline: float
+    started: float
+    sends: list = field(default_factory=list)
+    done_send: object = None
+    done_payload: np.ndarray | None = None
+    canceled: str | None = None
+
+
+class TransferAgent:
+    """One worker's end of KV page transfers. Not thread-safe: one loop owns it and calls `poll()`."""
+
+    def __init__(self, pages: torch.Tensor, key: CompatKey, agent_id: str | None = None):
+        if not pages.is_contiguous():
+            raise ValueError("the page tensor must be contiguous")
+        self.key = key
+        self.agent_id = agent_id or uuid.uuid4().hex[:12]
+        self.metrics = TransferMetrics()
+        self._pages = pages.view(torch.uint8).view(pages.shape[0], -1)  # one row of bytes per page
+        self.page_bytes = self._pages.shape[1]
+        self._context = ucx.UCXContext(feature_flags=(ucx.Feature.TAG,))
+        self._worker = ucx.UCXWorker(self._context)
+        self.address: bytes = self._worker.address.tobytes()
+        self._endpoints: dict[bytes, ucx.UCXEndpoint] = {}
+        self._receivers: dict[str, _Peer] = {}  # agents we send to, by id, with their handshake state
+        self._senders: dict[str, bytes] = {}  # agents that said hello to us: id -> address
+        self._xids = itertools.count(1)
+        self._reservations: dict[int, _Reservation] = {}
+        self._outgoing: dict[tuple[str, int], _Outgoing] = {}
+        self._canceled_by_receiver: dict[tuple[str, int], float] = {}  # tickets canceled before send()
+        self._zombies: dict[int, tuple[int, float]] = {}  # abandoned xid -> (num pages, watch until)
+        self._drains: dict[int, object] = {}  # tag -> receive draining a late message into scratch
+        self._orphans: list = []  # receives given up on (see _poll_reservation); kept alive, never reused
+        self._scratch = np.empty(self.page_bytes, dtype=np.uint8)
+        self._control_sends: list[tuple[object, np.ndarray]] = []
+        self._completions: list[Completion] = []
+        self._control_buffer = np.zeros(MAX_CONTROL_BYTES, dtype=np.uint8)
+        self._control_recv = self._post_control_recv()
+
+    # --- receiving side ------------------------------------------------------------------------------
+
+    def reserve(self, pages: list[int], timeout_s: float) -> Ticket:
+        """Post receives into `pages` (in order) and return the ticket a sender needs to fill them."""
+        if not 0 < len(pages) <= MAX_PAGES_PER_TRANSFER:
+            raise TransferError(f"a transfer holds 1 to {MAX_PAGES_PER_TRANSFER} pages, got {len(pages)}")
+        now = time.monotonic()
+        res = _Reservation(next(self._xids), list(pages), now + timeout_s, now)
+        for i, page in enumerate(res.pages):
+            res.recvs.append(self._worker.tag_recv(self._page_array(page), tag=_page_tag(res.xid, i)))
+        res.done_recv = self._worker.tag_recv(Array(res.done_buffer), tag=_done_tag(res.xid))
+        self._reservations[res.xid] = res
+        return Ticket(self.agent_id, self.address, res.xid, len(pages), self.key)
+
+    # --- sending side --------------------------------------------------------------------------------
+
+    def send(self, ticket: Ticket, pages: list[int], timeout_s: float) -> None:
+        """Start sending `pages` (in order) into the reservation behind `ticket`; ends in a Completion."""
+        problem = self.key.mismatch(ticket.key)
+        if problem:
+            raise IncompatiblePeerError(f"receiver {ticket.receiver_id} has an incompatible KV cache: {problem}")
+        if len(pages) != ticket.num_pages:
+            raise TransferError(f"the ticket reserves {ticket.num_pages} pages, got {len(pages)} to send")
+        slot = (ticket.receiver_id, ticket.xid)
+        if slot in self._outgoing:
+            raise TransferError(f"transfer {ticket.xid} to {ticket.receiver_id} is already in flight")
+        now = time.monotonic()
+        out = _Outgoing(ticket, list(pages), now + timeout_s, now)
+        self._outgoing[slot] = out
+        if self._canceled_by_receiver.pop(slot, None) is not None:
+            self._finish_outgoing(out, "canceled by the receiver")
+            return
+        peer = self._receivers.get(ticket.receiver_id)
+        if peer is None:
+            peer = _Peer(ticket.receiver_id, ticket.address, _PeerState.HELLO_SENT)
+            self._receivers[peer.agent_id] = peer
+            self._send_control(ticket.address, Hello(self.agent_id, self.address, self.key))
+        if peer.state is _PeerState.READY:
+            self._issue(out)
+        elif peer.state is _PeerState.FAILED:
+            self._finish_outgoing(out, peer.error)
+
+    # --- either side ---------------------------------------------------------------------------------
+
+    def cancel(self, xid: int, receiver_id: str | None = None) -> None:
+        """Give up a transfer: ours as receiver (`receiver_id` None or ours), else ours as sender to it."""
+        if receiver_id in (None, self.agent_id):
+            res = self._reservations.get(xid)
+            if res is not None and res.abandoned is None:
+                self._abandon(res, "canceled by the receiver", tell_peers=True)
+            return
+        out = self._outgoing.get((receiver_id, xid))
+        if out is None or out.canceled:
+            return
+        out.canceled = "canceled by the sender"
+        if not out.sends:  # nothing issued yet: tell the receiver, which abandons its receives
+            peer = self._receivers.get(receiver_id)
+            if peer is not None and peer.state is _PeerState.READY:
+                self._send_control(peer.address, Cancel(receiver_id, xid, out.canceled))
+            self._finish_outgoing(out, out.canceled)
+
+    def poll(self) -> list[Completion]:
+        """Make progress on every transfer; return those that ended since the last call."""
+        self._worker.progress()
+        self._handle_control()
+        now = time.monotonic()
+        for res in list(self._reservations.values()):
+            self._poll_reservation(res, now)
+        for out in list(self._outgoing.values()):
+            self._poll_outgoing(out, now)
+        self._drain_zombies(now)
+        self._control_sends = [(r, b) for r, b in self._control_sends if not r.completed]
+        done, self._completions = self._completions, []
+        return done
+
+    @property
+    def num_in_flight(self) -> int:
+        """Reservations, sends, control messages and drains not yet finished (0 when idle)."""
+        return len(self._reservations) + len(self._outgoing) + len(self._control_sends) + len(self._drains)
+
+    def close(self) -> None:
+        """Cancel what is in flight and drop every endpoint (pages are then the caller's again)."""
+        self._worker.cancel_inflight_requests()
+        self._endpoints.clear()
+        self._reservations.clear()
+        self._outgoing.clear()
+        self._drains.clear()
+        self._control_sends.clear()
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _page_array(self, page: int) -> Array:
+        row = self._pages[page]
+        return Array(row if row.is_cuda else row.numpy())
+
+    def _endpoint(self, address: bytes) -> ucx.UCXEndpoint:
+        ep = self._endpoints.get(address)
+        if ep is None:
+            # Endpoint error handling off: with it on, UCX silently drops the shared-memory transports.
+            ep = ucx.UCXEndpoint.create_from_worker_address(
+                self._worker, ucx.UCXAddress.create_from_buffer(address), False
+            )
+            self._endpoints[address] = ep
+        return ep
+
+    def _send_control(self, address: bytes, message: Control) -> None:
+        payload = np.frombuffer(frame(message), dtype=np.uint8).copy()
+        req = self._endpoint(address).tag_send(Array(payload), tag=ucx.UCXXTag(CONTROL_TAG))
+        self._control_sends.append((req, payload))
+
+    def _post_control_recv(self):
+        return self._worker.tag_recv(Array(self._control_buffer), tag=ucx.UCXXTag(CONTROL_TAG))
+
+    def _handle_control(self) -> None:
+        while self._control_recv.completed:
+            try:
+                self._control_recv.check_error()
+                message = decode_control(self._control_buffer.tobytes())
+            except (ProtocolError, ucx.UCXError) as e:
+                message = None
+                log.warning("dropped a malformed KV-transfer control message: %s", e)
+            self._control_buffer[:] = 0
+            self._control_recv = self._post_control_recv()
+            if message is not None:
+                self._on_control(message)
+
+    def _on_control(self, message: Control) -> None:
+        if isinstance(message, Hello):
+            problem = self.key.mismatch(message.key)
+            if problem is None:
+                self._senders[message.agent_id] = message.address
+            reply = HelloReply(self.agent_id, ok=problem is None, error=problem or "")
+            self._send_control(message.address, reply)
+        elif isinstance(message, HelloReply):
+            peer = self._receivers.get(message.agent_id)
+            if peer is None or peer.state is not _PeerState.HELLO_SENT:
+                return
+            if message.ok:
+                peer.state = _PeerState.READY
+            else:
+                peer.state, peer.error = _PeerState.FAILED, f"receiver refused the handshake: {message.error}"
+            for out in [o for o in self._outgoing.values() if o.ticket.receiver_id == peer.agent_id]:
+                if out.sends or out.canceled:
+                    continue
+                if peer.state is _PeerState.READY:
+                    self._issue(out)
+                else:
+                    self._finish_outgoing(out, peer.error)
+        elif isinstance(message, Cancel):
+            if message.receiver_id == self.agent_id:
+                res = self._reservations.get(message.xid)
+                if res is not None and res.abandoned is None:
+                    self._abandon(res, message.reason, tell_peers=False)
+                return
+            out = self._outgoing.get((message.receiver_id, message.xid))
+            if out is None:
+                self._canceled_by_receiver[(message.receiver_id, message.xid)] = time.monotonic()
+            elif not out.canceled:
+                out.canceled = message.reason
+                if not out.sends:
+                    self._finish_outgoing(out, message.reason)
+
+    def _issue(self, out: _Outgoing) -> None:
+        ep = self._endpoint(out.ticket.address)
+        xid = out.ticket.xid
+        out.sends = [ep.tag_send(self._page_array(page), tag=_page_tag(xid, i)) for i, page in enumerate(out.pages)]
+
+    def _poll_reservation(self, res: _Reservation, now: float) -> None:
+        if res.abandoned is None and now > res.deadline:
+            self._abandon(res, f"no KV arrived within {res.deadline - res.started:.1f}s", tell_peers=True)
+        pending = [r for r in (*res.recvs, res.done_recv) if not r.completed]
+        if pending and not (res.abandoned is not None and now > res.abandoned_at + ABANDON_GRACE_S):
+            return
+        del self._reservations[res.xid]
+        if res.abandoned is not None:
+            # A receive already matched to a message from a sender that died cannot be cancelled: UCX
+            # without endpoint error handling never completes it. The sender is gone (or was told to
+            # cancel and close its endpoint), so nothing will write there: keep the request referenced
+            # and let the pages go.
+            self._orphans.extend(pending)
+            self.metrics.orphaned_receives += len(pending)
+            self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, res.abandoned))
+            return
+        try:
+            for r in (*res.recvs, res.done_recv):
+                r.check_error()
+            done = decode_done(res.done_buffer.tobytes())
+        except (ProtocolError, ucx.UCXError) as e:
+            self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, f"transfer failed: {e}"))
+            return
+        if not done.ok:
+            self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, done.reason))
+            return
+        self.metrics.transfers_received += 1
+        self.metrics.bytes_received += len(res.pages) * self.page_bytes
+        self.metrics.seconds_receiving += now - res.started
+        self._complete(Completion(Role.RECV, self.agent_id, res.xid, True))
+
+    def _abandon(self, res: _Reservation, reason: str, tell_peers: bool) -> None:
+        """Stop waiting for the sender: complete our own receives, and watch the tags for late messages."""
+        res.abandoned, res.abandoned_at = reason, time.monotonic()
+        me = self._endpoint(self.address)
+        one_byte = np.zeros(1, dtype=np.uint8)
+        for i, r in enumerate(res.recvs):
+            if not r.completed:
+                self._control_sends.append((me.tag_send(Array(one_byte), tag=_page_tag(res.xid, i)), one_byte))
+        if not res.done_recv.completed:
+            self._control_sends.append((me.tag_send(Array(one_byte), tag=_done_tag(res.xid)), one_byte))
+        self._zombies[res.xid] = (len(res.pages), time.monotonic() + ZOMBIE_GRACE_S)
+        if tell_peers:  # the sender holding this ticket, if any, stops early
+            for address in self._senders.values():
+                self._send_control(address, Cancel(self.agent_id, res.xid, reason))
+
+    def _drain_zombies(self, now: float) -> None:
+        self._drains = {tag: r for tag, r in self._drains.items() if not r.completed}
+        for xid, (num_pages, until) in list(self._zombies.items()):
+            if now > until:
+                del self._zombies[xid]
+                continue
+            for index in range(num_pages + 1):
+                value = (xid << _INDEX_BITS) | index
+                # One drain per tag at a time: a message probed again before our receive is posted
+                # must not get a second receive that nothing will ever match.
+                if value not in self._drains and self._worker.tag_probe(ucx.UCXXTag(value)):
+                    self._drains[value] = self._worker.tag_recv(Array(self._scratch), tag=ucx.UCXXTag(value))
+        for slot, when in list(self._canceled_by_receiver.items()):
+            if now - when > ZOMBIE_GRACE_S:
+                del self._canceled_by_receiver[slot]
+
+    def _poll_outgoing(self, out: _Outgoing, now: float) -> None:
+        if now > out.deadline:
+            peer = self._receivers.get(out.ticket.receiver_id)
+            if peer is not None and peer.state is _PeerState.HELLO_SENT:
+                self._fail_receiver(peer.agent_id, "the receiver did not answer the handshake in time")
+            else:
+                took = out.deadline - out.started
+                self._fail_receiver(out.ticket.receiver_id, f"the receiver did not take the KV within {took:.1f}s")
+            return
+        if not out.sends or not all(s.completed for s in out.sends):
+            return
+        if out.done_send is None:
+            errors = []
+            for s in out.sends:
+                try:
+                    s.check_error()
+                except ucx.UCXError as e:
+                    errors.append(str(e))
+            reason = out.canceled or (f"send failed: {errors[0]}" if errors else "")
+            out.done_payload = np.frombuffer(frame(Done(ok=not reason, reason=reason)), dtype=np.uint8).copy()
+            ep = self._endpoint(out.ticket.address)
+            out.done_send = ep.tag_send(Array(out.done_payload), tag=_done_tag(out.ticket.xid))
+            if reason:
+                out.canceled = reason
+        if out.done_send.completed:
+            if out.canceled:
+                self._finish_outgoing(out, out.canceled)
+                return
+            del self._outgoing[(out.ticket.receiver_id, out.ticket.xid)]
+            self.metrics.transfers_sent += 1
+            self.metrics.bytes_sent += len(out.pages) * self.page_bytes
+            self.metrics.seconds_sending += now - out.started
+            self._complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, True))
+
+    def _fail_receiver(self, receiver_id: str, reason: str) -> None:
+        """A receiver that misses a deadline is taken for dead: close its endpoint, which cancels our sends
+        to it (they could otherwise wait forever), and fail every transfer to it."""
+        peer = self._receivers.pop(receiver_id, None)
+        address = peer.address if peer is not None else None
+        for out in [o for o in self._outgoing.values() if o.ticket.receiver_id == receiver_id]:
+            address = out.ticket.address
+            self._finish_outgoing(out, reason)
+        ep = self._endpoints.pop(address, None) if address is not None else None
+        if ep is not None:
+            ep.close()
+
+    def _finish_outgoing(self, out: _Outgoing, reason: str) -> None:
+        self._outgoing.pop((out.ticket.receiver_id, out.ticket.xid), None)
+        self._complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, False, reason))
+
+    def _complete(self, completion: Completion) -> None:
+        if not completion.ok:
+            self.metrics.failures += 1
+        self._completions.append(completion)

@@ -1,0 +1,131 @@
+"""Typed messages of the KV transfer protocol (msgspec structs, msgpack on the wire, validated on receipt).
+
+Control messages travel as UCX tagged messages on `CONTROL_TAG`, framed with a 4-byte length; a
+`Ticket` travels from the decode side to the prefill side through the router.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+KV_LAYOUT = "page-major:[pages,layers,2,page_size,kv_heads,head_dim]"
+MAX_CONTROL_BYTES = 64 * 1024
+_FRAME = struct.Struct("<I")
+
+
+class CompatKey(msgspec.Struct, frozen=True):
+    """What must agree for one worker's pages to be valid in another's cache."""
+
+    model: str
+    dtype: str
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layout: str = KV_LAYOUT
+
+    def mismatch(self, other: CompatKey) -> str | None:
+        """A readable list of the fields that differ, or None when the keys agree."""
+        diffs = [
+            f"{f}: {getattr(self, f)!r} here, {getattr(other, f)!r} there"
+            for f in self.__struct_fields__
+            if getattr(self, f) != getattr(other, f)
+        ]
+        return "; ".join(diffs) or None
+
+
+class Ticket(msgspec.Struct, frozen=True):
+    """What a sender needs to fill a reservation: where to send, and the transfer's id there."""
+
+    receiver_id: str
+    address: bytes  # the receiver's UCX worker address
+    xid: int
+    num_pages: int
+    key: CompatKey
+    version: int = PROTOCOL_VERSION
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    """First contact from a sender: who it is, where to answer, and its compatibility key."""
+
+    agent_id: str
+    address: bytes
+    key: CompatKey
+    version: int = PROTOCOL_VERSION
+
+
+class HelloReply(msgspec.Struct, tag=True, frozen=True):
+    agent_id: str
+    ok: bool
+    error: str = ""
+    version: int = PROTOCOL_VERSION
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    """Either side gives up transfer `xid` (numbered by the receiver `receiver_id`)."""
+
+    receiver_id: str
+    xid: int
+    reason: str
+    version: int = PROTOCOL_VERSION
+
+
+class Done(msgspec.Struct, tag=True, frozen=True):
+    """The sender's last word on a transfer, sent after every page: ok, or given up."""
+
+    ok: bool
+    reason: str = ""
+    version: int = PROTOCOL_VERSION
+
+
+Control = Hello | HelloReply | Cancel
+_control_decoder = msgspec.msgpack.Decoder(Control)
+_done_decoder = msgspec.msgpack.Decoder(Done)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed or of another protocol version."""
+
+
+def frame(message: Control | Done) -> bytes:
+    body = _encoder.encode(message)
+    if len(body) + _FRAME.size > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(body)} bytes exceeds {MAX_CONTROL_BYTES}")
+    return _FRAME.pack(len(body)) + body
+
+
+def _unframe(buffer: bytes | memoryview) -> memoryview:
+    view = memoryview(buffer)
+    if len(view) < _FRAME.size:
+        raise ProtocolError("truncated frame")
+    (length,) = _FRAME.unpack_from(view)
+    if length > len(view) - _FRAME.size:
+        raise ProtocolError(f"frame says {length} bytes, buffer holds {len(view) - _FRAME.size}")
+    return view[_FRAME.size : _FRAME.size + length]
+
+
+def decode_control(buffer: bytes | memoryview) -> Control:
+    try:
+        message = _control_decoder.decode(_unframe(buffer))
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed control message: {e}") from e
+    _check_version(message.version)
+    return message
+
+
+def decode_done(buffer: bytes | memoryview) -> Done:
+    try:
+        message = _done_decoder.decode(_unframe(buffer))
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed done message: {e}") from e
+    _check_version(message.version)
+    return message
+
+
+def _check_version(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")

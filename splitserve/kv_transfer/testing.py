@@ -1,0 +1,132 @@
+"""A KV-transfer peer in its own process, for tests and benchmarks: `Peer` starts it (spawned: UCX is
+not fork-safe) and drives it over a pipe with msgpack-encoded commands. The process owns one
+`TransferAgent` over a page tensor of random or zero bytes and polls it between commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import time
+from typing import Any
+
+import msgspec
+
+from splitserve.kv_transfer.messages import CompatKey
+
+TRANSPORTS = {
+    "tcp": {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "UCX_TCP_TX_SEG_SIZE": "1M", "UCX_TCP_RX_SEG_SIZE": "1M"},
+    "shm": {"UCX_TLS": "posix,sysv,cma,self"},
+}
+_spawn = multiprocessing.get_context("spawn")  # UCX is not fork-safe
+
+
+def page_shape(key: CompatKey) -> tuple[int, ...]:
+    return (key.num_layers, 2, key.page_size, key.num_kv_heads, key.head_dim)
+
+
+def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str, fill_seed: int | None) -> None:
+    os.environ.update(TRANSPORTS[transport])
+    import torch
+
+    from splitserve.kv_transfer.agent import TransferAgent
+    from splitserve.kv_transfer.messages import CompatKey, Ticket
+
+    key = CompatKey(**key_fields)
+    pages = torch.zeros((num_pages, *page_shape(key)), dtype=torch.float16)
+    if fill_seed is not None:
+        g = torch.Generator().manual_seed(fill_seed)
+        pages.view(torch.uint8).copy_(torch.randint(0, 256, pages.view(torch.uint8).shape, generator=g))
+    agent = TransferAgent(pages, key, agent_id)
+    completions: list[dict] = []
+
+    def poll() -> None:
+        completions.extend(
+            {"role": c.role.value, "receiver_id": c.receiver_id, "xid": c.xid, "ok": c.ok, "error": c.error}
+            for c in agent.poll()
+        )
+
+    while True:
+        poll()
+        if not conn.poll(0):
+            continue
+        cmd = msgspec.msgpack.decode(conn.recv_bytes())
+        op = cmd["op"]
+        reply: dict[str, Any] = {}
+        try:
+            if op == "reserve":
+                reply["ticket"] = msgspec.msgpack.encode(agent.reserve(cmd["pages"], cmd["timeout"]))
+            elif op == "send":
+                ticket = msgspec.msgpack.decode(cmd["ticket"], type=Ticket)
+                if cmd.get("forge_key"):
+                    ticket = msgspec.structs.replace(ticket, key=key)
+                agent.send(ticket, cmd["pages"], cmd["timeout"])
+            elif op == "cancel":
+                agent.cancel(cmd["xid"], cmd.get("receiver_id"))
+            elif op == "wait":
+                deadline = time.monotonic() + cmd["timeout"]
+                while len(completions) < cmd["count"] and time.monotonic() < deadline:
+                    poll()
+                reply["completions"], completions[:] = list(completions), []
+            elif op == "settle":  # poll until nothing is in flight (or the time is up)
+                deadline = time.monotonic() + cmd["timeout"]
+                while agent.num_in_flight and time.monotonic() < deadline:
+                    poll()
+                reply["completions"], completions[:] = list(completions), []
+            elif op == "state":
+                reply["in_flight"] = agent.num_in_flight
+                reply["metrics"] = vars(agent.metrics)
+            elif op == "timed_sends":  # send each ticket in turn, one at a time; answer each one's seconds
+                reply["seconds"] = []
+                for raw in cmd["tickets"]:
+                    started = time.perf_counter()
+                    agent.send(msgspec.msgpack.decode(raw, type=Ticket), cmd["pages"], cmd["timeout"])
+                    while not completions:
+                        poll()
+                    reply["seconds"].append(time.perf_counter() - started)
+                    if not completions.pop()["ok"]:
+                        raise RuntimeError("a timed transfer failed")
+            elif op == "hashes":
+                raw = pages.view(torch.uint8).view(num_pages, -1)
+                reply["hashes"] = [hashlib.sha256(raw[i].numpy().tobytes()).hexdigest() for i in range(num_pages)]
+            elif op == "stop":
+                agent.close()
+                conn.send_bytes(msgspec.msgpack.encode({}))
+                return
+        except Exception as e:  # the test asserts on the message
+            reply["error"] = f"{type(e).__name__}: {e}"
+        conn.send_bytes(msgspec.msgpack.encode(reply))
+
+
+class Peer:
+    """The test's handle on one peer process."""
+
+    def __init__(self, agent_id: str, key: CompatKey, num_pages: int, transport: str, fill_seed: int | None):
+        self.agent_id = agent_id
+        self.num_pages = num_pages
+        self._conn, child = _spawn.Pipe()
+        fields = msgspec.structs.asdict(key)
+        self.process = _spawn.Process(
+            target=_main, args=(child, agent_id, fields, num_pages, transport, fill_seed), daemon=True
+        )
+        self.process.start()
+
+    def call(self, op: str, **args: Any) -> dict:
+        self._conn.send_bytes(msgspec.msgpack.encode({"op": op, **args}))
+        answer_within = args.get("timeout", 0) + 60
+        if not self._conn.poll(answer_within):
+            raise TimeoutError(f"peer {self.agent_id} did not answer {op!r} in {answer_within}s")
+        return msgspec.msgpack.decode(self._conn.recv_bytes())
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(10)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(TimeoutError, OSError, EOFError):
+                self.call("stop")
+        self.kill()

@@ -1,0 +1,182 @@
+"""KV page transfer between real processes over UCX (TCP and shared memory): byte-exact pages, many
+requests between many peers, handshake refusal, deadlines when a peer dies, and cancels from either side."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+
+import msgspec
+import pytest
+
+from splitserve.kv_transfer.messages import CompatKey, Ticket
+from splitserve.kv_transfer.testing import Peer, page_shape
+
+KEY = CompatKey(model="tiny", dtype="fp16", page_size=4, num_layers=2, num_kv_heads=2, head_dim=16)
+BIG_KEY = CompatKey(model="tiny", dtype="fp16", page_size=16, num_layers=16, num_kv_heads=8, head_dim=128)
+
+
+def _zero_hash(key: CompatKey) -> str:
+    n = 2  # fp16
+    for d in page_shape(key):
+        n *= d
+    return hashlib.sha256(bytes(n)).hexdigest()
+
+
+@pytest.fixture
+def peers():
+    started: list[Peer] = []
+
+    def start(agent_id: str, *, key=KEY, num_pages=64, transport="tcp", fill_seed=None) -> Peer:
+        peer = Peer(agent_id, key, num_pages, transport, fill_seed)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.stop()
+
+
+def _assert_idle(*peers: Peer) -> None:
+    for peer in peers:
+        state = peer.call("settle", timeout=30)
+        assert state.get("completions") == [], f"{peer.agent_id}: unexpected completions {state}"
+        assert peer.call("state")["in_flight"] == 0, f"{peer.agent_id} has transfers or receives in flight"
+
+
+def _completions(peer: Peer, count: int, timeout: float = 30) -> list[dict]:
+    got = peer.call("wait", count=count, timeout=timeout)["completions"]
+    assert len(got) == count, f"{peer.agent_id}: {got}"
+    return got
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_pages_arrive_byte_exact_and_nowhere_else(peers, transport):
+    sender = peers("sender", transport=transport, fill_seed=1)
+    receiver = peers("receiver", transport=transport)
+    src, dst = [7, 3, 20, 21, 60], [50, 2, 9, 33, 0]
+    ticket = receiver.call("reserve", pages=dst, timeout=10)["ticket"]
+    assert sender.call("send", ticket=ticket, pages=src, timeout=10) == {}
+    [sent] = _completions(sender, 1)
+    [received] = _completions(receiver, 1)
+    assert sent["ok"] and received["ok"], (sent, received)
+
+    theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
+    for s, d in zip(src, dst, strict=True):
+        assert ours[d] == theirs[s]
+    untouched = set(range(64)) - set(dst)
+    assert all(ours[p] == _zero_hash(KEY) for p in untouched)
+    _assert_idle(sender, receiver)
+    assert receiver.call("state")["metrics"]["bytes_received"] == 5 * 2 * 2 * 4 * 2 * 16 * 2
+
+
+def test_64_concurrent_requests_between_2_senders_and_2_receivers(peers):
+    senders = [peers(f"s{i}", num_pages=256, fill_seed=10 + i) for i in range(2)]
+    receivers = [peers(f"r{i}", num_pages=256) for i in range(2)]
+    rng = random.Random(0)
+    free = {r.agent_id: list(range(256)) for r in receivers}
+    for pool in free.values():
+        rng.shuffle(pool)
+    plan = []  # (sender, receiver, src pages, dst pages)
+    for _ in range(64):
+        s, r = rng.choice(senders), rng.choice(receivers)
+        n = rng.randint(1, 6)
+        plan.append((s, r, rng.sample(range(256), n), [free[r.agent_id].pop() for _ in range(n)]))
+    tickets = [r.call("reserve", pages=dst, timeout=30)["ticket"] for _, r, _, dst in plan]
+    for (s, _, src, _), ticket in zip(plan, tickets, strict=True):
+        assert s.call("send", ticket=ticket, pages=src, timeout=30) == {}
+    for peer in senders + receivers:
+        expected = sum(1 for s, r, _, _ in plan if peer in (s, r))
+        got = _completions(peer, expected, timeout=60)
+        assert all(c["ok"] for c in got), got
+
+    hashes = {p.agent_id: p.call("hashes")["hashes"] for p in senders + receivers}
+    for s, r, src, dst in plan:
+        for a, b in zip(src, dst, strict=True):
+            assert hashes[r.agent_id][b] == hashes[s.agent_id][a]
+    for r in receivers:
+        used = {d for _, rr, _, dst in plan if rr is r for d in dst}
+        assert all(hashes[r.agent_id][p] == _zero_hash(KEY) for p in set(range(256)) - used)
+    _assert_idle(*senders, *receivers)
+
+
+def test_incompatible_key_is_refused_with_a_clear_error(peers):
+    receiver = peers("receiver")
+    other = msgspec.structs.replace(KEY, dtype="bf16", head_dim=32)
+    sender = peers("sender", key=other)
+    ticket = receiver.call("reserve", pages=[1, 2], timeout=10)["ticket"]
+    # The sender checks the ticket's key itself...
+    error = sender.call("send", ticket=ticket, pages=[1, 2], timeout=10)["error"]
+    assert "IncompatiblePeerError" in error and "dtype: 'bf16' here, 'fp16' there" in error
+    # ...and a sender that claims a matching key is refused at the handshake by the receiver.
+    assert sender.call("send", ticket=ticket, pages=[1, 2], timeout=10, forge_key=True) == {}
+    [failed] = _completions(sender, 1)
+    assert not failed["ok"] and "refused the handshake" in failed["error"] and "head_dim" in failed["error"]
+    receiver.call("cancel", xid=msgspec.msgpack.decode(ticket, type=Ticket).xid)
+    [canceled] = _completions(receiver, 1)
+    assert not canceled["ok"]
+    _assert_idle(sender, receiver)
+
+
+def _big_transfer(peers, transport="tcp"):
+    """A sender and a receiver with 32 pages of 1 MiB: a transfer long enough to kill a peer in the middle."""
+    sender = peers("sender", key=BIG_KEY, num_pages=32, transport=transport, fill_seed=3)
+    receiver = peers("receiver", key=BIG_KEY, num_pages=32, transport=transport)
+    # One small transfer first, so both know each other (handshake done, endpoints up).
+    warm = receiver.call("reserve", pages=[0], timeout=10)["ticket"]
+    sender.call("send", ticket=warm, pages=[0], timeout=10)
+    assert _completions(sender, 1)[0]["ok"] and _completions(receiver, 1)[0]["ok"]
+    return sender, receiver
+
+
+def test_sender_killed_mid_transfer_fails_the_reservation_within_its_deadline(peers):
+    sender, receiver = _big_transfer(peers)
+    ticket = receiver.call("reserve", pages=list(range(32)), timeout=3)["ticket"]
+    sender.call("send", ticket=ticket, pages=list(range(32)), timeout=3)
+    sender.kill()
+    started = time.monotonic()
+    [failed] = _completions(receiver, 1, timeout=10)
+    assert not failed["ok"] and "no KV arrived within 3.0s" in failed["error"]
+    assert time.monotonic() - started < 3 + 2
+    _assert_idle(receiver)
+
+
+def test_receiver_killed_mid_transfer_fails_the_send_within_its_deadline(peers):
+    sender, receiver = _big_transfer(peers)
+    ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
+    receiver.kill()
+    started = time.monotonic()
+    sender.call("send", ticket=ticket, pages=list(range(32)), timeout=3)
+    [failed] = _completions(sender, 1, timeout=10)
+    # UCX may notice the reset TCP connection first; else the deadline ends it.
+    assert not failed["ok"]
+    assert "did not take the KV within 3.0s" in failed["error"] or "Connection reset" in failed["error"]
+    assert time.monotonic() - started < 3 + 2
+    _assert_idle(sender)
+
+
+def test_receiver_cancel_frees_both_sides(peers):
+    sender, receiver = _big_transfer(peers)
+    ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
+    sender.call("send", ticket=ticket, pages=list(range(32)), timeout=30)
+    receiver.call("cancel", xid=msgspec.msgpack.decode(ticket, type=Ticket).xid)
+    [r] = _completions(receiver, 1)
+    [s] = _completions(sender, 1)
+    assert not r["ok"] and "canceled by the receiver" in r["error"]
+    assert not s["ok"] or s["ok"]  # the sender may have finished its sends first; either way it ends
+    _assert_idle(sender, receiver)
+
+
+def test_sender_cancel_before_sending_frees_both_sides(peers):
+    sender, receiver = _big_transfer(peers)
+    raw = receiver.call("reserve", pages=[1, 2, 3], timeout=30)["ticket"]
+    ticket = msgspec.msgpack.decode(raw, type=Ticket)
+    # A ticket this sender was handed but that the receiver canceled first is refused without sending.
+    receiver.call("cancel", xid=ticket.xid)
+    assert not _completions(receiver, 1)[0]["ok"]
+    time.sleep(0.2)  # let the cancel reach the sender
+    sender.call("send", ticket=raw, pages=[4, 5, 6], timeout=30)
+    [s] = _completions(sender, 1)
+    assert not s["ok"] and "canceled by the receiver" in s["error"]
+    _assert_idle(sender, receiver)
