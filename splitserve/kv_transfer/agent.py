@@ -1,11 +1,13 @@
 """`TransferAgent`: moves KV pages between workers over UCX (ucxx core API, tagged two-sided messages).
 
 Each worker wraps its page tensor in one agent. The decode side *reserves* destination pages: the agent
-posts one receive straight into each page (zero-copy) and returns a `Ticket`. The prefill side *sends*
-its pages against that ticket: one tagged message per page, read straight from its page tensor, then a
-`Done` message. Nothing is staged, and a transfer carries only the ticket's ids.
+splits them into runs of consecutive page ids (each run is one contiguous region of the page-major
+cache), posts one receive straight into each run (zero-copy) and returns a `Ticket`. The prefill side
+*sends* its pages against that ticket: one tagged message per run, read straight from its page tensor
+when its own pages for that run are consecutive too, else gathered into a staging buffer first; then a
+`Done` message. A transfer carries only the ticket's ids.
 
-Tags: `xid << 20 | i + 1` for page i of transfer `xid` (numbered by the receiver, never reused),
+Tags: `xid << 20 | i + 1` for run i of transfer `xid` (numbered by the receiver, never reused),
 `xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes and cancels.
 
 Every wait has a deadline, and a transfer ends exactly once, as a `Completion` from `poll()`; only then
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 _INDEX_BITS = 20
 MAX_PAGES_PER_TRANSFER = (1 << _INDEX_BITS) - 1
 CONTROL_TAG = 1 << 63
+# Runs longer than this travel as several messages: several in flight pipeline better (on TCP above all).
+MAX_MESSAGE_BYTES = int(os.environ.get("SPLITSERVE_KV_MAX_MESSAGE_BYTES", 1 << 20))
 # How long an abandoned transfer's tags are watched for late messages to drain.
 ZOMBIE_GRACE_S = 60.0
 # How long an abandoned reservation waits for its receives to complete before giving them up (see below).
@@ -104,6 +108,17 @@ class TransferMetrics:
     seconds_receiving: float = 0.0
 
 
+def _consecutive_runs(pages: list[int], max_len: int) -> list[list[int]]:
+    """Runs of consecutive pages, at most `max_len` long: [5, 6, 7, 2, 3, 9] -> [[5, 6, 7], [2, 3], [9]]"""
+    runs: list[list[int]] = []
+    for page in pages:
+        if runs and page == runs[-1][-1] + 1 and len(runs[-1]) < max_len:
+            runs[-1].append(page)
+        else:
+            runs.append([page])
+    return runs
+
+
 def _page_tag(xid: int, index: int) -> ucx.UCXXTag:
     return ucx.UCXXTag((xid << _INDEX_BITS) | (index + 1))
 
@@ -118,6 +133,7 @@ class _Reservation:
     pages: list[int]
     deadline: float
     started: float
+    runs: list[list[int]] = field(default_factory=list)
     recvs: list = field(default_factory=list)
     done_buffer: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.uint8))
     done_recv: object = None
@@ -146,6 +162,7 @@ class _Outgoing:
     deadline: float
     started: float
     sends: list = field(default_factory=list)
+    staging: list = field(default_factory=list)  # gathered pages kept alive until their sends complete
     done_send: object = None
     done_payload: np.ndarray | None = None
     canceled: str | None = None
@@ -172,10 +189,11 @@ class TransferAgent:
         self._reservations: dict[int, _Reservation] = {}
         self._outgoing: dict[tuple[str, int], _Outgoing] = {}
         self._canceled_by_receiver: dict[tuple[str, int], float] = {}  # tickets canceled before send()
-        self._zombies: dict[int, tuple[int, float]] = {}  # abandoned xid -> (num pages, watch until)
-        self._drains: dict[int, object] = {}  # tag -> receive draining a late message into scratch
+        self._zombies: dict[int, tuple[int, float]] = {}  # abandoned xid -> (num runs, watch until)
+        # tag -> (receive draining a late message, the scratch buffer it writes into)
+        self._drains: dict[int, tuple[object, np.ndarray]] = {}
         self._orphans: list = []  # receives given up on (see _poll_reservation); kept alive, never reused
-        self._scratch = np.empty(self.page_bytes, dtype=np.uint8)
+        self._scratch = np.empty(0, dtype=np.uint8)  # grows to the largest run drained
         self._control_sends: list[tuple[object, np.ndarray]] = []
         self._completions: list[Completion] = []
         self._control_buffer = np.zeros(MAX_CONTROL_BYTES, dtype=np.uint8)
@@ -189,11 +207,13 @@ class TransferAgent:
             raise TransferError(f"a transfer holds 1 to {MAX_PAGES_PER_TRANSFER} pages, got {len(pages)}")
         now = time.monotonic()
         res = _Reservation(next(self._xids), list(pages), now + timeout_s, now)
-        for i, page in enumerate(res.pages):
-            res.recvs.append(self._worker.tag_recv(self._page_array(page), tag=_page_tag(res.xid, i)))
+        res.runs = _consecutive_runs(res.pages, max(1, MAX_MESSAGE_BYTES // self.page_bytes))
+        for i, run in enumerate(res.runs):
+            region = self._pages[run[0] : run[0] + len(run)]
+            res.recvs.append(self._worker.tag_recv(self._array(region), tag=_page_tag(res.xid, i)))
         res.done_recv = self._worker.tag_recv(Array(res.done_buffer), tag=_done_tag(res.xid))
         self._reservations[res.xid] = res
-        return Ticket(self.agent_id, self.address, res.xid, len(pages), self.key)
+        return Ticket(self.agent_id, self.address, res.xid, [len(r) for r in res.runs], self.key)
 
     # --- sending side --------------------------------------------------------------------------------
 
@@ -272,9 +292,8 @@ class TransferAgent:
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _page_array(self, page: int) -> Array:
-        row = self._pages[page]
-        return Array(row if row.is_cuda else row.numpy())
+    def _array(self, region: torch.Tensor) -> Array:
+        return Array(region if region.is_cuda else region.numpy())
 
     def _endpoint(self, address: bytes) -> ucx.UCXEndpoint:
         ep = self._endpoints.get(address)
@@ -346,7 +365,16 @@ class TransferAgent:
     def _issue(self, out: _Outgoing) -> None:
         ep = self._endpoint(out.ticket.address)
         xid = out.ticket.xid
-        out.sends = [ep.tag_send(self._page_array(page), tag=_page_tag(xid, i)) for i, page in enumerate(out.pages)]
+        start = 0
+        for i, length in enumerate(out.ticket.run_lengths):
+            pages = out.pages[start : start + length]
+            start += length
+            if pages == list(range(pages[0], pages[0] + length)):
+                region = self._pages[pages[0] : pages[0] + length]  # zero-copy
+            else:
+                region = self._pages[torch.tensor(pages, device=self._pages.device)]  # gather, then send
+                out.staging.append(region)
+            out.sends.append(ep.tag_send(self._array(region), tag=_page_tag(xid, i)))
 
     def _poll_reservation(self, res: _Reservation, now: float) -> None:
         if res.abandoned is None and now > res.deadline:
@@ -389,23 +417,25 @@ class TransferAgent:
                 self._control_sends.append((me.tag_send(Array(one_byte), tag=_page_tag(res.xid, i)), one_byte))
         if not res.done_recv.completed:
             self._control_sends.append((me.tag_send(Array(one_byte), tag=_done_tag(res.xid)), one_byte))
-        self._zombies[res.xid] = (len(res.pages), time.monotonic() + ZOMBIE_GRACE_S)
+        self._zombies[res.xid] = (len(res.runs), time.monotonic() + ZOMBIE_GRACE_S)
+        self._scratch = np.empty(max(self._scratch.size, max(map(len, res.runs)) * self.page_bytes), np.uint8)
         if tell_peers:  # the sender holding this ticket, if any, stops early
             for address in self._senders.values():
                 self._send_control(address, Cancel(self.agent_id, res.xid, reason))
 
     def _drain_zombies(self, now: float) -> None:
-        self._drains = {tag: r for tag, r in self._drains.items() if not r.completed}
-        for xid, (num_pages, until) in list(self._zombies.items()):
+        self._drains = {tag: d for tag, d in self._drains.items() if not d[0].completed}
+        for xid, (num_runs, until) in list(self._zombies.items()):
             if now > until:
                 del self._zombies[xid]
                 continue
-            for index in range(num_pages + 1):
+            for index in range(num_runs + 1):
                 value = (xid << _INDEX_BITS) | index
                 # One drain per tag at a time: a message probed again before our receive is posted
                 # must not get a second receive that nothing will ever match.
                 if value not in self._drains and self._worker.tag_probe(ucx.UCXXTag(value)):
-                    self._drains[value] = self._worker.tag_recv(Array(self._scratch), tag=ucx.UCXXTag(value))
+                    recv = self._worker.tag_recv(Array(self._scratch), tag=ucx.UCXXTag(value))
+                    self._drains[value] = (recv, self._scratch)
         for slot, when in list(self._canceled_by_receiver.items()):
             if now - when > ZOMBIE_GRACE_S:
                 del self._canceled_by_receiver[slot]

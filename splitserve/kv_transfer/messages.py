@@ -38,14 +38,19 @@ class CompatKey(msgspec.Struct, frozen=True):
 
 
 class Ticket(msgspec.Struct, frozen=True):
-    """What a sender needs to fill a reservation: where to send, and the transfer's id there."""
+    """What a sender needs to fill a reservation: where to send, the transfer's id there, and how the
+    reserved pages split into runs of consecutive pages (each run is one contiguous region, one message)."""
 
     receiver_id: str
     address: bytes  # the receiver's UCX worker address
     xid: int
-    num_pages: int
+    run_lengths: list[int]  # the reserved pages as runs of consecutive page ids, one message each
     key: CompatKey
     version: int = PROTOCOL_VERSION
+
+    @property
+    def num_pages(self) -> int:
+        return sum(self.run_lengths)
 
 
 class Hello(msgspec.Struct, tag=True, frozen=True):

@@ -18,7 +18,7 @@ from splitserve.kv_transfer.messages import CompatKey
 
 TRANSPORTS = {
     "tcp": {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "UCX_TCP_TX_SEG_SIZE": "1M", "UCX_TCP_RX_SEG_SIZE": "1M"},
-    "shm": {"UCX_TLS": "posix,sysv,cma,self"},
+    "shm": {"UCX_TLS": "posix,sysv,self"},
 }
 _spawn = multiprocessing.get_context("spawn")  # UCX is not fork-safe
 
