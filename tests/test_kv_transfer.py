@@ -170,7 +170,7 @@ def test_receiver_cancel_frees_both_sides(peers):
     _assert_idle(sender, receiver)
 
 
-def test_sender_cancel_before_sending_frees_both_sides(peers):
+def test_ticket_canceled_by_receiver_before_send_is_refused(peers):
     sender, receiver = _big_transfer(peers)
     raw = receiver.call("reserve", pages=[1, 2, 3], timeout=30)["ticket"]
     ticket = msgspec.msgpack.decode(raw, type=Ticket)
@@ -181,4 +181,15 @@ def test_sender_cancel_before_sending_frees_both_sides(peers):
     sender.call("send", ticket=raw, pages=[4, 5, 6], timeout=30)
     [s] = _completions(sender, 1)
     assert not s["ok"] and "canceled by the receiver" in s["error"]
+    _assert_idle(sender, receiver)
+
+
+def test_sender_cancel_mid_transfer_frees_both_sides(peers):
+    sender, receiver = _big_transfer(peers)
+    ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
+    sender.call("send", ticket=ticket, pages=list(range(32)), timeout=30, cancel_at_once=True)
+    [s] = _completions(sender, 1)
+    [r] = _completions(receiver, 1)
+    assert not s["ok"] and "canceled by the sender" in s["error"]
+    assert not r["ok"] and "canceled by the sender" in r["error"]  # fail closed: the pages are not used
     _assert_idle(sender, receiver)

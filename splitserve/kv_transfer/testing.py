@@ -63,6 +63,8 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                 if cmd.get("forge_key"):
                     ticket = msgspec.structs.replace(ticket, key=key)
                 agent.send(ticket, cmd["pages"], cmd["timeout"])
+                if cmd.get("cancel_at_once"):  # before any progress: the sends are surely in flight
+                    agent.cancel(ticket.xid, ticket.receiver_id)
             elif op == "cancel":
                 agent.cancel(cmd["xid"], cmd.get("receiver_id"))
             elif op == "wait":
