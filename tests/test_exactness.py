@@ -101,8 +101,14 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     ]
     prompts = [tok(t).input_ids for t in texts]
     max_tokens = [12, 16, 10, 14, 12, 8, 16, 10, 12]
-    engine = Engine(EngineConfig(model=None, dtype="fp32", device="cpu", max_num_batched_tokens=32))
     params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
-    ours, mixed = run_staggered(engine, prompts, params, [0, 0, 1, 2, 4, 5, 7, 9, 11])
-    assert mixed > 0
-    assert ours == hf_greedy(smollm2, prompts, max_tokens)
+    expected = hf_greedy(smollm2, prompts, max_tokens)
+    cfg = ModelConfig.from_pretrained(smollm2)
+    # Once with room to spare, once with 8 pages (the workload peaks near 20): preemption must happen.
+    for pages in (None, 8):
+        options = {} if pages is None else {"kv_cache_memory": pages * page_bytes(cfg, 16, torch.float32)}
+        engine = Engine(EngineConfig(model=None, dtype="fp32", device="cpu", max_num_batched_tokens=32, **options))
+        ours, mixed = run_staggered(engine, prompts, params, [0, 0, 1, 2, 4, 5, 7, 9, 11])
+        assert mixed > 0
+        assert ours == expected
+        assert (engine.scheduler.num_preemptions > 0) == (pages is not None)
