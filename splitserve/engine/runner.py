@@ -108,6 +108,7 @@ class ModelRunner:
             slot_offsets=self._slot_offsets[:n],
             num_decode=nd,
             decode_page_table=table,
+            decode_context_lens=self._decode_context_lens[:nd],
             decode_mask=mask.view(nd, 1, 1, max_pages * ps),
             prefills=prefills,
         )

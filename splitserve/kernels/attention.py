@@ -1,48 +1,44 @@
-"""Paged attention: write a step's new K/V into pages, and attend each query over its pages.
+"""Paged attention, the one place the model calls: write a step's new K/V into pages, and attend each
+query over its pages.
 
 The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`
 (see DESIGN.md). A step's tokens form one flat batch: first the decode rows (one query token each),
 then the prefill chunks (several query tokens, possibly after a prefix already in pages).
-This module is the reference path; it is the single place the model calls for attention.
+
+Dispatch: Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors. `SPLITSERVE_KERNELS`
+overrides it: `reference` (also on CUDA, for comparison) or `triton` (also on the CPU, for tests under
+`TRITON_INTERPRET=1`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 
 import torch
-import torch.nn.functional as F
+
+from splitserve.kernels import reference
+from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
+
+__all__ = ["PagedAttentionMetadata", "PrefillSpan", "paged_attention", "use_triton", "write_kv"]
 
 
-@dataclass
-class PrefillSpan:
-    """One sequence's prefill chunk: rows [query_start, query_start+query_len) of the batch."""
-
-    query_start: int
-    query_len: int
-    context_len: int  # prefix in pages + this chunk
-    page_ids: torch.Tensor  # [ceil(context_len / page_size)] pages holding the context, in order
-    causal_mask: torch.Tensor | None  # [query_len, context_len] bool, None when there is no prefix
-
-
-@dataclass
-class PagedAttentionMetadata:
-    """Where each token of the flat batch writes its K/V and what each query attends to."""
-
-    slot_pages: torch.Tensor  # [num_tokens] page of each new token's K/V
-    slot_offsets: torch.Tensor  # [num_tokens] offset within that page
-    num_decode: int  # rows [0, num_decode) are decode queries
-    decode_page_table: torch.Tensor  # [num_decode, max_pages] (padding entries point at any page)
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_pages * page_size] bool, True = attend
-    prefills: list[PrefillSpan]
+def use_triton(t: torch.Tensor) -> bool:
+    mode = os.environ.get("SPLITSERVE_KERNELS", "auto")
+    if mode not in ("auto", "reference", "triton"):
+        raise ValueError(f"SPLITSERVE_KERNELS must be auto, reference or triton, got {mode!r}")
+    return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 
 def write_kv(
     kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
 ) -> None:
     """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots."""
-    kv_cache[:, layer, 0][meta.slot_pages, meta.slot_offsets] = k
-    kv_cache[:, layer, 1][meta.slot_pages, meta.slot_offsets] = v
+    if use_triton(kv_cache):
+        from splitserve.kernels import triton_attention
+
+        triton_attention.write_kv(kv_cache, layer, k, v, meta)
+    else:
+        reference.write_kv(kv_cache, layer, k, v, meta)
 
 
 def paged_attention(
@@ -52,44 +48,12 @@ def paged_attention(
 
     The K/V of the batch's own tokens must already be written (`write_kv`).
     """
+    if not use_triton(q):
+        return reference.paged_attention(q, kv_cache, layer, meta, scale)
+    from splitserve.kernels import triton_attention
+
     out = torch.empty_like(q)
-    nd = meta.num_decode
-    if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale)
-    k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
-    for span in meta.prefills:
-        rows = slice(span.query_start, span.query_start + span.query_len)
-        k = k_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
-        v = v_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0),
-            k,
-            v,
-            attn_mask=span.causal_mask,
-            is_causal=span.causal_mask is None,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[rows] = o.squeeze(0).transpose(0, 1)
+    if meta.num_decode:
+        out[: meta.num_decode] = triton_attention.decode_attention(q, kv_cache, layer, meta, scale)
+    triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out)
     return out
-
-
-def _decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float
-) -> torch.Tensor:
-    """One query token per sequence: gather every sequence's pages into one padded batch laid out
-    `[kv_head * sequence, T, dim]`, so the query heads sharing a KV head meet its K/V in one batched
-    matmul. Softmax in fp32; padding past each context length is masked."""
-    nd, num_heads, dim = q.shape
-    kv_heads = layer_cache.shape[3]
-    group = num_heads // kv_heads
-    # [num_pages, 2, page_size, kv_heads, dim] -> [2, kv_heads, nd, max_pages, page_size, dim]
-    kv = layer_cache.permute(1, 3, 0, 2, 4)[:, :, meta.decode_page_table]
-    span = kv.shape[3] * kv.shape[4]
-    k = kv[0].reshape(kv_heads * nd, span, dim)
-    v = kv[1].reshape(kv_heads * nd, span, dim)
-    qg = q.view(nd, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * nd, group, dim)
-    scores = torch.bmm(qg, k.transpose(1, 2)).float() * scale  # [kv_heads * nd, group, T]
-    scores.view(kv_heads, nd, group, span).masked_fill_(~meta.decode_mask.view(1, nd, 1, span), float("-inf"))
-    out = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [kv_heads * nd, group, dim]
-    return out.view(kv_heads, nd, group, dim).transpose(0, 1).reshape(nd, num_heads, dim)

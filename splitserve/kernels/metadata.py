@@ -1,0 +1,45 @@
+"""What a step's attention needs to know: where each new token's K/V goes and what each query sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill chunk: rows [query_start, query_start+query_len) of the batch."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # prefix in pages + this chunk
+    page_ids: torch.Tensor  # [ceil(context_len / page_size)] pages holding the context, in order
+    causal_mask: torch.Tensor | None  # [query_len, context_len] bool, None when there is no prefix
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Where each token of the flat batch writes its K/V and what each query attends to."""
+
+    slot_pages: torch.Tensor  # [num_tokens] page of each new token's K/V
+    slot_offsets: torch.Tensor  # [num_tokens] offset within that page
+    num_decode: int  # rows [0, num_decode) are decode queries
+    decode_page_table: torch.Tensor  # [num_decode, max_pages] (padding entries point at any page)
+    decode_context_lens: torch.Tensor  # [num_decode] tokens each decode query attends to
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_pages * page_size] bool, True = attend
+    prefills: list[PrefillSpan]
+
+    @cached_property
+    def prefill_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prefill spans as device arrays (query starts, query lengths, context lengths, padded page
+        table), built once per step for the kernels that want them."""
+        spans, device = self.prefills, self.slot_pages.device
+        starts = torch.tensor([s.query_start for s in spans], dtype=torch.int32, device=device)
+        q_lens = torch.tensor([s.query_len for s in spans], dtype=torch.int32, device=device)
+        contexts = torch.tensor([s.context_len for s in spans], dtype=torch.int32, device=device)
+        table = torch.zeros(len(spans), max(len(s.page_ids) for s in spans), dtype=torch.long, device=device)
+        for i, s in enumerate(spans):
+            table[i, : len(s.page_ids)] = s.page_ids
+        return starts, q_lens, contexts, table

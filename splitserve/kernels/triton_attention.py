@@ -1,0 +1,228 @@
+"""Triton kernels for attention over the paged KV cache: write new K/V into pages, decode attention
+(flash-decoding: split-K over the context, then a reduction), and prefill attention over ragged chunks
+whose prefix is already in pages.
+
+The cache is `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`; each program reads whole
+pages through the page table. Softmax runs in fp32. The query heads sharing a KV head are processed
+together, so each K/V page is loaded once per group. On the CPU these run under `TRITON_INTERPRET=1`
+(tests); there, bf16 arithmetic is wrong, so the tests use fp32 and fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from splitserve.kernels.metadata import PagedAttentionMetadata
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, pages_ptr, offsets_ptr, layer,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    mask = (h < NUM_KV_HEADS)[:, None]
+    page = tl.load(pages_ptr + n).to(tl.int64)
+    offset = tl.load(offsets_ptr + n).to(tl.int64)
+    dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
+    k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(dst, k, mask=mask)
+    tl.store(dst + stride_ckv, v, mask=mask)
+
+
+def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata):
+    n, kv_heads, dim = k.shape
+    if n == 0:
+        return
+    c = kv_cache.stride()
+    _write_kv_kernel[(n,)](
+        k, v, kv_cache, meta.slot_pages, meta.slot_offsets, layer,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        c[0], c[1], c[2], c[3], c[4],
+        NUM_KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=dim,
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, layer, scale,
+    stride_qb, stride_qh,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    stride_tb,
+    stride_ob, stride_oh, stride_os,
+    stride_mb, stride_mh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, KV head, split): online softmax over the split's pages for the group's queries."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    context = tl.load(lens_ptr + b)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    s = tl.arange(0, PAGE_SIZE)
+    heads = kvh * GROUP + g
+    group_mask = g < GROUP
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=group_mask[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for i in range(PAGES_PER_SPLIT):
+        p = split * PAGES_PER_SPLIT + i
+        if p * PAGE_SIZE < context:
+            positions = p * PAGE_SIZE + s
+            valid = positions < context
+            page = tl.load(table_ptr + b * stride_tb + p).to(tl.int64)
+            base = cache_ptr + page * stride_cp + layer * stride_cl + kvh * stride_ch
+            k = tl.load(base + s[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(base + stride_ckv + s[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            probs = tl.exp(scores - m_new[:, None])
+            denom = denom * alpha + tl.sum(probs, 1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+    out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(out, acc, mask=group_mask[:, None])
+    tl.store(m_ptr + b * stride_mb + heads * stride_mh + split, m, mask=group_mask)
+    tl.store(l_ptr + b * stride_mb + heads * stride_mh + split, denom, mask=group_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ob, stride_oh,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Combine the splits of one (sequence, head): rescale each by its max, sum, normalise."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    smask = sp < num_splits
+    m = tl.load(m_ptr + b * stride_mb + h * stride_mh + sp, mask=smask, other=float("-inf"))
+    denom = tl.load(l_ptr + b * stride_mb + h * stride_mh + sp, mask=smask, other=0.0)
+    part = tl.load(
+        part_ptr + b * stride_pb + h * stride_ph + sp[:, None] * stride_ps + d[None, :], mask=smask[:, None], other=0.0
+    )
+    m_max = tl.max(m, 0)
+    weight = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    total = tl.sum(weight * denom, 0)
+    out = tl.sum(part * weight[:, None], 0) / total
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
+    pages_per_split: int = 16,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages."""
+    nd = meta.num_decode
+    _, num_heads, dim = q.shape
+    kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
+    group = num_heads // kv_heads
+    max_pages = meta.decode_page_table.shape[1]
+    splits = triton.cdiv(max(max_pages, 1), pages_per_split)
+    part = torch.empty(nd, num_heads, splits, dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(nd, num_heads, splits, dtype=torch.float32, device=q.device)
+    denom = torch.empty_like(m)
+    out = torch.empty(nd, num_heads, dim, dtype=q.dtype, device=q.device)
+    c, t = kv_cache.stride(), meta.decode_page_table
+    _decode_partial_kernel[(nd, kv_heads, splits)](
+        q, kv_cache, t, meta.decode_context_lens, part, m, denom, layer, scale,
+        q.stride(0), q.stride(1),
+        c[0], c[1], c[2], c[3], c[4],
+        t.stride(0),
+        part.stride(0), part.stride(1), part.stride(2),
+        m.stride(0), m.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, PAGE_SIZE=page_size,
+        PAGES_PER_SPLIT=pages_per_split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    _decode_reduce_kernel[(nd, num_heads)](
+        part, m, denom, out, splits,
+        part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=dim,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, cache_ptr, out_ptr, starts_ptr, qlens_ptr, ctx_ptr, table_ptr, layer, scale,
+    stride_qn, stride_qh, stride_on, stride_oh,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    stride_tb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (span, block of queries, head): causal attention over the span's context, read from pages."""
+    span = tl.program_id(0)
+    block = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    start = tl.load(starts_ptr + span)
+    q_len = tl.load(qlens_ptr + span)
+    context = tl.load(ctx_ptr + span)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    q_pos = context - q_len + rows  # absolute position of each query
+    d = tl.arange(0, HEAD_DIM)
+    s = tl.arange(0, PAGE_SIZE)
+    q = tl.load(q_ptr + (start + rows)[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_mask[:, None])
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    last = tl.minimum(context, context - q_len + (block + 1) * BLOCK_M)  # keys past the block's last query
+    for p in range(0, tl.cdiv(last, PAGE_SIZE)):
+        positions = p * PAGE_SIZE + s
+        page = tl.load(table_ptr + span * stride_tb + p).to(tl.int64)
+        base = cache_ptr + page * stride_cp + layer * stride_cl + kvh * stride_ch
+        kmask = (positions < context)[:, None]
+        k = tl.load(base + s[:, None] * stride_cs + d[None, :], mask=kmask, other=0.0)
+        v = tl.load(base + stride_ckv + s[:, None] * stride_cs + d[None, :], mask=kmask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        allowed = (positions[None, :] <= q_pos[:, None]) & (positions[None, :] < context)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing allowed yet
+        alpha = tl.exp(m - m_safe)
+        probs = tl.exp(scores - m_safe[:, None])
+        denom = denom * alpha + tl.sum(probs, 1)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    dst = out_ptr + (start + rows)[:, None] * stride_on + h * stride_oh + d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def prefill_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
+    out: torch.Tensor, block_m: int = 16,
+) -> None:  # fmt: skip
+    """Causal attention for every prefill span of `meta` (ragged, with prefixes in pages), into `out`."""
+    if not meta.prefills:
+        return
+    _, num_heads, dim = q.shape
+    kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
+    spans = meta.prefills
+    starts, q_lens, contexts, table = meta.prefill_tables
+    c = kv_cache.stride()
+    grid = (len(spans), triton.cdiv(max(sp.query_len for sp in spans), block_m), num_heads)
+    _prefill_kernel[grid](
+        q, kv_cache, out, starts, q_lens, contexts, table, layer, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        c[0], c[1], c[2], c[3], c[4],
+        table.stride(0),
+        GROUP=num_heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
