@@ -7,7 +7,7 @@ import os
 # Triton kernels run on the CPU through the interpreter; it must be on before any kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import weakref  # noqa: E402
+import weakref
 from pathlib import Path
 
 import pytest

@@ -42,7 +42,8 @@ def _step(
             prefills.append(PrefillSpan(row, q_len, ctx, torch.tensor(tables[i]), mask))
         row += q_len
     width = max((len(tables[i]) for i in decode), default=0)
-    table = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in decode], dtype=torch.long).view(len(decode), width)
+    padded = [tables[i] + [0] * (width - len(tables[i])) for i in decode]
+    table = torch.tensor(padded, dtype=torch.long).view(len(decode), width)
     lens = torch.tensor([spans[i][1] for i in decode], dtype=torch.long)
     mask = torch.arange(width * page_size)[None, :] < lens[:, None]
     meta = PagedAttentionMetadata(
@@ -119,3 +120,41 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_llama_gqa, m
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])
         assert mixed > 0  # decode rows and prefill chunks (with prefixes) in one step
     assert tokens["triton"] == tokens["reference"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(dtype, with_residual):
+    from splitserve.kernels import layers, triton_layers
+
+    x, res, w = torch.randn(7, 576).to(dtype), torch.randn(7, 576).to(dtype), torch.randn(576).to(dtype)
+    residual = res if with_residual else None
+    want_out, want_h = layers.add_rms_norm_reference(x, residual, w, 1e-5)
+    got_out, got_h = triton_layers.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(got_h, want_h)
+    torch.testing.assert_close(got_out, want_out, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_matches_reference(dim, dtype):
+    from splitserve.kernels import layers, triton_layers
+
+    x = torch.randn(5, 12, dim).to(dtype)[:, 1:9]  # a strided view, as the model passes q and k heads
+    cos, sin = torch.randn(5, dim).to(dtype), torch.randn(5, dim).to(dtype)
+    torch.testing.assert_close(
+        triton_layers.rope(x, cos, sin), layers.rope_reference(x, cos, sin), atol=TOLERANCE[dtype], rtol=1e-3
+    )
+
+
+def test_gather_and_scatter_pages_match_reference():
+    from splitserve.kernels import triton_layers
+
+    pages = torch.randn(12, 2, 2, 16, 3, 64)
+    ids = [7, 2, 11, 3]
+    staged = triton_layers.gather_pages(pages, ids)
+    assert torch.equal(staged, pages[torch.tensor(ids)])
+    target = torch.zeros_like(pages)
+    triton_layers.scatter_pages(target, ids, staged)
+    assert torch.equal(target[torch.tensor(ids)], staged)
+    assert not target[torch.tensor([i for i in range(12) if i not in ids])].any()

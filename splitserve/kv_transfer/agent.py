@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from splitserve.kernels.layers import gather_pages
 from splitserve.kv_transfer.messages import (
     MAX_CONTROL_BYTES,
     Cancel,
@@ -372,7 +373,7 @@ class TransferAgent:
             if pages == list(range(pages[0], pages[0] + length)):
                 region = self._pages[pages[0] : pages[0] + length]  # zero-copy
             else:
-                region = self._pages[torch.tensor(pages, device=self._pages.device)]  # gather, then send
+                region = gather_pages(self._pages, pages)  # gather, then send
                 out.staging.append(region)
             out.sends.append(ep.tag_send(self._array(region), tag=_page_tag(xid, i)))
 

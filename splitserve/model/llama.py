@@ -13,8 +13,9 @@ from torch import nn
 
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.attention import PagedAttentionMetadata, paged_attention, write_kv
+from splitserve.kernels.layers import add_rms_norm, rope
 from splitserve.model.config import ModelConfig
-from splitserve.model.rope import apply_rope, rope_tables
+from splitserve.model.rope import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +24,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale in the model dtype, exactly as transformers does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual stream first (when given); returns (normalised, new residual stream).
+
+        Normalises in fp32 and scales in the model dtype, exactly as transformers does.
+        """
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -51,7 +53,7 @@ class Attention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         # Rotate the query and key heads in one pass: [tokens, heads + kv_heads, head_dim].
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
+        qk = rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         write_kv(kv_cache, self.layer, k, v, meta)
@@ -79,9 +81,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, kv_cache, meta) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """`h` is the previous layer's output, not yet added to the `residual` stream (None at layer 0)."""
+        x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class Backbone(nn.Module):
@@ -165,10 +170,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot."""
         cos, sin = self.cos[positions], self.sin[positions]
-        h = self.model.embed_tokens(input_ids)
+        h, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

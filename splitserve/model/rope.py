@@ -21,11 +21,3 @@ def rope_tables(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> t
     freqs = torch.outer(positions, inv_freq.float())
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(device, dtype), (emb.sin() * scaling).to(device, dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` ([tokens, heads, head_dim]) by per-token `cos`/`sin` ([tokens, head_dim])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

@@ -1,0 +1,67 @@
+"""Fused layer kernels with one dispatch point each: residual add + RMSNorm, rotary embedding, and the
+page gather/scatter copy kv_transfer uses when pages must be staged contiguously.
+
+Each function runs its Triton kernel where `use_triton` says so (CUDA tensors, or SPLITSERVE_KERNELS),
+else the PyTorch reference below it, which is also what the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.kernels.attention import use_triton
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h = x + residual` (or `x`), then `weight * rmsnorm(h)` normalised in fp32; returns (normed, h)."""
+    if use_triton(x):
+        from splitserve.kernels import triton_layers
+
+        return triton_layers.add_rms_norm(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x if residual is None else x + residual
+    f = h.float()
+    f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * f.to(h.dtype), h
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` ([tokens, heads, head_dim]) by per-token `cos`/`sin` ([tokens, head_dim])."""
+    if use_triton(x):
+        from splitserve.kernels import triton_layers
+
+        return triton_layers.rope(x, cos, sin)
+    return rope_reference(x, cos, sin)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def gather_pages(pages: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Copy pages `ids` of `pages` ([num_pages, ...]) into one new contiguous tensor, in order."""
+    if use_triton(pages):
+        from splitserve.kernels import triton_layers
+
+        return triton_layers.gather_pages(pages, ids)
+    return pages[torch.tensor(ids, device=pages.device)]
+
+
+def scatter_pages(pages: torch.Tensor, ids: list[int], staged: torch.Tensor) -> None:
+    """Copy `staged` ([len(ids), ...]) into pages `ids` of `pages`: the inverse of `gather_pages`."""
+    if use_triton(pages):
+        from splitserve.kernels import triton_layers
+
+        triton_layers.scatter_pages(pages, ids, staged)
+    else:
+        pages[torch.tensor(ids, device=pages.device)] = staged
