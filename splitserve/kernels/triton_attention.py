@@ -17,6 +17,13 @@ import triton.language as tl
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 
+def _check_tile_sizes(page_size: int, head_dim: int) -> None:
+    # A page is one tile of the attention matmuls, and GPUs want tiles of at least 16 (power-of-2) rows.
+    for name, value in (("page size", page_size), ("head dim", head_dim)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"the Triton attention kernels need a power-of-2 {name} >= 16, got {value}")
+
+
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, pages_ptr, offsets_ptr, layer,
@@ -130,6 +137,7 @@ def decode_attention(
     nd = meta.num_decode
     _, num_heads, dim = q.shape
     kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
+    _check_tile_sizes(page_size, dim)
     group = num_heads // kv_heads
     max_pages = meta.decode_page_table.shape[1]
     splits = triton.cdiv(max(max_pages, 1), pages_per_split)
@@ -214,6 +222,7 @@ def prefill_attention(
         return
     _, num_heads, dim = q.shape
     kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
+    _check_tile_sizes(page_size, dim)
     spans = meta.prefills
     starts, q_lens, contexts, table = meta.prefill_tables
     c = kv_cache.stride()
