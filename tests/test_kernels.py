@@ -104,7 +104,7 @@ def test_write_kv_matches_reference(dtype):
     assert torch.equal(cache, want)
 
 
-def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_llama_gqa, monkeypatch):
+def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monkeypatch):
     from splitserve.decode.engine import Engine
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.sampling import SamplingParams
@@ -116,7 +116,7 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_llama_gqa, m
     tokens = {}
     for mode in ("reference", "triton"):
         monkeypatch.setenv("SPLITSERVE_KERNELS", mode)
-        engine = Engine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=16, max_num_batched_tokens=24))
+        engine = Engine(EngineConfig(model=str(tiny_qwen2), dtype="fp32", page_size=16, max_num_batched_tokens=24))
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])
         assert mixed > 0  # decode rows and prefill chunks (with prefixes) in one step
     assert tokens["triton"] == tokens["reference"]
