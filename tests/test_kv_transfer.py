@@ -193,3 +193,16 @@ def test_sender_cancel_mid_transfer_frees_both_sides(peers):
     assert not s["ok"] and "canceled by the sender" in s["error"]
     assert not r["ok"] and "canceled by the sender" in r["error"]  # fail closed: the pages are not used
     _assert_idle(sender, receiver)
+
+
+def test_messages_roundtrip_and_malformed_frames_are_refused():
+    from splitserve.kv_transfer.messages import Cancel, Done, ProtocolError, decode_control, decode_done, frame
+
+    cancel = Cancel("r", 7, "why")
+    assert decode_control(frame(cancel) + bytes(100)) == cancel  # trailing buffer space is ignored
+    assert decode_done(frame(Done(ok=False, reason="x"))) == Done(ok=False, reason="x")
+    for garbage in (b"", b"\x05\x00\x00\x00abc", b"\x03\x00\x00\x00\xc1\xc1\xc1", frame(Done(ok=True))):
+        with pytest.raises(ProtocolError):
+            decode_control(garbage)  # truncated, overlong length, not msgpack, a Done where control is due
+    with pytest.raises(ProtocolError, match="protocol version 9"):
+        decode_control(frame(Cancel("r", 1, "x", version=9)))

@@ -114,19 +114,19 @@ def _unframe(buffer: bytes | memoryview) -> memoryview:
 
 
 def decode_control(buffer: bytes | memoryview) -> Control:
-    try:
-        message = _control_decoder.decode(_unframe(buffer))
-    except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed control message: {e}") from e
-    _check_version(message.version)
-    return message
+    return _decode(_control_decoder, buffer)
 
 
 def decode_done(buffer: bytes | memoryview) -> Done:
+    return _decode(_done_decoder, buffer)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, buffer: bytes | memoryview):
+    """Unframe, decode and validate one message; anything malformed raises ProtocolError."""
     try:
-        message = _done_decoder.decode(_unframe(buffer))
+        message = decoder.decode(_unframe(buffer))
     except msgspec.DecodeError as e:
-        raise ProtocolError(f"malformed done message: {e}") from e
+        raise ProtocolError(f"malformed message: {e}") from e
     _check_version(message.version)
     return message
 
