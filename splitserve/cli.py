@@ -71,20 +71,12 @@ def _generate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     llm = LLM(args.model, **_engine_config(args))
     loaded = time.monotonic()
-    if args.chat:
-        [out] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        [out] = llm.generate(args.prompt, params, use_tqdm=False)
-    done = time.monotonic()
-    print(out.text)
-    n = len(out.token_ids)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for text in llm.stream(prompt, params):  # print the completion as it is generated
+        print(text, end="", flush=True)
+    print()
     logging.getLogger("splitserve").info(
-        "loaded in %.1fs; %d tokens in %.2fs (%.1f tokens/s), finish_reason=%s",
-        loaded - started,
-        n,
-        done - loaded,
-        n / max(done - loaded, 1e-9),
-        out.finish_reason,
+        "loaded in %.1fs; generated in %.2fs", loaded - started, time.monotonic() - loaded
     )
     return 0
 

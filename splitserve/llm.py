@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from splitserve.decode.engine import Engine
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 
@@ -65,13 +66,40 @@ class LLM:
         """Generate the assistant's next message for each conversation, with the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        encoded = [self._encode_chat(c) for c in conversations]
+        return self._run([ids for _, ids in encoded], [text for text, _ in encoded], sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt | list[Message], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate for one prompt (text, token ids, or a chat conversation), yielding text as it comes."""
+        tokenizer = self._require_tokenizer()
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            ids = self._encode_chat(prompt)[1]
+        else:
+            ids = self._encode(prompt)
+        self.engine.validate_prompt(ids)
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, ids, sampling_params or SamplingParams())
+        detokenizer = IncrementalDetokenizer(tokenizer, ids)
+        finished = False
+        try:
+            while not finished:
+                for update in self.engine.step():
+                    if update.request_id == request_id:
+                        finished = update.finish_reason is not None
+                        text = detokenizer.push(update.token_id)
+                        if text:
+                            yield text
+        finally:
+            if not finished:  # the caller stopped early: free the request's pages
+                self.engine.abort(request_id)
+
+    def _encode_chat(self, conversation: list[Message]) -> tuple[str, list[int]]:
         tokenizer = self._require_tokenizer()
         if tokenizer.chat_template is None:
             raise InvalidRequestError("this model has no chat template")
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         # The template already holds the special tokens: do not let the tokenizer add another BOS.
-        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        return self._run(ids, texts, sampling_params, use_tqdm)
+        return text, tokenizer(text, add_special_tokens=False).input_ids
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
