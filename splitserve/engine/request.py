@@ -30,7 +30,6 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
-    num_preemptions: int = 0
 
     @classmethod
     def create(

@@ -1,4 +1,6 @@
 """Attention and layer kernels. Leaves: they import torch (and triton) only.
 
-Today every kernel is its PyTorch reference; Triton versions dispatch from the same functions.
+`attention` and `layers` are the dispatch points the model calls: Triton kernels (`triton_attention`,
+`triton_layers`) for CUDA tensors, the PyTorch references (`reference`, and the `*_reference`
+functions in `layers`) for CPU tensors.
 """
