@@ -1,8 +1,10 @@
-"""Triton kernels against their PyTorch reference, on the CPU under TRITON_INTERPRET=1 (see conftest)."""
+"""Triton kernels against their PyTorch reference: on the CPU under TRITON_INTERPRET=1 (see conftest), or
+natively on a CUDA machine with `TRITON_INTERPRET=0`."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -12,6 +14,10 @@ from splitserve.kernels import reference, triton_attention
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
+NATIVE = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if NATIVE else "cpu")
+if NATIVE:  # tf32 is the GPU default for fp32 dots in Triton; compare with an fp32 reference loosely
+    TOLERANCE[torch.float32] = 2e-3
 
 
 def _step(
@@ -47,15 +53,19 @@ def _step(
     lens = torch.tensor([spans[i][1] for i in decode], dtype=torch.long)
     mask = torch.arange(width * page_size)[None, :] < lens[:, None]
     meta = PagedAttentionMetadata(
-        slot_pages=torch.tensor(slot_pages),
-        slot_offsets=torch.tensor(slot_offsets),
+        slot_pages=torch.tensor(slot_pages, device=DEVICE),
+        slot_offsets=torch.tensor(slot_offsets, device=DEVICE),
         num_decode=len(decode),
-        decode_page_table=table,
-        decode_context_lens=lens,
-        decode_mask=mask.view(len(decode), 1, 1, width * page_size),
-        prefills=prefills,
-    )
-    return cache, meta, row
+        decode_page_table=table.to(DEVICE),
+        decode_context_lens=lens.to(DEVICE),
+        decode_mask=mask.view(len(decode), 1, 1, width * page_size).to(DEVICE),
+        prefills=[
+            PrefillSpan(p.query_start, p.query_len, p.context_len, p.page_ids.to(DEVICE),
+                        None if p.causal_mask is None else p.causal_mask.to(DEVICE))
+            for p in prefills
+        ],
+    )  # fmt: skip
+    return cache.to(DEVICE), meta, row
 
 
 SHAPES = [  # (head_dim, query heads per KV head, page_size, dtype)
@@ -73,7 +83,7 @@ def test_decode_attention_matches_reference(dim, group, page_size, dtype):
     kv_heads = 2
     spans = [(1, 2), (1, 17), (1, 50), (1, 5 * page_size), (1, 9 * page_size + 3)]
     cache, meta, n = _step(spans, page_size, kv_heads, dim, dtype)
-    q = torch.randn(n, kv_heads * group, dim).to(dtype)
+    q = torch.randn(n, kv_heads * group, dim).to(DEVICE, dtype)
     want = reference.paged_attention(q.float(), cache.float(), 1, meta, dim**-0.5)
     # pages_per_split=2 makes the long contexts use several splits (and the reduction).
     got = triton_attention.decode_attention(q, cache, 1, meta, dim**-0.5, pages_per_split=2)
@@ -86,7 +96,7 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     # (query_len, context_len): whole prompts, a one-token prompt, and later chunks after a prefix.
     spans = [(1, 1), (5, 5), (20, 37), (33, 33), (16, 2 * page_size + 7)]
     cache, meta, n = _step(spans, page_size, kv_heads, dim, dtype, seed=1)
-    q = torch.randn(n, kv_heads * group, dim).to(dtype)
+    q = torch.randn(n, kv_heads * group, dim).to(DEVICE, dtype)
     want = reference.paged_attention(q.float(), cache.float(), 0, meta, dim**-0.5)
     got = torch.zeros_like(q)
     triton_attention.prefill_attention(q, cache, 0, meta, dim**-0.5, got)
@@ -97,7 +107,7 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
 def test_write_kv_matches_reference(dtype):
     spans = [(1, 9), (7, 7), (12, 40)]
     cache, meta, n = _step(spans, 16, 3, 64, dtype, seed=2)
-    k, v = torch.randn(n, 3, 64).to(dtype), torch.randn(n, 3, 64).to(dtype)
+    k, v = torch.randn(n, 3, 64).to(DEVICE, dtype), torch.randn(n, 3, 64).to(DEVICE, dtype)
     want = cache.clone()
     reference.write_kv(want, 1, k, v, meta)
     triton_attention.write_kv(cache, 1, k, v, meta)
@@ -116,7 +126,10 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
     tokens = {}
     for mode in ("reference", "triton"):
         monkeypatch.setenv("SPLITSERVE_KERNELS", mode)
-        engine = Engine(EngineConfig(model=str(tiny_qwen2), dtype="fp32", page_size=16, max_num_batched_tokens=24))
+        config = EngineConfig(
+            model=str(tiny_qwen2), dtype="fp32", device=DEVICE.type, page_size=16, max_num_batched_tokens=24
+        )
+        engine = Engine(config)
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])
         assert mixed > 0  # decode rows and prefill chunks (with prefixes) in one step
     assert tokens["triton"] == tokens["reference"]
@@ -127,7 +140,7 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
 def test_add_rms_norm_matches_reference(dtype, with_residual):
     from splitserve.kernels import layers, triton_layers
 
-    x, res, w = torch.randn(7, 576).to(dtype), torch.randn(7, 576).to(dtype), torch.randn(576).to(dtype)
+    x, res, w = (torch.randn(*shape).to(DEVICE, dtype) for shape in ((7, 576), (7, 576), (576,)))
     residual = res if with_residual else None
     want_out, want_h = layers.add_rms_norm_reference(x, residual, w, 1e-5)
     got_out, got_h = triton_layers.add_rms_norm(x, residual, w, 1e-5)
@@ -140,8 +153,8 @@ def test_add_rms_norm_matches_reference(dtype, with_residual):
 def test_rope_matches_reference(dim, dtype):
     from splitserve.kernels import layers, triton_layers
 
-    x = torch.randn(5, 12, dim).to(dtype)[:, 1:9]  # a strided view, as the model passes q and k heads
-    cos, sin = torch.randn(5, dim).to(dtype), torch.randn(5, dim).to(dtype)
+    x = torch.randn(5, 12, dim).to(DEVICE, dtype)[:, 1:9]  # a strided view, as the model passes q and k heads
+    cos, sin = torch.randn(5, dim).to(DEVICE, dtype), torch.randn(5, dim).to(DEVICE, dtype)
     torch.testing.assert_close(
         triton_layers.rope(x, cos, sin), layers.rope_reference(x, cos, sin), atol=TOLERANCE[dtype], rtol=1e-3
     )
@@ -150,11 +163,11 @@ def test_rope_matches_reference(dim, dtype):
 def test_gather_and_scatter_pages_match_reference():
     from splitserve.kernels import triton_layers
 
-    pages = torch.randn(12, 2, 2, 16, 3, 64)
+    pages = torch.randn(12, 2, 2, 16, 3, 64, device=DEVICE)
     ids = [7, 2, 11, 3]
     staged = triton_layers.gather_pages(pages, ids)
-    assert torch.equal(staged, pages[torch.tensor(ids)])
+    assert torch.equal(staged, pages[torch.tensor(ids, device=DEVICE)])
     target = torch.zeros_like(pages)
     triton_layers.scatter_pages(target, ids, staged)
-    assert torch.equal(target[torch.tensor(ids)], staged)
-    assert not target[torch.tensor([i for i in range(12) if i not in ids])].any()
+    assert torch.equal(target[torch.tensor(ids, device=DEVICE)], staged)
+    assert not target[torch.tensor([i for i in range(12) if i not in ids], device=DEVICE)].any()
