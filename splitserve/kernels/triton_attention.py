@@ -58,6 +58,22 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
 
 
 @triton.jit
+def _load_kv_tile(
+    cache_ptr, table_row_ptr, positions, valid, layer, kvh,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """K and V `[tokens, HEAD_DIM]` of KV head `kvh` at `positions` (a tile that may span pages)."""
+    d = tl.arange(0, HEAD_DIM)
+    page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    rows = page * stride_cp + (positions % PAGE_SIZE) * stride_cs
+    addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
+    k = tl.load(addr, mask=valid[:, None], other=0.0)
+    v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, layer, scale,
     stride_qb, stride_qh,
@@ -66,31 +82,31 @@ def _decode_partial_kernel(
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, KV head, split): online softmax over the split's pages for the group's queries."""
+    """One (sequence, KV head, split): online softmax over the split's tokens for the group's queries,
+    TILE tokens (possibly from several pages) at a time."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     context = tl.load(lens_ptr + b)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    s = tl.arange(0, PAGE_SIZE)
     heads = kvh * GROUP + g
     group_mask = g < GROUP
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=group_mask[:, None], other=0.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(PAGES_PER_SPLIT):
-        p = split * PAGES_PER_SPLIT + i
-        if p * PAGE_SIZE < context:
-            positions = p * PAGE_SIZE + s
+    split_start = split * SPLIT_TOKENS
+    for t in range(0, SPLIT_TOKENS, TILE):
+        if split_start + t < context:
+            positions = split_start + t + tl.arange(0, TILE)
             valid = positions < context
-            page = tl.load(table_ptr + b * stride_tb + p).to(tl.int64)
-            base = cache_ptr + page * stride_cp + layer * stride_cl + kvh * stride_ch
-            k = tl.load(base + s[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(base + stride_ckv + s[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+            k, v = _load_kv_tile(
+                cache_ptr, table_ptr + b * stride_tb, positions, valid, layer, kvh,
+                stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
+            )  # fmt: skip
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
@@ -131,7 +147,7 @@ def _decode_reduce_kernel(
 
 def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    pages_per_split: int = 16,
+    pages_per_split: int = 16, tile: int = 64,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages."""
     nd = meta.num_decode
@@ -154,7 +170,8 @@ def decode_attention(
         part.stride(0), part.stride(1), part.stride(2),
         m.stride(0), m.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, PAGE_SIZE=page_size,
-        PAGES_PER_SPLIT=pages_per_split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLIT_TOKENS=pages_per_split * page_size, TILE=min(tile, pages_per_split * page_size),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     _decode_reduce_kernel[(nd, num_heads)](
         part, m, denom, out, splits,
@@ -171,7 +188,7 @@ def _prefill_kernel(
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     stride_tb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (span, block of queries, head): causal attention over the span's context, read from pages."""
     span = tl.program_id(0)
@@ -185,21 +202,20 @@ def _prefill_kernel(
     row_mask = rows < q_len
     q_pos = context - q_len + rows  # absolute position of each query
     d = tl.arange(0, HEAD_DIM)
-    s = tl.arange(0, PAGE_SIZE)
     q = tl.load(q_ptr + (start + rows)[:, None] * stride_qn + h * stride_qh + d[None, :], mask=row_mask[:, None])
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     last = tl.minimum(context, context - q_len + (block + 1) * BLOCK_M)  # keys past the block's last query
-    for p in range(0, tl.cdiv(last, PAGE_SIZE)):
-        positions = p * PAGE_SIZE + s
-        page = tl.load(table_ptr + span * stride_tb + p).to(tl.int64)
-        base = cache_ptr + page * stride_cp + layer * stride_cl + kvh * stride_ch
-        kmask = (positions < context)[:, None]
-        k = tl.load(base + s[:, None] * stride_cs + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(base + stride_ckv + s[:, None] * stride_cs + d[None, :], mask=kmask, other=0.0)
+    for t in range(0, last, BLOCK_N):
+        positions = t + tl.arange(0, BLOCK_N)
+        valid = positions < context
+        k, v = _load_kv_tile(
+            cache_ptr, table_ptr + span * stride_tb, positions, valid, layer, kvh,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
+        )  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        allowed = (positions[None, :] <= q_pos[:, None]) & (positions[None, :] < context)
+        allowed = (positions[None, :] <= q_pos[:, None]) & valid[None, :]
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing allowed yet
@@ -215,7 +231,7 @@ def _prefill_kernel(
 
 def prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    out: torch.Tensor, block_m: int = 16,
+    out: torch.Tensor, block_m: int = 16, block_n: int = 64,
 ) -> None:  # fmt: skip
     """Causal attention for every prefill span of `meta` (ragged, with prefixes in pages), into `out`."""
     if not meta.prefills:
@@ -232,6 +248,6 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         c[0], c[1], c[2], c[3], c[4],
         table.stride(0),
-        GROUP=num_heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m,
+        GROUP=num_heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
