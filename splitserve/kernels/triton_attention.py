@@ -2,8 +2,9 @@
 (flash-decoding: split-K over the context, then a reduction), and prefill attention over ragged chunks
 whose prefix is already in pages.
 
-The cache is `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`; each program reads whole
-pages through the page table. Softmax runs in fp32. The query heads sharing a KV head are processed
+The cache is `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`; programs read K/V in
+tiles of 64 tokens, looking up each token's page in the page table, so a tile may span pages (and the
+matmul tiles do not shrink with the page size). Softmax runs in fp32. The query heads sharing a KV head are processed
 together, so each K/V page is loaded once per group. On the CPU these run under `TRITON_INTERPRET=1`
 (tests); there, bf16 arithmetic is wrong, so the tests use fp32 and fp16.
 """
