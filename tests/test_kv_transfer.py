@@ -206,3 +206,18 @@ def test_messages_roundtrip_and_malformed_frames_are_refused():
             decode_control(garbage)  # truncated, overlong length, not msgpack, a Done where control is due
     with pytest.raises(ProtocolError, match="protocol version 9"):
         decode_control(frame(Cancel("r", 1, "x", version=9)))
+
+
+def test_malformed_control_frames_are_dropped_and_the_agent_keeps_working(peers):
+    sender = peers("sender", fill_seed=5)
+    receiver = peers("receiver")
+    raw = receiver.call("reserve", pages=[4, 5], timeout=10)["ticket"]
+    address = msgspec.msgpack.decode(raw, type=Ticket).address
+    for payload in (b"", b"\xff" * 64, b"\x10\x00\x00\x00" + b"\xc1" * 16, bytes(70_000)):
+        assert sender.call("garbage", address=address, payload=payload) == {}
+    assert sender.call("send", ticket=raw, pages=[1, 2], timeout=10) == {}
+    assert _completions(sender, 1)[0]["ok"] and _completions(receiver, 1)[0]["ok"]
+    theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
+    assert ours[4:6] == theirs[1:3]
+    assert receiver.call("state")["metrics"]["malformed_messages"] == 4
+    _assert_idle(sender, receiver)

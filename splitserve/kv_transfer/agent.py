@@ -105,6 +105,7 @@ class TransferMetrics:
     transfers_received: int = 0
     failures: int = 0
     orphaned_receives: int = 0
+    malformed_messages: int = 0  # control frames dropped as undecodable
     seconds_sending: float = 0.0
     seconds_receiving: float = 0.0
 
@@ -321,6 +322,7 @@ class TransferAgent:
                 message = decode_control(self._control_buffer.tobytes())
             except (ProtocolError, ucx.UCXError) as e:
                 message = None
+                self.metrics.malformed_messages += 1
                 log.warning("dropped a malformed KV-transfer control message: %s", e)
             self._control_buffer[:] = 0
             self._control_recv = self._post_control_recv()

@@ -90,6 +90,17 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                     reply["seconds"].append(time.perf_counter() - started)
                     if not completions.pop()["ok"]:
                         raise RuntimeError("a timed transfer failed")
+            elif op == "garbage":  # a malformed control frame to another agent, as a broken peer would send
+                import numpy as np
+                import ucxx._lib.libucxx as ucx
+                from ucxx._lib.arr import Array
+
+                from splitserve.kv_transfer.agent import CONTROL_TAG
+
+                junk = np.frombuffer(cmd["payload"], dtype=np.uint8).copy()
+                req = agent._endpoint(cmd["address"]).tag_send(Array(junk), tag=ucx.UCXXTag(CONTROL_TAG))
+                while not req.completed:
+                    poll()
             elif op == "hashes":
                 raw = pages.view(torch.uint8).view(num_pages, -1)
                 reply["hashes"] = [hashlib.sha256(raw[i].numpy().tobytes()).hexdigest() for i in range(num_pages)]
