@@ -55,9 +55,12 @@ def sample(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of `logits` ([rows, vocab], fp32) under that row's parameters."""
     tokens = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            tokens[i] = _sample_row(logits[i], p, generators[i])
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        # Per-request generators live on the CPU: sampling there keeps a seed's tokens the same on any device.
+        rows = logits[sampled].cpu()
+        for row, i in enumerate(sampled):
+            tokens[i] = _sample_row(rows[row], params[i], generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:
