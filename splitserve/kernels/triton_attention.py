@@ -75,6 +75,21 @@ def _load_kv_tile(
 
 
 @triton.jit
+def _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION: tl.constexpr):
+    """One online-softmax step: fold a tile of keys (where `allowed`) into the running max `m`,
+    denominator and accumulator of each query row."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows that see no key yet
+    alpha = tl.exp(m - m_safe)
+    probs = tl.exp(scores - m_safe[:, None])
+    denom = denom * alpha + tl.sum(probs, 1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, layer, scale,
     stride_qb, stride_qh,
@@ -108,14 +123,7 @@ def _decode_partial_kernel(
                 cache_ptr, table_ptr + b * stride_tb, positions, valid, layer, kvh,
                 stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
             )  # fmt: skip
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            probs = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(probs, 1)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, denom, acc = _attend_tile(q, k, v, valid[None, :], m, denom, acc, scale, PRECISION)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out, acc, mask=group_mask[:, None])
     tl.store(m_ptr + b * stride_mb + heads * stride_mh + split, m, mask=group_mask)
@@ -215,16 +223,8 @@ def _prefill_kernel(
             cache_ptr, table_ptr + span * stride_tb, positions, valid, layer, kvh,
             stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
         )  # fmt: skip
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        allowed = (positions[None, :] <= q_pos[:, None]) & valid[None, :]
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with nothing allowed yet
-        alpha = tl.exp(m - m_safe)
-        probs = tl.exp(scores - m_safe[:, None])
-        denom = denom * alpha + tl.sum(probs, 1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        allowed = (positions[None, :] <= q_pos[:, None]) & valid[None, :]  # causal
+        m, denom, acc = _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     dst = out_ptr + (start + rows)[:, None] * stride_on + h * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
