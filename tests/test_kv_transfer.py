@@ -59,10 +59,12 @@ def test_pages_arrive_byte_exact_and_nowhere_else(peers, transport):
     # source pages (zero-copy), [33, 34, 35] from scattered ones (gathered first), the rest alone.
     src, dst = [7, 3, 10, 11, 20, 61, 5, 60], [50, 2, 40, 41, 33, 34, 35, 0]
     ticket = receiver.call("reserve", pages=dst, timeout=10)["ticket"]
-    assert sender.call("send", ticket=ticket, pages=src, timeout=10) == {}
+    payload = b"first token" * 100
+    assert sender.call("send", ticket=ticket, pages=src, timeout=10, payload=payload) == {}
     [sent] = _completions(sender, 1)
     [received] = _completions(receiver, 1)
     assert sent["ok"] and received["ok"], (sent, received)
+    assert received["payload"] == payload  # the sender's payload arrives with the pages
 
     theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
     for s, d in zip(src, dst, strict=True):

@@ -1,18 +1,22 @@
-"""`Engine`: one process's continuous-batching loop (role `both`): requests in, one step at a time, tokens out."""
+"""`Engine`: the decode side's continuous-batching loop: requests in, one step at a time, tokens out.
+
+A request enters in one of two ways: `add_request` (the engine prefills it itself, in chunks mixed into
+decode steps: role `both`, the colocated baseline) or `reserve` + `start_decode` (a prefill worker computes
+the prompt's KV into the reserved pages and hands over the first token: the disaggregated path).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from splitserve.decode.scheduler import Scheduler
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.core import EngineCore
 from splitserve.engine.request import Request
-from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
-from splitserve.model.checkpoint import resolve_model
-from splitserve.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -25,38 +29,41 @@ class RequestUpdate:
     finish_reason: str | None  # set when this token ends the request
 
 
-class Engine:
+class NoCapacityError(RuntimeError):
+    """The engine cannot take a reservation now (pages or batch slots); another worker, or later, may."""
+
+
+class Engine(EngineCore):
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self.model_path = resolve_model(config.model)
-        self.model_config = ModelConfig.from_pretrained(self.model_path)
-        self.runner = ModelRunner(self.model_config, self.model_path, config)
-        self.max_model_len = self.runner.max_model_len
-        self.allocator = PageAllocator(self.runner.num_pages)
+        super().__init__(config)
         self.scheduler = Scheduler(
             self.allocator, config.page_size, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self._requests: dict[str, Request] = {}
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len} "
-                "(prompt and at least one generated token)"
-            )
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids)
-        request = Request.create(request_id, prompt_token_ids, params, frozenset(self.model_config.eos_token_ids))
-        self._requests[request_id] = request
-        self.scheduler.add(request)
+        self.scheduler.add(self._create(request_id, prompt_token_ids, params))
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Take pages for a prompt whose KV another worker will write; returns them in prompt order."""
+        request = self._create(request_id, prompt_token_ids, params)
+        if not self.scheduler.reserve(request):
+            del self._requests[request_id]
+            raise NoCapacityError(
+                f"no room for {len(prompt_token_ids)} prompt tokens: {self.allocator.num_free} pages free, "
+                f"{self.scheduler.num_requests} of {self.scheduler.max_num_seqs} batch slots taken"
+            )
+        return list(request.pages)
+
+    def start_decode(
+        self, request_id: str, token_id: int, logprob: TokenLogprob | None, generator_state: bytes | None
+    ) -> RequestUpdate:
+        """The reserved pages now hold the prompt's KV and `token_id` is its first output: start decoding."""
+        request = self._requests[request_id]
+        if generator_state is not None and request.generator is not None:
+            request.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        self.scheduler.admit_prefilled(request, token_id, logprob)
+        return self._update(request, token_id, logprob)
 
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
@@ -72,9 +79,17 @@ class Engine:
             return []
         sampled = self.runner.execute(chunks)
         self.scheduler.update(chunks, sampled)
-        updates = []
-        for request, token_id, logprob in sampled:
-            updates.append(RequestUpdate(request.request_id, token_id, logprob, request.finish_reason))
-            if request.finish_reason is not None:
-                del self._requests[request.request_id]
-        return updates
+        return [self._update(request, token_id, logprob) for request, token_id, logprob in sampled]
+
+    def _create(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        request = Request.create(request_id, prompt_token_ids, params, frozenset(self.model_config.eos_token_ids))
+        self._requests[request_id] = request
+        return request
+
+    def _update(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestUpdate:
+        if request.finish_reason is not None:
+            del self._requests[request.request_id]
+        return RequestUpdate(request.request_id, token_id, logprob, request.finish_reason)

@@ -7,6 +7,9 @@ Each step spends a token budget: first on the running requests, oldest first (on
 request, the next chunk for one still prefilling), then on admitting waiting requests in arrival order.
 When a running request needs a page and none is free, the newest running request is preempted: its pages
 are freed and it goes back to the front of the queue, to be recomputed from its tokens later.
+
+In the disaggregated path a request is first *reserved*: it holds pages for its prompt while another
+worker computes their KV, then is *admitted* straight into the running batch with its first token.
 """
 
 from __future__ import annotations
@@ -34,17 +37,44 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest first
+        self.receiving: list[Request] = []  # reserved: their pages are being filled by another worker
         self.num_preemptions = 0
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.receiving)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    def reserve(self, request: Request) -> bool:
+        """Give `request` pages for its prompt and hold it until `admit_prefilled`. False (and no change) when
+        the pages or a batch slot are not free, or preempted requests wait for pages of their own."""
+        if self.waiting or self.num_requests >= self.max_num_seqs or not self._grow_pages(request, request.num_tokens):
+            return False
+        request.status = RequestStatus.RECEIVING
+        self.receiving.append(request)
+        return True
+
+    def admit_prefilled(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+        """A reserved request's pages hold its prompt's KV and `token_id` is its first output: run it."""
+        self.receiving.remove(request)
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.append_token(token_id, logprob, self.max_model_len)
+        if request.finish_reason is not None:
+            request.status = RequestStatus.FINISHED
+            self._release(request)
+        else:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def abort(self, request_id: str) -> Request | None:
-        """Drop a request wherever it is and free its pages. Returns it, or None if it is unknown."""
-        for queue in (self.running, self.waiting):
+        """Drop a request wherever it is and free its pages. Returns it, or None if it is unknown.
+        (A reserved request's pages must no longer be the target of a transfer.)"""
+        for queue in (self.running, self.waiting, self.receiving):
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)
@@ -73,7 +103,8 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admit new work only when the running batch got all it needs this step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # Reserved requests keep their batch slots: they join the running batch as soon as their KV lands.
+        while not preempted and self.waiting and budget > 0 and self._free_slot():
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow_pages(request, n):
@@ -98,6 +129,9 @@ class Scheduler:
                 self._release(request)
                 finished.append(request)
         return finished
+
+    def _free_slot(self) -> bool:
+        return len(self.running) + len(self.receiving) < self.max_num_seqs
 
     def _grow_pages(self, request: Request, num_tokens: int) -> bool:
         """Make `request` hold pages for `num_tokens` tokens; False (and no change) if too few are free."""

@@ -14,6 +14,7 @@ from splitserve.engine.sampling import SamplingParams, TokenLogprob
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted: holds no pages
     RUNNING = "running"  # holds pages for its computed tokens
+    RECEIVING = "receiving"  # holds pages that another worker fills with its prompt's KV
     FINISHED = "finished"
 
 

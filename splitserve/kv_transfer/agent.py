@@ -67,6 +67,8 @@ MAX_PAGES_PER_TRANSFER = (1 << _INDEX_BITS) - 1
 CONTROL_TAG = 1 << 63
 # Runs longer than this travel as several messages: several in flight pipeline better (on TCP above all).
 MAX_MESSAGE_BYTES = int(os.environ.get("SPLITSERVE_KV_MAX_MESSAGE_BYTES", 1 << 20))
+# The final `Done` frame, with the sender's payload (e.g. the first sampled token), fits in this.
+MAX_DONE_BYTES = 16 * 1024
 # How long an abandoned transfer's tags are watched for late messages to drain.
 ZOMBIE_GRACE_S = 60.0
 # How long an abandoned reservation waits for its receives to complete before giving them up (see below).
@@ -95,6 +97,7 @@ class Completion:
     xid: int
     ok: bool
     error: str = ""
+    payload: bytes = b""  # the sender's `payload`, delivered with the pages (receiving side, ok only)
 
 
 @dataclass
@@ -137,7 +140,7 @@ class _Reservation:
     started: float
     runs: list[list[int]] = field(default_factory=list)
     recvs: list = field(default_factory=list)
-    done_buffer: np.ndarray = field(default_factory=lambda: np.zeros(256, dtype=np.uint8))
+    done_buffer: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DONE_BYTES, dtype=np.uint8))
     done_recv: object = None
     abandoned: str | None = None  # why we stopped waiting for the sender
     abandoned_at: float = 0.0
@@ -167,6 +170,7 @@ class _Outgoing:
     staging: list = field(default_factory=list)  # gathered pages kept alive until their sends complete
     done_send: object = None
     done_payload: np.ndarray | None = None
+    payload: bytes = b""
     canceled: str | None = None
 
 
@@ -219,8 +223,13 @@ class TransferAgent:
 
     # --- sending side --------------------------------------------------------------------------------
 
-    def send(self, ticket: Ticket, pages: list[int], timeout_s: float) -> None:
-        """Start sending `pages` (in order) into the reservation behind `ticket`; ends in a Completion."""
+    def send(self, ticket: Ticket, pages: list[int], timeout_s: float, payload: bytes = b"") -> None:
+        """Start sending `pages` (in order) into the reservation behind `ticket`; ends in a Completion.
+
+        `payload` (a few KiB at most) reaches the receiver's Completion with the pages, and only with all of them.
+        """
+        if len(payload) > MAX_DONE_BYTES - 256:
+            raise TransferError(f"a transfer's payload holds at most {MAX_DONE_BYTES - 256} bytes, got {len(payload)}")
         problem = self.key.mismatch(ticket.key)
         if problem:
             raise IncompatiblePeerError(f"receiver {ticket.receiver_id} has an incompatible KV cache: {problem}")
@@ -230,7 +239,7 @@ class TransferAgent:
         if slot in self._outgoing:
             raise TransferError(f"transfer {ticket.xid} to {ticket.receiver_id} is already in flight")
         now = time.monotonic()
-        out = _Outgoing(ticket, list(pages), now + timeout_s, now)
+        out = _Outgoing(ticket, list(pages), now + timeout_s, now, payload=payload)
         self._outgoing[slot] = out
         if self._canceled_by_receiver.pop(slot, None) is not None:
             self._finish_outgoing(out, "canceled by the receiver")
@@ -408,7 +417,7 @@ class TransferAgent:
         self.metrics.transfers_received += 1
         self.metrics.bytes_received += len(res.pages) * self.page_bytes
         self.metrics.seconds_receiving += now - res.started
-        self._complete(Completion(Role.RECV, self.agent_id, res.xid, True))
+        self._complete(Completion(Role.RECV, self.agent_id, res.xid, True, payload=done.payload))
 
     def _abandon(self, res: _Reservation, reason: str, tell_peers: bool) -> None:
         """Stop waiting for the sender: complete our own receives, and watch the tags for late messages."""
@@ -462,7 +471,8 @@ class TransferAgent:
                 except ucx.UCXError as e:
                     errors.append(str(e))
             reason = out.canceled or (f"send failed: {errors[0]}" if errors else "")
-            out.done_payload = np.frombuffer(frame(Done(ok=not reason, reason=reason)), dtype=np.uint8).copy()
+            done = Done(ok=not reason, reason=reason, payload=b"" if reason else out.payload)
+            out.done_payload = np.frombuffer(frame(done, MAX_DONE_BYTES), dtype=np.uint8).copy()
             ep = self._endpoint(out.ticket.address)
             out.done_send = ep.tag_send(Array(out.done_payload), tag=_done_tag(out.ticket.xid))
             if reason:

@@ -83,6 +83,7 @@ class Done(msgspec.Struct, tag=True, frozen=True):
 
     ok: bool
     reason: str = ""
+    payload: bytes = b""  # opaque to kv_transfer: what the sender's user hands the receiver's with the pages
     version: int = PROTOCOL_VERSION
 
 
@@ -96,10 +97,10 @@ class ProtocolError(ValueError):
     """A message that is malformed or of another protocol version."""
 
 
-def frame(message: Control | Done) -> bytes:
+def frame(message: Control | Done, limit: int = MAX_CONTROL_BYTES) -> bytes:
     body = _encoder.encode(message)
-    if len(body) + _FRAME.size > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control message of {len(body)} bytes exceeds {MAX_CONTROL_BYTES}")
+    if len(body) + _FRAME.size > limit:
+        raise ProtocolError(f"control message of {len(body)} bytes exceeds {limit}")
     return _FRAME.pack(len(body)) + body
 
 

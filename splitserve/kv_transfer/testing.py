@@ -44,7 +44,14 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
 
     def poll() -> None:
         completions.extend(
-            {"role": c.role.value, "receiver_id": c.receiver_id, "xid": c.xid, "ok": c.ok, "error": c.error}
+            {
+                "role": c.role.value,
+                "receiver_id": c.receiver_id,
+                "xid": c.xid,
+                "ok": c.ok,
+                "error": c.error,
+                "payload": c.payload,
+            }
             for c in agent.poll()
         )
 
@@ -62,7 +69,7 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                 ticket = msgspec.msgpack.decode(cmd["ticket"], type=Ticket)
                 if cmd.get("forge_key"):
                     ticket = msgspec.structs.replace(ticket, key=key)
-                agent.send(ticket, cmd["pages"], cmd["timeout"])
+                agent.send(ticket, cmd["pages"], cmd["timeout"], cmd.get("payload", b""))
                 if cmd.get("cancel_at_once"):  # before any progress: the sends are surely in flight
                     agent.cancel(ticket.xid, ticket.receiver_id)
             elif op == "cancel":

@@ -1,0 +1,66 @@
+"""`PrefillEngine`: the prefill pool's loop: prompts in, their KV pages and first token out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.core import EngineCore
+from splitserve.engine.request import Request
+from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.errors import InvalidRequestError
+from splitserve.prefill.scheduler import PrefillScheduler
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """A prompt whose KV is in `request.pages`, with its first sampled token. The pages stay taken until
+    `PrefillEngine.release`."""
+
+    request: Request
+    token_id: int
+    logprob: TokenLogprob | None
+
+    @property
+    def generator_state(self) -> bytes | None:
+        """The seeded sampler's state after the first token, so that decoding continues the same sequence."""
+        g = self.request.generator
+        return None if g is None else g.get_state().numpy().tobytes()
+
+
+class PrefillEngine(EngineCore):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        self.scheduler = PrefillScheduler(
+            self.allocator, config.page_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self._ids: set[str] = set()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._ids:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        self._ids.add(request_id)
+        eos = frozenset(self.model_config.eos_token_ids)
+        self.scheduler.add(Request.create(request_id, prompt_token_ids, params, eos))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a queued or running prompt; False when it is unknown or already handed off."""
+        if self.scheduler.abort(request_id) is None:
+            return False
+        self._ids.discard(request_id)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Prefilled]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        sampled = self.scheduler.update(chunks, self.runner.execute(chunks))
+        return [Prefilled(request, token_id, logprob) for request, token_id, logprob in sampled]
+
+    def release(self, request_id: str) -> None:
+        self.scheduler.release(request_id)
+        self._ids.discard(request_id)

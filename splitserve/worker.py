@@ -1,0 +1,196 @@
+"""A worker process: loads an engine for its role, connects to the router over ZeroMQ, and loops.
+
+Each turn of the loop takes the router's messages, makes progress on KV transfers, and runs one engine step
+when there is work. A thread of its own sends heartbeats (who the worker is, and its latest load), so a long
+forward pass does not make the worker look dead, and a dead worker goes quiet within one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.core import EngineCore
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.protocol import (
+    Goodbye,
+    Heartbeat,
+    KvStats,
+    ProtocolError,
+    Refused,
+    Role,
+    ToRouter,
+    WorkerInfo,
+    decode_to_worker,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    router: str  # tcp://HOST:PORT of the router's worker socket
+    role: Role
+    engine: EngineConfig
+    kv_timeout_s: float = 120.0  # how long reserved pages wait for their KV (covers the prefill queue)
+    heartbeat_interval_s: float = 0.25
+    threads: int | None = None  # torch threads; None: torch's default
+
+
+class WorkerRefused(RuntimeError):
+    pass
+
+
+def kv_key(core: EngineCore) -> CompatKey:
+    cfg = core.model_config
+    return CompatKey(
+        model=core.model_path.name,
+        dtype=str(core.config.torch_dtype).removeprefix("torch."),
+        page_size=core.config.page_size,
+        num_layers=cfg.num_layers,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+    )
+
+
+def run_worker(options: WorkerOptions) -> None:
+    """Serve until SIGTERM/SIGINT (then say goodbye) or until the router refuses this worker (raises)."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    outbox: list[ToRouter] = []  # what the role has to say; the loop sends it after each turn
+    role = _build(options, outbox.append)
+    info = WorkerInfo(
+        worker_id=f"{options.role.value}-{uuid.uuid4().hex[:8]}",
+        role=options.role,
+        model=role.engine.model_path.name,
+        max_model_len=role.engine.max_model_len,
+        page_size=options.engine.page_size,
+        num_pages=role.allocator.capacity,
+        max_num_seqs=options.engine.max_num_seqs,
+        kv_key=kv_key(role.engine),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
+    _Loop(options, info, role, outbox).run()
+
+
+def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
+    """The role's engine and its protocol handler."""
+    if options.role is Role.PREFILL:
+        from splitserve.kv_transfer.agent import TransferAgent
+        from splitserve.prefill.engine import PrefillEngine
+        from splitserve.prefill.worker import PrefillWorker
+
+        engine = PrefillEngine(options.engine)
+        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine))
+        role = PrefillWorker(engine, agent, send, options.kv_timeout_s)
+    else:
+        from splitserve.decode.engine import Engine
+        from splitserve.decode.worker import DecodeWorker
+
+        engine = Engine(options.engine)
+        agent = None
+        if options.role is Role.DECODE:
+            from splitserve.kv_transfer.agent import TransferAgent
+
+            agent = TransferAgent(engine.runner.kv_cache, kv_key(engine))
+        role = DecodeWorker(engine, agent, send, options.kv_timeout_s)
+    return role
+
+
+class _Loop:
+    def __init__(self, options: WorkerOptions, info: WorkerInfo, role, outbox: list[ToRouter]):
+        self.options = options
+        self.info = info
+        self.role = role
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, info.worker_id.encode())
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.connect(options.router)
+        self.outbox = outbox
+        self.stopping = threading.Event()
+        self.refused: str | None = None
+        self.load = role.load()  # the latest snapshot, read by the heartbeat thread
+        self.loop_time = time.monotonic()
+        self.malformed_messages = 0
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        log.info("%s ready: %d KV pages, talking to %s", self.info.worker_id, self.info.num_pages, self.options.router)
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        try:
+            while not self.stopping.is_set():
+                timeout_ms = 0 if self.role.busy() else (1 if self.role.in_flight() else 20)
+                if poller.poll(timeout_ms):
+                    self._receive()
+                self.role.step()
+                self._flush()
+                self.load = self.role.load()
+                self.loop_time = time.monotonic()
+        finally:
+            self.stopping.set()
+            beat.join(2)
+            if self.refused is None:
+                self.socket.send(encode(Goodbye(self.info.worker_id)))
+            self.socket.close()
+            self.context.term()
+        if self.refused is not None:
+            raise WorkerRefused(f"the router refused this worker: {self.refused}")
+
+    def _flush(self) -> None:
+        for message in self.outbox:
+            self.socket.send(encode(message))
+        self.outbox.clear()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frame = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_to_worker(frame)
+            except ProtocolError as e:
+                self.malformed_messages += 1
+                log.warning("dropped a malformed message from the router: %s", e)
+                continue
+            if isinstance(message, Refused):
+                self.refused = message.reason
+                self.stopping.set()
+                return
+            self.role.on_message(message)
+
+    def _heartbeats(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.options.router)
+        try:
+            while not self.stopping.wait(self.options.heartbeat_interval_s):
+                agent = getattr(self.role, "agent", None)
+                m = agent.metrics if agent is not None else None
+                kv = (
+                    KvStats()
+                    if m is None
+                    else KvStats(m.bytes_sent, m.bytes_received, m.seconds_sending, m.seconds_receiving, m.failures)
+                )
+                age = time.monotonic() - self.loop_time
+                sock.send(encode(Heartbeat(self.info, self.load, kv, age)))
+        finally:
+            sock.close()
