@@ -56,6 +56,79 @@ def _engine_config(args: argparse.Namespace) -> dict:
     }
 
 
+def _engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options again, as command-line flags for a worker process."""
+    argv = []
+    for flag, value in [
+        ("--model", args.model),
+        *(("--" + k.replace("_", "-"), v) for k, v in _engine_config(args).items()),
+    ]:
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
+    p.add_argument("--max-queue", type=int, default=512, help="requests waiting for room before 429s (default 512)")
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request may wait for room, then 503 (default 60)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=2.5,
+        help="seconds without a heartbeat after which a worker is taken for dead (default 2.5)",
+    )
+
+
+def _router_options(args: argparse.Namespace, worker_address: str):
+    from splitserve.router.server import ServerOptions
+
+    server = ServerOptions(args.model, args.host, args.port, worker_address, args.api_key)
+    cluster = {
+        "max_queue": args.max_queue,
+        "queue_timeout_s": args.queue_timeout,
+        "heartbeat_timeout_s": args.heartbeat_timeout,
+    }
+    return server, cluster
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from splitserve.launcher import serve
+
+    pools = {"prefill": args.prefill, "decode": args.decode, "both": args.both}
+    if args.both == 0 and (args.prefill == 0 or args.decode == 0):
+        raise ValueError("a cluster needs at least one prefill and one decode worker, or --both N")
+    server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
+    serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose)
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from splitserve.router.server import run_router
+
+    server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
+    run_router(server, cluster)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from splitserve.engine.config import EngineConfig
+    from splitserve.protocol import Role
+    from splitserve.worker import WorkerOptions, run_worker
+
+    engine = EngineConfig(model=args.model, **_engine_config(args))
+    options = WorkerOptions(args.router, Role(args.role), engine, args.kv_timeout, threads=args.threads)
+    run_worker(options)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from splitserve.engine.sampling import SamplingParams
     from splitserve.llm import LLM
@@ -101,6 +174,56 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser(
+        "serve",
+        help="start a whole cluster on this machine: router + prefill and decode workers",
+        description="Start the router (OpenAI-compatible HTTP) and its workers as child processes on this "
+        "machine, cores split between the workers. Ctrl-C or SIGTERM stops all of it. "
+        "`--prefill 0 --decode 0 --both 1` is the colocated baseline.",
+    )
+    srv.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    srv.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    srv.add_argument("--both", type=int, default=0, help="colocated workers doing prefill and decode (default 0)")
+    srv.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    srv.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
+    srv.add_argument("--worker-port", type=int, default=0, help="port of the workers' socket (default: any free one)")
+    _add_router_args(srv)
+    _add_engine_args(srv)
+    srv.set_defaults(func=_serve)
+
+    rtr = sub.add_parser(
+        "router",
+        help="start the router alone; workers join it with `splitserve prefill|decode --router ...`",
+        description="Start the router alone: OpenAI-compatible HTTP for clients, a ZeroMQ socket for workers, "
+        "which may join and leave (from any host) while it runs.",
+    )
+    rtr.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
+    rtr.add_argument("--worker-port", type=int, default=5557, help="port of the workers' socket (default 5557)")
+    _add_router_args(rtr)
+    rtr.add_argument("--model", default=None, help="the model the workers serve (its tokenizer is loaded here)")
+    rtr.set_defaults(func=_router)
+
+    for name, role, text in [
+        ("worker", None, "start a worker of any role (--role)"),
+        ("prefill", "prefill", "start a prefill worker"),
+        ("decode", "decode", "start a decode worker (--role both: a colocated one)"),
+    ]:
+        w = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} that joins a router.")
+        w.add_argument("--router", required=True, help="the router's worker socket, tcp://HOST:PORT")
+        w.add_argument(
+            "--role",
+            choices=["prefill", "decode", "both"],
+            default=role,
+            required=role is None,
+            help="prefill: prompts -> KV pages; decode: continuous batching; both: colocated",
+        )
+        w.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+        w.add_argument(
+            "--kv-timeout", type=float, default=120.0, help="seconds reserved pages wait for their KV (default 120)"
+        )
+        _add_engine_args(w)
+        w.set_defaults(func=_worker)
     return parser
 
 

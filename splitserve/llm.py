@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from splitserve.decode.engine import Engine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
+from splitserve.model.tokenizer import encode_chat, load_tokenizer
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -40,7 +41,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options: Any):
         self.engine = Engine(EngineConfig(model=model, **engine_options))
-        self.tokenizer = _load_tokenizer(self.engine.model_path)
+        self.tokenizer = load_tokenizer(self.engine.model_path)
         self._ids = itertools.count()
 
     def generate(
@@ -94,12 +95,7 @@ class LLM:
                 self.engine.abort(request_id)
 
     def _encode_chat(self, conversation: list[Message]) -> tuple[str, list[int]]:
-        tokenizer = self._require_tokenizer()
-        if tokenizer.chat_template is None:
-            raise InvalidRequestError("this model has no chat template")
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        # The template already holds the special tokens: do not let the tokenizer add another BOS.
-        return text, tokenizer(text, add_special_tokens=False).input_ids
+        return encode_chat(self._require_tokenizer(), conversation)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -152,9 +148,3 @@ class LLM:
             for out in outputs.values():
                 out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return list(outputs.values())
-
-
-def _load_tokenizer(folder) -> PreTrainedTokenizerBase | None:
-    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(folder)

@@ -23,6 +23,7 @@ import zmq
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kv_transfer.messages import CompatKey
+from splitserve.model.checkpoint import model_name
 from splitserve.protocol import (
     Goodbye,
     Heartbeat,
@@ -56,7 +57,7 @@ class WorkerRefused(RuntimeError):
 def kv_key(core: EngineCore) -> CompatKey:
     cfg = core.model_config
     return CompatKey(
-        model=core.model_path.name,
+        model=model_name(core.config.model),
         dtype=str(core.config.torch_dtype).removeprefix("torch."),
         page_size=core.config.page_size,
         num_layers=cfg.num_layers,
@@ -74,7 +75,7 @@ def run_worker(options: WorkerOptions) -> None:
     info = WorkerInfo(
         worker_id=f"{options.role.value}-{uuid.uuid4().hex[:8]}",
         role=options.role,
-        model=role.engine.model_path.name,
+        model=model_name(options.engine.model),
         max_model_len=role.engine.max_model_len,
         page_size=options.engine.page_size,
         num_pages=role.allocator.capacity,

@@ -73,6 +73,9 @@ MAX_DONE_BYTES = 16 * 1024
 ZOMBIE_GRACE_S = 60.0
 # How long an abandoned reservation waits for its receives to complete before giving them up (see below).
 ABANDON_GRACE_S = 0.5
+# How long a canceled send may take to wind down before its receiver is taken for dead (a dead receiver
+# would otherwise hold the sender's pages until the transfer's own deadline).
+CANCEL_GRACE_S = 1.0
 
 
 class TransferError(RuntimeError):
@@ -267,6 +270,7 @@ class TransferAgent:
         if out is None or out.canceled:
             return
         out.canceled = "canceled by the sender"
+        out.deadline = min(out.deadline, time.monotonic() + CANCEL_GRACE_S)
         if not out.sends:  # nothing issued yet: tell the receiver, which abandons its receives
             peer = self._receivers.get(receiver_id)
             if peer is not None and peer.state is _PeerState.READY:

@@ -49,6 +49,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
 
 
+def model_name(model: str | os.PathLike | None) -> str:
+    """The name a model is served under: its file's or folder's name (`SmolLM2-135M-Instruct.Q4_1` by default)."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """Return a Hugging Face folder (config.json + *.safetensors) for `model`.
 

@@ -1,0 +1,26 @@
+"""The model's tokenizer and chat template, as the offline API and the router both use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from splitserve.errors import InvalidRequestError
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The folder's tokenizer, or None when it has none (prompts must then be token ids)."""
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    """The conversation through the chat template, ready for the assistant's turn: (text, token ids)."""
+    if tokenizer.chat_template is None:
+        raise InvalidRequestError("this model has no chat template")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # The template already holds the special tokens: do not let the tokenizer add another BOS.
+    return text, tokenizer(text, add_special_tokens=False).input_ids

@@ -1,0 +1,525 @@
+"""`Cluster`: the router's view of its workers and of every request in flight, and the ZeroMQ socket to them.
+
+It owns worker membership (a worker joins with its first heartbeat and leaves with a goodbye, or when its
+heartbeats stop), the bounded queue of requests waiting for room, and each request's placement:
+reserve pages on a decode worker first, then send the prefill, then relay the decode worker's tokens.
+A request that fails before its first token is retried from the start (new job id) on the workers left;
+one that fails later ends with an error event. Everything runs on the router's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.protocol import (
+    Abort,
+    Generate,
+    Goodbye,
+    Heartbeat,
+    JobFailed,
+    KvStats,
+    Load,
+    Prefill,
+    PrefillDone,
+    ProtocolError,
+    Refused,
+    Reserve,
+    Reserved,
+    Role,
+    Tokens,
+    ToWorker,
+    WorkerInfo,
+    decode_to_router,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    model: str  # the served model's name; workers of another model are refused
+    heartbeat_timeout_s: float = 2.5  # a worker silent this long is taken for dead
+    stuck_timeout_s: float = 120.0  # a worker whose loop has not turned this long is taken for stuck
+    max_queue: int = 512  # requests waiting for room; more are refused with 429
+    queue_timeout_s: float = 60.0  # a request waiting this long for room fails with 503
+
+
+class Overloaded(Exception):
+    """The request cannot be queued now (HTTP 429 or 503, with Retry-After)."""
+
+    def __init__(self, message: str, status: int, retry_after_s: int = 1):
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: TokenLogprob | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    status: int  # the HTTP status this error maps to, when no byte of the answer was sent yet
+    retry_after_s: int | None = None
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RESERVING = "reserving"  # Reserve sent to a decode worker
+    PREFILLING = "prefilling"  # pages reserved, Prefill sent
+    GENERATING = "generating"  # tokens flowing (or a colocated worker prefilling)
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Job:
+    """One client request, across its attempts. `wire_id` names the current attempt on the wire."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    created: float
+    pages_needed: int
+    wire_id: int = 0
+    attempts: int = 0
+    state: JobState = JobState.QUEUED
+    queued_at: float = 0.0
+    prefill: str | None = None  # worker ids holding state for the current attempt
+    decode: str | None = None
+    num_tokens: int = 0
+    first_token_at: float | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    async def next_event(self) -> TokenEvent | ErrorEvent:
+        return await self.events.get()
+
+
+@dataclass(eq=False)
+class Worker:
+    info: WorkerInfo
+    load: Load
+    kv: KvStats
+    last_heartbeat: float
+    loop_age_s: float = 0.0
+    jobs: set[int] = field(default_factory=set)  # wire ids of the attempts it holds state for
+    reserving_pages: int = 0  # pages asked for by Reserves not answered yet
+    prefill_tokens: int = 0  # prompt tokens sent to it and not reported done
+    refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def role(self) -> Role:
+        return self.info.role
+
+    def free_pages(self) -> int:
+        return self.load.free_pages - self.reserving_pages
+
+    def busyness(self) -> float:
+        """0 idle .. 1 full, by whichever runs out first: pages or batch slots."""
+        pages = 1 - self.free_pages() / max(self.info.num_pages, 1)
+        return max(pages, len(self.jobs) / self.info.max_num_seqs)
+
+
+@dataclass
+class ClusterStats:
+    malformed_messages: int = 0
+    retries: int = 0
+    workers_lost: int = 0
+
+
+class Cluster:
+    def __init__(self, options: RouterOptions):
+        self.options = options
+        self.workers: dict[str, Worker] = {}
+        self.jobs: dict[int, Job] = {}  # by wire id of the current attempt
+        self.queue: deque[Job] = deque()
+        self.stats = ClusterStats()
+        self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
+        self._wire_ids = itertools.count(1)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished worker raises, not drops
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def bind(self, address: str) -> str:
+        """Bind the worker socket (`tcp://HOST:PORT`, port 0 for any free one); returns the bound address."""
+        self._socket.bind(address)
+        return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch_loop())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for job in list(self.jobs.values()):
+            self._fail(job, "the router is shutting down", 503)
+        self._socket.close()
+        self._context.term()
+
+    # --- what the HTTP layer calls -------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int | None:
+        lens = [w.info.max_model_len for w in self.workers.values()]
+        return min(lens) if lens else None
+
+    def can_serve(self) -> bool:
+        roles = {w.role for w in self.workers.values()}
+        return Role.BOTH in roles or {Role.PREFILL, Role.DECODE} <= roles
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> Job:
+        """Queue a request; its events (tokens, or an error) arrive on `job.events`."""
+        if not self.can_serve():
+            raise Overloaded("no workers can serve requests right now", 503, retry_after_s=5)
+        if len(self.queue) >= self.options.max_queue:
+            raise Overloaded(f"too many requests waiting ({len(self.queue)}); retry later", 429)
+        page_size = min(w.info.page_size for w in self.workers.values())
+        now = time.monotonic()
+        job = Job(list(prompt_token_ids), params, now, -(-len(prompt_token_ids) // page_size), queued_at=now)
+        self._enqueue(job, front=False)
+        self._dispatch()
+        return job
+
+    def abort(self, job: Job) -> None:
+        """The client is gone (or a stop string ended the request): free it everywhere."""
+        if job.state is JobState.DONE:
+            return
+        if job in self.queue:
+            self.queue.remove(job)
+        self._release(job)
+        job.state = JobState.DONE
+
+    # --- placement -----------------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job, front: bool) -> None:
+        job.wire_id = next(self._wire_ids)
+        job.state, job.prefill, job.decode = JobState.QUEUED, None, None
+        self.jobs[job.wire_id] = job
+        if front:
+            self.queue.appendleft(job)
+        else:
+            self.queue.append(job)
+
+    def _dispatch(self) -> None:
+        """Place queued requests, oldest first, while there is room (no overtaking the head)."""
+        while self.queue and self._place(self.queue[0]):
+            self.queue.popleft()
+
+    def _place(self, job: Job) -> bool:
+        prefill = self._pool(Role.PREFILL)
+        decode = [
+            w
+            for w in self._pool(Role.DECODE)
+            if not w.refused_reserve
+            and w.free_pages() >= job.pages_needed
+            and len(w.jobs) < w.info.max_num_seqs
+            and len(job.prompt_token_ids) < w.info.max_model_len
+        ]
+        if prefill and self._pool(Role.DECODE):
+            if not decode:
+                return False
+            d = min(decode, key=Worker.busyness)
+            job.state, job.decode, job.attempts = JobState.RESERVING, d.worker_id, job.attempts + 1
+            d.jobs.add(job.wire_id)
+            d.reserving_pages += job.pages_needed
+            self._send(d, Reserve(job.wire_id, job.prompt_token_ids, job.params))
+            return True
+        both = [w for w in self._pool(Role.BOTH) if len(w.jobs) < w.info.max_num_seqs]
+        if not both:
+            return False
+        w = min(both, key=Worker.busyness)
+        job.state, job.decode, job.attempts = JobState.GENERATING, w.worker_id, job.attempts + 1
+        w.jobs.add(job.wire_id)
+        self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params))
+        return True
+
+    def _pool(self, role: Role) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role is role]
+
+    # --- messages from workers -----------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            parts = await self._socket.recv_multipart()
+            try:
+                if len(parts) != 2:
+                    raise ProtocolError(f"expected 2 frames (sender, message), got {len(parts)}")
+                message = decode_to_router(parts[1])
+            except ProtocolError as e:
+                self.stats.malformed_messages += 1
+                log.warning("dropped a malformed message from a worker: %s", e)
+                continue
+            try:
+                self._handle(message, parts[0].decode(errors="replace"))
+            except Exception:  # a bug here must not take the router down with it
+                log.exception("error handling %s", type(message).__name__)
+            self._dispatch()
+
+    def _handle(self, message, sender: str) -> None:
+        """`sender` is the ZMQ identity: the worker id, except for heartbeats (their own socket, their own id)."""
+        if isinstance(message, Heartbeat):
+            self._heartbeat(message)
+            return
+        if isinstance(message, Goodbye):
+            if message.worker_id in self.workers:
+                self._remove_worker(message.worker_id, "it shut down")
+            return
+        worker_id = sender if sender in self.workers else None
+        if isinstance(message, Reserved):
+            self._reserved(message, worker_id)
+        elif isinstance(message, PrefillDone):
+            self._prefill_done(message, worker_id)
+        elif isinstance(message, Tokens):
+            self._tokens(message, worker_id)
+        elif isinstance(message, JobFailed):
+            self._job_failed(message, worker_id)
+
+    def _heartbeat(self, hb: Heartbeat) -> None:
+        info = hb.info
+        worker = self.workers.get(info.worker_id)
+        if worker is None:
+            problem = self._admission_problem(info)
+            if problem:
+                log.warning("refused worker %s: %s", info.worker_id, problem)
+                with contextlib.suppress(zmq.ZMQError):
+                    self._socket.send_multipart([info.worker_id.encode(), encode(Refused(problem))], zmq.NOBLOCK)
+                return
+            if info.role is not Role.BOTH:
+                self.kv_key = self.kv_key or info.kv_key
+            worker = Worker(info, hb.load, hb.kv, time.monotonic())
+            self.workers[info.worker_id] = worker
+            log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
+                     info.num_pages, info.pid, info.host)  # fmt: skip
+        worker.load, worker.kv, worker.loop_age_s = hb.load, hb.kv, hb.loop_age_s
+        worker.last_heartbeat = time.monotonic()
+        worker.refused_reserve = False
+
+    def _admission_problem(self, info: WorkerInfo) -> str | None:
+        if info.model != self.options.model:
+            return f"it serves model {info.model!r}, this router serves {self.options.model!r}"
+        if info.role is not Role.BOTH and self.kv_key is not None:
+            mismatch = self.kv_key.mismatch(info.kv_key)
+            if mismatch:
+                return f"its KV cache is incompatible with the cluster's: {mismatch}"
+        return None
+
+    def _reserved(self, message: Reserved, worker_id: str | None) -> None:
+        job = self.jobs.get(message.job)
+        d = self.workers.get(worker_id) if worker_id else None
+        if d is not None:
+            d.load = message.load
+            d.reserving_pages = max(0, d.reserving_pages - (job.pages_needed if job else 0))
+        if job is None or job.state is not JobState.RESERVING or d is None:
+            return
+        if message.ticket is None:  # refused: it is fuller than we knew; back to the head of the queue
+            d.refused_reserve = True
+            d.jobs.discard(job.wire_id)
+            del self.jobs[job.wire_id]
+            job.attempts -= 1  # a refusal is not a failed attempt
+            self._enqueue(job, front=True)
+            return
+        prefill = self._pool(Role.PREFILL)
+        if not prefill:
+            self._retry(job, "no prefill worker is left")
+            return
+        p = min(prefill, key=lambda w: (w.prefill_tokens, w.load.pending_prefill_tokens))
+        job.state, job.prefill = JobState.PREFILLING, p.worker_id
+        p.jobs.add(job.wire_id)
+        p.prefill_tokens += len(job.prompt_token_ids)
+        self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket))
+
+    def _prefill_done(self, message: PrefillDone, worker_id: str | None) -> None:
+        job = self.jobs.get(message.job)
+        p = self.workers.get(worker_id) if worker_id else None
+        if p is not None:
+            p.load = message.load
+            p.jobs.discard(message.job)
+            if job is not None:
+                p.prefill_tokens -= len(job.prompt_token_ids)
+        if job is not None and job.prefill == worker_id:
+            job.prefill = None
+            if not message.ok and job.num_tokens == 0:
+                self._retry(job, f"prefill failed: {message.error}")
+
+    def _tokens(self, message: Tokens, worker_id: str | None) -> None:
+        d = self.workers.get(worker_id) if worker_id else None
+        if d is not None:
+            d.load = message.load
+        now = time.monotonic()
+        stale: set[int] = set()
+        for item in message.items:
+            job = self.jobs.get(item.job)
+            if job is None or job.state is JobState.DONE:
+                if item.finish_reason is None:
+                    stale.add(item.job)
+                continue
+            if job.first_token_at is None:
+                job.first_token_at = now
+            job.state = JobState.GENERATING
+            job.num_tokens += 1
+            job.events.put_nowait(TokenEvent(item.token_id, item.logprob, item.finish_reason))
+            if item.finish_reason is not None:
+                self._finish(job)
+        if d is not None:  # a worker still generating for a request we dropped (e.g. it was taken for dead)
+            for job_id in stale:
+                self._send(d, Abort(job_id))
+
+    def _job_failed(self, message: JobFailed, worker_id: str | None) -> None:
+        job = self.jobs.get(message.job)
+        w = self.workers.get(worker_id) if worker_id else None
+        if w is not None:
+            w.jobs.discard(message.job)
+        if job is None or job.state is JobState.DONE:
+            return
+        if job.decode == worker_id:
+            job.decode = None
+        if message.retryable and job.num_tokens == 0:
+            self._retry(job, message.error)
+        else:
+            self._fail(job, message.error, 500)
+
+    # --- endings -------------------------------------------------------------------------------------
+
+    def _retry(self, job: Job, reason: str) -> None:
+        """Start the request over (before any token reached the client), or fail it after MAX_ATTEMPTS."""
+        if job.attempts >= MAX_ATTEMPTS:
+            self._fail(job, f"gave up after {job.attempts} attempts: {reason}", 503)
+            return
+        log.info("retrying request (attempt %d failed: %s)", job.attempts, reason)
+        self.stats.retries += 1
+        self._release(job)
+        self._enqueue(job, front=True)
+
+    def _fail(self, job: Job, message: str, status: int) -> None:
+        if job.state is JobState.DONE:
+            return
+        self._release(job)
+        job.state = JobState.DONE
+        job.events.put_nowait(ErrorEvent(message, status))
+
+    def _finish(self, job: Job) -> None:
+        self.jobs.pop(job.wire_id, None)
+        for worker_id in (job.prefill, job.decode):
+            w = self.workers.get(worker_id) if worker_id else None
+            if w is not None:
+                w.jobs.discard(job.wire_id)
+        job.state = JobState.DONE
+
+    def _release(self, job: Job) -> None:
+        """Tell the workers holding the current attempt to drop it, and forget the attempt."""
+        self.jobs.pop(job.wire_id, None)
+        for worker_id in (job.prefill, job.decode):
+            w = self.workers.get(worker_id) if worker_id else None
+            if w is not None and job.wire_id in w.jobs:
+                w.jobs.discard(job.wire_id)
+                if job.state is JobState.RESERVING and w.worker_id == job.decode:
+                    w.reserving_pages = max(0, w.reserving_pages - job.pages_needed)
+                if w.role is Role.PREFILL:
+                    w.prefill_tokens -= len(job.prompt_token_ids)
+                self._send(w, Abort(job.wire_id))
+        job.prefill = job.decode = None
+
+    def _remove_worker(self, worker_id: str, why: str) -> None:
+        worker = self.workers.pop(worker_id)
+        self.stats.workers_lost += why != "it shut down"
+        level = logging.INFO if why == "it shut down" else logging.WARNING
+        log.log(level, "worker %s (%s) removed: %s", worker_id, worker.role.value, why)
+        for wire_id in list(worker.jobs):
+            job = self.jobs.get(wire_id)
+            if job is None or job.state is JobState.DONE:
+                continue
+            if job.prefill == worker_id:
+                job.prefill = None
+            if job.decode == worker_id:
+                job.decode = None
+            if job.num_tokens == 0:
+                self._retry(job, f"{worker.role.value} worker {worker_id} stopped: {why}")
+            else:
+                self._fail(job, f"the worker generating this request stopped ({why})", 502)
+        if not self.workers:
+            while self.queue:
+                self._fail(self.queue.popleft(), "no workers are left to serve this request", 503)
+
+    def _send(self, worker: Worker, message: ToWorker) -> None:
+        try:
+            self._socket.send_multipart([worker.worker_id.encode(), encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # unroutable (gone) or its queue is full: either way it is lost to us
+            asyncio.get_running_loop().call_soon(self._lost, worker.worker_id, f"unreachable ({e})")
+
+    def _lost(self, worker_id: str, why: str) -> None:
+        if worker_id in self.workers:
+            self._remove_worker(worker_id, why)
+            self._dispatch()
+
+    async def _watch_loop(self) -> None:
+        """Deadlines: silent or stuck workers, requests waiting too long for room."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                silent = now - w.last_heartbeat
+                if silent > self.options.heartbeat_timeout_s:
+                    self._remove_worker(w.worker_id, f"no heartbeat for {silent:.1f}s")
+                elif w.loop_age_s > self.options.stuck_timeout_s:
+                    self._remove_worker(w.worker_id, f"its loop has not turned for {w.loop_age_s:.0f}s")
+            for job in [j for j in self.queue if now - j.queued_at > self.options.queue_timeout_s]:
+                self.queue.remove(job)
+                self._fail(job, f"no worker had room for this request within {self.options.queue_timeout_s:.0f}s", 503)
+            self._dispatch()
+
+    def snapshot(self) -> dict:
+        """Live state for /health and /metrics."""
+        states = {s.value: 0 for s in JobState if s is not JobState.DONE}
+        for job in self.jobs.values():
+            if job.state is not JobState.DONE:
+                states[job.state.value] += 1
+        return {"queue": len(self.queue), "jobs": states, "workers": [_describe(w) for w in self.workers.values()]}
+
+
+def _describe(w: Worker) -> dict:
+    return {
+        "id": w.worker_id,
+        "role": w.role.value,
+        "pid": w.info.pid,
+        "host": w.info.host,
+        "num_pages": w.info.num_pages,
+        "free_pages": w.load.free_pages,
+        "running": w.load.num_running,
+        "waiting": w.load.num_waiting,
+        "pending_prefill_tokens": w.load.pending_prefill_tokens,
+        "jobs": len(w.jobs),
+        "kv_bytes_sent": w.kv.bytes_sent,
+        "kv_bytes_received": w.kv.bytes_received,
+        "kv_seconds_sending": w.kv.seconds_sending,
+        "kv_seconds_receiving": w.kv.seconds_receiving,
+        "kv_failures": w.kv.failures,
+    }
