@@ -88,6 +88,8 @@ class LLM:
                     if update.request_id == request_id:
                         finished = update.finish_reason is not None
                         text = detokenizer.push(update.token_id)
+                        if finished:
+                            text += detokenizer.flush()
                         if text:
                             yield text
         finally:

@@ -102,3 +102,23 @@ def tiny_llama_untied(tmp_path_factory) -> Path:
 def smollm2() -> Path:
     """The embedded default model, converted from its GGUF file (cached across runs)."""
     return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, smollm2) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (its vocabulary size), for serving text."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        **{**COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    folder = _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-chat-llama"), seed=4)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / name).exists():
+            shutil.copy(smollm2 / name, folder / name)
+    return folder

@@ -37,3 +37,13 @@ class IncrementalDetokenizer:
             self._prefix -= cut
             self._read -= cut
         return full_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The request is over: the text still held back (an incomplete character decodes as U+FFFD)."""
+        if self._read == len(self._ids):
+            return ""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip)
+        full_text = decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text) :]

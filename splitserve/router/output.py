@@ -36,7 +36,9 @@ class TextStream:
 
     def flush(self) -> str:
         """The request ended without a stop string: release what was held back."""
-        text, self._held = ("" if self.stopped else self._held), ""
+        if self.stopped:
+            return ""
+        text, self._held = self._held + self._detokenizer.flush(), ""
         return text
 
 
