@@ -23,15 +23,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path | None, args: list[str], num_workers: int, timeout: float = 180):
+    def __init__(
+        self, model: Path | None, args: list[str], num_workers: int, timeout: float = 180, api_key: str | None = None
+    ):
         self.port, self.worker_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_address = f"tcp://127.0.0.1:{self.worker_port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="splitserve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "-m", "splitserve", "-v", "serve", "--port", str(self.port),
-               "--worker-port", str(self.worker_port), *(["--model", str(model)] if model else []), *args]  # fmt: skip
+               "--worker-port", str(self.worker_port), *(["--model", str(model)] if model else []),
+               *(["--api-key", api_key] if api_key else []), *args]  # fmt: skip
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.http = httpx.Client(base_url=self.url, timeout=120)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=120, headers=headers)
         try:
             self._wait_for_workers(num_workers, timeout)
         except BaseException:

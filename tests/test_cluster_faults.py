@@ -1,0 +1,168 @@
+"""Failures, end to end: a decode or a prefill worker SIGKILLed under load, and a worker fed garbage frames.
+
+Clients of a dead decode worker get an error event within 5 s and the rest keep being served; requests
+that had not started decoding when their prefill worker died are retried on the other one and come out
+right. No page leaks on the survivors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from splitserve.engine.sampling import SamplingParams
+from splitserve.protocol import Abort, Heartbeat, Reserve, Reserved, decode_to_router, encode
+from tests.cluster import ServerProcess, free_port
+from tests.helpers import hf_greedy
+from tests.test_serving import ENGINE, complete
+
+pytestmark = pytest.mark.slow
+
+
+def _model(server: ServerProcess) -> str:
+    return server.http.get("/v1/models").json()["data"][0]["id"]
+
+
+def test_decode_worker_killed_mid_stream(tiny_chat_llama):
+    server = ServerProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "2", *ENGINE], num_workers=3)
+    try:
+        model = _model(server)
+        results: list[dict] = [{} for _ in range(8)]
+        started = threading.Barrier(9)
+
+        def stream(i: int) -> None:
+            body = {"model": model, "prompt": [100 + i] * 10, "max_tokens": 490, "ignore_eos": True,
+                    "temperature": 0, "stream": True}  # fmt: skip
+            out = results[i]
+            out["tokens"] = 0
+            with server.http.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                for line in lines:
+                    if line.startswith("data: {"):
+                        out["tokens"] += 1
+                        if out["tokens"] == 3:
+                            started.wait()
+                        event = json.loads(line.removeprefix("data: "))
+                        if "error" in event:
+                            out["error_at"] = time.monotonic()
+                            out["error"] = event["error"]["message"]
+                    elif line == "data: [DONE]":
+                        out["done"] = True
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)  # every stream is decoding
+        victim = max(server.workers("decode"), key=lambda w: w["running"])
+        assert victim["running"] > 0
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join(60)
+        failed = [r for r in results if "error" in r]
+        assert failed, "no stream was on the killed worker"
+        assert len(failed) < len(results), "every stream failed; the other decode worker served none"
+        assert all(r.get("done") for r in results)  # every stream ended properly, with [DONE]
+        assert max(r["error_at"] for r in failed) - killed_at < 5, [r["error_at"] - killed_at for r in failed]
+        assert all(r["tokens"] > 3 and r["tokens"] < 490 for r in failed)
+        assert [w["id"] for w in server.workers("decode")] != [victim["id"]]
+        assert victim["id"] not in {w["id"] for w in server.workers()}
+
+        for i in range(10):  # the cluster keeps serving on the decode worker left
+            body = {"model": model, "prompt": [7, 8, 9 + i], "max_tokens": 5, "ignore_eos": True}
+            assert len(complete(server.http, "/v1/completions", body)[1]) == 5
+        server.wait_idle()
+    finally:
+        server.stop()
+
+
+def test_prefill_worker_killed_requests_retry_on_the_other(tiny_chat_llama):
+    # A small token budget makes long prompts take many prefill steps, so some are in flight at the kill.
+    engine = [*ENGINE[:-2], "--max-num-batched-tokens", "16"]
+    server = ServerProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "1", *engine], num_workers=3)
+    try:
+        model = _model(server)
+        rng = random.Random(20)
+        prompts = [[rng.randrange(100, 49152) for _ in range(rng.randrange(200, 400))] for _ in range(16)]
+        expected = hf_greedy(tiny_chat_llama, prompts, [8] * 16)
+        got: list = [None] * 16
+
+        def one(i: int) -> None:
+            body = {"model": model, "prompt": prompts[i], "max_tokens": 8, "temperature": 0, "stream": i % 2 == 0}
+            got[i] = complete(server.http, "/v1/completions", body)[1]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            busy = [w for w in server.workers("prefill") if w["pending_prefill_tokens"] > 0]
+            if busy:
+                break
+            time.sleep(0.01)
+        victim = max(busy, key=lambda w: w["pending_prefill_tokens"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert got == expected  # every request right, those caught on the dead worker retried
+        retries = [line for line in server.http.get("/metrics").text.splitlines()
+                   if line.startswith("splitserve_request_retries_total")]  # fmt: skip
+        assert float(retries[0].split()[1]) >= 1
+        assert victim["id"] not in {w["id"] for w in server.workers()}
+        server.wait_idle(timeout=10)
+    finally:
+        server.stop()
+
+
+def test_worker_drops_garbage_frames_and_keeps_working(tiny_chat_llama):
+    """The test plays the router: a decode worker joins it, gets garbage, then a real reservation."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = free_port()
+    router.bind(f"tcp://127.0.0.1:{port}")
+    cmd = [sys.executable, "-m", "splitserve", "worker", "--role", "decode", "--router", f"tcp://127.0.0.1:{port}",
+           "--model", str(tiny_chat_llama), *ENGINE]  # fmt: skip
+    worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+
+        def next_message(kind, timeout=60.0):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if router.poll(500):
+                    message = decode_to_router(router.recv_multipart()[-1])
+                    if isinstance(message, kind):
+                        return message
+            raise TimeoutError(f"no {kind.__name__} from the worker")
+
+        beat = next_message(Heartbeat)
+        identity = beat.info.worker_id.encode()
+        capacity = beat.info.num_pages
+        junk = [b"", b"\x00\xff", msgspec.msgpack.encode({"type": "Reserve", "job": "x"}),
+                msgspec.msgpack.encode({"type": "Generate", "job": 1, "prompt_token_ids": [1],
+                                        "params": {"max_tokens": -3}}),
+                msgspec.msgpack.encode({"type": "Abort", "job": 1, "version": 2}), b"\xc1" * 100]  # fmt: skip
+        for frame in junk:
+            router.send_multipart([identity, frame])
+        router.send_multipart([identity, encode(Reserve(5, [3] * 20, SamplingParams(max_tokens=3)))])
+        reserved = next_message(Reserved)
+        assert reserved.job == 5 and reserved.ticket is not None and reserved.load.free_pages < capacity
+        router.send_multipart([identity, encode(Abort(5))])
+        deadline = time.monotonic() + 10
+        while next_message(Heartbeat).load.free_pages != capacity:
+            assert time.monotonic() < deadline, "the aborted reservation's pages did not come back"
+        assert worker.poll() is None, "the worker died"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=20)
+        router.close(0)
+        ctx.term()
+    assert stderr.count("dropped a malformed message") == len(junk), stderr

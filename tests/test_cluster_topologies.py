@@ -1,0 +1,84 @@
+"""Other shapes of cluster, end to end: 2 prefill + 2 decode workers, the colocated mode (role `both`), and
+the embedded default model answering the official `openai` client."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.cluster import ServerProcess
+from tests.helpers import hf_greedy
+from tests.test_serving import ENGINE, complete
+
+pytestmark = pytest.mark.slow
+
+
+def _workload(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 49152) for _ in range(rng.randrange(1, 150))] for _ in range(n)]
+    return prompts, [rng.randrange(1, 30) for _ in range(n)]
+
+
+def _run_concurrently(server: ServerProcess, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    model = server.http.get("/v1/models").json()["data"][0]["id"]
+
+    def one(i: int) -> list[int]:
+        body = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens[i], "temperature": 0,
+                "stream": i % 2 == 0}  # fmt: skip
+        return complete(server.http, "/v1/completions", body)[1]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, range(len(prompts))))
+
+
+def test_two_prefill_two_decode_workers(tiny_chat_llama):
+    server = ServerProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "2", *ENGINE], num_workers=4)
+    try:
+        prompts, max_tokens = _workload(24, seed=10)
+        assert _run_concurrently(server, prompts, max_tokens) == hf_greedy(tiny_chat_llama, prompts, max_tokens)
+        health = server.wait_idle()
+        # Both pools spread the work: every worker moved KV pages.
+        for w in health["workers"]:
+            moved = w["kv_bytes_sent"] if w["role"] == "prefill" else w["kv_bytes_received"]
+            assert moved > 0, w
+    finally:
+        server.stop()
+
+
+def test_colocated_mode_gives_the_same_tokens_and_checks_the_api_key(tiny_chat_llama):
+    args = ["--prefill", "0", "--decode", "0", "--both", "1", *ENGINE]
+    server = ServerProcess(tiny_chat_llama, args, num_workers=1, api_key="sesame")
+    try:
+        assert server.workers()[0]["role"] == "both"
+        anonymous = server.http.get("/v1/models", headers={"Authorization": ""})
+        assert anonymous.status_code == 401
+        unauthorized = server.http.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
+        prompts, max_tokens = _workload(16, seed=11)
+        assert _run_concurrently(server, prompts, max_tokens) == hf_greedy(tiny_chat_llama, prompts, max_tokens)
+        server.wait_idle()
+    finally:
+        server.stop()
+
+
+def test_default_model_answers_the_openai_client():
+    from openai import OpenAI
+
+    server = ServerProcess(None, [], num_workers=2)  # the README's `splitserve serve`: defaults throughout
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert "Paris" in text, text
+        server.wait_idle()
+    finally:
+        server.stop()
