@@ -20,20 +20,20 @@ import pytest
 import zmq
 
 from splitserve.engine.sampling import SamplingParams
+from splitserve.launcher import ServeProcess, free_port
 from splitserve.protocol import Abort, Heartbeat, Reserve, Reserved, decode_to_router, encode
-from tests.cluster import ServerProcess, free_port
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE, complete
 
 pytestmark = pytest.mark.slow
 
 
-def _model(server: ServerProcess) -> str:
+def _model(server: ServeProcess) -> str:
     return server.http.get("/v1/models").json()["data"][0]["id"]
 
 
 def test_decode_worker_killed_mid_stream(tiny_chat_llama):
-    server = ServerProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "2", *ENGINE], num_workers=3)
+    server = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "2", *ENGINE], num_workers=3)
     try:
         model = _model(server)
         results: list[dict] = [{} for _ in range(8)]
@@ -88,7 +88,7 @@ def test_decode_worker_killed_mid_stream(tiny_chat_llama):
 def test_prefill_worker_killed_requests_retry_on_the_other(tiny_chat_llama):
     # A small token budget makes long prompts take many prefill steps, so some are in flight at the kill.
     engine = [*ENGINE[:-2], "--max-num-batched-tokens", "16"]
-    server = ServerProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "1", *engine], num_workers=3)
+    server = ServeProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "1", *engine], num_workers=3)
     try:
         model = _model(server)
         rng = random.Random(20)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.cluster import ServerProcess
+from splitserve.launcher import ServeProcess
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE, complete
 
@@ -21,7 +21,7 @@ def _workload(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [rng.randrange(1, 30) for _ in range(n)]
 
 
-def _run_concurrently(server: ServerProcess, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+def _run_concurrently(server: ServeProcess, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
     model = server.http.get("/v1/models").json()["data"][0]["id"]
 
     def one(i: int) -> list[int]:
@@ -34,7 +34,7 @@ def _run_concurrently(server: ServerProcess, prompts: list[list[int]], max_token
 
 
 def test_two_prefill_two_decode_workers(tiny_chat_llama):
-    server = ServerProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "2", *ENGINE], num_workers=4)
+    server = ServeProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "2", *ENGINE], num_workers=4)
     try:
         prompts, max_tokens = _workload(24, seed=10)
         assert _run_concurrently(server, prompts, max_tokens) == hf_greedy(tiny_chat_llama, prompts, max_tokens)
@@ -49,7 +49,7 @@ def test_two_prefill_two_decode_workers(tiny_chat_llama):
 
 def test_colocated_mode_gives_the_same_tokens_and_checks_the_api_key(tiny_chat_llama):
     args = ["--prefill", "0", "--decode", "0", "--both", "1", *ENGINE]
-    server = ServerProcess(tiny_chat_llama, args, num_workers=1, api_key="sesame")
+    server = ServeProcess(tiny_chat_llama, args, num_workers=1, api_key="sesame")
     try:
         assert server.workers()[0]["role"] == "both"
         anonymous = server.http.get("/v1/models", headers={"Authorization": ""})
@@ -66,7 +66,7 @@ def test_colocated_mode_gives_the_same_tokens_and_checks_the_api_key(tiny_chat_l
 def test_default_model_answers_the_openai_client():
     from openai import OpenAI
 
-    server = ServerProcess(None, [], num_workers=2)  # the README's `splitserve serve`: defaults throughout
+    server = ServeProcess(None, [], num_workers=2)  # the README's `splitserve serve`: defaults throughout
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         model = client.models.list().data[0].id

@@ -15,8 +15,8 @@ import msgspec
 import pytest
 import zmq
 
+from splitserve.launcher import ServeProcess
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
-from tests.cluster import ServerProcess
 from tests.helpers import hf_greedy
 
 ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "--max-num-batched-tokens", "64"]
@@ -24,7 +24,7 @@ ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "-
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_llama):
-    s = ServerProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "1", *ENGINE], num_workers=2)
+    s = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "1", *ENGINE], num_workers=2)
     yield s
     s.stop()
 
