@@ -129,6 +129,12 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from splitserve.bench.cli import main as bench_main
+
+    return bench_main(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from splitserve.engine.sampling import SamplingParams
     from splitserve.llm import LLM
@@ -203,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_args(rtr)
     rtr.add_argument("--model", default=None, help="the model the workers serve (its tokenizer is loaded here)")
     rtr.set_defaults(func=_router)
+
+    bench = sub.add_parser(
+        "bench",
+        help="SLO benchmark of an OpenAI-compatible server: latency percentiles, goodput, charts",
+        description="Send a workload to an OpenAI-compatible server (streaming) at one or more request rates; "
+        "print TTFT, TPOT, ITL and end-to-end latency percentiles, throughput, goodput and SLO attainment; "
+        "save every request's timings as JSON and draw attainment-vs-rate and latency CDF charts.",
+    )
+    from splitserve.bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
 
     for name, role, text in [
         ("worker", None, "start a worker of any role (--role)"),

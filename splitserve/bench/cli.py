@@ -1,0 +1,158 @@
+"""`splitserve bench`: run a workload against an OpenAI-compatible server at one or more request rates,
+print the metrics, save every request's timings as JSON, and draw the charts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import httpx
+
+from splitserve.bench import metrics, plots, workloads
+from splitserve.bench.client import Target, run
+from splitserve.bench.metrics import SLO
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default %(default)s)")
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder or .gguf for exact prompt lengths (default: splitserve's default model)",
+    )
+    p.add_argument("--workload", choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn"], default="synthetic")
+    p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (--workload sharegpt)")
+    p.add_argument("--num-requests", type=int, default=100, help="requests (sessions, for multi-turn) per rate")
+    p.add_argument("--input-len", default="uniform:64,512", help="prompt tokens: fixed:N, uniform:A,B, normal:M,S, "
+                   "lognormal:MEDIAN,SIGMA (default %(default)s)")  # fmt: skip
+    p.add_argument("--output-len", default="uniform:32,128", help="output tokens, same forms (default %(default)s)")
+    p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
+    p.add_argument("--groups", type=int, default=4, help="shared-prefix: how many system prompts")
+    p.add_argument("--turns", type=int, default=3, help="multi-turn: user messages per session")
+    p.add_argument("--token-ids", action="store_true", help="completions: send prompts as token ids, not text")
+    p.add_argument("--rate", default="inf",
+                   help="request rate(s) per second, comma-separated for a sweep; inf sends all at once")  # fmt: skip
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps: 1 Poisson, <1 bursty")
+    p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    p.add_argument("--slo", default=None, help="e.g. ttft=0.5,tpot=0.05 (seconds, or ms: tpot=50ms); sets goodput")
+    p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early (default: forced lengths)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None, help="this run's name on charts (default: the model)")
+    p.add_argument("--output", default=None, help="write results (every request's timings) to this JSON file")
+    p.add_argument("--plot", default=None, help="write charts to PREFIX-attainment.png and PREFIX-cdf.png")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="draw charts from saved results (with --plot) instead of running")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.compare:
+        results = [json.loads(Path(f).read_text()) for f in args.compare]
+        _plot(results, args.plot or "bench")
+        return 0
+    slo = SLO.parse(args.slo)
+    rates = [float(r) for r in str(args.rate).split(",")]
+    if any(not r > 0 for r in rates):
+        raise ValueError("rates must be > 0 (inf: all at once)")
+    model = args.model or _served_model(args.url, args.api_key)
+    target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos)
+    tokenizer = _tokenizer(args.tokenizer)
+    requests = _workload(args, tokenizer)
+    result = {"label": args.label or model, "model": model, "url": args.url, "endpoint": args.endpoint,
+              "workload": _describe(args), "slo": vars(slo), "slo_text": slo.describe(), "runs": []}  # fmt: skip
+    for rate in rates:
+        workloads.assign_arrivals(requests, rate, args.burstiness, random.Random(args.seed + 1))
+        unit = "sessions" if args.workload == "multi-turn" else "requests"
+        print(f"\n--- rate {rate:g} req/s ({len(requests)} {unit})")
+        records, duration = asyncio.run(run(target, requests, args.concurrency, progress=not args.no_progress))
+        summary = metrics.summarize(records, duration, slo)
+        print(format_summary(summary))
+        result["runs"].append({"rate": rate, "summary": summary, "records": [r.to_json() for r in records]})
+        time.sleep(1)  # let the server drain between rates
+    if len(rates) > 1:
+        print(format_sweep(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        print(f"results: {args.output}")
+    if args.plot:
+        _plot([result], args.plot)
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"completed {s['completed']:.0f}/{s['requests']:.0f} in {s['duration_s']:.1f}s   "
+             f"{s['request_throughput']:.2f} req/s   {s['output_throughput']:.1f} output tok/s   "
+             f"{s['total_token_throughput']:.1f} total tok/s"]  # fmt: skip
+    if "goodput" in s:
+        lines.append(f"goodput {s['goodput']:.2f} req/s   SLO attainment {100 * s['slo_attainment']:.1f}%")
+    lines.append(f"{'(ms)':8}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}")
+    for m in metrics.METRICS:
+        values = [s[f"mean_{m}"], *(s[f"p{q}_{m}"] for q in metrics.PERCENTILES)]
+        lines.append(f"{m.upper():8}" + "".join(f"{1000 * v:9.1f}" for v in values))
+    return "\n".join(lines)
+
+
+def format_sweep(result: dict) -> str:
+    lines = [f"\n{'rate':>8}{'req/s':>9}{'goodput':>9}{'attain %':>10}{'p90 TTFT':>10}{'p90 TPOT':>10}"]
+    for run_ in result["runs"]:
+        s = run_["summary"]
+        attain = 100 * s["slo_attainment"] if "slo_attainment" in s else math.nan
+        lines.append(f"{run_['rate']:8g}{s['request_throughput']:9.2f}{s.get('goodput', math.nan):9.2f}{attain:10.1f}"
+                     f"{1000 * s['p90_ttft']:10.1f}{1000 * s['p90_tpot']:10.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], prefix: str) -> None:
+    if any(r["runs"] and "slo_attainment" in r["runs"][0]["summary"] for r in results):
+        print(f"chart: {plots.attainment_vs_rate(results, Path(f'{prefix}-attainment.png'))}")
+    print(f"chart: {plots.latency_cdfs(results, Path(f'{prefix}-cdf.png'))}")
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def _tokenizer(spec: str | None):
+    from splitserve.model.checkpoint import resolve_model
+    from splitserve.model.tokenizer import load_tokenizer
+
+    folder = resolve_model(spec)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} has no tokenizer (pass --tokenizer)")
+    return tokenizer
+
+
+def _workload(args: argparse.Namespace, tokenizer) -> list[workloads.BenchRequest]:
+    rng = random.Random(args.seed)
+    chat = args.endpoint == "chat"
+    inp, out = workloads.LengthDist(args.input_len), workloads.LengthDist(args.output_len)
+    if args.workload == "synthetic":
+        return workloads.synthetic(tokenizer, args.num_requests, inp, out, rng, chat, args.token_ids)
+    if args.workload == "sharegpt":
+        if not args.dataset:
+            raise ValueError("--workload sharegpt needs --dataset FILE.json")
+        return workloads.sharegpt(Path(args.dataset), tokenizer, args.num_requests, rng, chat=chat)
+    if args.workload == "shared-prefix":
+        per_group = max(1, args.num_requests // args.groups)
+        return workloads.shared_prefix(tokenizer, args.groups, per_group, args.prefix_len, inp, out, rng, chat)
+    if not chat:
+        raise ValueError("--workload multi-turn needs --endpoint chat")
+    return workloads.multi_turn(tokenizer, args.num_requests, args.turns, inp, out, rng)
+
+
+def _describe(args: argparse.Namespace) -> dict:
+    keys = ("workload", "dataset", "num_requests", "input_len", "output_len", "prefix_len", "groups", "turns",
+            "burstiness", "concurrency", "seed")  # fmt: skip
+    return {k: getattr(args, k) for k in keys}
