@@ -72,6 +72,11 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
+    p.add_argument(
+        "--slo",
+        default=None,
+        help="e.g. ttft=0.5,tpot=0.05 (seconds): /health and /metrics show the last minute's attainment and misses",
+    )
     p.add_argument("--max-queue", type=int, default=512, help="requests waiting for room before 429s (default 512)")
     p.add_argument(
         "--queue-timeout",
@@ -90,7 +95,7 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
 def _router_options(args: argparse.Namespace, worker_address: str):
     from splitserve.router.server import ServerOptions
 
-    server = ServerOptions(args.model, args.host, args.port, worker_address, args.api_key)
+    server = ServerOptions(args.model, args.host, args.port, worker_address, args.api_key, args.slo)
     cluster = {
         "max_queue": args.max_queue,
         "queue_timeout_s": args.queue_timeout,

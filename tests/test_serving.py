@@ -24,7 +24,8 @@ ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "-
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_llama):
-    s = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "1", *ENGINE], num_workers=2)
+    args = ["--prefill", "1", "--decode", "1", "--slo", "ttft=30,tpot=0.000001", *ENGINE]
+    s = ServeProcess(tiny_chat_llama, args, num_workers=2)
     yield s
     s.stop()
 
@@ -280,6 +281,23 @@ def test_metrics_show_latencies_and_workers(server, model_name):
     assert 'splitserve_worker_free_pages{role="decode"' in text
     assert _metric(text, "splitserve_kv_bytes_received_total") > 0
     assert _metric(text, "splitserve_kv_bytes_sent_total") > 0
+
+
+def test_operators_see_pools_and_slo_attainment(server, model_name):
+    """/health and /metrics show each pool's load and the last minute's SLO attainment, with which limit
+    was missed (here TPOT, set impossibly low): what tells an operator which pool is the bottleneck."""
+    for _ in range(3):
+        body = {"model": model_name, "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True}
+        assert server.http.post("/v1/completions", json=body).status_code == 200
+    health = server.health()
+    assert set(health["pools"]) == {"prefill", "decode"}
+    assert health["pools"]["decode"]["num_pages"] == server.workers("decode")[0]["num_pages"]
+    slo = health["slo"]
+    assert slo["requests"] >= 3 and slo["attainment"] < 1
+    assert slo["misses"]["tpot"] >= 3 and slo["misses"]["ttft"] == 0
+    text = server.http.get("/metrics").text
+    assert _metric(text, "splitserve_slo_attainment") < 1
+    assert 'splitserve_pool_pending_prefill_tokens{pool="prefill"}' in text
 
 
 def _metric(text: str, name: str) -> float:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.bench.metrics import SLO
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
@@ -53,10 +54,11 @@ class RouterState:
     vocab_size: int
     served_model: str
     api_key: str | None = None
+    slo: SLO | None = None  # judged over a recent window, for operators (/health, /metrics)
     metrics: RouterMetrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = RouterMetrics(self.cluster)
+        self.metrics = RouterMetrics(self.cluster, self.slo)
 
 
 def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -113,6 +115,8 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
     @app.get("/health")
     async def health():
         snap = state.cluster.snapshot()
+        if state.metrics.window is not None:
+            snap["slo"] = state.metrics.window.snapshot()
         ok = state.cluster.can_serve()
         return JSONResponse({"status": "ok" if ok else "unavailable", **snap}, 200 if ok else 503)
 

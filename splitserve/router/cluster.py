@@ -502,7 +502,14 @@ class Cluster:
         for job in self.jobs.values():
             if job.state is not JobState.DONE:
                 states[job.state.value] += 1
-        return {"queue": len(self.queue), "jobs": states, "workers": [_describe(w) for w in self.workers.values()]}
+        workers = [_describe(w) for w in self.workers.values()]
+        pools = {}
+        for role in Role:
+            members = [w for w in workers if w["role"] == role.value]
+            if members:
+                keys = ("jobs", "running", "waiting", "pending_prefill_tokens", "free_pages", "num_pages")
+                pools[role.value] = {"workers": len(members), **{k: sum(w[k] for w in members) for k in keys}}
+        return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers}
 
 
 def _describe(w: Worker) -> dict:

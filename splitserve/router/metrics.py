@@ -1,21 +1,67 @@
 """`RouterMetrics`: what `/metrics` shows, in Prometheus text: request latency histograms (TTFT, TPOT,
 end to end) recorded as requests finish, and live gauges read from the cluster at scrape time (queue
-depth, requests by state, each worker's pages and load, KV bytes and seconds transferred)."""
+depth, requests by state, each pool's and worker's pages and load, KV bytes and seconds transferred).
+
+With an SLO (`--slo ttft=0.5,tpot=0.05`) it also keeps the last minute's requests: the share that met it,
+and how many missed on TTFT (the prefill side is behind) or on TPOT (the decode side is).
+"""
 
 from __future__ import annotations
+
+import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from splitserve.bench.metrics import SLO, percentile
 from splitserve.router.cluster import Cluster
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 
 
+class SloWindow:
+    """Requests finished in the last `window_s` seconds, judged against the SLO."""
+
+    def __init__(self, slo: SLO, window_s: float = 60.0):
+        self.slo, self.window_s = slo, window_s
+        self._finished: deque[tuple[float, float, float | None, float]] = deque()  # (when, ttft, tpot, e2el)
+
+    def add(self, ttft_s: float, tpot_s: float | None, e2e_s: float) -> None:
+        self._finished.append((time.monotonic(), ttft_s, tpot_s, e2e_s))
+
+    def snapshot(self) -> dict:
+        cutoff = time.monotonic() - self.window_s
+        while self._finished and self._finished[0][0] < cutoff:
+            self._finished.popleft()
+        rows = list(self._finished)
+        s = self.slo
+        misses = {
+            "ttft": sum(s.ttft is not None and r[1] > s.ttft for r in rows),
+            "tpot": sum(s.tpot is not None and r[2] is not None and r[2] > s.tpot for r in rows),
+            "e2el": sum(s.e2el is not None and r[3] > s.e2el for r in rows),
+        }
+        met = sum(
+            not ((s.ttft is not None and r[1] > s.ttft) or (s.tpot is not None and r[2] is not None and r[2] > s.tpot)
+                 or (s.e2el is not None and r[3] > s.e2el))
+            for r in rows
+        )  # fmt: skip
+        return {
+            "slo": s.describe(),
+            "window_s": self.window_s,
+            "requests": len(rows),
+            "attainment": met / len(rows) if rows else None,
+            "misses": misses,
+            "p90_ttft": percentile([r[1] for r in rows], 90) if rows else None,
+            "p90_tpot": percentile([r[2] for r in rows if r[2] is not None], 90) if rows else None,
+        }
+
+
 class RouterMetrics:
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, slo: SLO | None = None):
+        self.window = SloWindow(slo) if slo else None
         self.registry = CollectorRegistry()
         self.ttft = Histogram(
             "splitserve_time_to_first_token_seconds", "Request arrival to first token", buckets=_LATENCY_BUCKETS,
@@ -33,21 +79,24 @@ class RouterMetrics:
             "splitserve_requests", "Requests by outcome (ok, error, aborted, rejected)", ["outcome"],
             registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_ClusterCollector(cluster))
+        self.registry.register(_ClusterCollector(cluster, self.window))
 
     def record(self, ttft_s: float, e2e_s: float, num_tokens: int) -> None:
         self.ttft.observe(ttft_s)
         self.e2e.observe(e2e_s)
-        if num_tokens > 1:
-            self.tpot.observe((e2e_s - ttft_s) / (num_tokens - 1))
+        tpot = (e2e_s - ttft_s) / (num_tokens - 1) if num_tokens > 1 else None
+        if tpot is not None:
+            self.tpot.observe(tpot)
+        if self.window is not None:
+            self.window.add(ttft_s, tpot, e2e_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _ClusterCollector(Collector):
-    def __init__(self, cluster: Cluster):
-        self.cluster = cluster
+    def __init__(self, cluster: Cluster, window: SloWindow | None):
+        self.cluster, self.window = cluster, window
 
     def collect(self):
         snap = self.cluster.snapshot()
@@ -88,3 +137,28 @@ class _ClusterCollector(Collector):
                 family.add_metric(labels, w[key])
         yield from gauges.values()
         yield from counters.values()
+        pools = {
+            key: GaugeMetricFamily(f"splitserve_pool_{key}", doc, labels=["pool"])
+            for key, doc in [
+                ("jobs", "Requests assigned to the pool's workers"),
+                ("waiting", "Requests queued in the pool's workers or waiting for their KV"),
+                ("pending_prefill_tokens", "Prompt tokens queued or in progress in the pool"),
+                ("free_pages", "KV pages free in the pool"),
+            ]
+        }
+        for pool, state in snap["pools"].items():
+            for key, family in pools.items():
+                family.add_metric([pool], state[key])
+        yield from pools.values()
+        if self.window is not None:
+            w = self.window.snapshot()
+            yield GaugeMetricFamily("splitserve_slo_window_requests", "Requests finished in the SLO window",
+                                    w["requests"])  # fmt: skip
+            if w["attainment"] is not None:
+                yield GaugeMetricFamily("splitserve_slo_attainment", f"Share meeting the SLO ({w['slo']})",
+                                        w["attainment"])  # fmt: skip
+            misses = GaugeMetricFamily("splitserve_slo_misses", "Requests in the window missing each limit",
+                                       labels=["limit"])  # fmt: skip
+            for limit, n in w["misses"].items():
+                misses.add_metric([limit], n)
+            yield misses

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from splitserve.bench.metrics import SLO
 from splitserve.errors import ModelLoadError
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
@@ -25,6 +26,7 @@ class ServerOptions:
     port: int = 8000
     worker_address: str = "tcp://127.0.0.1:5557"  # where workers connect (ZeroMQ)
     api_key: str | None = None
+    slo: str | None = None  # e.g. "ttft=0.5,tpot=0.05": attainment over the last minute on /health and /metrics
 
 
 def run_router(
@@ -41,7 +43,8 @@ def run_router(
     log.info("workers connect to %s", address)
     if on_bound is not None:
         on_bound(address, cluster)
-    state = RouterState(cluster, tokenizer, ModelConfig.from_pretrained(path).vocab_size, name, options.api_key)
+    vocab = ModelConfig.from_pretrained(path).vocab_size
+    state = RouterState(cluster, tokenizer, vocab, name, options.api_key, SLO.parse(options.slo) or None)
     config = uvicorn.Config(
         create_app(state), host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5
     )
