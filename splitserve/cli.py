@@ -140,6 +140,13 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from splitserve.engine.config import EngineConfig
+    from splitserve.planner.cli import main as plan_main
+
+    return plan_main(args, EngineConfig(model=args.model, **_engine_config(args)))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from splitserve.engine.sampling import SamplingParams
     from splitserve.llm import LLM
@@ -226,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    pln = sub.add_parser(
+        "plan",
+        help="recommend a prefill:decode split: profile the workers here, simulate a workload on every split",
+        description="Profile the engine on this hardware (prefill time vs tokens, decode step time vs batch and "
+        "context) or load saved profiles, simulate the workload on every prefill:decode split of the given "
+        "numbers of workers, print predicted TTFT/TPOT percentiles and SLO attainment for each, and recommend "
+        "the split with the highest goodput per worker (or say that none meets the SLO at that rate).",
+    )
+    from splitserve.planner.cli import add_arguments as add_plan_arguments
+
+    add_plan_arguments(pln)
+    _add_engine_args(pln)
+    pln.set_defaults(func=_plan)
 
     for name, role, text in [
         ("worker", None, "start a worker of any role (--role)"),

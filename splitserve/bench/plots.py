@@ -3,6 +3,7 @@ CDFs, each comparing several runs or servers on one chart."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -15,17 +16,28 @@ from splitserve.bench.client import Record
 
 
 def attainment_vs_rate(results: list[dict], path: Path, target: float | None = 0.9) -> Path:
-    """One line per result (a server or mode), SLO attainment at each rate of its sweep."""
+    """One line per result (a server or mode): its SLO attainment at each rate of its sweep."""
+    series = {
+        r["label"]: [(run["rate"], run["summary"].get("slo_attainment") or 0.0) for run in r["runs"]] for r in results
+    }
+    return attainment_chart(series, path, f"SLO attainment ({results[0].get('slo_text', '')})", target)
+
+
+def attainment_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str,
+                     target: float | None = 0.9, at_rate: float | None = None) -> Path:  # fmt: skip
+    """SLO attainment (0..1) against request rate, a line per series; rates that are not finite are left out."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for result in results:
-        points = sorted((run["rate"], run["summary"].get("slo_attainment")) for run in result["runs"])
-        ax.plot([p[0] for p in points], [100 * (p[1] or 0) for p in points], marker="o", label=result["label"])
+    for label, points in series.items():
+        points = sorted(p for p in points if math.isfinite(p[0]))
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=4, label=label)
     if target:
         ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label=f"{100 * target:.0f}% target")
+    if at_rate is not None:
+        ax.axvline(at_rate, color="black", linestyle="--", linewidth=1, label=f"{at_rate:g} req/s")
     ax.set_xlabel("request rate (requests/s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"SLO attainment ({results[0].get('slo_text', '')})")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

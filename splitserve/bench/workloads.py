@@ -166,13 +166,19 @@ def _request(tokenizer, k: int, out: int, rng: random.Random, chat: bool, token_
     return BenchRequest(text, out, k)
 
 
-def assign_arrivals(requests: list[BenchRequest], rate: float, burstiness: float, rng: random.Random) -> None:
-    """Arrival times: gaps drawn from a gamma distribution with mean 1/rate and shape `burstiness`
+def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """n arrival times from 0: gaps drawn from a gamma distribution with mean 1/rate and shape `burstiness`
     (1: Poisson); rate inf: everything at 0 (the client's concurrency limit paces it)."""
     if burstiness <= 0:
         raise ValueError(f"burstiness must be > 0, got {burstiness}")
-    t = 0.0
-    for r in requests:
-        r.arrival_s = t
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
         if math.isfinite(rate):
             t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return times
+
+
+def assign_arrivals(requests: list[BenchRequest], rate: float, burstiness: float, rng: random.Random) -> None:
+    for r, t in zip(requests, arrival_times(len(requests), rate, burstiness, rng), strict=True):
+        r.arrival_s = t

@@ -1,0 +1,68 @@
+"""`splitserve plan`: profile (or load a profile), simulate every split, print the table, recommend."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from splitserve.bench.metrics import SLO
+from splitserve.bench.workloads import LengthDist
+from splitserve.engine.config import EngineConfig
+from splitserve.planner import plan as planner
+from splitserve.planner.profile import Profile, measure
+from splitserve.planner.simulator import Hardware
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", default="2,3", help="numbers of workers to split, comma-separated (default 2,3)")
+    p.add_argument("--rate", type=float, required=True, help="the request rate to plan for (requests/s)")
+    p.add_argument("--slo", required=True, help="e.g. ttft=1,tpot=0.1 (seconds, or ms: tpot=100ms)")
+    p.add_argument("--target", type=float, default=0.9, help="share of requests that must meet the SLO (0.9)")
+    p.add_argument("--input-len", default="uniform:64,512", help="prompt tokens (as `splitserve bench`)")
+    p.add_argument("--output-len", default="uniform:32,128", help="output tokens (as `splitserve bench`)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1: Poisson)")
+    p.add_argument("--num-requests", type=int, default=400, help="simulated requests per point (default 400)")
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="cores the workers share (default: all)")
+    p.add_argument("--profile", nargs="+", default=None, metavar="JSON",
+                   help="saved profiles (one per threads-per-worker) instead of profiling now")  # fmt: skip
+    p.add_argument("--save-profile", default=None, metavar="PREFIX", help="save profiles as PREFIX-tN.json")
+    p.add_argument("--plot", default=None, help="write the predicted attainment-vs-rate chart to this PNG")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace, engine: EngineConfig) -> int:
+    slo = SLO.parse(args.slo)
+    if not slo:
+        raise ValueError("--slo needs at least one limit, e.g. ttft=1,tpot=0.1")
+    counts = sorted({int(n) for n in args.workers.split(",")})
+    if any(n < 2 for n in counts):
+        raise ValueError("a split needs at least 2 workers")
+    hw = Hardware(cores=args.cores)
+    by_threads: dict[int, Profile] = {}
+    for path in args.profile or []:
+        loaded = Profile.load(Path(path))
+        by_threads[loaded.threads] = loaded
+    profiles = {}
+    for n in counts:
+        threads = planner.threads_for(n, args.cores)
+        if threads not in by_threads:
+            if args.profile:
+                raise ValueError(f"no saved profile for {threads} thread(s) per worker ({n} workers)")
+            print(f"profiling the engine with {threads} thread(s) per worker ({n} workers on {args.cores} cores)")
+            by_threads[threads] = measure(engine, threads)
+            if args.save_profile:
+                by_threads[threads].save(Path(f"{args.save_profile}-t{threads}.json"))
+        profiles[n] = by_threads[threads]
+    workload = planner.Workload(LengthDist(args.input_len), LengthDist(args.output_len), args.burstiness,
+                                args.num_requests, args.seed)  # fmt: skip
+    results = planner.plan(profiles, hw, args.rate, workload, slo, args.target)
+    print(f"\nworkload: input {args.input_len}, output {args.output_len} tokens; SLO {slo.describe()} for "
+          f"{100 * args.target:.0f}% of requests")  # fmt: skip
+    print(planner.format_table(results, args.rate))
+    print()
+    print(planner.recommend(results, args.rate, args.target)[1])
+    if args.plot:
+        path = planner.plot(profiles, hw, results, args.rate, workload, slo, args.target, Path(args.plot))
+        print(f"chart: {path}")
+    return 0
