@@ -143,7 +143,7 @@ class _Sim:
             self.finish(t, r)
             return
         d.landed.append(r)
-        self.kick_decode(t, d)
+        self.at(t, self.kick_decode, d)  # after other landings at this instant: one poll sees them all
 
     def kick_decode(self, t: float, d: _Decode) -> None:
         if d.busy:

@@ -1,0 +1,105 @@
+"""The planner: profiles measured with the real engine, the simulator on cases with known answers, and
+recommendations (including none when the SLO cannot be met)."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.bench.metrics import SLO, summarize
+from splitserve.bench.workloads import LengthDist
+from splitserve.engine.config import EngineConfig
+from splitserve.planner import plan as planner
+from splitserve.planner.profile import Profile, measure
+from splitserve.planner.simulator import Hardware, SimRequest, simulate
+
+# A hand-made profile: prefill 10 ms + 1 ms/token; decode 20 ms + 2 ms per request + 0.01 ms per context token.
+PROFILE = Profile(
+    model="m", dtype="bfloat16", threads=1, page_size=16, max_num_batched_tokens=512, max_num_seqs=8,
+    kv_bytes_per_token=1000,
+    prefill=[(16, 0.026), (512, 0.522)],
+    decode=[(b, c, 0.020 + 0.002 * b + 0.00001 * b * c) for b in (1, 2, 4, 8) for c in (64, 256, 1024)],
+)  # fmt: skip
+IDEAL = Hardware(cores=64, kv_bandwidth=float("inf"), hop_s=0.0)
+
+
+def test_profile_interpolates_and_fits():
+    assert PROFILE.prefill_time(16) == pytest.approx(0.026)
+    assert PROFILE.prefill_time(264) == pytest.approx(0.274)  # between points
+    assert PROFILE.prefill_time(1024) == pytest.approx(1.034)  # beyond: the last slope
+    assert PROFILE.decode_time(3, 500) == pytest.approx(0.020 + 0.006 + 0.015)
+
+
+def test_idle_system_ttft_is_the_prefill_time_and_tpot_the_step_time():
+    [r] = simulate(PROFILE, IDEAL, 1, 1, [SimRequest(1.0, 200, 5)])
+    ttft = r.chunk_times[0] - r.sent
+    assert ttft == pytest.approx(PROFILE.prefill_time(200))
+    gaps = [b - a for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+    contexts = [201, 202, 203, 204]  # the step that makes token k sees the prompt and k-1 tokens before it
+    assert gaps == pytest.approx([PROFILE.decode_time(1, c) for c in contexts])
+
+
+def test_latencies_add_up_with_hops_and_transfer():
+    hw = Hardware(cores=64, kv_bandwidth=1e6, hop_s=0.001)
+    [r] = simulate(PROFILE, hw, 1, 1, [SimRequest(0.0, 100, 1)])
+    # arrival hop, reserve + prefill hops, prefill, KV (100 tokens x 1000 B at 1 MB/s), landing, first token.
+    assert r.chunk_times[0] == pytest.approx(0.001 + 0.002 + PROFILE.prefill_time(100) + 0.1 + 0.001 + 0.001)
+
+
+def test_prompts_share_a_prefill_pass_and_decode_steps_batch():
+    a, b = simulate(PROFILE, IDEAL, 1, 1, [SimRequest(0.0, 100, 3), SimRequest(0.0, 100, 3)])
+    assert a.chunk_times[0] == pytest.approx(PROFILE.prefill_time(200))  # one pass of both prompts
+    assert b.chunk_times[0] == pytest.approx(a.chunk_times[0])
+    assert a.chunk_times[1] - a.chunk_times[0] == pytest.approx(PROFILE.decode_time(2, 101))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_behind_the_budget():
+    [r] = simulate(PROFILE, IDEAL, 1, 1, [SimRequest(0.0, 1000, 1)])
+    assert r.chunk_times[0] == pytest.approx(PROFILE.prefill_time(512) + PROFILE.prefill_time(488))
+
+
+def test_contention_when_workers_outnumber_cores():
+    one_core = Hardware(cores=1, kv_bandwidth=float("inf"), hop_s=0.0)
+    # Two prefill workers busy at once on one core: the second pass to start takes twice as long.
+    a, b = simulate(PROFILE, one_core, 2, 1, [SimRequest(0.0, 100, 1), SimRequest(0.0, 100, 1)])
+    assert sorted([a.chunk_times[0], b.chunk_times[0]]) == pytest.approx(
+        [PROFILE.prefill_time(100), 2 * PROFILE.prefill_time(100)]
+    )
+
+
+def test_decode_queue_bounds_the_batch():
+    requests = [SimRequest(0.0, 10, 50) for _ in range(12)]  # 12 requests, 8 batch slots
+    records = simulate(PROFILE, IDEAL, 1, 1, requests)
+    assert all(r.output_tokens == 50 for r in records)
+    first_tokens = sorted(r.chunk_times[0] for r in records)
+    assert first_tokens[8] > first_tokens[7] + 40 * PROFILE.decode_time(1, 10)  # the last 4 waited for room
+
+
+def test_plan_recommends_and_says_when_nothing_meets_the_slo():
+    workload = planner.Workload(LengthDist("uniform:50,300"), LengthDist("uniform:10,40"), num_requests=200)
+    hw = Hardware(cores=8)
+    results = planner.plan({2: PROFILE, 3: PROFILE}, hw, 2.0, workload, SLO(ttft=1.0, tpot=0.1))
+    assert [r.name for r in results] == ["1P:1D", "1P:2D", "2P:1D"]
+    chosen, text = planner.recommend(results, 2.0, 0.9)
+    assert chosen is not None and text.startswith("Recommended")
+    assert chosen.goodput_per_worker == max(r.goodput_per_worker for r in results if r.at_rate["slo_attainment"] >= 0.9)
+    impossible = planner.plan({2: PROFILE}, hw, 2.0, workload, SLO(ttft=0.001))
+    chosen, text = planner.recommend(impossible, 2.0, 0.9)
+    assert chosen is None and text.startswith("No split meets") and impossible[0].max_rate == 0
+    assert "1P:1D" in planner.format_table(results, 2.0)
+
+
+def test_profile_measures_the_real_engine(tiny_llama_gqa, tmp_path):
+    config = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", max_num_batched_tokens=64, max_num_seqs=4,
+                          kv_cache_memory="4MiB")  # fmt: skip
+    profile = measure(config, threads=1, repeats=1, progress=False)
+    assert [t for t, _ in profile.prefill] == [16, 32, 64]
+    assert {b for b, _, _ in profile.decode} == {1, 2, 4}
+    assert all(s > 0 for *_, s in profile.decode)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    loaded = Profile.load(path)
+    assert loaded.prefill == profile.prefill and loaded.decode_time(2, 100) == pytest.approx(
+        profile.decode_time(2, 100)
+    )
+    records = simulate(loaded, Hardware(cores=2), 1, 1, [SimRequest(0.0, 30, 4)])
+    assert summarize(records, 1.0)["completed"] == 1
