@@ -1,20 +1,26 @@
-"""Disaggregated (1 prefill + 1 decode worker) against colocated (1 worker doing both), same cores, same
-streaming workload: TTFT/TPOT percentiles and throughput side by side.
+"""Disaggregated (1 prefill + 1 decode worker) against colocated (1 worker doing both) on the same cores,
+the same streaming workload at one or more request rates: TTFT/TPOT/ITL percentiles, throughput and, with
+an SLO, goodput and attainment, side by side; results as `splitserve bench` JSON, and charts.
 
-Each mode gets a fresh `splitserve serve` on this machine; the same requests (synthetic token prompts of
-exact lengths, forced output lengths) arrive as a Poisson process at `--rate` requests/s.
+Each mode gets a fresh `splitserve serve` on this machine. `--also-url` adds any other OpenAI-compatible
+server (e.g. llama.cpp's llama-server, see benchmarks/README.md) to the same runs and charts.
 
-    .venv/bin/python benchmarks/serving_modes.py [--model PATH] [--requests 48] [--rate 2]
+    .venv/bin/python benchmarks/serving_modes.py --rates 2 --requests 48
+    .venv/bin/python benchmarks/serving_modes.py --rates 0.5,1,1.5,2 --slo ttft=1.5,tpot=0.1 --out out/sweep
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import time
+from pathlib import Path
 
-from loadgen import Request, run, summarize
-
+from splitserve.bench import metrics, plots, workloads
+from splitserve.bench.cli import format_summary, tokenizer_for
+from splitserve.bench.client import Target, run
 from splitserve.launcher import ServeProcess
 
 MODES = {
@@ -23,57 +29,73 @@ MODES = {
 }
 
 
-def workload(n: int, rate: float, input_len: tuple[int, int], output_len: tuple[int, int], seed: int):
-    rng = random.Random(seed)
-    t, requests = 0.0, []
-    for _ in range(n):
-        prompt = [rng.randrange(100, 49000) for _ in range(rng.randint(*input_len))]
-        requests.append(Request(prompt, rng.randint(*output_len), arrival_s=t))
-        t += rng.expovariate(rate)
-    return requests
+def sweep(label: str, target: Target, requests, rates: list[float], slo: metrics.SLO, seed: int) -> dict:
+    asyncio.run(run(target, requests[:2], progress=False))  # warm-up
+    result = {"label": label, "slo_text": slo.describe(), "runs": []}
+    for rate in rates:
+        workloads.assign_arrivals(requests, rate, 1.0, random.Random(seed + 1))
+        records, duration = asyncio.run(run(target, requests, progress=False))
+        summary = metrics.summarize(records, duration, slo)
+        print(f"\n{label} @ {rate:g} req/s\n{format_summary(summary)}", flush=True)
+        result["runs"].append({"rate": rate, "summary": summary, "records": [r.to_json() for r in records]})
+        time.sleep(1)
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals, requests/s")
-    p.add_argument("--input-len", default="64:512", help="prompt tokens, uniform MIN:MAX")
-    p.add_argument("--output-len", default="32:128", help="output tokens, uniform MIN:MAX")
+    p.add_argument("--requests", type=int, default=48, help="requests per rate")
+    p.add_argument("--rates", default="2", help="Poisson request rates, comma-separated")
+    p.add_argument("--input-len", default="uniform:64,512")
+    p.add_argument("--output-len", default="uniform:32,128")
+    p.add_argument("--slo", default=None, help="e.g. ttft=1.5,tpot=0.1: adds goodput and attainment")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help="extra `splitserve serve` flags for both modes")
+    p.add_argument("--also-url", default=None, help="another OpenAI-compatible server to run the same workload on")
+    p.add_argument("--also-label", default="other server")
+    p.add_argument("--out", default=None, help="write PREFIX-LABEL.json results and PREFIX-*.png charts")
     args = p.parse_args()
-    lens = [tuple(int(x) for x in s.split(":")) for s in (args.input_len, args.output_len)]
-    requests = workload(args.requests, args.rate, lens[0], lens[1], args.seed)
-    print(f"{args.requests} requests, Poisson {args.rate}/s, input {args.input_len}, output {args.output_len} tokens")
+    rates = [float(r) for r in args.rates.split(",")]
+    slo = metrics.SLO.parse(args.slo)
+    tokenizer = tokenizer_for(args.model)
+    lens = workloads.LengthDist(args.input_len), workloads.LengthDist(args.output_len)
+    requests = workloads.synthetic(tokenizer, args.requests, *lens, random.Random(args.seed))
+    print(f"{args.requests} requests per rate, Poisson {args.rates}/s, input {args.input_len}, "
+          f"output {args.output_len} tokens, SLO {slo.describe()}")  # fmt: skip
 
-    results = {}
+    results = []
     for mode, (flags, workers) in MODES.items():
         server = ServeProcess(args.model, [*flags, *args.serve_args.split()], num_workers=workers)
         try:
             model = server.http.get("/v1/models").json()["data"][0]["id"]
-            asyncio.run(run(server.url, model, workload(2, 100, (16, 32), (4, 8), seed=99)))  # warm-up
-            timings, duration = asyncio.run(run(server.url, model, requests))
-            results[mode] = summarize(timings, duration)
+            results.append(sweep(mode, Target(server.url, model), requests, rates, slo, args.seed))
         finally:
             server.stop()
+    if args.also_url:
+        from splitserve.bench.cli import served_model
 
-    rows = [("requests/s", "request_throughput", 1, "{:.2f}"), ("output tok/s", "output_throughput", 1, "{:.1f}")]
-    for metric in ("ttft", "tpot", "itl", "e2e"):
-        for stat in ("mean", "p50", "p90", "p99"):
-            rows.append((f"{metric.upper()} {stat} (ms)", f"{metric}_{stat}", 1000, "{:.0f}"))
-    rows.append(("failed", "failed", 1, "{:.0f}"))
-    modes = list(results)
-    print(f"\n{'':22}" + "".join(f"{m:>24}" for m in modes))
-    for label, key, scale, fmt in rows:
-        print(f"{label:22}" + "".join(f"{fmt.format(results[m][key] * scale):>24}" for m in modes))
-    base = results[modes[1]]
-    for m in modes[:1]:
-        r = results[m]
-        print(
-            f"\n{m} / {modes[1]}: output throughput {r['output_throughput'] / base['output_throughput']:.2f}x, "
-            f"TTFT p90 {r['ttft_p90'] / base['ttft_p90']:.2f}x, TPOT p90 {r['tpot_p90'] / base['tpot_p90']:.2f}x"
-        )
+        target = Target(args.also_url, served_model(args.also_url, None))
+        results.append(sweep(args.also_label, target, requests, rates, slo, args.seed))
+
+    keys = [("req/s", "request_throughput", 1), ("out tok/s", "output_throughput", 1),
+            ("p50 TTFT ms", "p50_ttft", 1000), ("p90 TTFT ms", "p90_ttft", 1000), ("p99 TTFT ms", "p99_ttft", 1000),
+            ("p50 TPOT ms", "p50_tpot", 1000), ("p90 TPOT ms", "p90_tpot", 1000), ("p99 TPOT ms", "p99_tpot", 1000),
+            ("p99 ITL ms", "p99_itl", 1000)]  # fmt: skip
+    if slo:
+        keys += [("goodput req/s", "goodput", 1), ("attainment %", "slo_attainment", 100)]
+    for i, rate in enumerate(rates):
+        print(f"\n--- {rate:g} req/s" + "".join(f"{r['label']:>24}" for r in results))
+        for name, key, scale in keys:
+            print(f"{name:>16}" + "".join(f"{r['runs'][i]['summary'][key] * scale:24.1f}" for r in results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            slug = "".join(c if c.isalnum() else "-" for c in r["label"]).strip("-")
+            Path(f"{args.out}-{slug}.json").write_text(json.dumps(r))
+        if slo and len(rates) > 1:
+            print(f"chart: {plots.attainment_vs_rate(results, Path(f'{args.out}-attainment.png'))}")
+        print(f"chart: {plots.latency_cdfs(results, Path(f'{args.out}-cdf.png'))}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from splitserve.bench import metrics, plots, workloads
-from splitserve.bench.client import Target, run
+from splitserve.bench.client import Record, Target, run
 from splitserve.bench.metrics import SLO
 
 
@@ -49,22 +49,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write results (every request's timings) to this JSON file")
     p.add_argument("--plot", default=None, help="write charts to PREFIX-attainment.png and PREFIX-cdf.png")
     p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
-                   help="draw charts from saved results (with --plot) instead of running")  # fmt: skip
+                   help="compare saved results (tables, and charts with --plot; --slo judges them anew)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.compare:
         results = [json.loads(Path(f).read_text()) for f in args.compare]
+        if args.slo:  # judge the saved requests against another SLO
+            slo = SLO.parse(args.slo)
+            for result in results:
+                result["slo_text"] = slo.describe()
+                for r in result["runs"]:
+                    records = [Record(**x) for x in r["records"]]
+                    r["summary"] = metrics.summarize(records, r["summary"]["duration_s"], slo)
+        for result in results:
+            print(f"\n{result['label']}{format_sweep(result)}")
         _plot(results, args.plot or "bench")
         return 0
     slo = SLO.parse(args.slo)
     rates = [float(r) for r in str(args.rate).split(",")]
     if any(not r > 0 for r in rates):
         raise ValueError("rates must be > 0 (inf: all at once)")
-    model = args.model or _served_model(args.url, args.api_key)
+    model = args.model or served_model(args.url, args.api_key)
     target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos)
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = tokenizer_for(args.tokenizer)
     requests = _workload(args, tokenizer)
     result = {"label": args.label or model, "model": model, "url": args.url, "endpoint": args.endpoint,
               "workload": _describe(args), "slo": vars(slo), "slo_text": slo.describe(), "runs": []}  # fmt: skip
@@ -116,14 +125,14 @@ def _plot(results: list[dict], prefix: str) -> None:
     print(f"chart: {plots.latency_cdfs(results, Path(f'{prefix}-cdf.png'))}")
 
 
-def _served_model(url: str, api_key: str | None) -> str:
+def served_model(url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
     r.raise_for_status()
     return r.json()["data"][0]["id"]
 
 
-def _tokenizer(spec: str | None):
+def tokenizer_for(spec: str | None):
     from splitserve.model.checkpoint import resolve_model
     from splitserve.model.tokenizer import load_tokenizer
 
