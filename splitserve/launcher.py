@@ -72,6 +72,9 @@ def _announce(server: ServerOptions, cluster: Cluster, children: list[subprocess
             if child.poll() is not None and child.pid not in reported:
                 reported.add(child.pid)
                 log.warning("worker process %d exited with status %s", child.pid, child.returncode)
+                if not ready:  # a worker that cannot start: the cluster never will; stop it all
+                    log.error("a worker failed to start; stopping")
+                    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

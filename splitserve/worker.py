@@ -95,7 +95,7 @@ def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
         from splitserve.prefill.worker import PrefillWorker
 
         engine = PrefillEngine(options.engine)
-        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine))
+        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), progress_thread=True)
         role = PrefillWorker(engine, agent, send, options.kv_timeout_s)
     else:
         from splitserve.decode.engine import Engine
@@ -106,7 +106,7 @@ def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
         if options.role is Role.DECODE:
             from splitserve.kv_transfer.agent import TransferAgent
 
-            agent = TransferAgent(engine.runner.kv_cache, kv_key(engine))
+            agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), progress_thread=True)
         role = DecodeWorker(engine, agent, send, options.kv_timeout_s)
     return role
 

@@ -79,12 +79,15 @@ class DecodeWorker:
             log.warning("a %s worker got %s: ignored", "decode" if self.agent else "both", type(message).__name__)
 
     def step(self) -> None:
-        out = [self._landed(c) for c in self.agent.poll()] if self.agent is not None else []
+        if self.agent is not None:
+            landed = [u for u in map(self._landed, self.agent.poll()) if u is not None]
+            if landed:  # first tokens go out now, not after the next decode step (that is the next turn)
+                self._send(Tokens([_token_out(u) for u in landed], self.load()))
+                return
         if self.engine.has_unfinished():
-            out.extend(self.engine.step())
-        items = [_token_out(u) for u in out if u is not None]
-        if items:
-            self._send(Tokens(items, self.load()))
+            updates = self.engine.step()
+            if updates:
+                self._send(Tokens([_token_out(u) for u in updates], self.load()))
 
     def _reserve(self, message: Reserve) -> None:
         job = str(message.job)

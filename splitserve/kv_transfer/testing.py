@@ -19,6 +19,7 @@ from splitserve.kv_transfer.messages import CompatKey
 TRANSPORTS = {
     "tcp": {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "UCX_TCP_TX_SEG_SIZE": "1M", "UCX_TCP_RX_SEG_SIZE": "1M"},
     "shm": {"UCX_TLS": "posix,sysv,self"},
+    "auto": {},  # whatever UCX picks by itself, as the workers run
 }
 _spawn = multiprocessing.get_context("spawn")  # UCX is not fork-safe
 
