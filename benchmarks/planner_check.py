@@ -60,7 +60,7 @@ def main() -> None:
                 records, duration = asyncio.run(run(target, requests, progress=False))
                 measured = metrics.summarize(records, duration)
                 sim = [SimRequest(r.arrival_s, r.prompt_tokens, r.max_tokens) for r in requests]
-                simulated = simulate(profile, Hardware(cores=cores), prefill, decode, sim)
+                simulated = simulate(profile, Hardware(cores), prefill, decode, sim)
                 predicted = metrics.summarize(simulated, max(r.end for r in simulated))
                 rows.append((f"{prefill}P:{decode}D", rate, predicted, measured))
                 print(f"{prefill}P:{decode}D @ {rate:g}: p90 TTFT {predicted['p90_ttft']:.3f} vs "

@@ -3,6 +3,8 @@ recommendations (including none when the SLO cannot be met)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from splitserve.bench.metrics import SLO, summarize
@@ -57,6 +59,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_behind_the_budget():
     assert r.chunk_times[0] == pytest.approx(PROFILE.prefill_time(512) + PROFILE.prefill_time(488))
 
 
+def test_slowdown_from_the_measured_contention():
+    assert PROFILE.slowdown(busy=8, cores=8) == 1  # no pair slowdown measured: free until the cores run out
+    assert PROFILE.slowdown(busy=12, cores=8) == 1.5
+    slow = dataclasses.replace(PROFILE, pair_slowdown=1.6)
+    assert slow.slowdown(busy=1, cores=2) == 1
+    assert slow.slowdown(busy=2, cores=2) == pytest.approx(1.6)
+    assert slow.slowdown(busy=3, cores=2) == pytest.approx(2.2)
+
+
 def test_contention_when_workers_outnumber_cores():
     one_core = Hardware(cores=1, kv_bandwidth=float("inf"), hop_s=0.0)
     # Two prefill workers busy at once on one core: the second pass to start takes twice as long.
@@ -76,13 +87,12 @@ def test_decode_queue_bounds_the_batch():
 
 def test_plan_recommends_and_says_when_nothing_meets_the_slo():
     workload = planner.Workload(LengthDist("uniform:50,300"), LengthDist("uniform:10,40"), num_requests=200)
-    hw = Hardware(cores=8)
-    results = planner.plan({2: PROFILE, 3: PROFILE}, hw, 2.0, workload, SLO(ttft=1.0, tpot=0.1))
+    results = planner.plan({2: PROFILE, 3: PROFILE}, 8, 2.0, workload, SLO(ttft=1.0, tpot=0.1))
     assert [r.name for r in results] == ["1P:1D", "1P:2D", "2P:1D"]
     chosen, text = planner.recommend(results, 2.0, 0.9)
     assert chosen is not None and text.startswith("Recommended")
     assert chosen.goodput_per_worker == max(r.goodput_per_worker for r in results if r.at_rate["slo_attainment"] >= 0.9)
-    impossible = planner.plan({2: PROFILE}, hw, 2.0, workload, SLO(ttft=0.001))
+    impossible = planner.plan({2: PROFILE}, 8, 2.0, workload, SLO(ttft=0.001))
     chosen, text = planner.recommend(impossible, 2.0, 0.9)
     assert chosen is None and text.startswith("No split meets") and impossible[0].max_rate == 0
     assert "1P:1D" in planner.format_table(results, 2.0)
@@ -101,5 +111,6 @@ def test_profile_measures_the_real_engine(tiny_llama_gqa, tmp_path):
     assert loaded.prefill == profile.prefill and loaded.decode_time(2, 100) == pytest.approx(
         profile.decode_time(2, 100)
     )
+    assert loaded.pair_slowdown >= 1.0 and loaded.pair_slowdown == profile.pair_slowdown
     records = simulate(loaded, Hardware(cores=2), 1, 1, [SimRequest(0.0, 30, 4)])
     assert summarize(records, 1.0)["completed"] == 1

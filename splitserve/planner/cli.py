@@ -11,7 +11,6 @@ from splitserve.bench.workloads import LengthDist
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
 from splitserve.planner.profile import Profile, measure
-from splitserve.planner.simulator import Hardware
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +37,6 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     counts = sorted({int(n) for n in args.workers.split(",")})
     if any(n < 2 for n in counts):
         raise ValueError("a split needs at least 2 workers")
-    hw = Hardware(cores=args.cores)
     by_threads: dict[int, Profile] = {}
     for path in args.profile or []:
         loaded = Profile.load(Path(path))
@@ -56,13 +54,16 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
         profiles[n] = by_threads[threads]
     workload = planner.Workload(LengthDist(args.input_len), LengthDist(args.output_len), args.burstiness,
                                 args.num_requests, args.seed)  # fmt: skip
-    results = planner.plan(profiles, hw, args.rate, workload, slo, args.target)
+    results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target)
+    for n in counts:
+        print(f"{n} workers: {profiles[n].threads} thread(s) each; two busy workers slow each other "
+              f"{profiles[n].pair_slowdown:.2f}x here")  # fmt: skip
     print(f"\nworkload: input {args.input_len}, output {args.output_len} tokens; SLO {slo.describe()} for "
           f"{100 * args.target:.0f}% of requests")  # fmt: skip
     print(planner.format_table(results, args.rate))
     print()
     print(planner.recommend(results, args.rate, args.target)[1])
     if args.plot:
-        path = planner.plot(profiles, hw, results, args.rate, workload, slo, args.target, Path(args.plot))
+        path = planner.plot(profiles, args.cores, results, args.rate, workload, slo, args.target, Path(args.plot))
         print(f"chart: {path}")
     return 0

@@ -74,11 +74,12 @@ def max_rate(profile: Profile, hw: Hardware, prefill: int, decode: int, workload
     return lo
 
 
-def plan(profiles: dict[int, Profile], hw: Hardware, rate: float, workload: Workload, slo: SLO,
+def plan(profiles: dict[int, Profile], cores: int, rate: float, workload: Workload, slo: SLO,
          target: float = 0.9) -> list[SplitResult]:  # fmt: skip
     """`profiles`: for each number of workers, the profile measured with that many workers' share of cores."""
     results = []
     for n, profile in sorted(profiles.items()):
+        hw = Hardware(cores)
         for p in range(1, n):
             d = n - p
             results.append(SplitResult(p, d, evaluate(profile, hw, p, d, rate, workload, slo),
@@ -116,7 +117,7 @@ def format_table(results: list[SplitResult], rate: float) -> str:
     return "\n".join(lines)
 
 
-def plot(profiles: dict[int, Profile], hw: Hardware, results: list[SplitResult], rate: float, workload: Workload,
+def plot(profiles: dict[int, Profile], cores: int, results: list[SplitResult], rate: float, workload: Workload,
          slo: SLO, target: float, path: Path) -> Path:  # fmt: skip
     """Predicted SLO attainment against request rate for each split."""
     top = max(rate, *(r.max_rate for r in results)) * 1.6
@@ -124,6 +125,7 @@ def plot(profiles: dict[int, Profile], hw: Hardware, results: list[SplitResult],
     series = {}
     for r in results:
         profile = profiles[r.workers]
+        hw = Hardware(cores)
         series[r.name] = [
             (x, evaluate(profile, hw, r.prefill, r.decode, x, workload, slo)["slo_attainment"]) for x in rates
         ]

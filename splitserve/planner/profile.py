@@ -2,12 +2,15 @@
 
 Prefill: one pass over a chunk of T prompt tokens, for T up to the token budget. Decode: one step of a
 batch of B requests whose contexts hold C tokens each. K/V contents do not change the time, so decode
-points are measured on pages that were never filled (no prefill needed to get there).
+points are measured on pages that were never filled (no prefill needed to get there). Contention: how
+much a pass slows down while a second worker computes next to it (shared caches, memory bandwidth,
+hyperthreads: on this 2-vCPU machine about 1.7x, although each worker has a core of its own).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -36,6 +39,13 @@ class Profile:
     kv_bytes_per_token: int
     prefill: list[tuple[int, float]]  # (tokens in the pass, seconds)
     decode: list[tuple[int, int, float]]  # (batch, context tokens per request, seconds)
+    pair_slowdown: float = 1.0  # a pass's time with a second worker busy next to it / its time alone
+
+    def slowdown(self, busy: int, cores: int) -> float:
+        """How much longer a pass takes while `busy` workers (itself included) compute at once: each other
+        busy worker adds the measured pair slowdown, and workers beyond cores / threads share the cores."""
+        shared = busy * self.threads / cores
+        return max(1.0, 1 + (self.pair_slowdown - 1) * (busy - 1), shared)
 
     def prefill_time(self, tokens: int) -> float:
         """Piecewise linear between measured points, linear beyond the last two."""
@@ -72,7 +82,9 @@ class Profile:
         return cls(**data)
 
 
-def measure(config: EngineConfig, threads: int, repeats: int = 3, progress: bool = True) -> Profile:
+def measure(
+    config: EngineConfig, threads: int, repeats: int = 3, progress: bool = True, contention: bool = True
+) -> Profile:
     """Profile the engine `config` describes with `threads` torch threads (what each worker will get)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -95,6 +107,7 @@ def measure(config: EngineConfig, threads: int, repeats: int = 3, progress: bool
             for b, c in grid:
                 decode.append((b, c, _time(core, [c] * b, 1, repeats, rng)))
                 bar.update(1)
+        pair_slowdown = _pair_slowdown(config, threads, core, rng) if contention else 1.0
         model_config = core.model_config
         return Profile(
             model=core.model_path.name,
@@ -106,6 +119,7 @@ def measure(config: EngineConfig, threads: int, repeats: int = 3, progress: bool
             kv_bytes_per_token=page_bytes(model_config, 1, config.torch_dtype),
             prefill=prefill,
             decode=decode,
+            pair_slowdown=pair_slowdown,
         )
     finally:
         torch.set_num_threads(previous)
@@ -133,3 +147,37 @@ def _time(core: EngineCore, lengths: list[int], decode: int, repeats: int, rng: 
     finally:
         for r in requests:
             core.allocator.free(r.pages)
+
+
+def _pair_slowdown(config: EngineConfig, threads: int, core: EngineCore, rng: random.Random) -> float:
+    """A prefill pass's time while another process runs decode steps, over its time alone."""
+    tokens = min(256, config.max_num_batched_tokens)
+    alone = _time(core, [tokens], 0, 3, rng)
+    spawn = multiprocessing.get_context("spawn")
+    ready, stop = spawn.Event(), spawn.Event()
+    neighbour = spawn.Process(target=_keep_busy, args=(config, threads, ready, stop), daemon=True)
+    neighbour.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.wait(0.5):
+            if not neighbour.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the contention helper did not start")
+        loaded = _time(core, [tokens], 0, 5, rng)
+    finally:
+        stop.set()
+        neighbour.join(30)
+    return max(1.0, loaded / alone)
+
+
+def _keep_busy(config: EngineConfig, threads: int, ready, stop) -> None:
+    """Another worker's load: decode steps of a batch of 16, until told to stop."""
+    torch.set_num_threads(threads)
+    core = EngineCore(config)
+    rng = random.Random(1)
+    context = min(256, core.max_model_len - 2)
+    pages_each = -(-(context + 1) // config.page_size)
+    batch = [context] * max(1, min(16, config.max_num_seqs, core.allocator.capacity // pages_each))
+    _time(core, batch, 1, 1, rng)
+    ready.set()
+    while not stop.is_set():
+        _time(core, batch, 1, 1, rng)

@@ -8,8 +8,8 @@ with the policies the real ones use, timed by a measured `Profile`.
   long prompts in chunks. When a prompt's last chunk is done its KV travels to the decode worker.
 - A decode worker streams the first token as the KV lands, and runs steps of its whole running batch; a
   request that lands during a step joins the next one.
-- Workers beyond the machine's cores share them: a pass started while more workers than cores are busy
-  takes proportionally longer.
+- Workers slow each other down: a pass started while k workers are busy takes `Profile.slowdown(k)`
+  longer (the measured slowdown of two workers side by side, and cores shared beyond cores / threads).
 
 It returns the same `Record`s the benchmark client produces, so the same metrics apply to both.
 """
@@ -97,7 +97,7 @@ class _Sim:
 
     def slowdown(self) -> float:
         busy = sum(w.busy for w in (*self.prefill, *self.decode))
-        return max(1.0, busy / self.hw.cores)
+        return self.profile.slowdown(busy, self.hw.cores)
 
     def arrive(self, t: float, r: _Req) -> None:
         room = [d for d in self.decode if d.assigned < self.profile.max_num_seqs]
