@@ -44,10 +44,12 @@ def attainment_chart(series: dict[str, list[tuple[float, float]]], path: Path, t
 
 
 def latency_cdfs(results: list[dict], path: Path) -> Path:
-    """TTFT and TPOT CDFs, a line per (result, rate)."""
+    """TTFT and TPOT CDFs, a line per (result, rate): a color per result, a line style per rate."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for result in results:
-        for run in result["runs"]:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", ":"]
+    for i, result in enumerate(results):
+        for j, run in enumerate(result["runs"]):
             records = [Record(**r) for r in run["records"] if r["error"] is None]
             series = {"TTFT": [metrics.ttft(r) for r in records],
                       "TPOT": [x for x in map(metrics.tpot, records) if x is not None]}  # fmt: skip
@@ -56,7 +58,8 @@ def latency_cdfs(results: list[dict], path: Path) -> Path:
                 values = sorted(values)
                 if values:
                     ys = [(i + 1) / len(values) for i in range(len(values))]
-                    ax.step([1000 * v for v in values], ys, where="post", label=label)
+                    ax.step([1000 * v for v in values], ys, where="post", label=label,
+                            color=colors[i % len(colors)], linestyle=styles[j % len(styles)])  # fmt: skip
     for ax, name in zip(axes, ("TTFT", "TPOT"), strict=True):
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests")
