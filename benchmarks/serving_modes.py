@@ -85,7 +85,7 @@ def main() -> None:
     if slo:
         keys += [("goodput req/s", "goodput", 1), ("attainment %", "slo_attainment", 100)]
     for i, rate in enumerate(rates):
-        print(f"\n--- {rate:g} req/s" + "".join(f"{r['label']:>24}" for r in results))
+        print(f"\n--- {rate:g} req/s" + "".join(f"{r['label'][:22]:>24}" for r in results))
         for name, key, scale in keys:
             print(f"{name:>16}" + "".join(f"{r['runs'][i]['summary'][key] * scale:24.1f}" for r in results))
     if args.out:
