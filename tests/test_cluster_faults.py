@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import httpx
 import msgspec
 import pytest
 import zmq
@@ -166,3 +167,87 @@ def test_worker_drops_garbage_frames_and_keeps_working(tiny_chat_llama):
         router.close(0)
         ctx.term()
     assert stderr.count("dropped a malformed message") == len(junk), stderr
+
+
+def test_full_decode_pool_queues_then_answers_429_and_503(tiny_chat_llama):
+    """Two batch slots, room for two more in the router's queue: the rest get 429 at once, the queued
+    ones 503 when no room appears within the queue timeout; both with Retry-After."""
+    args = ["--prefill", "1", "--decode", "1", *ENGINE, "--max-num-seqs", "2", "--max-queue", "2",
+            "--queue-timeout", "1"]  # fmt: skip
+    server = ServeProcess(tiny_chat_llama, args, num_workers=2)
+    try:
+        model = _model(server)
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 450, "ignore_eos": True, "stream": True}
+        statuses: list = [None] * 8
+
+        def one(i: int) -> None:
+            with server.http.stream("POST", "/v1/completions", json=body) as r:
+                statuses[i] = (r.status_code, r.headers.get("retry-after"))
+                r.read()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+        codes = sorted(s[0] for s in statuses)
+        assert codes.count(200) == 2 and codes.count(429) == 4 and codes.count(503) == 2, statuses
+        assert all(s[1] for s in statuses if s[0] != 200), statuses
+        server.wait_idle(timeout=10)
+    finally:
+        server.stop()
+
+
+def test_workers_join_and_leave_a_running_router(tiny_chat_llama):
+    """`splitserve router` alone, then workers started and stopped on their own while it runs."""
+    port, worker_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "splitserve", "router", "--model", str(tiny_chat_llama), "--port", str(port),
+           "--worker-port", str(worker_port)]  # fmt: skip
+    router = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[subprocess.Popen] = []
+    url = f"http://127.0.0.1:{port}"
+
+    def start(role: str) -> None:
+        argv = [sys.executable, "-m", "splitserve", role, "--router", f"tcp://127.0.0.1:{worker_port}",
+                "--model", str(tiny_chat_llama), *ENGINE]  # fmt: skip
+        workers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def wait_for(roles: list[str]) -> dict:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                h = httpx.get(f"{url}/health", timeout=5).json()
+                if sorted(w["role"] for w in h["workers"]) == sorted(roles):
+                    return h
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"workers {roles} did not show up")
+
+    try:
+        assert wait_for([])["status"] == "unavailable"
+        model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 503
+        start("prefill")
+        start("decode")
+        wait_for(["decode", "prefill"])
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        workers[0].send_signal(signal.SIGTERM)  # the prefill worker leaves
+        workers[0].wait(20)
+        wait_for(["decode"])
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 503
+        start("prefill")  # another joins
+        wait_for(["decode", "prefill"])
+        r = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 4
+    finally:
+        for p in [*workers, router]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*workers, router]:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
