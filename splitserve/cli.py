@@ -68,7 +68,14 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _add_router_args(p: argparse.ArgumentParser) -> None:
+def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
+    p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
+    p.add_argument(
+        "--worker-port",
+        type=int,
+        default=worker_port,
+        help=f"port of the workers' socket (default {worker_port or 'any free one'})",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
@@ -204,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     srv.add_argument("--both", type=int, default=0, help="colocated workers doing prefill and decode (default 0)")
     srv.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
-    srv.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
-    srv.add_argument("--worker-port", type=int, default=0, help="port of the workers' socket (default: any free one)")
-    _add_router_args(srv)
+    _add_router_args(srv, worker_port=0)
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
@@ -216,9 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the router alone: OpenAI-compatible HTTP for clients, a ZeroMQ socket for workers, "
         "which may join and leave (from any host) while it runs.",
     )
-    rtr.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
-    rtr.add_argument("--worker-port", type=int, default=5557, help="port of the workers' socket (default 5557)")
-    _add_router_args(rtr)
+    _add_router_args(rtr, worker_port=5557)
     rtr.add_argument("--model", default=None, help="the model the workers serve (its tokenizer is loaded here)")
     rtr.set_defaults(func=_router)
 
