@@ -77,6 +77,30 @@ def test_shared_prefix_and_multi_turn(tokenizer):
     assert [t.turn for t in (sessions[0], *sessions[0].follow_ups)] == [0, 1, 2]
 
 
+def test_sharegpt_file(tokenizer, tmp_path):
+    long_answer = "word " * 50
+    data = [
+        {"conversations": [{"from": "human", "value": "Tell me a story about a cat please"},
+                           {"from": "gpt", "value": long_answer}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": long_answer}]},  # too short
+        {"conversations": [{"from": "gpt", "value": "starts with the model"}]},  # no human turn first
+        {"conversations": [{"from": "human", "value": "What is the capital of France, and why?"},
+                           {"from": "gpt", "value": "Paris, because history made it so."}]},
+    ]  # fmt: skip
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    reqs = workloads.sharegpt(path, tokenizer, 10, random.Random(0))
+    assert len(reqs) == 2
+    for r in reqs:
+        assert r.prompt_tokens == _count(tokenizer, r.prompt)
+        assert r.max_tokens in (_count(tokenizer, long_answer), _count(tokenizer, "Paris, because history made it so."))
+    chat = workloads.sharegpt(path, tokenizer, 1, random.Random(0), chat=True)
+    assert len(chat) == 1 and chat[0].messages[0]["role"] == "user" and chat[0].prompt is None
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="no usable"):
+        workloads.sharegpt(path, tokenizer, 10, random.Random(0))
+
+
 def _record(sent, chunks, end, n, error=None) -> Record:
     return Record(prompt_tokens=10, max_tokens=n, sent=sent, chunk_times=chunks, end=end, output_tokens=n, error=error)
 
