@@ -6,7 +6,14 @@ class SplitserveError(Exception):
 
 
 class InvalidRequestError(SplitserveError, ValueError):
-    """A request that can never be served as given (empty prompt, bad sampling parameters, ...)."""
+    """A request that can never be served as given (empty prompt, bad sampling parameters, ...).
+
+    `param` names the offending field and `code` an OpenAI error code, where one applies (the router
+    puts both in its error body)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class ModelLoadError(SplitserveError):

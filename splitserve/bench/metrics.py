@@ -47,11 +47,13 @@ class SLO:
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.ttft, self.tpot, self.e2el))
 
+    def missed(self, ttft_s: float, tpot_s: float | None, e2el_s: float) -> list[str]:
+        """The limits a request with these latencies misses (TPOT None: a one-token answer has none)."""
+        checks = (("ttft", self.ttft, ttft_s), ("tpot", self.tpot, tpot_s), ("e2el", self.e2el, e2el_s))
+        return [name for name, limit, value in checks if limit is not None and value is not None and value > limit]
+
     def met(self, r: Record) -> bool:
-        if not r.ok:
-            return False
-        checks = [(self.ttft, ttft(r)), (self.tpot, tpot(r)), (self.e2el, e2el(r))]
-        return all(limit is None or value is None or value <= limit for limit, value in checks)
+        return r.ok and not self.missed(ttft(r), tpot(r), e2el(r))
 
     def describe(self) -> str:
         parts = [f"{n}<={v * 1000:g}ms" for n, v in (("TTFT", self.ttft), ("TPOT", self.tpot), ("E2EL", self.e2el))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.request import check_prompt
 from splitserve.engine.runner import ModelRunner
-from splitserve.errors import InvalidRequestError
 from splitserve.model.checkpoint import resolve_model
 from splitserve.model.config import ModelConfig
 
@@ -21,13 +21,4 @@ class EngineCore:
         self.allocator = PageAllocator(self.runner.num_pages)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len} "
-                "(prompt and at least one generated token)"
-            )
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)

@@ -9,6 +9,24 @@ from typing import NamedTuple
 import torch
 
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.errors import InvalidRequestError
+
+
+def check_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise InvalidRequestError unless the prompt is non-empty, in the vocabulary, and leaves room in the
+    context for at least one generated token."""
+    n = len(prompt_token_ids)
+    if not n:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if n >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {n} tokens; this model's context holds {max_model_len} "
+            "(prompt and at least one generated token)",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
 
 
 class RequestStatus(enum.Enum):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.bench.metrics import SLO
+from splitserve.engine.request import check_prompt
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
@@ -138,8 +139,11 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
     problem = body.unsupported()
     if problem:
         raise APIError(400, problem)
-    prompt_ids = _prompt_ids(state, body)
-    params = _sampling_params(state, body, prompt_ids)
+    try:
+        prompt_ids = _prompt_ids(state, body)
+        params = _sampling_params(state, body, prompt_ids)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), code=e.code, param=e.param) from e
     try:
         job = state.cluster.submit(prompt_ids, params)
     except Overloaded as e:
@@ -166,50 +170,37 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
 
 
 def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
-    try:
-        if isinstance(body, ChatCompletionRequest):
-            ids = encode_chat(state.tokenizer, [m.as_template_input() for m in body.messages])[1]
-        else:
-            prompt = body.single_prompt()
-            ids = list(prompt) if not isinstance(prompt, str) else state.tokenizer(prompt).input_ids if prompt else []
-    except InvalidRequestError as e:
-        raise APIError(400, str(e)) from e
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if any(not 0 <= t < state.vocab_size for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {state.vocab_size})", param="prompt")
-    return ids
+    if isinstance(body, ChatCompletionRequest):
+        return encode_chat(state.tokenizer, [m.as_template_input() for m in body.messages])[1]
+    prompt = body.single_prompt()
+    return list(prompt) if not isinstance(prompt, str) else state.tokenizer(prompt).input_ids if prompt else []
 
 
 def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> SamplingParams:
     limit = state.cluster.max_model_len
     if limit is None:
         raise APIError(503, "no workers can serve requests right now", "server_error", headers={"Retry-After": "5"})
+    check_prompt(prompt_ids, limit, state.vocab_size)
     n = len(prompt_ids)
-    if n >= limit:
-        raise APIError(400, f"the prompt has {n} tokens; this model's context holds {limit} (prompt and at least one "
-                       "generated token)", code="context_length_exceeded", param="prompt")  # fmt: skip
     chat = isinstance(body, ChatCompletionRequest)
     max_tokens = body.requested_max_tokens if chat else body.max_tokens
     if max_tokens is None:
         max_tokens = limit - n
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if n + max_tokens > limit:
-        raise APIError(400, f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds this model's context of "
-                       f"{limit} tokens", code="context_length_exceeded", param="max_tokens")  # fmt: skip
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-            logprobs=body.num_logprobs if chat else body.logprobs,
+        raise InvalidRequestError(
+            f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds this model's context of {limit} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
-    except InvalidRequestError as e:
-        raise APIError(400, str(e)) from e
+    return SamplingParams(  # validates the rest (max_tokens >= 1, temperature, top_p, top_k, logprobs)
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.num_logprobs if chat else body.logprobs,
+    )
 
 
 async def _next_event(job: Job, request: Request) -> TokenEvent | ErrorEvent | None:

@@ -37,19 +37,11 @@ class SloWindow:
         while self._finished and self._finished[0][0] < cutoff:
             self._finished.popleft()
         rows = list(self._finished)
-        s = self.slo
-        misses = {
-            "ttft": sum(s.ttft is not None and r[1] > s.ttft for r in rows),
-            "tpot": sum(s.tpot is not None and r[2] is not None and r[2] > s.tpot for r in rows),
-            "e2el": sum(s.e2el is not None and r[3] > s.e2el for r in rows),
-        }
-        met = sum(
-            not ((s.ttft is not None and r[1] > s.ttft) or (s.tpot is not None and r[2] is not None and r[2] > s.tpot)
-                 or (s.e2el is not None and r[3] > s.e2el))
-            for r in rows
-        )  # fmt: skip
+        missed = [self.slo.missed(*r[1:]) for r in rows]
+        misses = {name: sum(name in m for m in missed) for name in ("ttft", "tpot", "e2el")}
+        met = sum(not m for m in missed)
         return {
-            "slo": s.describe(),
+            "slo": self.slo.describe(),
             "window_s": self.window_s,
             "requests": len(rows),
             "attainment": met / len(rows) if rows else None,
