@@ -1,5 +1,7 @@
 """KV page transfer between real processes over UCX (TCP and shared memory): byte-exact pages, many
-requests between many peers, handshake refusal, deadlines when a peer dies, and cancels from either side."""
+requests between many peers, handshake refusal, deadlines when a peer dies, and cancels from either side.
+Over TCP pages travel as tagged messages; over shared memory the receiver copies them out of the sender's
+UCX-mapped memory (an offer), which must fail closed when the offer expires before the copy."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import msgspec
 import pytest
 
 from splitserve.kv_transfer.messages import CompatKey, Ticket
-from splitserve.kv_transfer.testing import Peer, page_shape
+from splitserve.kv_transfer.testing import Peer, page_shape, random_pages
 
 KEY = CompatKey(model="tiny", dtype="fp16", page_size=4, num_layers=2, num_kv_heads=2, head_dim=16)
 BIG_KEY = CompatKey(model="tiny", dtype="fp16", page_size=16, num_layers=16, num_kv_heads=8, head_dim=128)
@@ -72,12 +74,16 @@ def test_pages_arrive_byte_exact_and_nowhere_else(peers, transport):
     untouched = set(range(64)) - set(dst)
     assert all(ours[p] == _zero_hash(KEY) for p in untouched)
     _assert_idle(sender, receiver)
-    assert receiver.call("state")["metrics"]["bytes_received"] == len(dst) * 2 * 2 * 4 * 2 * 16 * 2
+    metrics = receiver.call("state")["metrics"]
+    assert metrics["bytes_received"] == len(dst) * 2 * 2 * 4 * 2 * 16 * 2
+    # Over shared memory the receiver copies the pages out of the sender's memory; over TCP it cannot.
+    assert metrics["transfers_pulled"] == (transport == "shm")
 
 
-def test_64_concurrent_requests_between_2_senders_and_2_receivers(peers):
-    senders = [peers(f"s{i}", num_pages=256, fill_seed=10 + i) for i in range(2)]
-    receivers = [peers(f"r{i}", num_pages=256) for i in range(2)]
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_64_concurrent_requests_between_2_senders_and_2_receivers(peers, transport):
+    senders = [peers(f"s{i}", num_pages=256, transport=transport, fill_seed=10 + i) for i in range(2)]
+    receivers = [peers(f"r{i}", num_pages=256, transport=transport) for i in range(2)]
     rng = random.Random(0)
     free = {r.agent_id: list(range(256)) for r in receivers}
     for pool in free.values():
@@ -131,11 +137,21 @@ def _big_transfer(peers, transport="tcp"):
     warm = receiver.call("reserve", pages=[0], timeout=10)["ticket"]
     sender.call("send", ticket=warm, pages=[0], timeout=10)
     assert _completions(sender, 1)[0]["ok"] and _completions(receiver, 1)[0]["ok"]
+    assert receiver.call("state")["metrics"]["transfers_pulled"] == (transport == "shm")
     return sender, receiver
 
 
+def _xid(ticket: bytes) -> int:
+    return msgspec.msgpack.decode(ticket, type=Ticket).xid
+
+
+def _assert_untouched(receiver: Peer, pages: list[int]) -> None:
+    hashes = receiver.call("hashes")["hashes"]
+    assert all(hashes[p] == _zero_hash(BIG_KEY) for p in pages), "a failed transfer wrote into its pages"
+
+
 def test_sender_killed_mid_transfer_fails_the_reservation_within_its_deadline(peers):
-    sender, receiver = _big_transfer(peers)
+    sender, receiver = _big_transfer(peers, "tcp")  # tagged messages: killed while its pages are on the wire
     ticket = receiver.call("reserve", pages=list(range(32)), timeout=3)["ticket"]
     sender.call("send", ticket=ticket, pages=list(range(32)), timeout=3)
     sender.kill()
@@ -146,8 +162,53 @@ def test_sender_killed_mid_transfer_fails_the_reservation_within_its_deadline(pe
     _assert_idle(receiver)
 
 
-def test_receiver_killed_mid_transfer_fails_the_send_within_its_deadline(peers):
-    sender, receiver = _big_transfer(peers)
+def test_sender_killed_before_offering_fails_the_reservation_within_its_deadline(peers):
+    sender, receiver = _big_transfer(peers, "shm")
+    receiver.call("reserve", pages=list(range(32)), timeout=3)
+    sender.kill()
+    started = time.monotonic()
+    [failed] = _completions(receiver, 1, timeout=10)
+    assert not failed["ok"] and "no KV arrived within 3.0s" in failed["error"]
+    assert time.monotonic() - started < 3 + 2
+    _assert_untouched(receiver, list(range(1, 32)))  # page 0 holds the warm-up transfer
+    _assert_idle(receiver)
+
+
+def test_pages_offered_by_a_sender_that_dies_still_arrive_byte_exact(peers):
+    """Shared memory outlives its owner: an offer made before the sender was killed is still good."""
+    sender, receiver = _big_transfer(peers, "shm")
+    src, dst = [9, 8, 30, 31, 2], [3, 4, 5, 20, 21]
+    ticket = receiver.call("reserve", pages=dst, timeout=10)["ticket"]
+    receiver.call("hold", seconds=10)  # busy elsewhere: the offer waits in its queue
+    sender.call("send", ticket=ticket, pages=src, timeout=10, payload=b"token")
+    sender.kill()
+    [got] = _completions(receiver, 1)
+    assert got["ok"] and got["payload"] == b"token", got
+    expected = random_pages(BIG_KEY, 32, seed=3)
+    hashes = receiver.call("hashes")["hashes"]
+    for s, d in zip(src, dst, strict=True):
+        assert hashes[d] == hashlib.sha256(expected[s].numpy().tobytes()).hexdigest()
+    _assert_idle(receiver)
+
+
+def test_an_offer_taken_after_its_deadline_is_discarded(peers):
+    """Fail closed: a receiver too busy to copy before the sender's deadline must not use the pages, which
+    the sender may have reused by then."""
+    sender, receiver = _big_transfer(peers, "shm")
+    ticket = receiver.call("reserve", pages=list(range(1, 9)), timeout=30)["ticket"]
+    receiver.call("hold", seconds=10)
+    sender.call("send", ticket=ticket, pages=list(range(8)), timeout=0.5)
+    [s] = _completions(sender, 1)
+    assert not s["ok"] and "did not take the KV within 0.5s" in s["error"]
+    [r] = _completions(receiver, 1)
+    assert not r["ok"] and "offer expired" in r["error"]
+    _assert_untouched(receiver, list(range(1, 9)))
+    _assert_idle(sender, receiver)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_receiver_killed_mid_transfer_fails_the_send_within_its_deadline(peers, transport):
+    sender, receiver = _big_transfer(peers, transport)
     ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
     receiver.kill()
     started = time.monotonic()
@@ -160,38 +221,45 @@ def test_receiver_killed_mid_transfer_fails_the_send_within_its_deadline(peers):
     _assert_idle(sender)
 
 
-def test_receiver_cancel_frees_both_sides(peers):
-    sender, receiver = _big_transfer(peers)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_receiver_cancel_frees_both_sides(peers, transport):
+    sender, receiver = _big_transfer(peers, transport)
     ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
+    receiver.call("hold", seconds=10)  # the pages are on their way (tagged) or offered (shm), not yet in
     sender.call("send", ticket=ticket, pages=list(range(32)), timeout=30)
-    receiver.call("cancel", xid=msgspec.msgpack.decode(ticket, type=Ticket).xid)
+    receiver.call("cancel", xid=_xid(ticket))
     [r] = _completions(receiver, 1)
     [s] = _completions(sender, 1)
     assert not r["ok"] and "canceled by the receiver" in r["error"]
-    assert not s["ok"] or s["ok"]  # the sender may have finished its sends first; either way it ends
+    # Tagged, the sender may have finished its sends before it heard of the cancel; an offer is refused.
+    assert not s["ok"] or transport == "tcp", s
     _assert_idle(sender, receiver)
 
 
-def test_ticket_canceled_by_receiver_before_send_is_refused(peers):
-    sender, receiver = _big_transfer(peers)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_ticket_canceled_by_receiver_before_send_is_refused(peers, transport):
+    sender, receiver = _big_transfer(peers, transport)
     raw = receiver.call("reserve", pages=[1, 2, 3], timeout=30)["ticket"]
-    ticket = msgspec.msgpack.decode(raw, type=Ticket)
     # A ticket this sender was handed but that the receiver canceled first is refused without sending.
-    receiver.call("cancel", xid=ticket.xid)
+    receiver.call("cancel", xid=_xid(raw))
     assert not _completions(receiver, 1)[0]["ok"]
     time.sleep(0.2)  # let the cancel reach the sender
     sender.call("send", ticket=raw, pages=[4, 5, 6], timeout=30)
     [s] = _completions(sender, 1)
     assert not s["ok"] and "canceled by the receiver" in s["error"]
+    _assert_untouched(receiver, [1, 2, 3])
     _assert_idle(sender, receiver)
 
 
-def test_sender_cancel_mid_transfer_frees_both_sides(peers):
-    sender, receiver = _big_transfer(peers)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_sender_cancel_mid_transfer_frees_both_sides(peers, transport):
+    sender, receiver = _big_transfer(peers, transport)
     ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]
+    if transport == "shm":  # the cancel reaches the receiver before it takes the offer
+        receiver.call("hold", seconds=10)
     sender.call("send", ticket=ticket, pages=list(range(32)), timeout=30, cancel_at_once=True)
-    [s] = _completions(sender, 1)
     [r] = _completions(receiver, 1)
+    [s] = _completions(sender, 1)
     assert not s["ok"] and "canceled by the sender" in s["error"]
     assert not r["ok"] and "canceled by the sender" in r["error"]  # fail closed: the pages are not used
     _assert_idle(sender, receiver)

@@ -1,11 +1,15 @@
-"""`TransferAgent`: moves KV pages between workers over UCX (ucxx core API, tagged two-sided messages).
+"""`TransferAgent`: moves KV pages between workers over UCX (ucxx core API).
 
 Each worker wraps its page tensor in one agent. The decode side *reserves* destination pages: the agent
 splits them into runs of consecutive page ids (each run is one contiguous region of the page-major
 cache), posts one receive straight into each run (zero-copy) and returns a `Ticket`. The prefill side
-*sends* its pages against that ticket: one tagged message per run, read straight from its page tensor
-when its own pages for that run are consecutive too, else gathered into a staging buffer first; then a
-`Done` message. A transfer carries only the ticket's ids.
+*sends* its pages against that ticket, one of two ways (see `messages`):
+- tagged: one tagged message per run, read straight from its page tensor when its own pages for that
+  run are consecutive too, else gathered into a staging buffer first; then a `Done` message;
+- pulled, when the receiver mapped the sender's page memory at the handshake (same host, pages in UCX
+  shared memory, see `shared_memory`): an `Offer`; the receiver copies the pages itself in one pass,
+  completes its posted receives with empty messages of its own, and answers `Taken`.
+A transfer carries only page ids.
 
 Tags: `xid << 20 | i + 1` for run i of transfer `xid` (numbered by the receiver, never reused),
 `xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes and cancels.
@@ -21,8 +25,8 @@ memory) UCX does not report a dead peer, so deadlines are how one is found:
   but late sender's sends complete too;
 - a sender whose deadline passes closes its endpoint to that receiver, which cancels what is in flight.
 
-Progress is driven by the owner's loop calling `poll()` (no progress thread: on 2 cores one would steal
-a core).
+Progress is driven by the owner's loop calling `poll()`, and optionally by a native thread that sleeps
+until the network wakes it (`TransferContext(progress_thread=True)`).
 """
 
 from __future__ import annotations
@@ -47,12 +51,15 @@ from splitserve.kv_transfer.messages import (
     Done,
     Hello,
     HelloReply,
+    Offer,
     ProtocolError,
+    Taken,
     Ticket,
     decode_control,
     decode_done,
     frame,
 )
+from splitserve.kv_transfer.shared_memory import RemotePages, SharedPageMemory
 
 # ucxx sets a variable that UCX 1.21 does not know; UCX would print a warning on stdout for it.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -112,6 +119,7 @@ class TransferMetrics:
     bytes_received: int = 0
     transfers_sent: int = 0
     transfers_received: int = 0
+    transfers_pulled: int = 0  # of those received, copied out of the sender's shared memory
     failures: int = 0
     orphaned_receives: int = 0
     malformed_messages: int = 0  # control frames dropped as undecodable
@@ -128,6 +136,17 @@ def _consecutive_runs(pages: list[int], max_len: int) -> list[list[int]]:
         else:
             runs.append([page])
     return runs
+
+
+def _copy_pages(source: np.ndarray, src: list[int], dest: np.ndarray, dst: list[int]) -> None:
+    """Copy rows `src` of `source` into rows `dst` of `dest`: one memcpy per stretch consecutive on both sides."""
+    i = 0
+    while i < len(src):
+        j = i + 1
+        while j < len(src) and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
+            j += 1
+        np.copyto(dest[dst[i] : dst[i] + j - i], source[src[i] : src[i] + j - i])
+        i = j
 
 
 def _page_tag(xid: int, index: int) -> ucx.UCXXTag:
@@ -150,6 +169,12 @@ class _Reservation:
     done_recv: object = None
     abandoned: str | None = None  # why we stopped waiting for the sender
     abandoned_at: float = 0.0
+    pulled: bytes | None = None  # the offer's payload, once its pages are copied in
+
+    @property
+    def waiting(self) -> bool:
+        """Still waiting for its pages: neither given up nor filled from an offer."""
+        return self.abandoned is None and self.pulled is None
 
 
 class _PeerState(enum.Enum):
@@ -164,6 +189,7 @@ class _Peer:
     address: bytes
     state: _PeerState
     error: str = ""
+    pulls: bool = False  # the receiver copies our pages out of shared memory: send it offers
 
 
 @dataclass(eq=False)
@@ -178,15 +204,34 @@ class _Outgoing:
     done_payload: np.ndarray | None = None
     payload: bytes = b""
     canceled: str | None = None
+    offered: bool = False  # an Offer is out: our pages stay untouched until Taken or the deadline
+
+
+class TransferContext:
+    """A process's UCX context and the page memory allocated in it. Allocate the page tensor here
+    (`context.memory.zeros`) before creating the agent, so that receivers on this host can map it. The
+    agent created with it owns it: closing the agent closes the context."""
+
+    def __init__(self, progress_thread: bool = False):
+        """`progress_thread`: UCX progresses transfers in a native thread that sleeps until the network
+        wakes it (no polling), so pages keep flowing while the owner is busy in a long forward pass; without
+        it, transfers move only when the owner calls `poll()`."""
+        features = (ucx.Feature.TAG, ucx.Feature.WAKEUP) if progress_thread else (ucx.Feature.TAG,)
+        self.ucx = ucx.UCXContext(feature_flags=features)
+        self.progress_thread = progress_thread
+        self.memory = SharedPageMemory(self.ucx.handle)
+
+    def close(self) -> None:
+        """Free the page memory (tensors over it must not be touched afterwards)."""
+        self.memory.close()
 
 
 class TransferAgent:
     """One worker's end of KV page transfers. Not thread-safe: one loop owns it and calls `poll()`."""
 
-    def __init__(self, pages: torch.Tensor, key: CompatKey, agent_id: str | None = None, progress_thread: bool = False):
-        """`progress_thread`: UCX progresses transfers in a native thread that sleeps until the network
-        wakes it (no polling), so pages keep flowing while the owner is busy in a long forward pass; without
-        it, transfers move only when the owner calls `poll()`."""
+    def __init__(
+        self, pages: torch.Tensor, key: CompatKey, agent_id: str | None = None, context: TransferContext | None = None
+    ):
         if not pages.is_contiguous():
             raise ValueError("the page tensor must be contiguous")
         self.key = key
@@ -194,17 +239,21 @@ class TransferAgent:
         self.metrics = TransferMetrics()
         self._pages = pages.view(torch.uint8).view(pages.shape[0], -1)  # one row of bytes per page
         self.page_bytes = self._pages.shape[1]
-        features = (ucx.Feature.TAG, ucx.Feature.WAKEUP) if progress_thread else (ucx.Feature.TAG,)
-        self._context = ucx.UCXContext(feature_flags=features)
-        self._worker = ucx.UCXWorker(self._context)
-        self._progress_thread = progress_thread
-        if progress_thread:
+        context = context or TransferContext()
+        self._context = context
+        self._shared = context.memory.describe(pages)  # None: receivers must be sent tagged pages
+        self._worker = ucx.UCXWorker(context.ucx)
+        self._progress_thread = context.progress_thread
+        if self._progress_thread:
             self._worker.init_blocking_progress_mode()
             self._worker.start_progress_thread(polling_mode=False)
         self.address: bytes = self._worker.address.tobytes()
         self._endpoints: dict[bytes, ucx.UCXEndpoint] = {}
         self._receivers: dict[str, _Peer] = {}  # agents we send to, by id, with their handshake state
         self._senders: dict[str, bytes] = {}  # agents that said hello to us: id -> address
+        self._mapped: dict[str, np.ndarray] = {}  # senders whose pages we pull: id -> [pages, page bytes]
+        self._mappings: dict[str, RemotePages] = {}
+        self._offers: list[Offer] = []  # taken once every control message that arrived with them is handled
         self._xids = itertools.count(1)
         self._reservations: dict[int, _Reservation] = {}
         self._outgoing: dict[tuple[str, int], _Outgoing] = {}
@@ -262,7 +311,7 @@ class TransferAgent:
         if peer is None:
             peer = _Peer(ticket.receiver_id, ticket.address, _PeerState.HELLO_SENT)
             self._receivers[peer.agent_id] = peer
-            self._send_control(ticket.address, Hello(self.agent_id, self.address, self.key))
+            self._send_control(ticket.address, Hello(self.agent_id, self.address, self.key, self._shared))
         if peer.state is _PeerState.READY:
             self._issue(out)
         elif peer.state is _PeerState.FAILED:
@@ -274,13 +323,16 @@ class TransferAgent:
         """Give up a transfer: ours as receiver (`receiver_id` None or ours), else ours as sender to it."""
         if receiver_id in (None, self.agent_id):
             res = self._reservations.get(xid)
-            if res is not None and res.abandoned is None:
+            if res is not None and res.waiting:
                 self._abandon(res, "canceled by the receiver", tell_peers=True)
             return
         out = self._outgoing.get((receiver_id, xid))
         if out is None or out.canceled:
             return
         out.canceled = "canceled by the sender"
+        if out.offered:  # the receiver may be copying our pages: they are ours again once it answers
+            self._send_control(out.ticket.address, Cancel(receiver_id, xid, out.canceled))
+            return
         out.deadline = min(out.deadline, time.monotonic() + CANCEL_GRACE_S)
         if not out.sends:  # nothing issued yet: tell the receiver, which abandons its receives
             peer = self._receivers.get(receiver_id)
@@ -309,15 +361,21 @@ class TransferAgent:
         return len(self._reservations) + len(self._outgoing) + len(self._control_sends) + len(self._drains)
 
     def close(self) -> None:
-        """Cancel what is in flight and drop every endpoint (pages are then the caller's again)."""
+        """Cancel what is in flight, drop every endpoint and mapping, and close the context: the page
+        tensor, if the context allocated it, must not be touched afterwards."""
         if self._progress_thread:
             self._worker.stop_progress_thread()
         self._worker.cancel_inflight_requests()
+        for mapping in self._mappings.values():
+            mapping.close()
+        self._mappings.clear()
+        self._mapped.clear()
         self._endpoints.clear()
         self._reservations.clear()
         self._outgoing.clear()
         self._drains.clear()
         self._control_sends.clear()
+        self._context.close()
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -355,20 +413,25 @@ class TransferAgent:
             self._control_recv = self._post_control_recv()
             if message is not None:
                 self._on_control(message)
+        offers, self._offers = self._offers, []
+        for offer in offers:
+            self._take(offer)
 
     def _on_control(self, message: Control) -> None:
         if isinstance(message, Hello):
             problem = self.key.mismatch(message.key)
+            pulls = False
             if problem is None:
                 self._senders[message.agent_id] = message.address
-            reply = HelloReply(self.agent_id, ok=problem is None, error=problem or "")
+                pulls = self._map_sender(message)
+            reply = HelloReply(self.agent_id, ok=problem is None, error=problem or "", pulls=pulls)
             self._send_control(message.address, reply)
         elif isinstance(message, HelloReply):
             peer = self._receivers.get(message.agent_id)
             if peer is None or peer.state is not _PeerState.HELLO_SENT:
                 return
             if message.ok:
-                peer.state = _PeerState.READY
+                peer.state, peer.pulls = _PeerState.READY, message.pulls
             else:
                 peer.state, peer.error = _PeerState.FAILED, f"receiver refused the handshake: {message.error}"
             for out in [o for o in self._outgoing.values() if o.ticket.receiver_id == peer.agent_id]:
@@ -381,7 +444,7 @@ class TransferAgent:
         elif isinstance(message, Cancel):
             if message.receiver_id == self.agent_id:
                 res = self._reservations.get(message.xid)
-                if res is not None and res.abandoned is None:
+                if res is not None and res.waiting:
                     self._abandon(res, message.reason, tell_peers=False)
                 return
             out = self._outgoing.get((message.receiver_id, message.xid))
@@ -389,12 +452,75 @@ class TransferAgent:
                 self._canceled_by_receiver[(message.receiver_id, message.xid)] = time.monotonic()
             elif not out.canceled:
                 out.canceled = message.reason
-                if not out.sends:
+                if out.offered or not out.sends:  # an abandoned reservation refuses our offer
                     self._finish_outgoing(out, message.reason)
+        elif isinstance(message, Offer):
+            self._offers.append(message)
+        elif isinstance(message, Taken):
+            out = self._outgoing.get((message.receiver_id, message.xid))
+            if out is None or not out.offered:
+                return
+            if message.ok:
+                self._sent(out)
+            else:
+                self._finish_outgoing(out, out.canceled or message.reason)
+
+    def _map_sender(self, hello: Hello) -> bool:
+        """Map the sender's page memory if UCX can (same host, shared memory): we will pull its pages."""
+        old = self._mappings.pop(hello.agent_id, None)
+        self._mapped.pop(hello.agent_id, None)
+        if old is not None:
+            old.close()
+        if hello.shared is None or hello.shared.nbytes % self.page_bytes:
+            return False
+        mapping = RemotePages.map(self._endpoint(hello.address).handle, hello.shared)
+        if mapping is None:
+            return False
+        self._mappings[hello.agent_id] = mapping
+        self._mapped[hello.agent_id] = mapping.tensor.numpy().reshape(-1, self.page_bytes)
+        return True
+
+    def _take(self, offer: Offer) -> None:
+        """Copy an offer's pages out of the sender's memory into the reservation's, if still wanted in time."""
+        address = self._senders.get(offer.sender_id)
+        if address is None:
+            log.warning("dropped an offer from %s, which never said hello", offer.sender_id)
+            return
+        res = self._reservations.get(offer.xid)
+        source = self._mapped.get(offer.sender_id)
+        if res is None or not res.waiting:
+            reason = res.abandoned if res is not None and res.abandoned else "no such reservation (expired or done)"
+        elif source is None:
+            reason = "the sender's pages are not mapped here"
+        elif len(offer.pages) != len(res.pages) or not all(0 <= p < source.shape[0] for p in offer.pages):
+            reason = f"the offer's {len(offer.pages)} pages do not fit the {len(res.pages)} reserved ones"
+        else:
+            if time.monotonic() < offer.deadline:
+                _copy_pages(source, offer.pages, self._pages.numpy(), res.pages)
+            # The sender may reuse its pages once the deadline passes: a copy that ends later may hold them.
+            reason = (
+                "the sender's offer expired before its pages were copied" if time.monotonic() >= offer.deadline else ""
+            )
+        self._send_control(address, Taken(self.agent_id, offer.xid, ok=not reason, reason=reason))
+        if res is None or not res.waiting:
+            return
+        if reason:
+            self._abandon(res, reason, tell_peers=False)
+        else:
+            res.pulled = offer.payload
+            self._complete_own_receives(res)
 
     def _issue(self, out: _Outgoing) -> None:
         ep = self._endpoint(out.ticket.address)
         xid = out.ticket.xid
+        if self._receivers[out.ticket.receiver_id].pulls:
+            offer = Offer(self.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload)
+            try:
+                self._send_control(out.ticket.address, offer)
+                out.offered = True
+                return
+            except ProtocolError:  # too many pages for one control message: send them tagged
+                pass
         start = 0
         for i, length in enumerate(out.ticket.run_lengths):
             pages = out.pages[start : start + length]
@@ -407,7 +533,7 @@ class TransferAgent:
             out.sends.append(ep.tag_send(self._array(region), tag=_page_tag(xid, i)))
 
     def _poll_reservation(self, res: _Reservation, now: float) -> None:
-        if res.abandoned is None and now > res.deadline:
+        if res.waiting and now > res.deadline:
             self._abandon(res, f"no KV arrived within {res.deadline - res.started:.1f}s", tell_peers=True)
         pending = [r for r in (*res.recvs, res.done_recv) if not r.completed]
         if pending and not (res.abandoned is not None and now > res.abandoned_at + ABANDON_GRACE_S):
@@ -422,31 +548,40 @@ class TransferAgent:
             self.metrics.orphaned_receives += len(pending)
             self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, res.abandoned))
             return
-        try:
-            for r in (*res.recvs, res.done_recv):
-                r.check_error()
-            done = decode_done(res.done_buffer.tobytes())
-        except (ProtocolError, ucx.UCXError) as e:
-            self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, f"transfer failed: {e}"))
-            return
-        if not done.ok:
-            self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, done.reason))
-            return
+        payload = res.pulled
+        if payload is None:
+            try:
+                for r in (*res.recvs, res.done_recv):
+                    r.check_error()
+                done = decode_done(res.done_buffer.tobytes())
+            except (ProtocolError, ucx.UCXError) as e:
+                self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, f"transfer failed: {e}"))
+                return
+            if not done.ok:
+                self._complete(Completion(Role.RECV, self.agent_id, res.xid, False, done.reason))
+                return
+            payload = done.payload
         self.metrics.transfers_received += 1
+        self.metrics.transfers_pulled += res.pulled is not None
         self.metrics.bytes_received += len(res.pages) * self.page_bytes
         self.metrics.seconds_receiving += now - res.started
-        self._complete(Completion(Role.RECV, self.agent_id, res.xid, True, payload=done.payload))
+        self._complete(Completion(Role.RECV, self.agent_id, res.xid, True, payload=payload))
+
+    def _complete_own_receives(self, res: _Reservation) -> None:
+        """Complete the reservation's pending receives with empty messages from our own endpoint (they
+        write nothing), so that no sender's message can land in its pages any more."""
+        me = self._endpoint(self.address)
+        empty = np.zeros(0, dtype=np.uint8)
+        for i, r in enumerate(res.recvs):
+            if not r.completed:
+                self._control_sends.append((me.tag_send(Array(empty), tag=_page_tag(res.xid, i)), empty))
+        if not res.done_recv.completed:
+            self._control_sends.append((me.tag_send(Array(empty), tag=_done_tag(res.xid)), empty))
 
     def _abandon(self, res: _Reservation, reason: str, tell_peers: bool) -> None:
         """Stop waiting for the sender: complete our own receives, and watch the tags for late messages."""
         res.abandoned, res.abandoned_at = reason, time.monotonic()
-        me = self._endpoint(self.address)
-        one_byte = np.zeros(1, dtype=np.uint8)
-        for i, r in enumerate(res.recvs):
-            if not r.completed:
-                self._control_sends.append((me.tag_send(Array(one_byte), tag=_page_tag(res.xid, i)), one_byte))
-        if not res.done_recv.completed:
-            self._control_sends.append((me.tag_send(Array(one_byte), tag=_done_tag(res.xid)), one_byte))
+        self._complete_own_receives(res)
         self._zombies[res.xid] = (len(res.runs), time.monotonic() + ZOMBIE_GRACE_S)
         self._scratch = np.empty(max(self._scratch.size, max(map(len, res.runs)) * self.page_bytes), np.uint8)
         if tell_peers:  # the sender holding this ticket, if any, stops early
@@ -479,7 +614,7 @@ class TransferAgent:
                 took = out.deadline - out.started
                 self._fail_receiver(out.ticket.receiver_id, f"the receiver did not take the KV within {took:.1f}s")
             return
-        if not out.sends or not all(s.completed for s in out.sends):
+        if out.offered or not out.sends or not all(s.completed for s in out.sends):
             return
         if out.done_send is None:
             errors = []
@@ -498,12 +633,15 @@ class TransferAgent:
         if out.done_send.completed:
             if out.canceled:
                 self._finish_outgoing(out, out.canceled)
-                return
-            del self._outgoing[(out.ticket.receiver_id, out.ticket.xid)]
-            self.metrics.transfers_sent += 1
-            self.metrics.bytes_sent += len(out.pages) * self.page_bytes
-            self.metrics.seconds_sending += now - out.started
-            self._complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, True))
+            else:
+                self._sent(out)
+
+    def _sent(self, out: _Outgoing) -> None:
+        del self._outgoing[(out.ticket.receiver_id, out.ticket.xid)]
+        self.metrics.transfers_sent += 1
+        self.metrics.bytes_sent += len(out.pages) * self.page_bytes
+        self.metrics.seconds_sending += time.monotonic() - out.started
+        self._complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, True))
 
     def _fail_receiver(self, receiver_id: str, reason: str) -> None:
         """A receiver that misses a deadline is taken for dead: close its endpoint, which cancels our sends

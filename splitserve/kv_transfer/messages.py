@@ -2,6 +2,15 @@
 
 Control messages travel as UCX tagged messages on `CONTROL_TAG`, framed with a 4-byte length; a
 `Ticket` travels from the decode side to the prefill side through the router.
+
+A transfer moves its pages one of two ways, agreed per pair of agents at the handshake:
+- *tagged*: the sender sends each run of pages as a tagged message into the receive the receiver posted
+  for it, then a `Done` with the payload (any two hosts, any memory);
+- *pulled*: the sender's pages are in shared memory the receiver mapped at the handshake (`SharedPages`,
+  same host): the sender sends an `Offer` naming its pages, the receiver copies them into its own and
+  answers `Taken`. The sender keeps its pages untouched until `Taken` or the offer's deadline, and the
+  receiver keeps a copy only if it finished before that deadline, so a late copy is discarded rather
+  than read from reused pages (both sides read the same CLOCK_MONOTONIC: they share a host).
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 KV_LAYOUT = "page-major:[pages,layers,2,page_size,kv_heads,head_dim]"
 MAX_CONTROL_BYTES = 64 * 1024
 _FRAME = struct.Struct("<I")
@@ -53,12 +62,22 @@ class Ticket(msgspec.Struct, frozen=True):
         return sum(self.run_lengths)
 
 
+class SharedPages(msgspec.Struct, frozen=True):
+    """A sender's page tensor in UCX-allocated shared memory: what a peer on its host needs to map it."""
+
+    rkey: bytes  # UCX's packed remote key
+    address: int  # of the first page, in the sender's address space
+    nbytes: int
+
+
 class Hello(msgspec.Struct, tag=True, frozen=True):
-    """First contact from a sender: who it is, where to answer, and its compatibility key."""
+    """First contact from a sender: who it is, where to answer, its compatibility key, and its pages when
+    a receiver on its host may map them."""
 
     agent_id: str
     address: bytes
     key: CompatKey
+    shared: SharedPages | None = None
     version: int = PROTOCOL_VERSION
 
 
@@ -66,6 +85,7 @@ class HelloReply(msgspec.Struct, tag=True, frozen=True):
     agent_id: str
     ok: bool
     error: str = ""
+    pulls: bool = False  # the receiver mapped the sender's pages: send it `Offer`s, not tagged pages
     version: int = PROTOCOL_VERSION
 
 
@@ -78,6 +98,30 @@ class Cancel(msgspec.Struct, tag=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
+class Offer(msgspec.Struct, tag=True, frozen=True):
+    """Sender to a receiver that pulls: `pages` (the sender's, in the reservation's order) are ready to copy
+    until `deadline` (CLOCK_MONOTONIC); `payload` comes with them as with `Done`."""
+
+    sender_id: str
+    receiver_id: str
+    xid: int
+    pages: list[int]
+    deadline: float
+    payload: bytes = b""
+    version: int = PROTOCOL_VERSION
+
+
+class Taken(msgspec.Struct, tag=True, frozen=True):
+    """Receiver to the sender of an `Offer`: the pages are copied (ok), or will not be; either way the
+    sender's pages are free again."""
+
+    receiver_id: str
+    xid: int
+    ok: bool
+    reason: str = ""
+    version: int = PROTOCOL_VERSION
+
+
 class Done(msgspec.Struct, tag=True, frozen=True):
     """The sender's last word on a transfer, sent after every page: ok, or given up."""
 
@@ -87,7 +131,7 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
-Control = Hello | HelloReply | Cancel
+Control = Hello | HelloReply | Cancel | Offer | Taken
 _control_decoder = msgspec.msgpack.Decoder(Control)
 _done_decoder = msgspec.msgpack.Decoder(Done)
 _encoder = msgspec.msgpack.Encoder()

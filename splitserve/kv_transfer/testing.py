@@ -1,12 +1,14 @@
 """A KV-transfer peer in its own process, for tests and benchmarks: `Peer` starts it (spawned: UCX is
 not fork-safe) and drives it over a pipe with msgpack-encoded commands. The process owns one
-`TransferAgent` over a page tensor of random or zero bytes and polls it between commands.
+`TransferAgent` over a page tensor of random or zero bytes (in UCX shared memory where UCX can allocate
+it) and polls it between commands, on one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import multiprocessing
 import os
 import time
@@ -28,20 +30,30 @@ def page_shape(key: CompatKey) -> tuple[int, ...]:
     return (key.num_layers, 2, key.page_size, key.num_kv_heads, key.head_dim)
 
 
+def random_pages(key: CompatKey, num_pages: int, seed: int):
+    """The page contents of a peer started with `fill_seed=seed` (random bytes, the same in every process)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (num_pages, 2 * math.prod(page_shape(key))), dtype=torch.uint8, generator=g)
+
+
 def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str, fill_seed: int | None) -> None:
     os.environ.update(TRANSPORTS[transport])
     import torch
 
-    from splitserve.kv_transfer.agent import TransferAgent
+    from splitserve.kv_transfer.agent import TransferAgent, TransferContext
     from splitserve.kv_transfer.messages import CompatKey, Ticket
 
+    torch.set_num_threads(1)  # copies run on one core, as memcpy in the benchmark does
     key = CompatKey(**key_fields)
-    pages = torch.zeros((num_pages, *page_shape(key)), dtype=torch.float16)
+    context = TransferContext()
+    pages = context.memory.zeros((num_pages, *page_shape(key)), torch.float16, "cpu")
     if fill_seed is not None:
-        g = torch.Generator().manual_seed(fill_seed)
-        pages.view(torch.uint8).copy_(torch.randint(0, 256, pages.view(torch.uint8).shape, generator=g))
-    agent = TransferAgent(pages, key, agent_id)
+        pages.view(torch.uint8).view(num_pages, -1).copy_(random_pages(key, num_pages, fill_seed))
+    agent = TransferAgent(pages, key, agent_id, context)
     completions: list[dict] = []
+    hold_until = 0.0  # no polling before then (or the next wait): a peer whose loop is busy elsewhere
 
     def poll() -> None:
         completions.extend(
@@ -57,8 +69,9 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
         )
 
     while True:
-        poll()
-        if not conn.poll(0):
+        if time.monotonic() >= hold_until:
+            poll()
+        if not conn.poll(0 if agent.num_in_flight else 0.001):  # an idle peer leaves the cores to others
             continue
         cmd = msgspec.msgpack.decode(conn.recv_bytes())
         op = cmd["op"]
@@ -75,15 +88,23 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                     agent.cancel(ticket.xid, ticket.receiver_id)
             elif op == "cancel":
                 agent.cancel(cmd["xid"], cmd.get("receiver_id"))
+            elif op == "hold":
+                hold_until = time.monotonic() + cmd["seconds"]
             elif op == "wait":
+                hold_until = 0.0
                 deadline = time.monotonic() + cmd["timeout"]
                 while len(completions) < cmd["count"] and time.monotonic() < deadline:
                     poll()
                 reply["completions"], completions[:] = list(completions), []
-            elif op == "settle":  # poll until nothing is in flight (or the time is up)
+            elif op == "settle":  # poll until nothing has been in flight for a while (or the time is up)
+                hold_until = 0.0
                 deadline = time.monotonic() + cmd["timeout"]
-                while agent.num_in_flight and time.monotonic() < deadline:
+                quiet_since = time.monotonic()
+                # A canceled transfer's late messages (drained, see the agent) may still be on their way.
+                while time.monotonic() - quiet_since < 0.3 and time.monotonic() < deadline:
                     poll()
+                    if agent.num_in_flight:
+                        quiet_since = time.monotonic()
                 reply["completions"], completions[:] = list(completions), []
             elif op == "state":
                 reply["in_flight"] = agent.num_in_flight
