@@ -61,6 +61,7 @@ class KvStats(msgspec.Struct, frozen=True):
     seconds_sending: float = 0.0
     seconds_receiving: float = 0.0
     failures: int = 0
+    transfers_pulled: int = 0  # received by copying the sender's pages out of shared memory (same host)
 
 
 class TokenOut(msgspec.Struct, frozen=True, array_like=True):

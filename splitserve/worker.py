@@ -89,26 +89,29 @@ def run_worker(options: WorkerOptions) -> None:
 
 def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
     """The role's engine and its protocol handler."""
-    if options.role is Role.PREFILL:
-        from splitserve.kv_transfer.agent import TransferAgent
-        from splitserve.prefill.engine import PrefillEngine
-        from splitserve.prefill.worker import PrefillWorker
-
-        engine = PrefillEngine(options.engine)
-        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), progress_thread=True)
-        role = PrefillWorker(engine, agent, send, options.kv_timeout_s)
-    else:
+    if options.role is Role.BOTH:
         from splitserve.decode.engine import Engine
         from splitserve.decode.worker import DecodeWorker
 
-        engine = Engine(options.engine)
-        agent = None
-        if options.role is Role.DECODE:
-            from splitserve.kv_transfer.agent import TransferAgent
+        return DecodeWorker(Engine(options.engine), None, send, options.kv_timeout_s)
 
-            agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), progress_thread=True)
-        role = DecodeWorker(engine, agent, send, options.kv_timeout_s)
-    return role
+    from splitserve.kv_transfer.agent import TransferAgent, TransferContext
+
+    context = TransferContext(progress_thread=True)
+    if options.role is Role.PREFILL:
+        from splitserve.prefill.engine import PrefillEngine
+        from splitserve.prefill.worker import PrefillWorker
+
+        # The KV cache lives in UCX memory: a decode worker on this host maps it and copies pages out in one pass.
+        engine = PrefillEngine(options.engine, context.memory.zeros)
+        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), context=context)
+        return PrefillWorker(engine, agent, send, options.kv_timeout_s)
+    from splitserve.decode.engine import Engine
+    from splitserve.decode.worker import DecodeWorker
+
+    engine = Engine(options.engine)
+    agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), context=context)
+    return DecodeWorker(engine, agent, send, options.kv_timeout_s)
 
 
 class _Loop:
@@ -148,6 +151,9 @@ class _Loop:
         finally:
             self.stopping.set()
             beat.join(2)
+            agent = getattr(self.role, "agent", None)
+            if agent is not None:
+                agent.close()
             if self.refused is None:
                 self.socket.send(encode(Goodbye(self.info.worker_id)))
             self.socket.close()
@@ -189,7 +195,14 @@ class _Loop:
                 kv = (
                     KvStats()
                     if m is None
-                    else KvStats(m.bytes_sent, m.bytes_received, m.seconds_sending, m.seconds_receiving, m.failures)
+                    else KvStats(
+                        m.bytes_sent,
+                        m.bytes_received,
+                        m.seconds_sending,
+                        m.seconds_receiving,
+                        m.failures,
+                        m.transfers_pulled,
+                    )
                 )
                 age = time.monotonic() - self.loop_time
                 sock.send(encode(Heartbeat(self.info, self.load, kv, age)))

@@ -281,6 +281,8 @@ def test_metrics_show_latencies_and_workers(server, model_name):
     assert 'splitserve_worker_free_pages{role="decode"' in text
     assert _metric(text, "splitserve_kv_bytes_received_total") > 0
     assert _metric(text, "splitserve_kv_bytes_sent_total") > 0
+    # Prefill and decode worker share this host: the decode worker copies the pages out of shared memory.
+    assert _metric(text, "splitserve_kv_transfers_pulled_total") > 0
 
 
 def test_operators_see_pools_and_slo_attainment(server, model_name):

@@ -14,6 +14,7 @@ import torch
 from splitserve.decode.scheduler import Scheduler
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
+from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.request import Request
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
@@ -34,8 +35,8 @@ class NoCapacityError(RuntimeError):
 
 
 class Engine(EngineCore):
-    def __init__(self, config: EngineConfig):
-        super().__init__(config)
+    def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
+        super().__init__(config, kv_allocator)
         self.scheduler = Scheduler(
             self.allocator, config.page_size, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -31,8 +32,18 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     return cfg.num_layers * 2 * page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
+# (shape, dtype, device) -> a zeroed tensor: where a page tensor's memory comes from, when not from torch
+# (e.g. memory that kv_transfer shares with other processes).
+TensorAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
 def allocate_kv_cache(
-    cfg: ModelConfig, page_size: int, memory_bytes: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    page_size: int,
+    memory_bytes: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    allocate: TensorAllocator | None = None,
 ) -> torch.Tensor:
     num_pages = memory_bytes // page_bytes(cfg, page_size, dtype)
     if num_pages < 1:
@@ -40,7 +51,7 @@ def allocate_kv_cache(
             f"a KV cache budget of {memory_bytes} bytes holds no page of {page_bytes(cfg, page_size, dtype)} bytes"
         )
     shape = (num_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return torch.zeros(shape, dtype=dtype, device=device)
+    return allocate(shape, dtype, device) if allocate else torch.zeros(shape, dtype=dtype, device=device)
 
 
 class PageAllocator:

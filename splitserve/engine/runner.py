@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.kv_cache import allocate_kv_cache
+from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.request import Chunk, Request
 from splitserve.engine.sampling import TokenLogprob, sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
@@ -22,11 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, folder: Path, config: EngineConfig):
+    def __init__(
+        self, model_config: ModelConfig, folder: Path, config: EngineConfig, kv_allocator: TensorAllocator | None
+    ):
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
-        self.kv_cache = allocate_kv_cache(model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(
+            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
+        )
         self.num_pages = self.kv_cache.shape[0]
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         # A request running alone must always fit, so the KV cache's capacity also caps the length.

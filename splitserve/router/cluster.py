@@ -529,4 +529,5 @@ def _describe(w: Worker) -> dict:
         "kv_seconds_sending": w.kv.seconds_sending,
         "kv_seconds_receiving": w.kv.seconds_receiving,
         "kv_failures": w.kv.failures,
+        "kv_transfers_pulled": w.kv.transfers_pulled,
     }

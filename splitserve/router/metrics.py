@@ -121,6 +121,7 @@ class _ClusterCollector(Collector):
                 ("kv_seconds_sending", "Seconds from send to completion, summed over transfers"),
                 ("kv_seconds_receiving", "Seconds from reservation to arrival, summed over transfers"),
                 ("kv_failures", "KV transfers that failed"),
+                ("kv_transfers_pulled", "KV transfers received by copying the sender's shared-memory pages"),
             ]
         }
         for w in snap["workers"]:
