@@ -483,8 +483,8 @@ class TransferAgent:
     def _take(self, offer: Offer) -> None:
         """Copy an offer's pages out of the sender's memory into the reservation's, if still wanted in time."""
         address = self._senders.get(offer.sender_id)
-        if address is None:
-            log.warning("dropped an offer from %s, which never said hello", offer.sender_id)
+        if address is None or offer.receiver_id != self.agent_id:
+            log.warning("dropped an offer from %s to %s: not a sender of ours", offer.sender_id, offer.receiver_id)
             return
         res = self._reservations.get(offer.xid)
         source = self._mapped.get(offer.sender_id)
