@@ -111,6 +111,21 @@ def test_64_concurrent_requests_between_2_senders_and_2_receivers(peers, transpo
     _assert_idle(*senders, *receivers)
 
 
+def test_an_offer_too_large_for_one_message_goes_tagged(peers):
+    n = 30000  # scattered page ids (3 bytes each in msgpack) do not fit one 64 KiB control message
+    sender = peers("sender", num_pages=n, transport="shm", fill_seed=5)
+    receiver = peers("receiver", num_pages=n, transport="shm")
+    src = list(range(n))
+    random.Random(1).shuffle(src)
+    ticket = receiver.call("reserve", pages=list(range(n)), timeout=30)["ticket"]
+    assert sender.call("send", ticket=ticket, pages=src, timeout=30) == {}
+    assert _completions(sender, 1)[0]["ok"] and _completions(receiver, 1)[0]["ok"]
+    assert receiver.call("state")["metrics"]["transfers_pulled"] == 0
+    theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
+    assert all(ours[d] == theirs[s] for d, s in enumerate(src))
+    _assert_idle(sender, receiver)
+
+
 def test_incompatible_key_is_refused_with_a_clear_error(peers):
     receiver = peers("receiver")
     other = msgspec.structs.replace(KEY, dtype="bf16", head_dim=32)
@@ -266,10 +281,27 @@ def test_sender_cancel_mid_transfer_frees_both_sides(peers, transport):
 
 
 def test_messages_roundtrip_and_malformed_frames_are_refused():
-    from splitserve.kv_transfer.messages import Cancel, Done, ProtocolError, decode_control, decode_done, frame
+    from splitserve.kv_transfer.messages import (
+        Cancel,
+        Done,
+        Hello,
+        Offer,
+        ProtocolError,
+        SharedPages,
+        Taken,
+        decode_control,
+        decode_done,
+        frame,
+    )
 
     cancel = Cancel("r", 7, "why")
     assert decode_control(frame(cancel) + bytes(100)) == cancel  # trailing buffer space is ignored
+    for message in (
+        Hello("s", b"addr", KEY, SharedPages(rkey=b"\x00key", address=1 << 46, nbytes=4096)),
+        Offer("s", "r", 3, [5, 1, 2], deadline=123.5, payload=b"tok"),
+        Taken("r", 3, ok=False, reason="late"),
+    ):
+        assert decode_control(frame(message)) == message
     assert decode_done(frame(Done(ok=False, reason="x"))) == Done(ok=False, reason="x")
     for garbage in (b"", b"\x05\x00\x00\x00abc", b"\x03\x00\x00\x00\xc1\xc1\xc1", frame(Done(ok=True))):
         with pytest.raises(ProtocolError):
