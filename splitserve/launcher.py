@@ -106,8 +106,15 @@ class ServeProcess:
     """`splitserve serve MODEL ARGS` in a child process (its own session), stopped by `stop()` whatever happens."""
 
     def __init__(
-        self, model: Path | None, args: list[str], num_workers: int, timeout: float = 180, api_key: str | None = None
+        self,
+        model: Path | None,
+        args: list[str],
+        num_workers: int,
+        timeout: float = 180,
+        api_key: str | None = None,
+        env: dict[str, str] | None = None,
     ):
+        """`env`: variables added to the server's environment (and so its workers')."""
         self.port, self.worker_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_address = f"tcp://127.0.0.1:{self.worker_port}"
@@ -115,7 +122,9 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "splitserve", "-v", "serve", "--port", str(self.port),
                "--worker-port", str(self.worker_port), *(["--model", str(model)] if model else []),
                *(["--api-key", api_key] if api_key else []), *args]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+        )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, timeout=120, headers=headers)
         try:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from splitserve.kv_transfer.testing import TRANSPORTS
 from splitserve.launcher import ServeProcess
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE, complete
@@ -33,8 +34,12 @@ def _run_concurrently(server: ServeProcess, prompts: list[list[int]], max_tokens
         return list(pool.map(one, range(len(prompts))))
 
 
-def test_two_prefill_two_decode_workers(tiny_chat_llama):
-    server = ServeProcess(tiny_chat_llama, ["--prefill", "2", "--decode", "2", *ENGINE], num_workers=4)
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_two_prefill_two_decode_workers(tiny_chat_llama, transport):
+    """KV over whatever UCX picks here (shared memory: decode workers pull the pages), and over TCP only, as
+    between hosts (tagged messages)."""
+    args = ["--prefill", "2", "--decode", "2", *ENGINE]
+    server = ServeProcess(tiny_chat_llama, args, num_workers=4, env=TRANSPORTS[transport])
     try:
         prompts, max_tokens = _workload(24, seed=10)
         assert _run_concurrently(server, prompts, max_tokens) == hf_greedy(tiny_chat_llama, prompts, max_tokens)
@@ -43,6 +48,8 @@ def test_two_prefill_two_decode_workers(tiny_chat_llama):
         for w in health["workers"]:
             moved = w["kv_bytes_sent"] if w["role"] == "prefill" else w["kv_bytes_received"]
             assert moved > 0, w
+            if w["role"] == "decode":
+                assert (w["kv_transfers_pulled"] > 0) == (transport == "auto"), w
     finally:
         server.stop()
 
