@@ -251,8 +251,7 @@ class TransferAgent:
         self._endpoints: dict[bytes, ucx.UCXEndpoint] = {}
         self._receivers: dict[str, _Peer] = {}  # agents we send to, by id, with their handshake state
         self._senders: dict[str, bytes] = {}  # agents that said hello to us: id -> address
-        self._mapped: dict[str, np.ndarray] = {}  # senders whose pages we pull: id -> [pages, page bytes]
-        self._mappings: dict[str, RemotePages] = {}
+        self._mappings: dict[str, RemotePages] = {}  # senders whose pages we pull, by id
         self._offers: list[Offer] = []  # taken once every control message that arrived with them is handled
         self._xids = itertools.count(1)
         self._reservations: dict[int, _Reservation] = {}
@@ -369,7 +368,6 @@ class TransferAgent:
         for mapping in self._mappings.values():
             mapping.close()
         self._mappings.clear()
-        self._mapped.clear()
         self._endpoints.clear()
         self._reservations.clear()
         self._outgoing.clear()
@@ -468,7 +466,6 @@ class TransferAgent:
     def _map_sender(self, hello: Hello) -> bool:
         """Map the sender's page memory if UCX can (same host, shared memory): we will pull its pages."""
         old = self._mappings.pop(hello.agent_id, None)
-        self._mapped.pop(hello.agent_id, None)
         if old is not None:
             old.close()
         if hello.shared is None or hello.shared.nbytes % self.page_bytes:
@@ -477,7 +474,6 @@ class TransferAgent:
         if mapping is None:
             return False
         self._mappings[hello.agent_id] = mapping
-        self._mapped[hello.agent_id] = mapping.tensor.numpy().reshape(-1, self.page_bytes)
         return True
 
     def _take(self, offer: Offer) -> None:
@@ -487,7 +483,8 @@ class TransferAgent:
             log.warning("dropped an offer from %s to %s: not a sender of ours", offer.sender_id, offer.receiver_id)
             return
         res = self._reservations.get(offer.xid)
-        source = self._mapped.get(offer.sender_id)
+        mapping = self._mappings.get(offer.sender_id)
+        source = None if mapping is None else mapping.tensor.numpy().reshape(-1, self.page_bytes)
         if res is None or not res.waiting:
             reason = res.abandoned if res is not None and res.abandoned else "no such reservation (expired or done)"
         elif source is None:

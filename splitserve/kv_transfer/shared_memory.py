@@ -111,9 +111,11 @@ class SharedPageMemory:
 
     def describe(self, tensor: torch.Tensor) -> SharedPages | None:
         """What a peer on this host needs to map `tensor`, or None when it is not in memory allocated here."""
+        if tensor.device.type != "cpu":
+            return None
         start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
         for _, address, length, rkey in self._allocations:
-            if tensor.device.type == "cpu" and address <= start and start + nbytes <= address + length:
+            if address <= start and start + nbytes <= address + length:
                 return SharedPages(rkey=rkey, address=start, nbytes=nbytes)
         return None
 
