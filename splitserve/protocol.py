@@ -109,6 +109,7 @@ class PrefillDone(msgspec.Struct, tag=True, frozen=True):
     ok: bool
     load: Load
     error: str = ""
+    retryable: bool = True  # False: the request itself failed (e.g. its sampling); another attempt would too
     version: int = PROTOCOL_VERSION
 
 

@@ -16,7 +16,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.request import Request
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 
 
@@ -25,9 +25,10 @@ class RequestUpdate:
     """What one step produced for one request."""
 
     request_id: str
-    token_id: int
+    token_id: int  # -1 when the request failed (finish_reason "error")
     logprob: TokenLogprob | None
     finish_reason: str | None  # set when this token ends the request
+    error: str | None = None  # why it failed
 
 
 class NoCapacityError(RuntimeError):
@@ -80,17 +81,17 @@ class Engine(EngineCore):
             return []
         sampled = self.runner.execute(chunks)
         self.scheduler.update(chunks, sampled)
-        return [self._update(request, token_id, logprob) for request, token_id, logprob in sampled]
+        return [self._update(request, s.token_id if isinstance(s, Sampled) else -1, getattr(s, "logprob", None))
+                for request, s in sampled]  # fmt: skip
 
     def _create(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids)
-        request = Request.create(request_id, prompt_token_ids, params, frozenset(self.model_config.eos_token_ids))
+        request = self.new_request(request_id, prompt_token_ids, params)
         self._requests[request_id] = request
         return request
 
     def _update(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestUpdate:
         if request.finish_reason is not None:
             del self._requests[request.request_id]
-        return RequestUpdate(request.request_id, token_id, logprob, request.finish_reason)
+        return RequestUpdate(request.request_id, token_id, logprob, request.finish_reason, request.error)

@@ -18,7 +18,7 @@ from collections import deque
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.engine.request import Chunk, Request, RequestStatus
-from splitserve.engine.sampling import TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed, TokenLogprob
 
 
 class Scheduler:
@@ -60,7 +60,7 @@ class Scheduler:
         """A reserved request's pages hold its prompt's KV and `token_id` is its first output: run it."""
         self.receiving.remove(request)
         request.num_computed_tokens = request.num_prompt_tokens
-        request.append_token(token_id, logprob, self.max_model_len)
+        request.take(Sampled(token_id, logprob), self.max_model_len)
         if request.finish_reason is not None:
             request.status = RequestStatus.FINISHED
             self._release(request)
@@ -116,13 +116,14 @@ class Scheduler:
             budget -= n
         return chunks
 
-    def update(self, chunks: list[Chunk], sampled: list[tuple[Request, int, TokenLogprob | None]]) -> list[Request]:
-        """Account for a finished step: computed tokens advance, sampled tokens append. Returns finished requests."""
+    def update(self, chunks: list[Chunk], sampled: list[tuple[Request, Sampled | SamplingFailed]]) -> list[Request]:
+        """Account for a finished step: computed tokens advance, sampled tokens append (a row whose sampling
+        failed ends its request). Returns finished requests."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
         finished = []
-        for request, token_id, logprob in sampled:
-            request.append_token(token_id, logprob, self.max_model_len)
+        for request, outcome in sampled:
+            request.take(outcome, self.max_model_len)
             if request.finish_reason is not None:
                 self.running.remove(request)
                 request.status = RequestStatus.FINISHED

@@ -82,12 +82,19 @@ class DecodeWorker:
         if self.agent is not None:
             landed = [u for u in map(self._landed, self.agent.poll()) if u is not None]
             if landed:  # first tokens go out now, not after the next decode step (that is the next turn)
-                self._send(Tokens([_token_out(u) for u in landed], self.load()))
+                self._report(landed)
                 return
         if self.engine.has_unfinished():
-            updates = self.engine.step()
-            if updates:
-                self._send(Tokens([_token_out(u) for u in updates], self.load()))
+            self._report(self.engine.step())
+
+    def _report(self, updates: list[RequestUpdate]) -> None:
+        """Tokens to the router in one message; a request that failed (its row alone) as its own failure."""
+        for u in updates:
+            if u.finish_reason == "error":
+                self._send(JobFailed(int(u.request_id), u.error or "the request failed", retryable=False))
+        tokens = [_token_out(u) for u in updates if u.finish_reason != "error"]
+        if tokens:
+            self._send(Tokens(tokens, self.load()))
 
     def _reserve(self, message: Reserve) -> None:
         job = str(message.job)

@@ -1,14 +1,19 @@
 """`EngineCore`: what every engine loads and checks, whichever pool it serves: the model's runner (weights, KV
-cache tensor), the allocator that owns the cache's pages, and prompt validation against the model's limits."""
+cache tensor), the allocator that owns the cache's pages, and a new request's validation against the model's
+limits (with its structured-output grammar, compiled on first use)."""
 
 from __future__ import annotations
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
-from splitserve.engine.request import check_prompt
+from splitserve.engine.request import Request, check_params, check_prompt
 from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.structured import GrammarCompiler
+from splitserve.errors import InvalidRequestError
 from splitserve.model.checkpoint import resolve_model
 from splitserve.model.config import ModelConfig
+from splitserve.model.tokenizer import load_tokenizer
 
 
 class EngineCore:
@@ -20,6 +25,27 @@ class EngineCore:
         self.runner = ModelRunner(self.model_config, self.model_path, config, kv_allocator)
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
+        self._grammars: GrammarCompiler | None = None
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+
+    def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """A request for this engine; InvalidRequestError when the model cannot serve it as given."""
+        self.validate_prompt(prompt_token_ids)
+        check_params(params, self.model_config.vocab_size)
+        eos = frozenset(self.model_config.eos_token_ids)
+        grammar = self.grammars.grammar(params.structured) if params.structured is not None else None
+        return Request.create(request_id, prompt_token_ids, params, eos, grammar)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            tokenizer = load_tokenizer(self.model_path)
+            if tokenizer is None:
+                raise InvalidRequestError(
+                    "response_format: this model has no tokenizer, so no structured output", "response_format"
+                )
+            cfg = self.model_config
+            self._grammars = GrammarCompiler(tokenizer, cfg.vocab_size, sorted(cfg.eos_token_ids))
+        return self._grammars

@@ -8,7 +8,8 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed, SamplingParams, TokenLogprob
+from splitserve.engine.structured import Grammar
 from splitserve.errors import InvalidRequestError
 
 
@@ -36,6 +37,12 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """Raise InvalidRequestError unless every token id the parameters name is in the vocabulary."""
+    if any(not 0 <= t < vocab_size for t in params.token_ids()):
+        raise InvalidRequestError(f"token ids in stop_token_ids and logit_bias must be in [0, {vocab_size})")
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -46,19 +53,32 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in this request's pages
     pages: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
+    grammar: Grammar | None = None  # structured output: which tokens may come next
 
     @classmethod
     def create(
-        cls, request_id: str, prompt_token_ids: list[int], params: SamplingParams, eos_token_ids: frozenset[int]
+        cls,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: frozenset[int],
+        grammar: Grammar | None = None,
     ) -> Request:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator().manual_seed(params.seed)
         return cls(
-            request_id, list(prompt_token_ids), len(prompt_token_ids), params, eos_token_ids, generator=generator
+            request_id,
+            list(prompt_token_ids),
+            len(prompt_token_ids),
+            params,
+            eos_token_ids,
+            generator=generator,
+            grammar=grammar,
         )
 
     @property
@@ -69,13 +89,26 @@ class Request:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
+    def take(self, outcome: Sampled | SamplingFailed, max_model_len: int) -> None:
+        """Record what the sampler produced for this request: its next token, or its failure."""
+        if isinstance(outcome, SamplingFailed):
+            self.finish_reason, self.error = "error", outcome.message
+            return
+        try:
+            self.append_token(outcome.token_id, outcome.logprob, max_model_len)
+        except InvalidRequestError as e:  # a token its grammar refuses (only a faulty peer can send one)
+            self.finish_reason, self.error = "error", str(e)
+
     def append_token(self, token_id: int, logprob: TokenLogprob | None, max_model_len: int) -> None:
         """Record a sampled token and decide whether the request is done."""
         self.token_ids.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         p = self.params
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+        stopped = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)
+        if stopped or (self.grammar is not None and self.grammar.complete):
             self.finish_reason = "stop"
         elif len(self.token_ids) - self.num_prompt_tokens >= p.max_tokens or len(self.token_ids) >= max_model_len:
             self.finish_reason = "length"

@@ -12,7 +12,7 @@ import torch
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.request import Chunk, Request
-from splitserve.engine.sampling import TokenLogprob, sample
+from splitserve.engine.sampling import Sampled, SamplingFailed, sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
 from splitserve.model.checkpoint import iter_safetensors
 from splitserve.model.config import ModelConfig
@@ -49,7 +49,7 @@ class ModelRunner:
         self._token_range = torch.arange(self.max_pages_per_seq * self.page_size, **long)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk]) -> list[tuple[Request, int, TokenLogprob | None]]:
+    def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
         """Run the chunks' tokens through the model; sample for every chunk that completes its request."""
         # Decode rows (one query token) first: the attention batches them in one call.
         ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
@@ -60,8 +60,7 @@ class ModelRunner:
         if not finishing:
             return []
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        tokens, logprobs = sample(logits, [r.params for r in finishing], [r.generator for r in finishing])
-        return list(zip(finishing, tokens, logprobs, strict=True))
+        return list(zip(finishing, sample(logits, finishing), strict=True))
 
     def _prepare(self, ordered: list[Chunk]) -> tuple[PagedAttentionMetadata, list[int]]:
         ps = self.page_size

@@ -8,7 +8,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.request import Request
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.sampling import SamplingFailed, SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 from splitserve.prefill.scheduler import PrefillScheduler
 
@@ -19,8 +19,9 @@ class Prefilled:
     `PrefillEngine.release`."""
 
     request: Request
-    token_id: int
+    token_id: int  # -1 when sampling failed: `error` says why, and the pages are already free
     logprob: TokenLogprob | None
+    error: str | None = None
 
     @property
     def generator_state(self) -> bytes | None:
@@ -40,10 +41,9 @@ class PrefillEngine(EngineCore):
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids)
+        request = self.new_request(request_id, prompt_token_ids, params)
         self._ids.add(request_id)
-        eos = frozenset(self.model_config.eos_token_ids)
-        self.scheduler.add(Request.create(request_id, prompt_token_ids, params, eos))
+        self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
         """Drop a queued or running prompt; False when it is unknown or already handed off."""
@@ -59,8 +59,14 @@ class PrefillEngine(EngineCore):
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        sampled = self.scheduler.update(chunks, self.runner.execute(chunks))
-        return [Prefilled(request, token_id, logprob) for request, token_id, logprob in sampled]
+        done = []
+        for request, outcome in self.scheduler.update(chunks, self.runner.execute(chunks)):
+            if isinstance(outcome, SamplingFailed):
+                self._ids.discard(request.request_id)
+                done.append(Prefilled(request, -1, None, outcome.message))
+            else:
+                done.append(Prefilled(request, outcome.token_id, outcome.logprob))
+        return done
 
     def release(self, request_id: str) -> None:
         self.scheduler.release(request_id)

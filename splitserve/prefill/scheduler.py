@@ -14,7 +14,7 @@ from collections import deque
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.engine.request import Chunk, Request, RequestStatus
-from splitserve.engine.sampling import TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed
 
 
 class PrefillScheduler:
@@ -75,15 +75,20 @@ class PrefillScheduler:
         return chunks
 
     def update(
-        self, chunks: list[Chunk], sampled: list[tuple[Request, int, TokenLogprob | None]]
-    ) -> list[tuple[Request, int, TokenLogprob | None]]:
-        """Account for a finished forward pass; returns the requests it completed, with their first tokens."""
+        self, chunks: list[Chunk], sampled: list[tuple[Request, Sampled | SamplingFailed]]
+    ) -> list[tuple[Request, Sampled | SamplingFailed]]:
+        """Account for a finished forward pass; returns the requests it completed, with their first tokens. A
+        request whose sampling failed is over: its pages are freed at once."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-        for request, _, _ in sampled:
+        for request, outcome in sampled:
             self.running.remove(request)
             request.status = RequestStatus.FINISHED
-            self.handed_off[request.request_id] = request
+            if isinstance(outcome, SamplingFailed):
+                request.finish_reason, request.error = "error", outcome.message
+                self._free(request)
+            else:
+                self.handed_off[request.request_id] = request
         return sampled
 
     def release(self, request_id: str) -> None:

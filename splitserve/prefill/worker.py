@@ -46,7 +46,7 @@ class PrefillWorker:
             try:
                 self.engine.add_request(str(message.job), message.prompt_token_ids, message.params)
             except InvalidRequestError as e:
-                self._send(PrefillDone(message.job, False, self.load(), str(e)))
+                self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False))
                 return
             self._tickets[message.job] = message.ticket
         elif isinstance(message, Abort):
@@ -72,6 +72,9 @@ class PrefillWorker:
         for done in self.engine.step():
             job = int(done.request.request_id)
             ticket = self._tickets.pop(job)
+            if done.error is not None:  # this request alone failed; nothing of it is left here
+                self._send(PrefillDone(job, False, self.load(), done.error, retryable=False))
+                continue
             first = FirstToken(done.token_id, done.logprob, done.generator_state)
             try:
                 self.agent.send(ticket, done.request.pages, self._kv_timeout_s, encode(first))
