@@ -64,3 +64,18 @@ def run_staggered(
     finally:
         del engine.runner.execute
     return [outputs[str(i)] for i in range(len(prompts))], mixed_steps
+
+
+def hf_greedy_processed(folder: Path, prompt: list[int], max_new_tokens: int, process, stop: set[int]) -> list[int]:
+    """Greedy decoding with transformers' model where `process(logits, prompt, output)` may change each step's
+    fp32 logits first (an independent reference for logits processors); ends after a token in `stop`."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    output: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([prompt + output])).logits[0, -1].clone()
+            token = int(process(logits, prompt, output).argmax())
+            output.append(token)
+            if token in stop:
+                break
+    return output

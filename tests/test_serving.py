@@ -214,11 +214,86 @@ BAD_REQUESTS = [
     ("top_k -5", "/v1/completions", {"model": "M", "prompt": "hi", "top_k": -5}, 400),
     ("logprobs 50", "/v1/completions", {"model": "M", "prompt": "hi", "logprobs": 50}, 400),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
-    ("n > 1", "/v1/completions", {"model": "M", "prompt": "hi", "n": 2}, 400),
-    ("two prompts", "/v1/completions", {"model": "M", "prompt": ["a", "b"]}, 400),
+    ("n 65", "/v1/completions", {"model": "M", "prompt": "hi", "n": 65}, 400),
+    ("65 prompts", "/v1/completions", {"model": "M", "prompt": ["a"] * 65}, 400),
+    ("seed beyond int64", "/v1/completions", {"model": "M", "prompt": "hi", "seed": 1180591620717411303424}, 400),
+    ("seed below int64", "/v1/completions", {"model": "M", "prompt": "hi", "seed": -(2**63) - 1}, 400),
+    ("max_tokens a string", "/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": "4"}, 400),
+    ("max_tokens true", "/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": True}, 400),
+    ("temperature a string", "/v1/completions", {"model": "M", "prompt": "hi", "temperature": "1"}, 400),
+    ("stream a string", "/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, 400),
+    ("temperature 3", "/v1/completions", {"model": "M", "prompt": "hi", "temperature": 3}, 400),
+    (
+        "lone surrogate",
+        "/v1/chat/completions",
+        {"model": "M", "messages": [{"role": "user", "content": "\ud800 x"}]},
+        400,
+    ),
+    ("lone surrogate prompt", "/v1/completions", {"model": "M", "prompt": "a\udfff"}, 400),
+    (
+        "tools",
+        "/v1/chat/completions",
+        {
+            "model": "M",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        400,
+    ),
+    (
+        "tool_choice required",
+        "/v1/chat/completions",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+        400,
+    ),
+    ("unknown field", "/v1/completions", {"model": "M", "prompt": "hi", "min_p": 0.1}, 400),
+    ("suffix", "/v1/completions", {"model": "M", "prompt": "hi", "suffix": "end"}, 400),
+    ("echo with logprobs", "/v1/completions", {"model": "M", "prompt": "hi", "echo": True, "logprobs": 1}, 400),
+    ("logit_bias not a token", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"x": 1}}, 400),
+    ("logit_bias out of vocab", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"49152": 1}}, 400),
+    ("logit_bias 101", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"5": 101}}, 400),
+    ("stop_token_ids out of vocab", "/v1/completions", {"model": "M", "prompt": "hi", "stop_token_ids": [10**6]}, 400),
+    (
+        "min_tokens > max_tokens",
+        "/v1/completions",
+        {"model": "M", "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
+        400,
+    ),
+    ("presence_penalty 3", "/v1/completions", {"model": "M", "prompt": "hi", "presence_penalty": 3}, 400),
+    ("repetition_penalty 0", "/v1/completions", {"model": "M", "prompt": "hi", "repetition_penalty": 0}, 400),
+    (
+        "bad schema",
+        "/v1/completions",
+        {
+            "model": "M",
+            "prompt": "hi",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+            },
+        },
+        400,
+    ),
+    (
+        "schema missing",
+        "/v1/completions",
+        {"model": "M", "prompt": "hi", "response_format": {"type": "json_schema"}},
+        400,
+    ),
+    (
+        "response_format unknown",
+        "/v1/completions",
+        {"model": "M", "prompt": "hi", "response_format": {"type": "xml"}},
+        400,
+    ),
     ("5 stop strings", "/v1/completions", {"model": "M", "prompt": "hi", "stop": list("abcde")}, 400),
     ("10 MB body", "/v1/completions", b'{"model": "M", "prompt": "' + b"a" * 10_000_000 + b'"}', 413),
 ]
+
+
+NAMED = {"tools": "tools", "unknown field": "min_p", "seed beyond int64": "seed", "max_tokens a string": "max_tokens",
+         "lone surrogate": "messages.0.content", "bad schema": "response_format", "suffix": "suffix",
+         "logit_bias out of vocab": "logit_bias"}  # fmt: skip
 
 
 @pytest.mark.parametrize(("what", "path", "body", "status"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
@@ -230,6 +305,8 @@ def test_bad_input_gets_a_clear_4xx(server, model_name, what, path, body, status
     error = r.json()["error"]
     assert error["message"] and error["type"], error
     assert "Traceback" not in r.text
+    if what in NAMED:  # the error names the field
+        assert NAMED[what] in error["message"], error
     # ...and the server still serves.
     ok = server.http.post("/v1/completions", json={"model": model_name, "prompt": [5, 6], "max_tokens": 2})
     assert ok.status_code == 200, ok.text

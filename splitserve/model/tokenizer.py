@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from splitserve.errors import InvalidRequestError
@@ -21,6 +22,9 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str,
     """The conversation through the chat template, ready for the assistant's turn: (text, token ids)."""
     if tokenizer.chat_template is None:
         raise InvalidRequestError("this model has no chat template")
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # the template itself refuses the conversation (e.g. roles out of order)
+        raise InvalidRequestError(f"messages: the model's chat template refused them: {e}", param="messages") from e
     # The template already holds the special tokens: do not let the tokenizer add another BOS.
     return text, tokenizer(text, add_special_tokens=False).input_ids

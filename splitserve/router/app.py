@@ -10,10 +10,13 @@ arrives as an `error` event in the stream. A client that goes away aborts its re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -24,14 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.bench.metrics import SLO
-from splitserve.engine.request import check_prompt
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.request import check_params, check_prompt
+from splitserve.engine.sampling import INT64_MIN, SamplingParams, StructuredOutput, TokenLogprob
+from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.router.cluster import Cluster, ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
+from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from splitserve.router.output import TextStream
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -57,9 +63,17 @@ class RouterState:
     api_key: str | None = None
     slo: SLO | None = None  # judged over a recent window, for operators (/health, /metrics)
     metrics: RouterMetrics = field(init=False)
+    _grammars: GrammarCompiler | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics(self.cluster, self.slo)
+
+    def grammars(self) -> GrammarCompiler:
+        """Compiles response_format schemas, so that an unusable one is refused before any worker sees it."""
+        if self._grammars is None:
+            eos = self.tokenizer.eos_token_id
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, [] if eos is None else [eos])
+        return self._grammars
 
 
 def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -79,11 +93,17 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         state.metrics.requests.labels("rejected").inc()
-        problems = []
+        problems, params = [], []
         for err in e.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(_error_body("; ".join(problems) or "invalid request", "invalid_request_error"), 400)
+            message = str(err.get("msg")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                message = "this field is not supported by this server"
+            params.append(where)
+            problems.append(f"{where}: {message}" if where else message)
+        param = params[0] if len(set(params)) == 1 and params[0] else None
+        message = "; ".join(dict.fromkeys(problems)) or "invalid request"
+        return JSONResponse(_error_body(message, "invalid_request_error", None, param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -92,7 +112,10 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return JSONResponse(_error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+        # A bug met by this request fails this request alone; the cluster's state is the Cluster's, untouched.
+        log.exception("internal error serving %s %s", request.method, request.url.path)
+        return JSONResponse(_error_body(f"internal error serving this request: {type(e).__name__}: {e}",
+                                        "server_error"), 500)  # fmt: skip
 
     async def authorized(request: Request) -> None:
         if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
@@ -132,51 +155,55 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
 
 
 async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Response:
-    chat = isinstance(body, ChatCompletionRequest)
     if body.model != state.served_model:
         raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{state.served_model}`",
                        code="model_not_found", param="model")  # fmt: skip
-    problem = body.unsupported()
-    if problem:
-        raise APIError(400, problem)
     try:
-        prompt_ids = _prompt_ids(state, body)
-        params = _sampling_params(state, body, prompt_ids)
+        prompts = _prompt_ids(state, body)
+        choices = [(i, ids, params) for i, ids in enumerate(prompts) for params in _sampling_params(state, body, ids)]
     except InvalidRequestError as e:
         raise APIError(400, str(e), code=e.code, param=e.param) from e
+    jobs: list[Job] = []
     try:
-        job = state.cluster.submit(prompt_ids, params)
+        for _, ids, params in choices:
+            jobs.append(state.cluster.submit(ids, params))
     except Overloaded as e:
+        for job in jobs:
+            state.cluster.abort(job)
         type_ = "rate_limit_error" if e.status == 429 else "server_error"
         raise APIError(e.status, str(e), type_, headers={"Retry-After": str(e.retry_after_s)}) from e
-    answer = _Answer(state, body, chat, job, prompt_ids)
+    answer = _Answer(state, body, [_Choice(state, body, k, job, prompts[i]) for k, (job, (i, _, _))
+                                   in enumerate(zip(jobs, choices, strict=True))], prompts)  # fmt: skip
     try:
-        first = await _next_event(job, request)
-        if first is None:  # the client left while the request waited
-            state.cluster.abort(job)
-            return Response(status_code=499)
-        if isinstance(first, ErrorEvent):
-            answer.count_error()
-            headers = {"Retry-After": str(first.retry_after_s or 1)} if first.status in (429, 503) else None
-            raise APIError(first.status, first.message, "server_error", headers=headers)
+        firsts: list[TokenEvent] = []
+        for job in jobs:  # the status is decided before the first byte: every choice has started, or failed
+            first = await _next_event(job, request)
+            if first is None:  # the client left while the request waited
+                answer.abort()
+                return Response(status_code=499)
+            if isinstance(first, ErrorEvent):
+                answer.count_error()
+                headers = {"Retry-After": str(first.retry_after_s or 1)} if first.status in (429, 503) else None
+                raise APIError(first.status, first.message, "server_error", headers=headers)
+            firsts.append(first)
         if body.stream:
-            return StreamingResponse(answer.stream(first), media_type="text/event-stream",
+            return StreamingResponse(answer.stream(firsts), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        whole = await answer.whole(first, request)
+        whole = await answer.whole(firsts, request)
         return Response(status_code=499) if whole is None else JSONResponse(whole)
     except BaseException:
         answer.abort()
         raise
 
 
-def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
     if isinstance(body, ChatCompletionRequest):
-        return encode_chat(state.tokenizer, [m.as_template_input() for m in body.messages])[1]
-    prompt = body.single_prompt()
-    return list(prompt) if not isinstance(prompt, str) else state.tokenizer(prompt).input_ids if prompt else []
+        return [encode_chat(state.tokenizer, [m.as_template_input() for m in body.messages])[1]]
+    return [list(p) if not isinstance(p, str) else state.tokenizer(p).input_ids if p else [] for p in body.prompts()]
 
 
-def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> SamplingParams:
+def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[SamplingParams]:
+    """The parameters of each of the prompt's `n` choices (seeded choices get seed, seed + 1, ... as in vLLM)."""
     limit = state.cluster.max_model_len
     if limit is None:
         raise APIError(503, "no workers can serve requests right now", "server_error", headers={"Retry-After": "5"})
@@ -192,15 +219,39 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> Samplin
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return SamplingParams(  # validates the rest (max_tokens >= 1, temperature, top_p, top_k, logprobs)
+    params = SamplingParams(  # validates the rest, naming the field
         max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+        stop_token_ids=tuple(body.stop_token_ids),
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs if chat else body.logprobs,
+        structured=_structured(state, body.response_format),
     )
+    check_params(params, state.vocab_size)
+    if params.min_tokens > params.max_tokens:
+        raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
+    if params.seed is None:
+        return [params] * body.n
+    return [replace(params, seed=(params.seed + i - INT64_MIN) % 2**64 + INT64_MIN) for i in range(body.n)]
+
+
+def _structured(state: RouterState, response_format: ResponseFormat | None) -> StructuredOutput | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        spec = StructuredOutput("json_object")
+    else:
+        spec = StructuredOutput("json_schema", json.dumps(response_format.json_schema.schema_))
+    state.grammars().compile(spec)  # an unusable schema is the client's 400 here, not a worker's failure
+    return spec
 
 
 async def _next_event(job: Job, request: Request) -> TokenEvent | ErrorEvent | None:
@@ -213,131 +264,164 @@ async def _next_event(job: Job, request: Request) -> TokenEvent | ErrorEvent | N
                 return None
 
 
-class _Answer:
-    """Turns a job's token events into the OpenAI response, whole or as a stream of chunks."""
+class _Choice:
+    """One choice of the answer: one job's tokens turned into text (stop strings applied)."""
 
-    def __init__(self, state: RouterState, body, chat: bool, job: Job, prompt_ids: list[int]):
-        self.state, self.body, self.chat, self.job = state, body, chat, job
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.text = TextStream(state.tokenizer, prompt_ids, body.stop)
-        self.num_prompt = len(prompt_ids)
+    def __init__(self, state: RouterState, body, index: int, job: Job, prompt_ids: list[int]):
+        self.index, self.job = index, job
+        self.text = TextStream(state.tokenizer, prompt_ids, body.stop, body.min_tokens)
+        self.echo = state.tokenizer.decode(prompt_ids) if getattr(body, "echo", False) else ""
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._text_offset = 0
+        self.text_offset = 0
+
+
+class _Answer:
+    """Turns the jobs' token events into the OpenAI response, whole or as a stream of chunks."""
+
+    def __init__(self, state: RouterState, body, choices: list[_Choice], prompts: list[list[int]]):
+        self.state, self.body, self.choices = state, body, choices
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.num_prompt = sum(len(p) for p in prompts)
 
     def abort(self) -> None:
-        """The answer ends early (client gone, error): free the request everywhere."""
-        if self.finish_reason is None and self.job.state is not JobState.DONE:
-            self.state.cluster.abort(self.job)
-            self.state.metrics.requests.labels("aborted").inc()
+        """The answer ends early (client gone, error): free every unfinished choice's request everywhere."""
+        for choice in self.choices:
+            if choice.finish_reason is None and choice.job.state is not JobState.DONE:
+                self.state.cluster.abort(choice.job)
+                self.state.metrics.requests.labels("aborted").inc()
 
     def count_error(self) -> None:
         self.state.metrics.requests.labels("error").inc()
 
-    def _take(self, event: TokenEvent) -> tuple[str, list[TokenLogprob]]:
-        """Account for one token; returns the text it releases and its logprobs (if asked for)."""
-        self.token_ids.append(event.token_id)
-        text = self.text.push(event.token_id)
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def _take(self, choice: _Choice, event: TokenEvent) -> tuple[str, list[TokenLogprob]]:
+        """Account for one token of `choice`; returns the text it releases and its logprobs (if asked for)."""
+        choice.token_ids.append(event.token_id)
+        text = choice.text.push(event.token_id)
         finish = event.finish_reason
-        if self.text.stopped:
+        if choice.text.stopped:
             finish = "stop"
-            self.state.cluster.abort(self.job)  # the workers stop generating; no-op if it had finished anyway
+            self.state.cluster.abort(choice.job)  # the workers stop generating; no-op if it had finished anyway
         elif finish is not None:
-            text += self.text.flush()
+            text += choice.text.flush()
         if finish is not None:
-            self.finish_reason = finish
-            job = self.job
+            choice.finish_reason = finish
+            job = choice.job
             now = time.monotonic()
             ttft = (job.first_token_at or now) - job.created
-            self.state.metrics.record(ttft, now - job.created, len(self.token_ids))
-            self.state.metrics.requests.labels("ok").inc()
+            self.state.metrics.record(ttft, now - job.created, len(choice.token_ids))
+            if self.finished:
+                self.state.metrics.requests.labels("ok").inc()
         return text, [event.logprob] if event.logprob is not None else []
 
-    async def whole(self, first: TokenEvent, request: Request) -> dict[str, Any] | None:
-        """The complete answer; None when the client left before it was ready."""
-        texts, logprobs = [], []
-        event: TokenEvent | ErrorEvent | None = first
-        while True:
-            if event is None:
-                return None
-            if isinstance(event, ErrorEvent):
-                self.count_error()
-                raise APIError(event.status, event.message, "server_error")
-            text, lps = self._take(event)
-            texts.append(text)
-            logprobs.extend(lps)
-            if self.finish_reason is not None:
-                break
-            event = await _next_event(self.job, request)
-        text = "".join(texts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = self._logprobs(logprobs) if self._wants_logprobs else None
-        if self.body.return_token_ids:
-            choice["token_ids"] = self.token_ids
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.state.served_model,
-            "choices": [choice],
-            "usage": self._usage(),
-        }
-
-    async def stream(self, first: TokenEvent) -> AsyncIterator[bytes]:
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+    async def _events(self, firsts: list[TokenEvent], request: Request | None):
+        """(choice, event) pairs as they come, each choice's in order, until every choice has finished;
+        (None, None) when the client disconnected while waiting."""
+        for choice, event in zip(self.choices, firsts, strict=True):
+            yield choice, event
+        waiting: dict[asyncio.Future, _Choice] = {}
         try:
-            if self.chat:
-                yield self._chunk({"delta": {"role": "assistant", "content": ""}}, include_usage)
-            event: TokenEvent | ErrorEvent = first
             while True:
+                for choice in self.choices:
+                    if choice.finish_reason is None and choice not in waiting.values():
+                        waiting[asyncio.ensure_future(choice.job.next_event())] = choice
+                if not waiting:
+                    return
+                done, _ = await asyncio.wait(waiting, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                if not done and request is not None and await request.is_disconnected():
+                    yield None, None
+                    return
+                for future in sorted(done, key=lambda f: waiting[f].index):
+                    yield waiting.pop(future), future.result()
+        finally:
+            for future in waiting:
+                future.cancel()
+
+    async def whole(self, firsts: list[TokenEvent], request: Request) -> dict[str, Any] | None:
+        """The complete answer; None when the client left before it was ready."""
+        texts: dict[int, list[str]] = {c.index: [c.echo] for c in self.choices}
+        logprobs: dict[int, list[TokenLogprob]] = {c.index: [] for c in self.choices}
+        async with contextlib.aclosing(self._events(firsts, request)) as events:
+            async for choice, event in events:
+                if choice is None:
+                    return None
                 if isinstance(event, ErrorEvent):
                     self.count_error()
-                    yield _sse(_error_body(event.message, "server_error"))
-                    break
-                text, lps = self._take(event)
-                if text or lps or self.finish_reason or self.body.return_token_ids:
-                    choice: dict[str, Any] = (
-                        {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
-                    )
-                    choice["logprobs"] = self._logprobs(lps) if self._wants_logprobs else None
-                    choice["finish_reason"] = self.finish_reason
-                    if self.body.return_token_ids:
-                        choice["token_ids"] = [event.token_id]
-                    yield self._chunk(choice, include_usage)
-                if self.finish_reason is not None:
-                    if include_usage:
-                        yield _sse({**self._envelope(), "choices": [], "usage": self._usage()})
-                    break
-                event = await self.job.next_event()
+                    raise APIError(event.status, event.message, "server_error")
+                text, lps = self._take(choice, event)
+                texts[choice.index].append(text)
+                logprobs[choice.index].extend(lps)
+        out = []
+        for c in self.choices:
+            text = "".join(texts[c.index])
+            entry: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
+            if self.chat:
+                entry["message"] = {"role": "assistant", "content": text}
+            else:
+                entry["text"] = text
+            entry["logprobs"] = self._logprobs(c, logprobs[c.index]) if self._wants_logprobs else None
+            if self.body.return_token_ids:
+                entry["token_ids"] = c.token_ids
+            out.append(entry)
+        return {**self._envelope(whole=True), "choices": out, "usage": self._usage()}
+
+    async def stream(self, firsts: list[TokenEvent]) -> AsyncIterator[bytes]:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        try:
+            for c in self.choices:
+                if self.chat:
+                    yield self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}}, include_usage)
+                elif c.echo:
+                    yield self._chunk({"index": c.index, "text": c.echo}, include_usage)
+            async with contextlib.aclosing(self._events(firsts, None)) as events:
+                async for choice, event in events:
+                    if isinstance(event, ErrorEvent):
+                        self.count_error()
+                        yield _sse(_error_body(event.message, "server_error"))
+                        break
+                    text, lps = self._take(choice, event)
+                    if text or lps or choice.finish_reason or self.body.return_token_ids:
+                        entry: dict[str, Any] = (
+                            {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+                        )
+                        entry["index"] = choice.index
+                        entry["logprobs"] = self._logprobs(choice, lps) if self._wants_logprobs else None
+                        entry["finish_reason"] = choice.finish_reason
+                        if self.body.return_token_ids:
+                            entry["token_ids"] = [event.token_id]
+                        yield self._chunk(entry, include_usage)
+            if self.finished and include_usage:
+                yield _sse({**self._envelope(), "choices": [], "usage": self._usage()})
             yield b"data: [DONE]\n\n"
         finally:
-            self.abort()  # the client left mid-stream (or an error ended it): free the request everywhere
+            self.abort()  # the client left mid-stream (or an error ended it): free the requests everywhere
 
     @property
     def _wants_logprobs(self) -> bool:
         return (self.body.num_logprobs if self.chat else self.body.logprobs) is not None
 
-    def _envelope(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.state.served_model}  # fmt: skip
+    def _envelope(self, whole: bool = False) -> dict[str, Any]:
+        kind = ("chat.completion" if whole else "chat.completion.chunk") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.state.served_model}
 
     def _chunk(self, choice: dict[str, Any], include_usage: bool) -> bytes:
-        choice = {"index": 0, "logprobs": None, "finish_reason": None, **choice}
+        choice = {"logprobs": None, "finish_reason": None, **choice}
         payload = {**self._envelope(), "choices": [choice]}
         if include_usage:
             payload["usage"] = None
         return _sse(payload)
 
     def _usage(self) -> dict[str, int]:
-        n = len(self.token_ids)
+        n = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": self.num_prompt, "completion_tokens": n, "total_tokens": self.num_prompt + n}
 
-    def _logprobs(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def _logprobs(self, choice: _Choice, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         decode = self.state.tokenizer.decode
 
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
@@ -350,8 +434,8 @@ class _Answer:
         tokens = [decode([lp.token_id]) for lp in logprobs]
         offsets = []
         for token in tokens:
-            offsets.append(self._text_offset)
-            self._text_offset += len(token)
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(token)
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],

@@ -14,6 +14,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ class ClusterStats:
     malformed_messages: int = 0
     retries: int = 0
     workers_lost: int = 0
+    worker_restarts: dict[str, int] = field(default_factory=dict)  # by role: dead workers `serve` started again
 
 
 class Cluster:
@@ -156,7 +158,8 @@ class Cluster:
         self.queue: deque[Job] = deque()
         self.stats = ClusterStats()
         self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
-        self._wire_ids = itertools.count(1)
+        # Job ids start at a random point: a worker that outlived an earlier router never sees one reused.
+        self._wire_ids = itertools.count(secrets.randbits(62))
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished worker raises, not drops
@@ -231,7 +234,17 @@ class Cluster:
 
     def _dispatch(self) -> None:
         """Place queued requests, oldest first, while there is room (no overtaking the head)."""
-        while self.queue and self._place(self.queue[0]):
+        while self.queue:
+            job = self.queue[0]
+            try:
+                placed = self._place(job)
+            except Exception as e:  # a bug met by one request fails that request, never the queue behind it
+                log.exception("could not place a request")
+                self.queue.popleft()
+                self._fail(job, f"internal error placing this request: {type(e).__name__}: {e}", 500)
+                continue
+            if not placed:
+                return
             self.queue.popleft()
 
     def _place(self, job: Job) -> bool:
@@ -368,7 +381,10 @@ class Cluster:
         if job is not None and job.prefill == worker_id:
             job.prefill = None
             if not message.ok and job.num_tokens == 0:
-                self._retry(job, f"prefill failed: {message.error}")
+                if message.retryable:
+                    self._retry(job, f"prefill failed: {message.error}")
+                else:
+                    self._fail(job, message.error, 500)
 
     def _tokens(self, message: Tokens, worker_id: str | None) -> None:
         d = self.workers.get(worker_id) if worker_id else None
@@ -509,7 +525,8 @@ class Cluster:
             if members:
                 keys = ("jobs", "running", "waiting", "pending_prefill_tokens", "free_pages", "num_pages")
                 pools[role.value] = {"workers": len(members), **{k: sum(w[k] for w in members) for k in keys}}
-        return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers}
+        return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers,
+                "worker_restarts": dict(self.stats.worker_restarts)}  # fmt: skip
 
 
 def _describe(w: Worker) -> dict:

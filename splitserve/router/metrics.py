@@ -100,6 +100,11 @@ class _ClusterCollector(Collector):
         stats = self.cluster.stats
         yield CounterMetricFamily("splitserve_request_retries", "Request attempts retried", stats.retries)
         yield CounterMetricFamily("splitserve_workers_lost", "Workers removed as dead or stuck", stats.workers_lost)
+        restarts = CounterMetricFamily("splitserve_worker_restarts", "Workers serve restarted after they exited",
+                                       labels=["role"])  # fmt: skip
+        for role, count in dict(stats.worker_restarts).items():
+            restarts.add_metric([role], count)
+        yield restarts
         yield CounterMetricFamily(
             "splitserve_malformed_messages", "Worker messages dropped as malformed", stats.malformed_messages
         )

@@ -10,9 +10,14 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], stop: list[str]):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], stop: list[str], min_tokens: int = 0
+    ):
+        """Stop strings count only from the `min_tokens`-th token on (vLLM's rule)."""
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self._stop = stop
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
         self._held = ""  # decoded text not released yet
         self.stopped = False  # a stop string was found: the request is over
 
@@ -21,7 +26,8 @@ class TextStream:
         if self.stopped:
             return ""
         self._held += self._detokenizer.push(token_id)
-        if not self._stop:
+        self._num_tokens += 1
+        if not self._stop or self._num_tokens < self._min_tokens:
             text, self._held = self._held, ""
             return text
         hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]

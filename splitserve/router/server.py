@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
+import zmq
 
 from splitserve.bench.metrics import SLO
-from splitserve.errors import ModelLoadError
+from splitserve.errors import ModelLoadError, SplitserveError
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
 from splitserve.model.tokenizer import load_tokenizer
@@ -27,25 +29,50 @@ class ServerOptions:
     worker_address: str = "tcp://127.0.0.1:5557"  # where workers connect (ZeroMQ)
     api_key: str | None = None
     slo: str | None = None  # e.g. "ttft=0.5,tpot=0.05": attainment over the last minute on /health and /metrics
+    served_model_name: str | None = None  # the name clients use (default: the model's)
+    access_log: bool = False  # log every HTTP request (-v)
 
 
 def run_router(
     options: ServerOptions, cluster_options: dict, on_bound: Callable[[str, Cluster], None] | None = None
 ) -> None:
     """Serve until SIGINT/SIGTERM. `on_bound` gets the worker socket's address once it is bound (before HTTP)."""
+    _check_port_free(options.host, options.port)
     path = resolve_model(options.model)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise ModelLoadError(f"{path} has no tokenizer; the router needs one to serve text")
     name = model_name(options.model)
     cluster = Cluster(RouterOptions(model=name, **cluster_options))
-    address = cluster.bind(options.worker_address)
-    log.info("workers connect to %s", address)
+    try:
+        address = cluster.bind(options.worker_address)
+    except zmq.ZMQError as e:
+        raise SplitserveError(f"cannot bind the workers' socket {options.worker_address}: {e}") from None
+    served = options.served_model_name or name
+    print(f"splitserve router: model {name}" + (f" served as {served}" if served != name else "")
+          + f", HTTP on http://{options.host}:{options.port}, workers join at {address}", flush=True)  # fmt: skip
     if on_bound is not None:
         on_bound(address, cluster)
     vocab = ModelConfig.from_pretrained(path).vocab_size
-    state = RouterState(cluster, tokenizer, vocab, name, options.api_key, SLO.parse(options.slo) or None)
+    state = RouterState(cluster, tokenizer, vocab, served, options.api_key, SLO.parse(options.slo) or None)
     config = uvicorn.Config(
-        create_app(state), host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5
+        create_app(state),
+        host=options.host,
+        port=options.port,
+        log_level="info" if options.access_log else "warning",
+        access_log=options.access_log,
+        timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A one-line error now, instead of uvicorn's errno message after the model and workers have loaded."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise SplitserveError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? choose another --port)"
+        ) from None
