@@ -23,7 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", *DTYPES],
         default=d.dtype,
-        help="weights and KV cache dtype; auto = bf16 (fastest on CPU); fp32 for exact comparisons",
+        help="weights and KV cache dtype; auto = bf16 on CUDA and on CPUs with native bf16 matrix instructions "
+        "(AVX512-BF16/AMX, Arm BF16), else fp32; fp32 for exact comparisons (default auto)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present, else cpu")
     p.add_argument(
@@ -80,6 +81,11 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
     p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send and /v1/models lists (default: the model's own name)",
+    )
+    p.add_argument(
         "--slo",
         default=None,
         help="e.g. ttft=0.5,tpot=0.05 (seconds): /health and /metrics show the last minute's attainment and misses",
@@ -102,7 +108,9 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
 def _router_options(args: argparse.Namespace, worker_address: str):
     from splitserve.router.server import ServerOptions
 
-    server = ServerOptions(args.model, args.host, args.port, worker_address, args.api_key, args.slo)
+    server = ServerOptions(
+        args.model, args.host, args.port, worker_address, args.api_key, args.slo, args.served_model_name, args.verbose
+    )
     cluster = {
         "max_queue": args.max_queue,
         "queue_timeout_s": args.queue_timeout,
@@ -181,10 +189,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log timings and progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbose_help = "log progress details, timings and (router) every HTTP request"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # -v also after the subcommand (`splitserve serve -v`); SUPPRESS keeps the top-level value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser(
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return subcommands.add_parser(name, parents=[common], **kwargs)
+
+    gen = command(
         "generate",
         help="generate a completion for one prompt in this process and print it",
         description="Generate a completion for one prompt with the continuous-batching engine and print its text.",
@@ -200,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    srv = sub.add_parser(
+    srv = command(
         "serve",
         help="start a whole cluster on this machine: router + prefill and decode workers",
         description="Start the router (OpenAI-compatible HTTP) and its workers as child processes on this "
@@ -215,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
-    rtr = sub.add_parser(
+    rtr = command(
         "router",
         help="start the router alone; workers join it with `splitserve prefill|decode --router ...`",
         description="Start the router alone: OpenAI-compatible HTTP for clients, a ZeroMQ socket for workers, "
@@ -225,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--model", default=None, help="the model the workers serve (its tokenizer is loaded here)")
     rtr.set_defaults(func=_router)
 
-    bench = sub.add_parser(
+    bench = command(
         "bench",
         help="SLO benchmark of an OpenAI-compatible server: latency percentiles, goodput, charts",
         description="Send a workload to an OpenAI-compatible server (streaming) at one or more request rates; "
@@ -237,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
 
-    pln = sub.add_parser(
+    pln = command(
         "plan",
         help="recommend a prefill:decode split: profile the workers here, simulate a workload on every split",
         description="Profile the engine on this hardware (prefill time vs tokens, decode step time vs batch and "
@@ -256,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prefill", "prefill", "start a prefill worker"),
         ("decode", "decode", "start a decode worker (--role both: a colocated one)"),
     ]:
-        w = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} that joins a router.")
+        w = command(name, help=text, description=f"{text[0].upper()}{text[1:]} that joins a router.")
         w.add_argument("--router", required=True, help="the router's worker socket, tcp://HOST:PORT")
         w.add_argument(
             "--role",

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,40 +42,110 @@ def serve(
     """`pools`: how many workers of each role (prefill, decode, both); `worker_argv`: their engine options."""
     num_workers = sum(pools.values())
     per_worker = threads or max(1, (os.cpu_count() or 1) // num_workers)
-    children: list[subprocess.Popen] = []
+    supervisor: Supervisor | None = None
 
     def start_workers(address: str, cluster: Cluster) -> None:
+        nonlocal supervisor
         env = {**os.environ, "OMP_NUM_THREADS": str(per_worker), "OMP_WAIT_POLICY": "PASSIVE"}
-        for role, count in pools.items():
-            for _ in range(count):
-                argv = [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "worker", "--role", role,
-                        "--router", address, "--threads", str(per_worker), *worker_argv]  # fmt: skip
-                children.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
-        threading.Thread(target=_announce, args=(server, cluster, children, num_workers), daemon=True).start()
+        argv = {role: [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "worker", "--role", role,
+                       "--router", address, "--threads", str(per_worker), *worker_argv]
+                for role in pools}  # fmt: skip
+        print(f"splitserve serve: starting {', '.join(f'{n} {role}' for role, n in pools.items() if n)} worker(s), "
+              f"{per_worker} thread(s) each", flush=True)  # fmt: skip
+        supervisor = Supervisor(server, cluster, [(role, argv[role]) for role, n in pools.items() for _ in range(n)],
+                                env)  # fmt: skip
+        supervisor.start()
 
     try:
         run_router(server, cluster_options, on_bound=start_workers)
     finally:
-        _stop(children)
+        if supervisor is not None:
+            supervisor.stop()
 
 
-def _announce(server: ServerOptions, cluster: Cluster, children: list[subprocess.Popen], expected: int) -> None:
-    """Say when every worker has joined; report workers that exit on their own."""
-    ready = False
-    reported: set[int] = set()
-    while True:
-        time.sleep(0.2)
-        if not ready and len(cluster.workers) >= expected:
-            ready = True
-            print(f"splitserve: serving {cluster.options.model} on http://{server.host}:{server.port} "
-                  f"with {expected} workers (Ctrl-C stops)", flush=True)  # fmt: skip
-        for child in children:
-            if child.poll() is not None and child.pid not in reported:
-                reported.add(child.pid)
-                log.warning("worker process %d exited with status %s", child.pid, child.returncode)
+@dataclass
+class _Slot:
+    """One worker place of the cluster: its command, its current process, and its restart history."""
+
+    role: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None  # a restart is due then
+    recent_restarts: list[float] = field(default_factory=list)
+    given_up: bool = False
+
+
+class Supervisor:
+    """Starts `serve`'s workers and restarts any that exits: after 1, 2, 4 ... 30 s (the delay resets once a
+    worker has run for a minute), at most `max_restarts` times in 10 minutes per worker place, then gives that
+    place up (the cluster goes on with the others). Each restart is logged and counted on /metrics."""
+
+    MAX_BACKOFF_S = 30.0
+    WINDOW_S = 600.0
+
+    def __init__(self, server: ServerOptions, cluster: Cluster, workers: list[tuple[str, list[str]]],
+                 env: dict[str, str], max_restarts: int = 5):  # fmt: skip
+        self.server, self.cluster, self.env, self.max_restarts = server, cluster, env, max_restarts
+        self.slots = [_Slot(role, argv) for role, argv in workers]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(2)
+        _stop([slot.process for slot in self.slots if slot.process is not None])
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.process = subprocess.Popen(slot.argv, env=self.env, preexec_fn=_die_with_parent)
+        slot.started, slot.restart_at = time.monotonic(), None
+
+    def _watch(self) -> None:
+        ready = False
+        while not self._stopping.wait(0.2):
+            if not ready and len(self.cluster.workers) >= len(self.slots):
+                ready = True
+                print(f"splitserve: serving {self.cluster.options.model} on http://{self.server.host}:"
+                      f"{self.server.port} with {len(self.slots)} workers (Ctrl-C stops)", flush=True)  # fmt: skip
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.given_up or slot.process is None:
+                    continue
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at and not self._stopping.is_set():
+                        self._spawn(slot)
+                    continue
+                status = slot.process.poll()
+                if status is None:
+                    continue
                 if not ready:  # a worker that cannot start: the cluster never will; stop it all
-                    log.error("a worker failed to start; stopping")
+                    log.error("a %s worker failed to start (exit status %s); stopping", slot.role, status)
                     os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                self._schedule_restart(slot, status, now)
+
+    def _schedule_restart(self, slot: _Slot, status: int, now: float) -> None:
+        slot.recent_restarts = [t for t in slot.recent_restarts if now - t < self.WINDOW_S]
+        if len(slot.recent_restarts) >= self.max_restarts:
+            slot.given_up = True
+            log.error("%s worker (pid %d) exited with status %s; it exited %d times in %.0f minutes, so it is not "
+                      "restarted again", slot.role, slot.process.pid, status, len(slot.recent_restarts) + 1,
+                      self.WINDOW_S / 60)  # fmt: skip
+            return
+        if now - slot.started > 60:
+            slot.recent_restarts.clear()  # it ran well for a while: start the backoff over
+        delay = min(self.MAX_BACKOFF_S, 2.0 ** len(slot.recent_restarts))
+        slot.recent_restarts.append(now)
+        slot.restart_at = now + delay
+        restarts = self.cluster.stats.worker_restarts
+        restarts[slot.role] = restarts.get(slot.role, 0) + 1
+        log.warning("%s worker (pid %d) exited with status %s; restarting it in %.0fs", slot.role, slot.process.pid,
+                    status, delay)  # fmt: skip
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

@@ -7,6 +7,7 @@ forward pass does not make the worker look dead, and a dead worker goes quiet wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -84,6 +85,10 @@ def run_worker(options: WorkerOptions) -> None:
         pid=os.getpid(),
         host=socket.gethostname(),
     )
+    engine = role.engine.config
+    print(f"splitserve {info.worker_id}: model {info.model} on {engine.torch_device} in {engine.resolved_dtype}"
+          f"{' (auto)' if engine.dtype == 'auto' else ''}, {info.num_pages} KV pages of {info.page_size} tokens, "
+          f"joining the router at {options.router}", flush=True)  # fmt: skip
     _Loop(options, info, role, outbox).run()
 
 
@@ -123,6 +128,9 @@ class _Loop:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, info.worker_id.encode())
         self.socket.setsockopt(zmq.LINGER, 1000)
+        # While the router is away nothing queues for it (what a dead router's jobs produce is worth nothing),
+        # and the loop never blocks on a send; ZeroMQ reconnects by itself, and the next heartbeat rejoins.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.connect(options.router)
         self.outbox = outbox
         self.stopping = threading.Event()
@@ -155,15 +163,22 @@ class _Loop:
             if agent is not None:
                 agent.close()
             if self.refused is None:
-                self.socket.send(encode(Goodbye(self.info.worker_id)))
+                with contextlib.suppress(zmq.Again):
+                    self.socket.send(encode(Goodbye(self.info.worker_id)), zmq.NOBLOCK)
             self.socket.close()
             self.context.term()
         if self.refused is not None:
             raise WorkerRefused(f"the router refused this worker: {self.refused}")
 
     def _flush(self) -> None:
+        dropped = 0
         for message in self.outbox:
-            self.socket.send(encode(message))
+            try:
+                self.socket.send(encode(message), zmq.NOBLOCK)
+            except zmq.Again:
+                dropped += 1
+        if dropped:
+            log.warning("the router is unreachable: dropped %d message(s) for it", dropped)
         self.outbox.clear()
 
     def _receive(self) -> None:
@@ -187,6 +202,8 @@ class _Loop:
     def _heartbeats(self) -> None:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no stale heartbeats piling up while the router is away
+        sock.setsockopt(zmq.SNDHWM, 4)
         sock.connect(self.options.router)
         try:
             while not self.stopping.wait(self.options.heartbeat_interval_s):
@@ -205,6 +222,7 @@ class _Loop:
                     )
                 )
                 age = time.monotonic() - self.loop_time
-                sock.send(encode(Heartbeat(self.info, self.load, kv, age)))
+                with contextlib.suppress(zmq.Again):  # the router is away: keep trying until it is back
+                    sock.send(encode(Heartbeat(self.info, self.load, kv, age)), zmq.NOBLOCK)
         finally:
             sock.close()

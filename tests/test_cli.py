@@ -56,3 +56,55 @@ def test_bad_input_is_a_clear_error_not_a_traceback(args, message):
 def test_empty_prompt_is_a_clear_error(smollm2):
     out = _run("generate", "--prompt", "")
     assert out.returncode == 2 and "the prompt is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_against_no_server_is_one_line_and_fails():
+    for extra in ([], ["--model", "some-model"]):
+        out = _run("bench", "--url", "http://127.0.0.1:9", "--rate", "1", "--num-requests", "2", *extra)
+        assert out.returncode == 2, out
+        assert out.stderr.strip().count("\n") == 0 and "no OpenAI-compatible server answers" in out.stderr
+
+
+def test_a_busy_port_is_one_line():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _run("router", "--port", str(port), "--worker-port", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"splitserve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another server there? choose another --port)"
+    )
+
+
+def test_verbose_is_accepted_before_and_after_the_subcommand():
+    from splitserve.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "serve"]).verbose and parser.parse_args(["serve", "-v"]).verbose
+    assert parser.parse_args(["decode", "--router", "tcp://h:1", "--verbose"]).verbose
+    assert not parser.parse_args(["serve"]).verbose
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
+    import torch
+
+    from splitserve.engine import config
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    assert config.EngineConfig(device="cpu").resolved_dtype == "fp32"
+    assert config.fast_dtype(torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    assert config.EngineConfig(device="cpu").torch_dtype == torch.bfloat16
+    assert config.EngineConfig(device="cpu", dtype="fp32").resolved_dtype == "fp32"
+
+
+def test_plan_quick_recommends_a_split(tiny_llama_gqa):
+    out = _run("plan", "--quick", "--model", str(tiny_llama_gqa), "--workers", "2", "--rate", "1", "--slo",
+               "ttft=5,tpot=1", "--input-len", "uniform:16,64", "--output-len", "uniform:4,16", "--num-requests",
+               "50", "--dtype", "fp32")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "quick" in out.stdout and "recommend" in out.stdout.lower(), out.stdout

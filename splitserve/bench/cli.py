@@ -16,6 +16,7 @@ import httpx
 from splitserve.bench import metrics, plots, workloads
 from splitserve.bench.client import Record, Target, run
 from splitserve.bench.metrics import SLO
+from splitserve.errors import SplitserveError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     rates = [float(r) for r in str(args.rate).split(",")]
     if any(not r > 0 for r in rates):
         raise ValueError("rates must be > 0 (inf: all at once)")
-    model = args.model or served_model(args.url, args.api_key)
+    model = served_model(args.url, args.api_key, args.model)
     target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos)
     tokenizer = tokenizer_for(args.tokenizer)
     requests = _workload(args, tokenizer)
@@ -84,6 +85,9 @@ def main(args: argparse.Namespace) -> int:
         records, duration = asyncio.run(run(target, requests, args.concurrency, progress=not args.no_progress))
         summary = metrics.summarize(records, duration, slo)
         print(format_summary(summary))
+        if not summary["completed"]:
+            first = next((r.error for r in records if r.error), "no output")
+            raise SplitserveError(f"no request completed at {args.url} (the first failed with: {first})")
         result["runs"].append({"rate": rate, "summary": summary, "records": [r.to_json() for r in records]})
         time.sleep(1)  # let the server drain between rates
     if len(rates) > 1:
@@ -125,7 +129,18 @@ def _plot(results: list[dict], prefix: str) -> None:
     print(f"chart: {plots.latency_cdfs(results, Path(f'{prefix}-cdf.png'))}")
 
 
-def served_model(url: str, api_key: str | None) -> str:
+def served_model(url: str, api_key: str | None, model: str | None = None) -> str:
+    """`model`, or the server's first model; a server that does not answer is a one-line error."""
+    try:
+        first = _first_model(url, api_key)  # asked even when `model` is given: is anyone there?
+    except httpx.HTTPError as e:
+        raise SplitserveError(f"no OpenAI-compatible server answers at {url} ({type(e).__name__}: {e})") from None
+    except (KeyError, IndexError, ValueError) as e:
+        raise SplitserveError(f"{url}/v1/models did not list a model ({e})") from None
+    return model or first
+
+
+def _first_model(url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
     r.raise_for_status()

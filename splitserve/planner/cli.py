@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="saved profiles (one per threads-per-worker) instead of profiling now")  # fmt: skip
     p.add_argument("--save-profile", default=None, metavar="PREFIX", help="save profiles as PREFIX-tN.json")
     p.add_argument("--plot", default=None, help="write the predicted attainment-vs-rate chart to this PNG")
+    p.add_argument(
+        "--quick", action="store_true", help="profile fewer points, each timed once (about a minute on 2 cores)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -47,8 +50,10 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
         if threads not in by_threads:
             if args.profile:
                 raise ValueError(f"no saved profile for {threads} thread(s) per worker ({n} workers)")
-            print(f"profiling the engine with {threads} thread(s) per worker ({n} workers on {args.cores} cores)")
-            by_threads[threads] = measure(engine, threads)
+            print(f"profiling {engine.model or 'the default model'} on {engine.torch_device} in "
+                  f"{engine.resolved_dtype} with {threads} thread(s) per worker ({n} workers on {args.cores} cores)"
+                  f"{', quick' if args.quick else ''}", flush=True)  # fmt: skip
+            by_threads[threads] = measure(engine, threads, quick=args.quick)
             if args.save_profile:
                 by_threads[threads].save(Path(f"{args.save_profile}-t{threads}.json"))
         profiles[n] = by_threads[threads]

@@ -83,17 +83,27 @@ class Profile:
 
 
 def measure(
-    config: EngineConfig, threads: int, repeats: int = 3, progress: bool = True, contention: bool = True
+    config: EngineConfig,
+    threads: int,
+    repeats: int = 3,
+    progress: bool = True,
+    contention: bool = True,
+    quick: bool = False,
 ) -> Profile:
-    """Profile the engine `config` describes with `threads` torch threads (what each worker will get)."""
+    """Profile the engine `config` describes with `threads` torch threads (what each worker will get).
+    `quick`: a third of the points, each timed once (the fits need no more than that to rank splits)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         core = EngineCore(config)
         budget, max_seqs = config.max_num_batched_tokens, config.max_num_seqs
-        prefill_sizes = sorted({t for t in (16, 32, 64, 128, 256, 512, 1024, 2048) if t < budget} | {budget})
-        batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_seqs} | {max_seqs})
-        contexts = [c for c in (64, 256, 1024) if c < core.max_model_len]
+        prefill_grid = (32, 128, 512) if quick else (16, 32, 64, 128, 256, 512, 1024, 2048)
+        longest = min(budget, core.max_model_len - 1)  # a prompt longer than the context is never prefilled
+        prefill_sizes = sorted({t for t in prefill_grid if t < longest} | {longest})
+        batch_grid = (1, 8) if quick else (1, 2, 4, 8, 16, 32, 64)
+        batches = sorted({b for b in batch_grid if b <= max_seqs} | {max_seqs})
+        contexts = [c for c in ((64, 512) if quick else (64, 256, 1024)) if c < core.max_model_len]
+        repeats = 1 if quick else repeats
         ps, capacity = config.page_size, core.allocator.capacity
         grid = [(b, c) for c in contexts for b in batches if b * -(-(c + 1) // ps) <= capacity]  # what fits
         points = len(prefill_sizes) + len(grid)
@@ -107,7 +117,7 @@ def measure(
             for b, c in grid:
                 decode.append((b, c, _time(core, [c] * b, 1, repeats, rng)))
                 bar.update(1)
-        pair_slowdown = _pair_slowdown(config, threads, core, rng) if contention else 1.0
+        pair_slowdown = _pair_slowdown(config, threads, core, rng, 1 if quick else 5) if contention else 1.0
         model_config = core.model_config
         return Profile(
             model=core.model_path.name,
@@ -149,10 +159,10 @@ def _time(core: EngineCore, lengths: list[int], decode: int, repeats: int, rng: 
             core.allocator.free(r.pages)
 
 
-def _pair_slowdown(config: EngineConfig, threads: int, core: EngineCore, rng: random.Random) -> float:
+def _pair_slowdown(config: EngineConfig, threads: int, core: EngineCore, rng: random.Random, repeats: int = 5) -> float:
     """A prefill pass's time while another process runs decode steps, over its time alone."""
-    tokens = min(256, config.max_num_batched_tokens)
-    alone = _time(core, [tokens], 0, 3, rng)
+    tokens = min(256, config.max_num_batched_tokens, core.max_model_len - 1)
+    alone = _time(core, [tokens], 0, repeats, rng)
     spawn = multiprocessing.get_context("spawn")
     ready, stop = spawn.Event(), spawn.Event()
     neighbour = spawn.Process(target=_keep_busy, args=(config, threads, ready, stop), daemon=True)
@@ -162,7 +172,7 @@ def _pair_slowdown(config: EngineConfig, threads: int, core: EngineCore, rng: ra
         while not ready.wait(0.5):
             if not neighbour.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the contention helper did not start")
-        loaded = _time(core, [tokens], 0, 5, rng)
+        loaded = _time(core, [tokens], 0, repeats, rng)
     finally:
         stop.set()
         neighbour.join(30)
