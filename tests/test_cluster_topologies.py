@@ -3,6 +3,8 @@ the embedded default model answering the official `openai` client."""
 
 from __future__ import annotations
 
+import json
+
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,6 +88,19 @@ def test_default_model_answers_the_openai_client():
         )
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert "Paris" in text, text
+        # JSON mode: every output parses, whatever the model would have written.
+        for question in ("Describe Paris as JSON.", "Give me a user profile.", "List three fruits."):
+            answer = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=200,
+                temperature=0,
+                frequency_penalty=0.5,  # a 135M model otherwise may repeat itself inside a key forever
+                response_format={"type": "json_object"},
+            )
+            for choice in answer.choices:
+                assert choice.finish_reason == "stop", choice
+                assert isinstance(json.loads(choice.message.content), dict), choice.message.content
         server.wait_idle()
     finally:
         server.stop()
