@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from splitserve.engine.config import DTYPES, EngineConfig
+from splitserve.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
 from splitserve.errors import SplitserveError
 
 
@@ -43,6 +43,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help=f"tokens per forward pass; longer prompts are prefilled in chunks (default {d.max_num_batched_tokens})",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=d.quantization,
+        help="weights: int8 = int8 weight-only linear layers on the CPU (about 3x faster decode steps, same "
+        "quality within 1%%); auto = int8 where --dtype auto chose fp32 on the CPU and the kernel builds, else "
+        "none; none = weights as loaded (exactness tests) (default auto)",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> dict:
@@ -54,6 +62,7 @@ def _engine_config(args: argparse.Namespace) -> dict:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len,
+        "quantization": args.quantization,
     }
 
 

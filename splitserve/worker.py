@@ -64,6 +64,7 @@ def kv_key(core: EngineCore) -> CompatKey:
         num_layers=cfg.num_layers,
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
+        quantization=core.config.resolved_quantization,
     )
 
 
@@ -86,9 +87,9 @@ def run_worker(options: WorkerOptions) -> None:
         host=socket.gethostname(),
     )
     engine = role.engine.config
-    print(f"splitserve {info.worker_id}: model {info.model} on {engine.torch_device} in {engine.resolved_dtype}"
-          f"{' (auto)' if engine.dtype == 'auto' else ''}, {info.num_pages} KV pages of {info.page_size} tokens, "
-          f"joining the router at {options.router}", flush=True)  # fmt: skip
+    print(f"splitserve {info.worker_id}: model {info.model} on {engine.torch_device} in {engine.describe_dtype()}, "
+          f"{info.num_pages} KV pages of {info.page_size} tokens, joining the router at {options.router}",
+          flush=True)  # fmt: skip
     _Loop(options, info, role, outbox).run()
 
 

@@ -11,6 +11,7 @@ import torch
 from splitserve.engine.kv_cache import parse_memory_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("auto", "none", "int8")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests in the running batch at once
     max_num_batched_tokens: int = 1024  # tokens per forward pass; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
+    quantization: str = "auto"  # auto | none | int8 (weight-only, CPU); auto: int8 where the dtype is fp32 by auto
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -31,6 +33,10 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "int8" and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
+            raise ValueError("--quantization int8 is for the CPU, with fp32 activations (--dtype fp32 or auto)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -50,6 +56,24 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.resolved_dtype]
+
+    @property
+    def resolved_quantization(self) -> str:
+        """`auto` is int8 where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the int8
+        kernel builds; weights stay as they are otherwise. An explicit `--dtype` keeps its weights exact."""
+        if self.quantization != "auto":
+            return self.quantization
+        from splitserve.kernels import cpu_int8
+
+        fast_int8 = self.dtype == "auto" and self.resolved_dtype == "fp32" and self.torch_device.type == "cpu"
+        return "int8" if fast_int8 and cpu_int8.available() else "none"
+
+    def describe_dtype(self) -> str:
+        """e.g. `fp32 (auto), int8 weights (auto)`, for start-up messages."""
+        text = self.resolved_dtype + (" (auto)" if self.dtype == "auto" else "")
+        if self.resolved_quantization != "none":
+            text += f", {self.resolved_quantization} weights" + (" (auto)" if self.quantization == "auto" else "")
+        return text
 
 
 def fast_dtype(device: torch.device) -> str:

@@ -4,6 +4,8 @@ limits (with its structured-output grammar, compiled on first use)."""
 
 from __future__ import annotations
 
+import torch
+
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
 from splitserve.engine.request import Request, check_params, check_prompt
@@ -37,6 +39,22 @@ class EngineCore:
         eos = frozenset(self.model_config.eos_token_ids)
         grammar = self.grammars.grammar(params.structured) if params.structured is not None else None
         return Request.create(request_id, prompt_token_ids, params, eos, grammar)
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits `[len(token_ids), vocab]` predicting each next token (for quality checks and prompt
+        logprobs); at most `max_num_batched_tokens` tokens."""
+        self.validate_prompt(token_ids)
+        if len(token_ids) > self.config.max_num_batched_tokens:
+            raise InvalidRequestError(f"score at most {self.config.max_num_batched_tokens} tokens at once")
+        request = Request.create("score", token_ids, SamplingParams(), frozenset())
+        pages = -(-len(token_ids) // self.config.page_size)
+        if pages > self.allocator.num_free:
+            raise InvalidRequestError(f"{len(token_ids)} tokens need {pages} free KV pages")
+        request.pages = self.allocator.allocate(pages)
+        try:
+            return self.runner.prompt_logits(request)
+        finally:
+            self.allocator.free(request.pages)
 
     @property
     def grammars(self) -> GrammarCompiler:

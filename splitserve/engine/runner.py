@@ -28,6 +28,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
+        if config.resolved_quantization == "int8":
+            self.model.quantize_int8()
         self.kv_cache = allocate_kv_cache(
             model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
         )
@@ -61,6 +63,14 @@ class ModelRunner:
             return []
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return list(zip(finishing, sample(logits, finishing), strict=True))
+
+    @torch.inference_mode()
+    def prompt_logits(self, request: Request) -> torch.Tensor:
+        """fp32 logits after every token of `request` (teacher forcing), in one forward pass; its pages must
+        have room for all its tokens."""
+        n = request.num_tokens
+        meta, _ = self._prepare([Chunk(request, n)])
+        return self.model.logits(self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta))
 
     def _prepare(self, ordered: list[Chunk]) -> tuple[PagedAttentionMetadata, list[int]]:
         ps = self.page_size

@@ -35,6 +35,7 @@ class CompatKey(msgspec.Struct, frozen=True):
     num_kv_heads: int
     head_dim: int
     layout: str = KV_LAYOUT
+    quantization: str = "none"  # weights computing the KV (and continuing from it) must be the same
 
     def mismatch(self, other: CompatKey) -> str | None:
         """A readable list of the fields that differ, or None when the keys agree."""

@@ -177,3 +177,14 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def quantize_int8(self) -> None:
+        """Every linear layer (and the LM head) to int8 weights, for the CPU's decode steps; the embedding
+        table stays as it is (a step reads only its tokens' rows)."""
+        from splitserve.kernels.cpu_int8 import QuantizedLinear
+
+        for module in [*self.model.layers, self]:
+            for name, child in list(module.named_modules()):
+                if isinstance(child, nn.Linear):
+                    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child))

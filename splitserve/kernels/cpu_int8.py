@@ -1,0 +1,109 @@
+"""Int8 weight-only linear layers on the CPU: `QuantizedLinear`, and the AVX2 kernel behind it.
+
+The kernel (cpu_int8.c) is compiled once per machine with the system's C compiler (`-O3 -march=native`) into
+the splitserve cache and loaded with ctypes; `available()` says whether that worked (no compiler, or a CPU
+without AVX2/FMA, means no int8 path, and `--quantization auto` then keeps fp32 weights).
+
+Decode steps (a few rows) run the kernel; a prefill's many rows are compute-bound, where the fp32 GEMM of the
+dequantized weights is faster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_int8.c")
+# Up to this many rows the kernel wins; past it the dequantized fp32 GEMM does (measured on an AVX2 EPYC).
+KERNEL_MAX_ROWS = 48
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")) / "kernels"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not {"avx2", "fma"} <= set(flags):
+        log.info("int8 CPU kernel: this CPU lacks AVX2/FMA")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.info("int8 CPU kernel: no C compiler found")
+        return None
+    source = _SOURCE.read_bytes()
+    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"cpu_int8-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            result = subprocess.run([compiler, *args, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("int8 CPU kernel did not compile: %s", result.stderr.strip()[-500:])
+                return None
+            built.replace(path)  # atomic: concurrent workers never load a half-written library
+    lib = ctypes.CDLL(str(path))
+    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.q8_linear.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (int8 weight [N, K], fp32 scale [N])."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen `nn.Linear` with int8 weights; fp32 in and out."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qweight, scale = quantize(linear.weight.data)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        bias = None if linear.bias is None else linear.bias.data.float().contiguous()
+        self.register_buffer("bias", bias)
+        self._lib = _library()
+        if self._lib is None:
+            raise RuntimeError("the int8 CPU kernel is not available on this machine")
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] > KERNEL_MAX_ROWS:
+            return F.linear(x, self.dequantized(), self.bias).view(*shape[:-1], self.out_features)
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        bias = self.bias.data_ptr() if self.bias is not None else None
+        self._lib.q8_linear(x.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), bias, y.data_ptr(),
+                            x.shape[0], self.out_features, self.in_features, torch.get_num_threads())  # fmt: skip
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

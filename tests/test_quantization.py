@@ -1,0 +1,93 @@
+"""Int8 weight-only linear layers on the CPU: the AVX2 kernel equals its reference, the int8 engine's greedy
+tokens equal transformers' on the same (dequantized) weights, and on the embedded model int8 keeps quality:
+top-1 agreement with the unquantized model >= 90% and perplexity within 5% on a fixed text."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from splitserve import LLM, SamplingParams
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.core import EngineCore
+from splitserve.kernels import cpu_int8
+from splitserve.model.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70])
+@pytest.mark.parametrize(("k", "n", "bias"), [(64, 96, False), (72, 30, True), (13, 5, True), (576, 1537, False)])
+def test_kernel_equals_its_reference(rows, k, n, bias):
+    torch.manual_seed(rows * 1000 + n)
+    linear = nn.Linear(k, n, bias=bias)
+    q = cpu_int8.QuantizedLinear(linear)
+    x = torch.randn(rows, k)
+    want = x.double() @ q.dequantized().double().t() + (linear.bias.double() if bias else 0)
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * math.sqrt(k), rtol=1e-4)
+    assert q(x.view(1, rows, k)).shape == (1, rows, n)  # leading dimensions are kept
+
+
+def test_quantize_round_trips_within_half_a_step():
+    w = torch.randn(40, 64) * torch.linspace(0.01, 10, 40)[:, None]
+    qweight, scale = cpu_int8.quantize(w)
+    assert qweight.dtype == torch.int8 and qweight.abs().max() <= 127
+    assert ((qweight.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
+    """Quantization changes the weights, nothing else: transformers' model with every linear layer's weight
+    replaced by its int8 round trip makes the same greedy tokens as the int8 engine."""
+    llm = LLM(str(tiny_llama_gqa), dtype="fp32", quantization="int8", page_size=8)
+    assert isinstance(llm.engine.runner.model.lm_head, cpu_int8.QuantizedLinear)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in list(hf.named_modules()):
+            if isinstance(module, nn.Linear):
+                q, s = cpu_int8.quantize(module.weight)
+                module.weight = nn.Parameter(q.float() * s[:, None])  # also unties the LM head from the embedding
+    prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 8]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt) :]
+
+
+TEXT = (
+    "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
+    "million square kilometres, of which five and a half million are covered by the rainforest. The region "
+    "includes territory belonging to nine nations and 3,344 formally acknowledged indigenous territories. "
+    "The majority of the forest is contained within Brazil, with 60% of the rainforest, followed by Peru with "
+    "13%, Colombia with 10%, and with minor amounts in Bolivia, Ecuador, French Guiana, Guyana, Suriname, and "
+    "Venezuela. The rainforest likely formed during the Eocene era, following the extinction event which wiped "
+    "out the dinosaurs. It appeared following a global reduction of tropical temperatures when the Atlantic "
+    "Ocean had widened sufficiently to provide a warm, moist climate to the Amazon basin."
+)
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_embedded_models_quality(smollm2):
+    ids = load_tokenizer(smollm2)(TEXT).input_ids
+    logits = {}
+    for quantization in ("none", "int8"):
+        core = EngineCore(EngineConfig(dtype="fp32", quantization=quantization, kv_cache_memory="64MiB"))
+        logits[quantization] = core.score(ids)
+    target = torch.tensor(ids[1:])
+
+    def perplexity(x: torch.Tensor) -> float:
+        return math.exp(torch.nn.functional.cross_entropy(x[:-1], target).item())
+
+    agreement = (logits["int8"].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
+    ppl = {q: perplexity(x) for q, x in logits.items()}
+    print(f"{len(ids)} tokens: top-1 agreement {agreement:.1%}, perplexity {ppl['none']:.3f} -> {ppl['int8']:.3f}")
+    assert agreement >= 0.9
+    assert abs(ppl["int8"] / ppl["none"] - 1) <= 0.05
