@@ -48,19 +48,15 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence: gather every sequence's pages into one padded batch laid out
-    `[kv_head * sequence, T, dim]`, so the query heads sharing a KV head meet its K/V in one batched
-    matmul. Softmax in fp32; padding past each context length is masked."""
-    nd, num_heads, dim = q.shape
-    kv_heads = layer_cache.shape[3]
-    group = num_heads // kv_heads
-    # [num_pages, 2, page_size, kv_heads, dim] -> [2, kv_heads, nd, max_pages, page_size, dim]
-    kv = layer_cache.permute(1, 3, 0, 2, 4)[:, :, meta.decode_page_table]
-    span = kv.shape[3] * kv.shape[4]
-    k = kv[0].reshape(kv_heads * nd, span, dim)
-    v = kv[1].reshape(kv_heads * nd, span, dim)
-    qg = q.view(nd, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * nd, group, dim)
-    scores = torch.bmm(qg, k.transpose(1, 2)).float() * scale  # [kv_heads * nd, group, T]
-    scores.view(kv_heads, nd, group, span).masked_fill_(~meta.decode_mask.view(1, nd, 1, span), float("-inf"))
-    out = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [kv_heads * nd, group, dim]
-    return out.view(kv_heads, nd, group, dim).transpose(0, 1).reshape(nd, num_heads, dim)
+    """One query token per sequence: gather every sequence's pages into one padded batch (each page is one
+    contiguous block of the page-major cache, so the gather is a block copy) and attend with SDPA, the query
+    heads sharing a KV head together (GQA); padding past each context length is masked."""
+    nd, _, dim = q.shape
+    kv = layer_cache[meta.decode_page_table]  # [nd, max_pages, 2, page_size, kv_heads, dim]
+    kv_heads, span = kv.shape[4], kv.shape[1] * kv.shape[3]
+    k = kv[:, :, 0].reshape(nd, span, kv_heads, dim).transpose(1, 2)
+    v = kv[:, :, 1].reshape(nd, span, kv_heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+    )  # [nd, heads, 1, dim]
+    return out.squeeze(2)
