@@ -3,7 +3,8 @@
  * Weights are int8 [N, K] with one fp32 scale per output channel; activations and outputs fp32. A decode
  * step's few rows read each weight once, as one byte instead of four, so on a memory-bound CPU the layer runs
  * about 3x faster than an fp32 GEMM (torch's own int8/int4 CPU kernels are slower than fp32 on AVX2 machines).
- * Each tile converts 4 channels' weights to fp32 in registers once and reuses them for 3 rows of x.
+ * Each tile converts 3 channels' weights to fp32 in registers once and reuses them for up to 4 rows of x
+ * (12 accumulators + 3 weight vectors + 1 row vector: the 16 AVX2 registers).
  * Built at run time by splitserve/kernels/cpu_int8.py with -march=native; called through ctypes.
  */
 #include <immintrin.h>
@@ -53,9 +54,10 @@ static inline __attribute__((always_inline)) void tile(
 static void rows(const float* x, const int8_t* w, const float* scale, const float* bias, float* y,
                  int64_t M, int64_t N, int64_t K, int64_t n, int NR) {
     int64_t m = 0;
-    if (NR == 4) {
-        for (; m + 3 <= M; m += 3) TILE(3, 4);
-        for (; m < M; m++) TILE(1, 4);
+    if (NR == 3) {
+        for (; m + 4 <= M; m += 4) TILE(4, 3);
+        for (; m + 2 <= M; m += 2) TILE(2, 3);
+        for (; m < M; m++) TILE(1, 3);
     } else {
         for (; m < M; m++) TILE(1, 1);
     }
@@ -63,8 +65,8 @@ static void rows(const float* x, const int8_t* w, const float* scale, const floa
 
 void q8_linear(const float* x, const int8_t* w, const float* scale, const float* bias, float* y,
                int64_t M, int64_t N, int64_t K, int nthreads) {
-    int64_t tiles = N / 4;
+    int64_t tiles = N / 3;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) rows(x, w, scale, bias, y, M, N, K, t * 4, 4);
-    for (int64_t n = tiles * 4; n < N; n++) rows(x, w, scale, bias, y, M, N, K, n, 1);
+    for (int64_t t = 0; t < tiles; t++) rows(x, w, scale, bias, y, M, N, K, t * 3, 3);
+    for (int64_t n = tiles * 3; n < N; n++) rows(x, w, scale, bias, y, M, N, K, n, 1);
 }
