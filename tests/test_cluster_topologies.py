@@ -4,7 +4,6 @@ the embedded default model answering the official `openai` client."""
 from __future__ import annotations
 
 import json
-
 import random
 from concurrent.futures import ThreadPoolExecutor
 

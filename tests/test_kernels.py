@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from splitserve.kernels import reference, triton_attention
+from splitserve.kernels import cpu_kernels, reference, triton_attention
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
@@ -90,6 +90,26 @@ def test_decode_attention_matches_reference(dim, group, page_size, dtype):
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
+@pytest.mark.parametrize(("dim", "group", "page_size"), [(64, 3, 16), (128, 4, 32), (64, 1, 8), (72, 5, 16)])
+def test_native_cpu_decode_attention_matches_reference(dim, group, page_size):
+    kv_heads = 2
+    spans = [(1, 1), (1, 2), (1, 17), (1, 5 * page_size), (1, 9 * page_size + 3)]
+    cache, meta, _ = _step(spans, page_size, kv_heads, dim, torch.float32, num_layers=3)
+    cache, meta = cache.cpu(), _on_cpu(meta)
+    q = torch.randn(meta.num_decode, kv_heads * group, dim)
+    for layer in range(3):
+        want = reference.paged_attention(q, cache, layer, meta, dim**-0.5)
+        got = cpu_kernels.paged_decode_attention(q, cache, layer, meta, dim**-0.5)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+def _on_cpu(meta: PagedAttentionMetadata) -> PagedAttentionMetadata:
+    return PagedAttentionMetadata(meta.slot_pages.cpu(), meta.slot_offsets.cpu(), meta.num_decode,
+                                  meta.decode_page_table.cpu(), meta.decode_context_lens.cpu(),
+                                  meta.decode_mask.cpu(), [])  # fmt: skip
+
+
 @pytest.mark.parametrize(("dim", "group", "page_size", "dtype"), SHAPES)
 def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     kv_heads = 2
@@ -124,7 +144,7 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
     prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in (1, 9, 23, 40)]
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * len(prompts)
     tokens = {}
-    for mode in ("reference", "triton"):
+    for mode in ("reference", "triton", "auto"):  # auto on the CPU: the native decode attention
         monkeypatch.setenv("SPLITSERVE_KERNELS", mode)
         config = EngineConfig(
             model=str(tiny_qwen2), dtype="fp32", device=DEVICE.type, page_size=16, max_num_batched_tokens=24
@@ -132,7 +152,7 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
         engine = Engine(config)
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])
         assert mixed > 0  # decode rows and prefill chunks (with prefixes) in one step
-    assert tokens["triton"] == tokens["reference"]
+    assert tokens["triton"] == tokens["reference"] == tokens["auto"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -48,7 +48,7 @@ def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
     assert isinstance(llm.engine.runner.model.lm_head, cpu_int8.QuantizedLinear)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, module in list(hf.named_modules()):
+        for module in list(hf.modules()):
             if isinstance(module, nn.Linear):
                 q, s = cpu_int8.quantize(module.weight)
                 module.weight = nn.Parameter(q.float() * s[:, None])  # also unties the LM head from the embedding

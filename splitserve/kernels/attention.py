@@ -5,8 +5,9 @@ The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num
 (see DESIGN.md). A step's tokens form one flat batch: first the decode rows (one query token each),
 then the prefill chunks (several query tokens, possibly after a prefix already in pages).
 
-Dispatch: Triton kernels for CUDA tensors, the PyTorch reference for CPU tensors. `SPLITSERVE_KERNELS`
-overrides it: `reference` (also on CUDA, for comparison) or `triton` (also on the CPU, for tests under
+Dispatch: Triton kernels for CUDA tensors; on the CPU the native decode attention (cpu_kernels.c, fp32) for
+decode rows where it builds, and the PyTorch reference for the rest. `SPLITSERVE_KERNELS` overrides it:
+`reference` (PyTorch only, also on CUDA, for comparison) or `triton` (also on the CPU, for tests under
 `TRITON_INTERPRET=1`).
 """
 
@@ -16,16 +17,21 @@ import os
 
 import torch
 
-from splitserve.kernels import reference
+from splitserve.kernels import cpu_kernels, reference
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
 __all__ = ["PagedAttentionMetadata", "PrefillSpan", "paged_attention", "use_triton", "write_kv"]
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def _mode() -> str:
     mode = os.environ.get("SPLITSERVE_KERNELS", "auto")
     if mode not in ("auto", "reference", "triton"):
         raise ValueError(f"SPLITSERVE_KERNELS must be auto, reference or triton, got {mode!r}")
+    return mode
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    mode = _mode()
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 
@@ -49,6 +55,12 @@ def paged_attention(
     The K/V of the batch's own tokens must already be written (`write_kv`).
     """
     if not use_triton(q):
+        nd = meta.num_decode
+        if nd and _mode() == "auto" and cpu_kernels.decode_attention_supported(q, kv_cache):
+            out = torch.empty_like(q)
+            out[:nd] = cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale)
+            reference.prefill_attention(q, kv_cache, layer, meta, scale, out)
+            return out
         return reference.paged_attention(q, kv_cache, layer, meta, scale)
     from splitserve.kernels import triton_attention
 

@@ -1,8 +1,6 @@
-"""Int8 weight-only linear layers on the CPU: `QuantizedLinear`, and the AVX2 kernel behind it.
-
-The kernel (cpu_int8.c) is compiled once per machine with the system's C compiler (`-O3 -march=native`) into
-the splitserve cache and loaded with ctypes; `available()` says whether that worked (no compiler, or a CPU
-without AVX2/FMA, means no int8 path, and `--quantization auto` then keeps fp32 weights).
+"""Int8 weight-only linear layers on the CPU: `QuantizedLinear` over the AVX2 kernel `q8_linear`
+(cpu_kernels.c); `available()` says whether the kernels built here (no compiler, or a CPU without AVX2/FMA,
+means no int8 path, and `--quantization auto` then keeps fp32 weights).
 
 Decode steps (a few rows) run the kernel; a prefill's many rows are compute-bound, where the fp32 GEMM of the
 dequantized weights is faster.
@@ -10,62 +8,18 @@ dequantized weights is faster.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from splitserve.kernels import cpu_kernels
 
-_SOURCE = Path(__file__).with_name("cpu_int8.c")
 # Up to this many rows the kernel wins; past it the dequantized fp32 GEMM does (measured on an AVX2 EPYC).
 KERNEL_MAX_ROWS = 48
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")) / "kernels"
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if not {"avx2", "fma"} <= set(flags):
-        log.info("int8 CPU kernel: this CPU lacks AVX2/FMA")
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        log.info("int8 CPU kernel: no C compiler found")
-        return None
-    source = _SOURCE.read_bytes()
-    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"cpu_int8-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *args, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("int8 CPU kernel did not compile: %s", result.stderr.strip()[-500:])
-                return None
-            built.replace(path)  # atomic: concurrent workers never load a half-written library
-    lib = ctypes.CDLL(str(path))
-    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.q8_linear.restype = None
-    return lib
-
-
 def available() -> bool:
-    return _library() is not None
+    return cpu_kernels.library() is not None
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +40,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", scale)
         bias = None if linear.bias is None else linear.bias.data.float().contiguous()
         self.register_buffer("bias", bias)
-        self._lib = _library()
+        self._lib = cpu_kernels.library()
         if self._lib is None:
             raise RuntimeError("the int8 CPU kernel is not available on this machine")
 

@@ -27,6 +27,14 @@ def paged_attention(
     nd = meta.num_decode
     if nd:
         out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale)
+    prefill_attention(q, kv_cache, layer, meta, scale, out)
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, out: torch.Tensor
+) -> None:
+    """The prefill spans' rows of `out`: each span's queries over its context (causal within the chunk)."""
     k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
@@ -42,7 +50,6 @@ def paged_attention(
             enable_gqa=True,
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
-    return out
 
 
 def _decode_attention(

@@ -1,0 +1,91 @@
+"""Native CPU kernels (cpu_kernels.c): int8 weight-only linear layers (`cpu_int8` wraps them) and paged decode
+attention that reads the KV pages in place.
+
+The C file is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into the
+splitserve cache and loaded with ctypes. `library()` is None where that cannot work (no AVX2/FMA, no compiler);
+callers then keep the PyTorch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from splitserve.kernels.metadata import PagedAttentionMetadata
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve")) / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not {"avx2", "fma"} <= set(flags):
+        log.info("CPU kernels: this CPU lacks AVX2/FMA")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.info("CPU kernels: no C compiler found")
+        return None
+    source = _SOURCE.read_bytes()
+    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"cpu_kernels-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            result = subprocess.run([compiler, *args, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("CPU kernels did not compile: %s", result.stderr.strip()[-500:])
+                return None
+            built.replace(path)  # atomic: concurrent workers never load a half-written library
+    lib = ctypes.CDLL(str(path))
+    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.q8_linear.restype = None
+    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode_attention.restype = None
+    return lib
+
+
+def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The native decode attention takes fp32 CPU tensors (and at most 64 query heads per KV head)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == kv_cache.dtype == torch.float32
+        and kv_cache.is_contiguous()
+        and q.shape[1] // kv_cache.shape[4] <= 64
+        and library() is not None
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of the decode rows `q` ([num_decode, heads, dim]) over their pages, read in place."""
+    nd, heads, dim = q.shape
+    if nd != meta.num_decode or meta.decode_page_table.shape[0] != nd:
+        raise ValueError(f"{nd} query rows for {meta.num_decode} decode sequences")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    table = meta.decode_page_table.contiguous()
+    lens = meta.decode_context_lens.contiguous()
+    _, num_layers, _, page_size, kv_heads, _ = kv_cache.shape
+    library().paged_decode_attention(q.data_ptr(), kv_cache.data_ptr(), table.data_ptr(), lens.data_ptr(),
+                                     out.data_ptr(), nd, heads, kv_heads, dim, page_size, num_layers, layer,
+                                     table.shape[1], scale, torch.get_num_threads())  # fmt: skip
+    return out
