@@ -46,7 +46,11 @@ def serve(
 
     def start_workers(address: str, cluster: Cluster) -> None:
         nonlocal supervisor
-        env = {**os.environ, "OMP_NUM_THREADS": str(per_worker), "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(per_worker)}
+        if num_workers * per_worker > (os.cpu_count() or 1):
+            # More threads than cores: a thread spinning at a barrier would steal another worker's core. Otherwise
+            # the default (spin briefly, then sleep) is faster: 31 against 42 ms per decode step here.
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         argv = {role: [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "worker", "--role", role,
                        "--router", address, "--threads", str(per_worker), *worker_argv]
                 for role in pools}  # fmt: skip

@@ -191,3 +191,31 @@ def test_gather_and_scatter_pages_match_reference():
     triton_layers.scatter_pages(target, ids, staged)
     assert torch.equal(target[torch.tensor(ids, device=DEVICE)], staged)
     assert not target[torch.tensor([i for i in range(12) if i not in ids], device=DEVICE)].any()
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_native_cpu_layer_kernels_match_reference(rows):
+    from splitserve.kernels import layers
+
+    g = torch.Generator().manual_seed(rows)
+    for dim in (64, 576, 13):
+        x, residual = (torch.randn(rows, dim, generator=g) for _ in range(2))
+        weight = torch.randn(dim, generator=g)
+        for res in (None, residual):
+            got, want = (
+                cpu_kernels.add_rms_norm(x, res, weight, 1e-5),
+                layers.add_rms_norm_reference(x, res, weight, 1e-5),
+            )
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for heads, dim in ((9, 64), (3, 16)):
+        qkv = torch.randn(rows, (heads + 2) * dim, generator=g)  # rows are strided, as in the model
+        x = qkv[:, : heads * dim].view(rows, heads, dim)
+        angles = torch.randn(rows, dim // 2, generator=g).repeat(1, 2)
+        want = layers.rope_reference(x.clone(), angles.cos(), angles.sin())
+        got = cpu_kernels.rope_(x, angles.cos(), angles.sin())
+        assert got.data_ptr() == qkv.data_ptr()  # in place
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    gate_up = torch.randn(rows, 2 * 1536, generator=g) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 
+def use_native(t: torch.Tensor) -> bool:
+    """The native CPU kernels (cpu_kernels.c) for fp32 CPU tensors, unless SPLITSERVE_KERNELS says otherwise."""
+    return _mode() == "auto" and cpu_kernels.native(t)
+
+
 def write_kv(
     kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
 ) -> None:
@@ -56,7 +61,7 @@ def paged_attention(
     """
     if not use_triton(q):
         nd = meta.num_decode
-        if nd and _mode() == "auto" and cpu_kernels.decode_attention_supported(q, kv_cache):
+        if nd and use_native(q) and cpu_kernels.decode_attention_supported(q, kv_cache):
             out = torch.empty_like(q)
             out[:nd] = cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale)
             reference.prefill_attention(q, kv_cache, layer, meta, scale, out)

@@ -7,6 +7,9 @@
  * Each tile converts 3 channels' weights to fp32 in registers once and reuses them for up to 4 rows of x
  * (12 accumulators + 3 weight vectors + 1 row vector: the 16 AVX2 registers).
  *
+ * add_rms_norm, rope, silu_mul: a decoder layer's element-wise steps, one call each instead of 5-10 torch ops
+ * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
+ *
  * paged_decode_attention: one query token per sequence over its KV pages, read in place from the page-major
  * cache (no gather, no copy): each (sequence, KV head) scores its context for the query heads that share
  * that KV head, softmaxes in fp32 and sums the values.
@@ -169,5 +172,66 @@ void paged_decode_attention(const float* q, const float* cache, const int64_t* p
             }
             free(scores);
         }
+    }
+}
+
+/* h = x + residual (residual may be NULL: h = x); out = weight * h / sqrt(mean(h^2) + eps), per row. */
+void add_rms_norm(const float* x, const float* residual, const float* weight, float* out, float* h,
+                  int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float* xr = x + r * dim;
+        float* hr = h + r * dim;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= dim; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual + r * dim + i));
+            _mm256_storeu_ps(hr + i, v);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float sq = hsum(acc);
+        for (; i < dim; i++) {
+            float v = xr[i] + (residual ? residual[r * dim + i] : 0.0f);
+            hr[i] = v;
+            sq += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sq / (float)dim + eps);
+        for (i = 0; i < dim; i++) out[r * dim + i] = weight[i] * (hr[i] * inv);
+    }
+}
+
+/* Rotate-half rotary embedding in place: x [tokens, heads, dim] (rows `row_stride` floats apart, heads
+ * contiguous) by cos/sin [tokens, dim]. */
+void rope(float* x, const float* cos, const float* sin, int64_t tokens, int64_t heads, int64_t dim,
+          int64_t row_stride) {
+    const int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float* c = cos + t * dim;
+        const float* s = sin + t * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float* v = x + t * row_stride + h * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* out[r, i] = silu(gate_up[r, i]) * gate_up[r, size + i]: the gated MLP's activation. */
+void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t size) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float* g = gate_up + r * 2 * size;
+        const float* u = g + size;
+        float* o = out + r * size;
+        int64_t i = 0;
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= size; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gv))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < size; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }

@@ -59,7 +59,48 @@ def library() -> ctypes.CDLL | None:
     lib.q8_linear.restype = None
     lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention.restype = None
+    lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    for f in (lib.add_rms_norm, lib.rope, lib.silu_mul):
+        f.restype = None
     return lib
+
+
+def native(t: torch.Tensor) -> bool:
+    """Whether the native kernels take `t`: fp32 on the CPU, where they built."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out, h = torch.empty_like(x), torch.empty_like(x)
+    dim = x.shape[-1]
+    library().add_rms_norm(x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(),
+                           out.data_ptr(), h.data_ptr(), x.numel() // dim, dim, eps)  # fmt: skip
+    return out, h
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` ([tokens, heads, dim], heads contiguous; rows may be strided) in place; returns it."""
+    tokens, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim:
+        raise ValueError("rope_ needs each token's heads contiguous")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    library().rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim, x.stride(0))
+    return x
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for `gate_up` = [rows, 2 * size] (gate first)."""
+    gate_up = gate_up.contiguous()
+    size = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], size)
+    library().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * size), size)
+    return out
 
 
 def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

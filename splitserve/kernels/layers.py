@@ -1,15 +1,18 @@
-"""Fused layer kernels with one dispatch point each: residual add + RMSNorm, rotary embedding, and the
-page gather/scatter copy kv_transfer uses when pages must be staged contiguously.
+"""Fused layer kernels with one dispatch point each: residual add + RMSNorm, rotary embedding, the gated
+MLP's activation, and the page gather/scatter copy kv_transfer uses when pages must be staged contiguously.
 
-Each function runs its Triton kernel where `use_triton` says so (CUDA tensors, or SPLITSERVE_KERNELS),
-else the PyTorch reference below it, which is also what the kernels are tested against.
+Each function runs its Triton kernel where `use_triton` says so (CUDA tensors, or SPLITSERVE_KERNELS), the
+native CPU kernel (cpu_kernels.c) for fp32 CPU tensors where it builds, else the PyTorch reference below it,
+which is also what the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from splitserve.kernels.attention import use_triton
+from splitserve.kernels import cpu_kernels
+from splitserve.kernels.attention import use_native, use_triton
 
 
 def add_rms_norm(
@@ -20,6 +23,8 @@ def add_rms_norm(
         from splitserve.kernels import triton_layers
 
         return triton_layers.add_rms_norm(x, residual, weight, eps)
+    if use_native(x):
+        return cpu_kernels.add_rms_norm(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
@@ -38,6 +43,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         from splitserve.kernels import triton_layers
 
         return triton_layers.rope(x, cos, sin)
+    if use_native(x) and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
+        return cpu_kernels.rope_(x, cos, sin)  # in place: callers pass a fresh projection
     return rope_reference(x, cos, sin)
 
 
@@ -46,6 +53,14 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `gate_up` = [..., 2 * size], gate first."""
+    if use_native(gate_up):
+        return cpu_kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def gather_pages(pages: torch.Tensor, ids: list[int]) -> torch.Tensor:

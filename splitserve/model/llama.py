@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.attention import PagedAttentionMetadata, paged_attention, write_kv
-from splitserve.kernels.layers import add_rms_norm, rope
+from splitserve.kernels.layers import add_rms_norm, rope, silu_mul
 from splitserve.model.config import ModelConfig
 from splitserve.model.rope import rope_tables
 
@@ -69,8 +68,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
