@@ -134,12 +134,12 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(f"\n{'':>22}" + "".join(f"{s + ' ' + k:>26}" for s in SCENARIOS for k in ("TTFT/TPOT ms", "tok/s")))
+    print(f"\n{'':>22}" + "".join(f"{s:>36}" for s in SCENARIOS))
+    print(f"{'':>22}" + f"{'TTFT ms':>12}{'TPOT ms':>12}{'out tok/s':>12}" * len(SCENARIOS))
     for label, r in results.items():
-        cells = "".join(
-            f"{r[s]['ttft_ms']:>14.0f} /{r[s]['tpot_ms']:>6.1f}{r[s]['out_tok_s']:>15.1f}  " for s in SCENARIOS
-        )
-        print(f"{label:>22}  {cells}")
+        cells = "".join(f"{r[k]['ttft_ms']:>12.0f}{r[k]['tpot_ms']:>12.1f}{r[k]['out_tok_s']:>12.1f}"
+                        for k in SCENARIOS)  # fmt: skip
+        print(f"{label:>22}{cells}")
     print("\nagainst issue 13's targets (ratios to llama-server, same run):")
     print("\n".join(judge(results, "llama-server")))
     if args.out:
