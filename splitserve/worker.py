@@ -73,6 +73,7 @@ def run_worker(options: WorkerOptions) -> None:
     if options.threads:
         torch.set_num_threads(options.threads)
     outbox: list[ToRouter] = []  # what the role has to say; the loop sends it after each turn
+    started = time.monotonic()
     role = _build(options, outbox.append)
     info = WorkerInfo(
         worker_id=f"{options.role.value}-{uuid.uuid4().hex[:8]}",
@@ -88,8 +89,8 @@ def run_worker(options: WorkerOptions) -> None:
     )
     engine = role.engine.config
     print(f"splitserve {info.worker_id}: model {info.model} on {engine.torch_device} in {engine.describe_dtype()}, "
-          f"{info.num_pages} KV pages of {info.page_size} tokens, joining the router at {options.router}",
-          flush=True)  # fmt: skip
+          f"{info.num_pages} KV pages of {info.page_size} tokens, ready in {time.monotonic() - started:.1f}s, "
+          f"joining the router at {options.router}", flush=True)  # fmt: skip
     _Loop(options, info, role, outbox).run()
 
 

@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
     target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos)
     tokenizer = tokenizer_for(args.tokenizer)
     requests = _workload(args, tokenizer)
+    print(f"splitserve bench: {len(requests)} {args.workload} requests to {args.url} ({args.endpoint}, model {model}) "
+          f"at {', '.join(f'{r:g}' for r in rates)} req/s", flush=True)  # fmt: skip
     result = {"label": args.label or model, "model": model, "url": args.url, "endpoint": args.endpoint,
               "workload": _describe(args), "slo": vars(slo), "slo_text": slo.describe(), "runs": []}  # fmt: skip
     for rate in rates:

@@ -46,6 +46,7 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
     path = cache_dir() / f"cpu_kernels-{key}.so"
     if not path.exists():
+        log.warning("compiling splitserve's CPU kernels for this machine (once; later starts reuse them)")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
