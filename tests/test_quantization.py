@@ -27,7 +27,9 @@ def test_kernel_equals_its_reference(rows, k, n, bias):
     linear = nn.Linear(k, n, bias=bias)
     q = cpu_int8.QuantizedLinear(linear)
     x = torch.randn(rows, k)
-    want = x.double() @ q.dequantized().double().t() + (linear.bias.double() if bias else 0)
+    # A decode step's rows run the int8 kernel; a prefill's many rows the fp32 weights.
+    weight = q.dequantized() if rows <= cpu_int8.KERNEL_MAX_ROWS else linear.weight
+    want = x.double() @ weight.double().t() + (linear.bias.double() if bias else 0)
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * math.sqrt(k), rtol=1e-4)
@@ -43,7 +45,8 @@ def test_quantize_round_trips_within_half_a_step():
 
 def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
     """Quantization changes the weights, nothing else: transformers' model with every linear layer's weight
-    replaced by its int8 round trip makes the same greedy tokens as the int8 engine."""
+    replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose steps here all have
+    at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights)."""
     llm = LLM(str(tiny_llama_gqa), dtype="fp32", quantization="int8", page_size=8)
     assert isinstance(llm.engine.runner.model.lm_head, cpu_int8.QuantizedLinear)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa, dtype=torch.float32).eval()
@@ -52,7 +55,8 @@ def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
             if isinstance(module, nn.Linear):
                 q, s = cpu_int8.quantize(module.weight)
                 module.weight = nn.Parameter(q.float() * s[:, None])  # also unties the LM head from the embedding
-    prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 8]
+    prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 5]
+    assert sum(map(len, prompts)) <= cpu_int8.KERNEL_MAX_ROWS
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
         ids = list(prompt)
@@ -75,7 +79,9 @@ TEXT = (
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_embedded_models_quality(smollm2):
+def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch):
+    # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
+    monkeypatch.setattr(cpu_int8, "KERNEL_MAX_ROWS", 10**9)
     ids = load_tokenizer(smollm2)(TEXT).input_ids
     logits = {}
     for quantization in ("none", "int8"):
