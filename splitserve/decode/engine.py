@@ -16,7 +16,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.request import Request
-from splitserve.engine.sampling import Sampled, SamplingParams, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed, SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 
 
@@ -64,8 +64,9 @@ class Engine(EngineCore):
         request = self._requests[request_id]
         if generator_state is not None and request.generator is not None:
             request.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
-        self.scheduler.admit_prefilled(request, token_id, logprob)
-        return self._update(request, token_id, logprob)
+        first = Sampled(token_id, logprob)
+        self.scheduler.admit_prefilled(request, first)
+        return self._update(request, first)
 
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
@@ -81,8 +82,7 @@ class Engine(EngineCore):
             return []
         sampled = self.runner.execute(chunks)
         self.scheduler.update(chunks, sampled)
-        return [self._update(request, s.token_id if isinstance(s, Sampled) else -1, getattr(s, "logprob", None))
-                for request, s in sampled]  # fmt: skip
+        return [self._update(request, outcome) for request, outcome in sampled]
 
     def _create(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
@@ -91,7 +91,11 @@ class Engine(EngineCore):
         self._requests[request_id] = request
         return request
 
-    def _update(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestUpdate:
+    def _update(self, request: Request, outcome: Sampled | SamplingFailed) -> RequestUpdate:
         if request.finish_reason is not None:
             del self._requests[request.request_id]
-        return RequestUpdate(request.request_id, token_id, logprob, request.finish_reason, request.error)
+        if isinstance(outcome, SamplingFailed):
+            return RequestUpdate(request.request_id, -1, None, request.finish_reason, request.error)
+        return RequestUpdate(
+            request.request_id, outcome.token_id, outcome.logprob, request.finish_reason, request.error
+        )

@@ -18,7 +18,7 @@ from collections import deque
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.engine.request import Chunk, Request, RequestStatus
-from splitserve.engine.sampling import Sampled, SamplingFailed, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed
 
 
 class Scheduler:
@@ -56,11 +56,11 @@ class Scheduler:
         self.receiving.append(request)
         return True
 
-    def admit_prefilled(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> None:
-        """A reserved request's pages hold its prompt's KV and `token_id` is its first output: run it."""
+    def admit_prefilled(self, request: Request, first: Sampled) -> None:
+        """A reserved request's pages hold its prompt's KV and `first` is its first output: run it."""
         self.receiving.remove(request)
         request.num_computed_tokens = request.num_prompt_tokens
-        request.take(Sampled(token_id, logprob), self.max_model_len)
+        request.take(first, self.max_model_len)
         if request.finish_reason is not None:
             request.status = RequestStatus.FINISHED
             self._release(request)

@@ -142,9 +142,9 @@ class SamplingFailed:
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | SamplingFailed]:
     """Pick one token per row of `logits` ([rows, vocab], fp32) for the request of that row."""
     logits = logits.float()
-    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     # Logprobs are the model's own distribution, before any processor changed it (vLLM's default).
-    logp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+    wanted = {i: row for row, i in enumerate(i for i, r in enumerate(requests) if r.params.logprobs is not None)}
+    logp = torch.log_softmax(logits[list(wanted)], dim=-1) if wanted else None
     failed: dict[int, str] = {}
     for i, request in enumerate(requests):
         try:
@@ -167,8 +167,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | Samp
             out.append(SamplingFailed(failed[i]))
             continue
         logprob = None
-        if logp is not None and i in wanted:
-            row = logp[wanted.index(i)]
+        if i in wanted:
+            row = logp[wanted[i]]
             n = request.params.logprobs
             top = torch.topk(row, n) if n else None
             pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()

@@ -63,7 +63,7 @@ def paged_attention(
         nd = meta.num_decode
         if nd and use_native(q) and cpu_kernels.decode_attention_supported(q, kv_cache):
             out = torch.empty_like(q)
-            out[:nd] = cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale)
+            cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale, out=out[:nd])
             reference.prefill_attention(q, kv_cache, layer, meta, scale, out)
             return out
         return reference.paged_attention(q, kv_cache, layer, meta, scale)

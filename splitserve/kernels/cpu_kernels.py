@@ -105,25 +105,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """The native decode attention takes fp32 CPU tensors (and at most 64 query heads per KV head)."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == kv_cache.dtype == torch.float32
-        and kv_cache.is_contiguous()
-        and q.shape[1] // kv_cache.shape[4] <= 64
-        and library() is not None
-    )
+    """Beyond `native(q)`: an fp32, contiguous cache and at most 64 query heads per KV head."""
+    return kv_cache.dtype == torch.float32 and kv_cache.is_contiguous() and q.shape[1] // kv_cache.shape[4] <= 64
 
 
 def paged_decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    meta: PagedAttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of the decode rows `q` ([num_decode, heads, dim]) over their pages, read in place."""
+    """Attention of the decode rows `q` ([num_decode, heads, dim]) over their pages, read in place; written into
+    `out` (contiguous, q's shape) when given."""
     nd, heads, dim = q.shape
     if nd != meta.num_decode or meta.decode_page_table.shape[0] != nd:
         raise ValueError(f"{nd} query rows for {meta.num_decode} decode sequences")
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of q's shape")
     table = meta.decode_page_table.contiguous()
     lens = meta.decode_context_lens.contiguous()
     _, num_layers, _, page_size, kv_heads, _ = kv_cache.shape

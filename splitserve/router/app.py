@@ -236,8 +236,6 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[Sa
         structured=_structured(state, body.response_format),
     )
     check_params(params, state.vocab_size)
-    if params.min_tokens > params.max_tokens:
-        raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
     if params.seed is None:
         return [params] * body.n
     return [replace(params, seed=(params.seed + i - INT64_MIN) % 2**64 + INT64_MIN) for i in range(body.n)]
