@@ -86,6 +86,9 @@ ABANDON_GRACE_S = 0.5
 # How long a canceled send may take to wind down before its receiver is taken for dead (a dead receiver
 # would otherwise hold the sender's pages until the transfer's own deadline).
 CANCEL_GRACE_S = 1.0
+# A receiver told to drop an offer answers within milliseconds; one silent this long is gone (its worker died),
+# and the offered pages are the sender's again instead of waiting out the transfer's whole deadline.
+OFFER_CANCEL_GRACE_S = 5.0
 
 
 class TransferError(RuntimeError):
@@ -331,6 +334,7 @@ class TransferAgent:
         out.canceled = "canceled by the sender"
         if out.offered:  # the receiver may be copying our pages: they are ours again once it answers
             self._send_control(out.ticket.address, Cancel(receiver_id, xid, out.canceled))
+            out.deadline = min(out.deadline, time.monotonic() + OFFER_CANCEL_GRACE_S)
             return
         out.deadline = min(out.deadline, time.monotonic() + CANCEL_GRACE_S)
         if not out.sends:  # nothing issued yet: tell the receiver, which abandons its receives
