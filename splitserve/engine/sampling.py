@@ -67,10 +67,16 @@ class SamplingParams:
             return value
 
         def number(name: str) -> float:
+            """The field as a float (an integer too large for one is refused, not an error in a step)."""
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            check(ok, f"{name} must be a finite number, got {value!r}", name)
-            return value
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            try:
+                as_float = float(value) if ok else math.nan
+            except OverflowError:
+                as_float = math.nan
+            check(math.isfinite(as_float), f"{name} must be a finite number, got {value!r}", name)
+            object.__setattr__(self, name, as_float)
+            return as_float
 
         check(integer("max_tokens") >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         check(
