@@ -22,8 +22,8 @@ _allocators: weakref.WeakSet[PageAllocator] = weakref.WeakSet()
 _original_init = PageAllocator.__init__
 
 
-def _tracking_init(self: PageAllocator, num_pages: int) -> None:
-    _original_init(self, num_pages)
+def _tracking_init(self: PageAllocator, *args, **kwargs) -> None:
+    _original_init(self, *args, **kwargs)
     _allocators.add(self)
 
 

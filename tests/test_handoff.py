@@ -30,7 +30,9 @@ def _disaggregated(prefill: PrefillEngine, decode: Engine, prompts, params) -> l
     while prefill.has_work():
         for done in prefill.step():
             rid = done.request.request_id
-            decode.runner.kv_cache[reserved[rid]] = prefill.runner.kv_cache[done.request.pages]
+            # The decode side reserved pages only past the prefix it holds cached: the prompt's last pages.
+            sent = done.request.pages[len(done.request.pages) - len(reserved[rid]) :]
+            decode.runner.kv_cache[reserved[rid]] = prefill.runner.kv_cache[sent]
             update = decode.start_decode(rid, done.token_id, done.logprob, done.generator_state)
             prefill.release(rid)
             outputs[rid].append(update.token_id)

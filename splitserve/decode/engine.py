@@ -38,24 +38,27 @@ class NoCapacityError(RuntimeError):
 class Engine(EngineCore):
     def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
         super().__init__(config, kv_allocator)
-        self.scheduler = Scheduler(
-            self.allocator, config.page_size, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
-        )
+        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self._requests: dict[str, Request] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.scheduler.add(self._create(request_id, prompt_token_ids, params))
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> None:
+        self.scheduler.add(self._create(request_id, prompt_token_ids, params, cache_key))
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
-        """Take pages for a prompt whose KV another worker will write; returns them in prompt order."""
-        request = self._create(request_id, prompt_token_ids, params)
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> list[int]:
+        """Take pages for a prompt whose KV another worker will write; returns those that need it, in prompt
+        order: the pages after the prompt's prefix that this engine has cached (the last page always)."""
+        request = self._create(request_id, prompt_token_ids, params, cache_key)
         if not self.scheduler.reserve(request):
             del self._requests[request_id]
             raise NoCapacityError(
-                f"no room for {len(prompt_token_ids)} prompt tokens: {self.allocator.num_free} pages free, "
+                f"no room for {len(prompt_token_ids)} prompt tokens: {self.allocator.num_available} pages free, "
                 f"{self.scheduler.num_requests} of {self.scheduler.max_num_seqs} batch slots taken"
             )
-        return list(request.pages)
+        return request.pages[request.num_cached_tokens // self.config.page_size :]
 
     def start_decode(
         self, request_id: str, token_id: int, logprob: TokenLogprob | None, generator_state: bytes | None
@@ -84,10 +87,12 @@ class Engine(EngineCore):
         self.scheduler.update(chunks, sampled)
         return [self._update(request, outcome) for request, outcome in sampled]
 
-    def _create(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _create(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None
+    ) -> Request:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params)
+        request = self.new_request(request_id, prompt_token_ids, params, cache_key)
         self._requests[request_id] = request
         return request
 

@@ -1,7 +1,9 @@
 """Continuous-batching scheduler with chunked prefill and preemption by recomputation.
 
 The scheduler owns request state: which requests wait, which run, how many of their tokens are computed
-and which pages hold them. The page allocator owns the pages themselves.
+and which pages hold them. The page allocator owns the pages themselves; `RequestPages` takes and gives them
+back for the scheduler, reusing cached prefixes: a request whose prompt starts with pages another request
+computed starts with those tokens computed.
 
 Each step spends a token budget: first on the running requests, oldest first (one token for a decoding
 request, the next chunk for one still prefilling), then on admitting waiting requests in arrival order.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.pages import RequestPages
 from splitserve.engine.request import Chunk, Request, RequestStatus
 from splitserve.engine.sampling import Sampled, SamplingFailed
 
@@ -24,14 +26,13 @@ from splitserve.engine.sampling import Sampled, SamplingFailed
 class Scheduler:
     def __init__(
         self,
-        allocator: PageAllocator,
-        page_size: int,
+        pages: RequestPages,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
     ):
-        self.allocator = allocator
-        self.page_size = page_size
+        self.pages = pages
+        self.allocator = pages.allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -48,9 +49,12 @@ class Scheduler:
         self.waiting.append(request)
 
     def reserve(self, request: Request) -> bool:
-        """Give `request` pages for its prompt and hold it until `admit_prefilled`. False (and no change) when
-        the pages or a batch slot are not free, or preempted requests wait for pages of their own."""
-        if self.waiting or self.num_requests >= self.max_num_seqs or not self._grow_pages(request, request.num_tokens):
+        """Give `request` pages for its prompt (its cached prefix among them: `num_computed_tokens` says how
+        much) and hold it until `admit_prefilled`. False (and no change) when the pages or a batch slot are
+        not free, or preempted requests wait for pages of their own."""
+        if self.waiting or self.num_requests >= self.max_num_seqs:
+            return False
+        if self.pages.admit(request, request.num_tokens, whole_prompt=True) is None:
             return False
         request.status = RequestStatus.RECEIVING
         self.receiving.append(request)
@@ -60,6 +64,7 @@ class Scheduler:
         """A reserved request's pages hold its prompt's KV and `first` is its first output: run it."""
         self.receiving.remove(request)
         request.num_computed_tokens = request.num_prompt_tokens
+        self.pages.cache_computed(request)
         request.take(first, self.max_model_len)
         if request.finish_reason is not None:
             request.status = RequestStatus.FINISHED
@@ -85,6 +90,7 @@ class Scheduler:
         return None
 
     def schedule(self) -> list[Chunk]:
+        self.allocator.expire()
         budget = self.max_num_batched_tokens
         chunks: list[Chunk] = []
         preempted = False
@@ -92,7 +98,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self._grow_pages(request, request.num_computed_tokens + n):
+            while not self.pages.grow(request, request.num_computed_tokens + n):
                 victim = self.running.pop()  # the newest: later than every request scheduled so far
                 self._preempt(victim)
                 preempted = True
@@ -106,8 +112,8 @@ class Scheduler:
         # Reserved requests keep their batch slots: they join the running batch as soon as their KV lands.
         while not preempted and self.waiting and budget > 0 and self._free_slot():
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._grow_pages(request, n):
+            n = self.pages.admit(request, budget)
+            if n is None:
                 break  # first come, first served: no overtaking the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -121,6 +127,7 @@ class Scheduler:
         failed ends its request). Returns finished requests."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            self.pages.cache_computed(chunk.request)
         finished = []
         for request, outcome in sampled:
             request.take(outcome, self.max_model_len)
@@ -134,22 +141,11 @@ class Scheduler:
     def _free_slot(self) -> bool:
         return len(self.running) + len(self.receiving) < self.max_num_seqs
 
-    def _grow_pages(self, request: Request, num_tokens: int) -> bool:
-        """Make `request` hold pages for `num_tokens` tokens; False (and no change) if too few are free."""
-        needed = -(-num_tokens // self.page_size) - len(request.pages)
-        if needed > self.allocator.num_free:
-            return False
-        if needed > 0:
-            request.pages.extend(self.allocator.allocate(needed))
-        return True
-
     def _preempt(self, request: Request) -> None:
-        self._release(request)
+        self.pages.preempted(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:
-        self.allocator.free(request.pages)
-        request.pages = []
+        self.pages.release(request)

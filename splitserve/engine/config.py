@@ -25,6 +25,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # tokens per forward pass; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
     quantization: str = "auto"  # auto | none | int8 (weight-only, CPU); auto: int8 where the dtype is fp32 by auto
+    prefix_caching: bool = True  # reuse the KV pages of a prompt's prefix computed before
+    cache_ttl_s: float = 300.0  # how long a conversation's pages are kept after its turn (prompt_cache_key)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -37,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization == "int8" and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
             raise ValueError("--quantization int8 is for the CPU, with fp32 activations (--dtype fp32 or auto)")
+        if self.cache_ttl_s < 0:
+            raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

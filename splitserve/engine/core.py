@@ -1,19 +1,23 @@
 """`EngineCore`: what every engine loads and checks, whichever pool it serves: the model's runner (weights, KV
-cache tensor), the allocator that owns the cache's pages, and a new request's validation against the model's
-limits (with its structured-output grammar, compiled on first use)."""
+cache tensor), the allocator that owns the cache's pages (and its prefix cache), and a new request's validation
+against the model's limits (with its structured-output grammar, compiled on first use)."""
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
+from splitserve.engine.pages import RequestPages
+from splitserve.engine.prefix_cache import root_hash
 from splitserve.engine.request import Request, check_params, check_prompt
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
-from splitserve.model.checkpoint import resolve_model
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
 from splitserve.model.tokenizer import load_tokenizer
 
@@ -26,19 +30,38 @@ class EngineCore:
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.runner = ModelRunner(self.model_config, self.model_path, config, kv_allocator)
         self.max_model_len = self.runner.max_model_len
-        self.allocator = PageAllocator(self.runner.num_pages)
+        self.allocator = PageAllocator(self.runner.num_pages, config.prefix_caching)
+        root = root_hash(msgspec.msgpack.encode(self.compat_key))
+        self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s)
         self._grammars: GrammarCompiler | None = None
+
+    @property
+    def compat_key(self) -> CompatKey:
+        """What another worker's pages must agree on to be valid here (and what names cached pages)."""
+        cfg = self.model_config
+        return CompatKey(
+            model=model_name(self.config.model),
+            dtype=str(self.config.torch_dtype).removeprefix("torch."),
+            page_size=self.config.page_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            quantization=self.config.resolved_quantization,
+        )
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
-    def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """A request for this engine; InvalidRequestError when the model cannot serve it as given."""
+    def new_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> Request:
+        """A request for this engine; InvalidRequestError when the model cannot serve it as given. Requests
+        of one conversation share a `cache_key`: its pages are kept for its next turn."""
         self.validate_prompt(prompt_token_ids)
         check_params(params, self.model_config.vocab_size)
         eos = frozenset(self.model_config.eos_token_ids)
         grammar = self.grammars.grammar(params.structured) if params.structured is not None else None
-        return Request.create(request_id, prompt_token_ids, params, eos, grammar)
+        return Request.create(request_id, prompt_token_ids, params, eos, grammar, cache_key)
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits `[len(token_ids), vocab]` predicting each next token (for quality checks and prompt
@@ -48,7 +71,7 @@ class EngineCore:
             raise InvalidRequestError(f"score at most {self.config.max_num_batched_tokens} tokens at once")
         request = Request.create("score", token_ids, SamplingParams(), frozenset())
         pages = -(-len(token_ids) // self.config.page_size)
-        if pages > self.allocator.num_free:
+        if not self.allocator.can_allocate(pages):
             raise InvalidRequestError(f"{len(token_ids)} tokens need {pages} free KV pages")
         request.pages = self.allocator.allocate(pages)
         try:

@@ -7,8 +7,10 @@ contiguous region across all layers, so a page moves between workers as a single
 from __future__ import annotations
 
 import re
-from collections import deque
-from collections.abc import Callable
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,25 +57,70 @@ def allocate_kv_cache(
 
 
 class PageAllocator:
-    """Owns the reference count of every page. A page is free exactly when its count is zero."""
+    """Owns every reference to every page, and the prefix cache's index of them.
 
-    def __init__(self, num_pages: int):
+    A page is referenced by the requests whose KV it holds and by conversations kept for their next turn
+    (`retain`). A page whose count drops to zero is free, but keeps its content: when it holds a full page
+    of a known token prefix (`register`), a later request with the same prefix takes it back
+    (`cached_prefix` + `allocate(reuse=...)`). Free pages are handed out least recently freed first, so a
+    cached page is overwritten (evicted) only when no free page with older content is left.
+    """
+
+    def __init__(self, num_pages: int, prefix_caching: bool = True):
         self.capacity = num_pages
+        self.prefix_caching = prefix_caching
         self._refcounts = [0] * num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))  # oldest first
+        self._page_of: dict[int, int] = {}  # page hash -> page holding that content
+        self._hash_of: dict[int, int] = {}  # page -> its hash (registered pages only)
+        self._retained: OrderedDict[str, tuple[list[int], float]] = OrderedDict()  # key -> (pages, until)
+        self._retain_counts: Counter[int] = Counter()  # page -> how many conversations retain it
+        self.stats = PrefixCacheStats()
+        self.events = CacheEvents()
 
     @property
     def num_free(self) -> int:
+        """Pages with no reference (cached content included: it is overwritten when they are taken)."""
         return len(self._free)
 
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` free pages, each with reference count 1. Raises if fewer are free (check `num_free`)."""
-        if n > len(self._free):
+    @property
+    def num_available(self) -> int:
+        """Free pages, plus those only retained conversations hold (released when pages run short)."""
+        return len(self._free) + sum(1 for p, n in self._retain_counts.items() if self._refcounts[p] == n)
+
+    @property
+    def num_cached(self) -> int:
+        """Pages whose content a request with the same prefix would reuse."""
+        return len(self._hash_of)
+
+    @property
+    def num_retained(self) -> int:
+        return len(self._retain_counts)
+
+    # --- taking and dropping references --------------------------------------------------------------
+
+    def can_allocate(self, n: int, reuse: Sequence[int] = ()) -> bool:
+        """Whether `allocate(n, reuse)` would succeed, releasing retained conversations (oldest first) if
+        that is what it takes: a request never waits because pages are kept for a conversation."""
+        needed = n + sum(1 for p in reuse if self._refcounts[p] == 0)
+        while needed > len(self._free) and self._retained:
+            self._release_retained(next(iter(self._retained)))
+        return needed <= len(self._free)
+
+    def allocate(self, n: int, reuse: Sequence[int] = ()) -> list[int]:
+        """Take a reference to the cached pages `reuse` (from `cached_prefix`), then to `n` free pages;
+        returns them all, `reuse` first. Raises if too few are free (check `can_allocate`)."""
+        if not self.can_allocate(n, reuse):
             raise MemoryError(f"asked for {n} KV pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        for p in reuse:
+            if self._refcounts[p] == 0:
+                del self._free[p]
+            self._refcounts[p] += 1
+        pages = [self._free.popitem(last=False)[0] for _ in range(n)]
         for p in pages:
             self._refcounts[p] = 1
-        return pages
+            self._forget(p)
+        return [*reuse, *pages]
 
     def share(self, pages: list[int]) -> None:
         """Add a reference to pages already in use (a second owner of the same K/V)."""
@@ -83,10 +130,86 @@ class PageAllocator:
             self._refcounts[p] += 1
 
     def free(self, pages: list[int]) -> None:
-        """Drop one reference to each page; pages whose count reaches zero become free."""
-        for p in pages:
+        """Drop one reference to each page; pages whose count reaches zero become free. A request's pages
+        are given back last page first: its tail, the least likely to be shared, is overwritten first."""
+        for p in reversed(pages):
             if self._refcounts[p] == 0:
                 raise ValueError(f"page {p} freed twice")
             self._refcounts[p] -= 1
             if self._refcounts[p] == 0:
-                self._free.append(p)
+                self._free[p] = None
+
+    # --- the prefix cache ----------------------------------------------------------------------------
+
+    def cached_prefix(self, hashes: list[int]) -> list[int]:
+        """The pages holding the longest run of `hashes` (a prompt's page hashes, in order) from the start."""
+        pages = []
+        if self.prefix_caching:
+            for h in hashes:
+                p = self._page_of.get(h)
+                if p is None:
+                    break
+                pages.append(p)
+        return pages
+
+    def register(self, page: int, page_hash: int) -> None:
+        """`page` (in use) now holds the full page of tokens that `page_hash` names: reusable by others."""
+        if not self.prefix_caching or page in self._hash_of or page_hash in self._page_of:
+            return  # already known, or the same content already cached in another page
+        self._page_of[page_hash], self._hash_of[page] = page, page_hash
+        self.events.stored.append(page_hash)
+
+    def _forget(self, page: int) -> None:
+        page_hash = self._hash_of.pop(page, None)
+        if page_hash is not None:
+            del self._page_of[page_hash]
+            self.stats.evictions += 1
+            self.events.removed.append(page_hash)
+
+    # --- conversations kept between turns ------------------------------------------------------------
+
+    def retain(self, key: str, pages: list[int], ttl_s: float) -> None:
+        """Keep `pages` (in use) for `ttl_s` seconds after their request ends, for the conversation `key`'s
+        next turn; replaces what `key` kept before."""
+        if key in self._retained:
+            self._release_retained(key)
+        if ttl_s <= 0 or not pages:
+            return
+        self.share(pages)
+        self._retain_counts.update(pages)
+        self._retained[key] = (list(pages), time.monotonic() + ttl_s)
+
+    def expire(self, now: float | None = None) -> None:
+        """Release the conversations whose time to live has passed: their pages become ordinary free pages."""
+        now = time.monotonic() if now is None else now
+        for key in [k for k, (_, until) in self._retained.items() if until <= now]:
+            self._release_retained(key)
+
+    def _release_retained(self, key: str) -> None:
+        pages, _ = self._retained.pop(key)
+        self._retain_counts.subtract(pages)
+        self._retain_counts = +self._retain_counts  # drop zero counts
+        self.free(pages)
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters, as vLLM names them: prompt tokens looked up, of those found cached, and cached pages
+    overwritten."""
+
+    queries: int = 0
+    hits: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class CacheEvents:
+    """Page hashes cached and evicted since the worker last told the router (drained by the worker)."""
+
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+    def drain(self) -> tuple[list[int], list[int]]:
+        stored, removed = self.stored, self.removed
+        self.stored, self.removed = [], []
+        return stored, removed

@@ -58,6 +58,10 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     grammar: Grammar | None = None  # structured output: which tokens may come next
+    cache_key: str | None = None  # the conversation it belongs to: its pages are kept for the next turn
+    page_hashes: list[int] = field(default_factory=list)  # of its leading full pages (prefix cache)
+    num_registered_pages: int = 0  # leading pages whose KV is computed and in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when it was admitted
 
     @classmethod
     def create(
@@ -67,6 +71,7 @@ class Request:
         params: SamplingParams,
         eos_token_ids: frozenset[int],
         grammar: Grammar | None = None,
+        cache_key: str | None = None,
     ) -> Request:
         generator = None
         if params.seed is not None and not params.greedy:
@@ -79,6 +84,7 @@ class Request:
             eos_token_ids,
             generator=generator,
             grammar=grammar,
+            cache_key=cache_key,
         )
 
     @property

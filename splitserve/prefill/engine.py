@@ -33,15 +33,15 @@ class Prefilled:
 class PrefillEngine(EngineCore):
     def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
         super().__init__(config, kv_allocator)
-        self.scheduler = PrefillScheduler(
-            self.allocator, config.page_size, config.max_num_seqs, config.max_num_batched_tokens
-        )
+        self.scheduler = PrefillScheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self._ids: set[str] = set()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> None:
         if request_id in self._ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params)
+        request = self.new_request(request_id, prompt_token_ids, params, cache_key)
         self._ids.add(request_id)
         self.scheduler.add(request)
 

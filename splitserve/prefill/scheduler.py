@@ -5,6 +5,7 @@ already started (long prompts are prefilled in chunks), then on new ones. A prom
 tokens when it starts, so it never waits for pages halfway. When its last chunk has run, its first token is
 sampled and it keeps its pages, now *handed off*, until the caller has shipped them and calls `release`.
 
+A prompt that starts with cached pages (a shared system prompt, an earlier turn) computes only the rest.
 The scheduler owns these requests' state; the page allocator owns the pages.
 """
 
@@ -12,15 +13,15 @@ from __future__ import annotations
 
 from collections import deque
 
-from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.pages import RequestPages
 from splitserve.engine.request import Chunk, Request, RequestStatus
 from splitserve.engine.sampling import Sampled, SamplingFailed
 
 
 class PrefillScheduler:
-    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int):
-        self.allocator = allocator
-        self.page_size = page_size
+    def __init__(self, pages: RequestPages, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pages = pages
+        self.allocator = pages.allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -52,6 +53,7 @@ class PrefillScheduler:
         return None
 
     def schedule(self) -> list[Chunk]:
+        self.allocator.expire()
         budget = self.max_num_batched_tokens
         chunks: list[Chunk] = []
         for request in self.running:
@@ -62,14 +64,12 @@ class PrefillScheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            needed = -(-request.num_prompt_tokens // self.page_size)
-            if needed > self.allocator.num_free:
+            n = self.pages.admit(request, budget, whole_prompt=True)
+            if n is None:
                 break  # first come, first served
             self.waiting.popleft()
-            request.pages = self.allocator.allocate(needed)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            n = min(request.num_prompt_tokens, budget)
             chunks.append(Chunk(request, n))
             budget -= n
         return chunks
@@ -81,6 +81,7 @@ class PrefillScheduler:
         request whose sampling failed is over: its pages are freed at once."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            self.pages.cache_computed(chunk.request)
         for request, outcome in sampled:
             self.running.remove(request)
             request.status = RequestStatus.FINISHED
@@ -96,5 +97,4 @@ class PrefillScheduler:
         self._free(self.handed_off.pop(request_id))
 
     def _free(self, request: Request) -> None:
-        self.allocator.free(request.pages)
-        request.pages = []
+        self.pages.release(request)

@@ -1,0 +1,82 @@
+"""`RequestPages`: what both schedulers do with a request's pages, over the `PageAllocator`: take its first
+pages (reusing the longest cached prefix of its tokens), grow them, offer each page to the prefix cache once
+its KV is computed, and give them back when the request ends (kept a while for its conversation's next turn).
+
+The schedulers decide when; this decides how, so the prefill and the decode pool cache alike.
+"""
+
+from __future__ import annotations
+
+from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.prefix_cache import extend_hashes, reusable_pages
+from splitserve.engine.request import Request
+
+
+class RequestPages:
+    def __init__(self, allocator: PageAllocator, page_size: int, root_hash: int, cache_ttl_s: float):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.root_hash = root_hash
+        self.cache_ttl_s = cache_ttl_s
+
+    def admit(self, request: Request, max_tokens: int, whole_prompt: bool = False) -> int | None:
+        """First pages for a request that holds none: its cached prefix, then new pages for its next
+        `max_tokens` tokens (for all its tokens when `whole_prompt`). Returns how many tokens are left to
+        compute in this step (at most `max_tokens`), or None (and no change) when too few pages are free."""
+        assert not request.pages and request.num_computed_tokens == 0
+        ps = self.page_size
+        hits: list[int] = []
+        if self.allocator.prefix_caching:
+            limit = reusable_pages(request.num_tokens, ps)
+            extend_hashes(request.page_hashes, request.token_ids, ps, self.root_hash, limit)
+            hits = self.allocator.cached_prefix(request.page_hashes[:limit])
+        cached = len(hits) * ps
+        n = min(request.num_tokens - cached, max_tokens)
+        end = request.num_tokens if whole_prompt else cached + n
+        needed = -(-end // ps) - len(hits)
+        if not self.allocator.can_allocate(needed, hits):
+            return None
+        request.pages = self.allocator.allocate(needed, reuse=hits)
+        request.num_computed_tokens = request.num_cached_tokens = cached
+        request.num_registered_pages = len(hits)
+        stats = self.allocator.stats
+        stats.queries += request.num_tokens
+        stats.hits += cached
+        return n
+
+    def grow(self, request: Request, num_tokens: int) -> bool:
+        """Make `request` hold pages for `num_tokens` tokens; False (and no change) if too few are free."""
+        needed = -(-num_tokens // self.page_size) - len(request.pages)
+        if needed <= 0:
+            return True
+        if not self.allocator.can_allocate(needed):
+            return False
+        request.pages.extend(self.allocator.allocate(needed))
+        return True
+
+    def cache_computed(self, request: Request) -> None:
+        """Offer the request's pages that are now full of computed KV to the prefix cache."""
+        full = request.num_computed_tokens // self.page_size
+        if full <= request.num_registered_pages or not self.allocator.prefix_caching:
+            return
+        extend_hashes(request.page_hashes, request.token_ids, self.page_size, self.root_hash, full)
+        for i in range(request.num_registered_pages, full):
+            self.allocator.register(request.pages[i], request.page_hashes[i])
+        request.num_registered_pages = full
+
+    def release(self, request: Request) -> None:
+        """Give the request's pages back. A request of a conversation that ended well leaves its cached
+        pages retained for the conversation's next turn."""
+        if request.cache_key is not None and request.finish_reason in ("stop", "length", None):
+            self.allocator.retain(request.cache_key, request.pages[: request.num_registered_pages], self.cache_ttl_s)
+        self.allocator.free(request.pages)
+        request.pages = []
+        request.num_registered_pages = 0
+
+    def preempted(self, request: Request) -> None:
+        """Give a preempted request's pages back; it will be recomputed from its tokens (and hit its own
+        cached pages then, if they survive)."""
+        self.allocator.free(request.pages)
+        request.pages = []
+        request.num_registered_pages = 0
+        request.num_computed_tokens = 0
