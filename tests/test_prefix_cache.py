@@ -73,6 +73,22 @@ def test_allocator_reuses_cached_pages_and_evicts_oldest_freed_first():
     alloc.free(everything)
 
 
+def test_expired_conversations_are_overwritten_before_other_cached_pages():
+    alloc = PageAllocator(6)
+    a, b = alloc.allocate(2), alloc.allocate(2)
+    for p, h in zip([*a, *b], (1, 2, 3, 4), strict=True):
+        alloc.register(p, h)
+    alloc.free(a)  # an ordinary request's pages, freed first
+    alloc.retain("conversation", b, ttl_s=10)
+    alloc.free(b)
+    assert alloc.num_retained == 2 and alloc.num_free == 4
+    alloc.expire(time.monotonic() + 11)
+    assert alloc.num_free == 6 and alloc.num_cached == 4
+    assert alloc.allocate(1) == [b[1]] and alloc.allocate(1) == [b[0]]  # the stale conversation goes first
+    assert alloc.cached_prefix([1, 2]) == a and alloc.cached_prefix([3]) == []
+    alloc.free([b[1], b[0]])
+
+
 def test_hits_equal_transformers_and_skip_the_prefix(engine, tiny_llama_gqa):
     rng = random.Random(5)
     system = [rng.randrange(8, 384) for _ in range(37)]

@@ -129,15 +129,18 @@ class PageAllocator:
                 raise ValueError(f"page {p} is free and cannot be shared")
             self._refcounts[p] += 1
 
-    def free(self, pages: list[int]) -> None:
+    def free(self, pages: list[int], stale: bool = False) -> None:
         """Drop one reference to each page; pages whose count reaches zero become free. A request's pages
-        are given back last page first: its tail, the least likely to be shared, is overwritten first."""
-        for p in reversed(pages):
+        are given back last page first: its tail, the least likely to be shared, is overwritten first.
+        `stale` pages (a conversation that outlived its TTL) are overwritten before any other."""
+        for p in pages if stale else reversed(pages):  # either way, the tail is the next to go
             if self._refcounts[p] == 0:
                 raise ValueError(f"page {p} freed twice")
             self._refcounts[p] -= 1
             if self._refcounts[p] == 0:
                 self._free[p] = None
+                if stale:
+                    self._free.move_to_end(p, last=False)
 
     # --- the prefix cache ----------------------------------------------------------------------------
 
@@ -180,16 +183,20 @@ class PageAllocator:
         self._retained[key] = (list(pages), time.monotonic() + ttl_s)
 
     def expire(self, now: float | None = None) -> None:
-        """Release the conversations whose time to live has passed: their pages become ordinary free pages."""
+        """Release the conversations whose time to live has passed: their pages stay cached, but are the
+        first free pages to be overwritten."""
         now = time.monotonic() if now is None else now
-        for key in [k for k, (_, until) in self._retained.items() if until <= now]:
+        while self._retained:
+            key, (_, until) = next(iter(self._retained.items()))
+            if until > now:
+                break  # kept in order of expiry: every TTL is the same, and a new turn re-inserts its key
             self._release_retained(key)
 
     def _release_retained(self, key: str) -> None:
         pages, _ = self._retained.pop(key)
         self._retain_counts.subtract(pages)
         self._retain_counts = +self._retain_counts  # drop zero counts
-        self.free(pages)
+        self.free(pages, stale=True)
 
 
 @dataclass
