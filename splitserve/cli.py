@@ -51,6 +51,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "prefills keep the fp32 weights); auto = int8 where --dtype auto chose fp32 on the CPU and the kernel "
         "builds, else none; none = weights as loaded (exactness tests) (default auto)",
     )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt in full; by default the KV pages of a prefix computed before (a system prompt, "
+        "a conversation's earlier turns) are reused",
+    )
+    p.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=d.cache_ttl_s,
+        help="seconds a conversation's KV is kept after each turn for its next one (requests with prompt_cache_key "
+        f"or user); it gives way earlier when pages run short (default {d.cache_ttl_s:g}; 0 keeps nothing)",
+    )
 
 
 def _engine_config(args: argparse.Namespace) -> dict:
@@ -63,16 +76,18 @@ def _engine_config(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len,
         "quantization": args.quantization,
+        "prefix_caching": not args.no_prefix_caching,
+        "cache_ttl_s": args.cache_ttl,
     }
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine options again, as command-line flags for a worker process."""
-    argv = []
-    for flag, value in [
-        ("--model", args.model),
-        *(("--" + k.replace("_", "-"), v) for k, v in _engine_config(args).items()),
-    ]:
+    config = _engine_config(args)
+    argv = ["--cache-ttl", str(config.pop("cache_ttl_s"))]
+    if not config.pop("prefix_caching"):
+        argv.append("--no-prefix-caching")
+    for flag, value in [("--model", args.model), *(("--" + k.replace("_", "-"), v) for k, v in config.items())]:
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -107,6 +122,14 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
         help="seconds a request may wait for room, then 503 (default 60)",
     )
     p.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=256,
+        help="a decode worker that holds all of a prompt in its prefix cache but at most this many tokens prefills "
+        "them itself instead of the prefill pool (a conversation's next turn), when that is less work; 0 never "
+        "(default 256)",
+    )
+    p.add_argument(
         "--heartbeat-timeout",
         type=float,
         default=2.5,
@@ -124,6 +147,7 @@ def _router_options(args: argparse.Namespace, worker_address: str):
         "max_queue": args.max_queue,
         "queue_timeout_s": args.queue_timeout,
         "heartbeat_timeout_s": args.heartbeat_timeout,
+        "local_prefill_tokens": args.local_prefill_tokens,
     }
     return server, cluster
 

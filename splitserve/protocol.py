@@ -9,7 +9,12 @@ A request's life (DESIGN.md), by message:
   decode -> router   `Tokens`       every token of every request, batched per decode step (the first one
                                     as soon as the pages landed)
   router -> any      `Abort`        free what the worker holds for the job
-Colocated workers (role `both`) get `Generate` instead and answer with `Tokens`.
+Colocated workers (role `both`) get `Generate` instead and answer with `Tokens`; so does a decode worker
+that holds most of a prompt in its prefix cache (it prefills the rest itself).
+
+A decode worker reserves pages only past the prefix it holds cached, so the prefill worker sends the last
+`ticket.num_pages` pages of the prompt. Workers tell the router which pages they cache (`CacheEvents`, by
+page hash, see engine/prefix_cache.py) so that it can place a request where its prefix already is.
 
 Workers announce themselves with `Heartbeat`s (who they are, and their load) from a thread of their own,
 so a worker busy in a long forward pass still looks alive and a dead one goes quiet. A job id names one
@@ -25,7 +30,7 @@ import msgspec
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey, Ticket
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a ZMQ frame larger than this is dropped unread
 
 
@@ -53,6 +58,16 @@ class Load(msgspec.Struct, frozen=True):
     num_running: int  # decoding (decode, both) or being prefilled (prefill)
     num_waiting: int  # queued, or waiting for their pages to arrive
     pending_prefill_tokens: int  # prompt tokens queued or in progress
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    """A worker's prefix cache: prompt tokens looked up and found, pages evicted, and pages held now."""
+
+    queries: int = 0
+    hits: int = 0
+    evictions: int = 0
+    cached_pages: int = 0
+    retained_pages: int = 0  # kept for conversations' next turns
 
 
 class KvStats(msgspec.Struct, frozen=True):
@@ -88,6 +103,15 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     load: Load
     kv: KvStats
     loop_age_s: float  # seconds since the worker's loop last went round: a stuck worker shows here
+    cache: CacheStats = CacheStats()
+    version: int = PROTOCOL_VERSION
+
+
+class CacheEvents(msgspec.Struct, tag=True, frozen=True):
+    """Page hashes the worker's prefix cache gained and lost since its last `CacheEvents`."""
+
+    stored: list[int]
+    removed: list[int]
     version: int = PROTOCOL_VERSION
 
 
@@ -135,6 +159,7 @@ class Reserve(msgspec.Struct, tag=True, frozen=True):
     job: int
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_key: str | None = None  # the conversation: its pages are kept for its next turn
     version: int = PROTOCOL_VERSION
 
 
@@ -143,6 +168,7 @@ class Prefill(msgspec.Struct, tag=True, frozen=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     ticket: Ticket
+    cache_key: str | None = None  # the conversation: its pages are kept for its next turn
     version: int = PROTOCOL_VERSION
 
 
@@ -150,6 +176,7 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     job: int
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_key: str | None = None  # the conversation: its pages are kept for its next turn
     version: int = PROTOCOL_VERSION
 
 
@@ -165,7 +192,7 @@ class Refused(msgspec.Struct, tag=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
-ToRouter = Heartbeat | Goodbye | Reserved | PrefillDone | Tokens | JobFailed
+ToRouter = Heartbeat | Goodbye | Reserved | PrefillDone | Tokens | JobFailed | CacheEvents
 ToWorker = Reserve | Prefill | Generate | Abort | Refused
 
 _encoder = msgspec.msgpack.Encoder()

@@ -22,10 +22,10 @@ import torch
 import zmq
 
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.core import EngineCore
-from splitserve.kv_transfer.messages import CompatKey
 from splitserve.model.checkpoint import model_name
 from splitserve.protocol import (
+    CacheEvents,
+    CacheStats,
     Goodbye,
     Heartbeat,
     KvStats,
@@ -55,19 +55,6 @@ class WorkerRefused(RuntimeError):
     pass
 
 
-def kv_key(core: EngineCore) -> CompatKey:
-    cfg = core.model_config
-    return CompatKey(
-        model=model_name(core.config.model),
-        dtype=str(core.config.torch_dtype).removeprefix("torch."),
-        page_size=core.config.page_size,
-        num_layers=cfg.num_layers,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        quantization=core.config.resolved_quantization,
-    )
-
-
 def run_worker(options: WorkerOptions) -> None:
     """Serve until SIGTERM/SIGINT (then say goodbye) or until the router refuses this worker (raises)."""
     if options.threads:
@@ -83,7 +70,7 @@ def run_worker(options: WorkerOptions) -> None:
         page_size=options.engine.page_size,
         num_pages=role.allocator.capacity,
         max_num_seqs=options.engine.max_num_seqs,
-        kv_key=kv_key(role.engine),
+        kv_key=role.engine.compat_key,
         pid=os.getpid(),
         host=socket.gethostname(),
     )
@@ -111,13 +98,13 @@ def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
 
         # The KV cache lives in UCX memory: a decode worker on this host maps it and copies pages out in one pass.
         engine = PrefillEngine(options.engine, context.memory.zeros)
-        agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), context=context)
+        agent = TransferAgent(engine.runner.kv_cache, engine.compat_key, context=context)
         return PrefillWorker(engine, agent, send, options.kv_timeout_s)
     from splitserve.decode.engine import Engine
     from splitserve.decode.worker import DecodeWorker
 
     engine = Engine(options.engine)
-    agent = TransferAgent(engine.runner.kv_cache, kv_key(engine), context=context)
+    agent = TransferAgent(engine.runner.kv_cache, engine.compat_key, context=context)
     return DecodeWorker(engine, agent, send, options.kv_timeout_s)
 
 
@@ -137,7 +124,8 @@ class _Loop:
         self.outbox = outbox
         self.stopping = threading.Event()
         self.refused: str | None = None
-        self.load = role.load()  # the latest snapshot, read by the heartbeat thread
+        self.load = role.load()  # the latest snapshots, read by the heartbeat thread
+        self.cache = CacheStats()
         self.loop_time = time.monotonic()
         self.malformed_messages = 0
 
@@ -155,6 +143,7 @@ class _Loop:
                 if poller.poll(timeout_ms):
                     self._receive()
                 self.role.step()
+                self._tell_cache()
                 self._flush()
                 self.load = self.role.load()
                 self.loop_time = time.monotonic()
@@ -171,6 +160,16 @@ class _Loop:
             self.context.term()
         if self.refused is not None:
             raise WorkerRefused(f"the router refused this worker: {self.refused}")
+
+    def _tell_cache(self) -> None:
+        """What the prefix cache gained and lost goes to the router (it routes by it); counters to heartbeats."""
+        allocator = self.role.allocator
+        stored, removed = allocator.events.drain()
+        if stored or removed:
+            self.outbox.append(CacheEvents(stored, removed))
+        stats = allocator.stats
+        self.cache = CacheStats(stats.queries, stats.hits, stats.evictions, allocator.num_cached,
+                                allocator.num_retained)  # fmt: skip
 
     def _flush(self) -> None:
         dropped = 0
@@ -225,6 +224,6 @@ class _Loop:
                 )
                 age = time.monotonic() - self.loop_time
                 with contextlib.suppress(zmq.Again):  # the router is away: keep trying until it is back
-                    sock.send(encode(Heartbeat(self.info, self.load, kv, age)), zmq.NOBLOCK)
+                    sock.send(encode(Heartbeat(self.info, self.load, kv, age, self.cache)), zmq.NOBLOCK)
         finally:
             sock.close()

@@ -15,6 +15,7 @@ from splitserve.kv_transfer.messages import CompatKey, Ticket
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.protocol import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     Abort,
     FirstToken,
     Heartbeat,
@@ -55,7 +56,7 @@ def test_messages_round_trip():
     [
         b"",
         b"\x93\x01\x02",
-        msgspec.msgpack.encode({"type": "Abort", "job": 1, "version": 2}),  # another protocol version
+        msgspec.msgpack.encode({"type": "Abort", "job": 1, "version": PROTOCOL_VERSION + 1}),  # another version
         msgspec.msgpack.encode({"type": "Abort", "job": "one"}),  # wrong type
         msgspec.msgpack.encode({"type": "Launch", "job": 1}),  # unknown message
         msgspec.msgpack.encode(

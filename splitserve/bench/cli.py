@@ -38,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
     p.add_argument("--groups", type=int, default=4, help="shared-prefix: how many system prompts")
     p.add_argument("--turns", type=int, default=3, help="multi-turn: user messages per session")
+    p.add_argument("--system-len", type=int, default=0,
+                   help="multi-turn: tokens of a system prompt every session shares (default none)")  # fmt: skip
+    p.add_argument(
+        "--cache-keys",
+        action="store_true",
+        help="multi-turn: send each session's id as its prompt_cache_key (its KV is kept between turns)",
+    )
     p.add_argument("--token-ids", action="store_true", help="completions: send prompts as token ids, not text")
     p.add_argument("--rate", default="inf",
                    help="request rate(s) per second, comma-separated for a sweep; inf sends all at once")  # fmt: skip
@@ -45,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
     p.add_argument("--slo", default=None, help="e.g. ttft=0.5,tpot=0.05 (seconds, or ms: tpot=50ms); sets goodput")
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early (default: forced lengths)")
+    p.add_argument("--min-tokens", action="store_true",
+                   help="force the lengths with min_tokens instead of ignore_eos: the model's own words, so that "
+                   "multi-turn answers tokenize in the next turn as they were generated")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default=None, help="this run's name on charts (default: the model)")
     p.add_argument("--output", default=None, help="write results (every request's timings) to this JSON file")
@@ -73,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     if any(not r > 0 for r in rates):
         raise ValueError("rates must be > 0 (inf: all at once)")
     model = served_model(args.url, args.api_key, args.model)
-    target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos)
+    target = Target(args.url.rstrip("/"), model, args.endpoint, args.api_key, not args.no_ignore_eos,
+                    args.min_tokens, args.cache_keys)  # fmt: skip
     tokenizer = tokenizer_for(args.tokenizer)
     requests = _workload(args, tokenizer)
     print(f"splitserve bench: {len(requests)} {args.workload} requests to {args.url} ({args.endpoint}, model {model}) "
@@ -175,7 +186,7 @@ def _workload(args: argparse.Namespace, tokenizer) -> list[workloads.BenchReques
         return workloads.shared_prefix(tokenizer, args.groups, per_group, args.prefix_len, inp, out, rng, chat)
     if not chat:
         raise ValueError("--workload multi-turn needs --endpoint chat")
-    return workloads.multi_turn(tokenizer, args.num_requests, args.turns, inp, out, rng)
+    return workloads.multi_turn(tokenizer, args.num_requests, args.turns, inp, out, rng, args.system_len)
 
 
 def _describe(args: argparse.Namespace) -> dict:

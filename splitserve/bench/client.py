@@ -47,6 +47,10 @@ class Target:
     endpoint: str = "completions"  # or "chat"
     api_key: str | None = None
     ignore_eos: bool = True  # force the requested output lengths where the server allows it
+    # Force them instead with min_tokens = max_tokens: the model's own words (no end-of-text to skip over),
+    # so a multi-turn answer sent back in the next turn's messages tokenizes as it was generated.
+    min_tokens: bool = False
+    session_cache_keys: bool = False  # send each multi-turn session's id as its prompt_cache_key
 
 
 async def run(target: Target, requests: list[BenchRequest], concurrency: int | None = None,
@@ -65,7 +69,7 @@ async def run(target: Target, requests: list[BenchRequest], concurrency: int | N
                 await asyncio.sleep(max(0.0, start + first.arrival_s - time.perf_counter()))
                 history: list[dict[str, str]] = []
                 for request in (first, *first.follow_ups):
-                    if request.messages is not None and first.follow_ups:
+                    if request.messages is not None and first.follow_ups and first.with_history:
                         history = [*history, *request.messages]
                         request = BenchRequest(None, request.max_tokens, request.prompt_tokens, history,
                                                session=request.session, turn=request.turn)  # fmt: skip
@@ -86,8 +90,12 @@ async def _send(client: httpx.AsyncClient, target: Target, request: BenchRequest
     chat = target.endpoint == "chat"
     body: dict = {"model": target.model, "max_tokens": request.max_tokens, "stream": True, "temperature": 0,
                   "stream_options": {"include_usage": True}}  # fmt: skip
-    if target.ignore_eos:
+    if target.min_tokens:
+        body["min_tokens"] = request.max_tokens
+    elif target.ignore_eos:
         body["ignore_eos"] = True
+    if target.session_cache_keys and request.session is not None:
+        body["prompt_cache_key"] = f"session-{request.session}"
     if chat:
         body["messages"] = request.messages or [{"role": "user", "content": request.prompt}]
     else:

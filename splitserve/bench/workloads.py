@@ -41,6 +41,7 @@ class BenchRequest:
     session: int | None = None  # multi-turn: the session, and this request's turn in it
     turn: int = 0
     follow_ups: list[BenchRequest] = field(default_factory=list)  # a session's later turns, sent in order
+    with_history: bool = True  # a later turn carries the conversation so far (else only its own messages)
 
 
 class LengthDist:
@@ -115,16 +116,22 @@ def shared_prefix(tokenizer, groups: int, per_group: int, prefix_len: int, suffi
 
 
 def multi_turn(tokenizer, sessions: int, turns: int, input_len: LengthDist, output_len: LengthDist,
-               rng: random.Random) -> list[BenchRequest]:  # fmt: skip
-    """Chat sessions of `turns` user messages each; a turn's request is the conversation so far (the
-    client fills in the real answers as they arrive). Returns the first turns; later ones are follow-ups."""
+               rng: random.Random, system_len: int = 0, history: bool = True) -> list[BenchRequest]:  # fmt: skip
+    """Chat sessions of `turns` user messages each, after a system prompt of `system_len` tokens that every
+    session shares (none for 0); a turn's request is the conversation so far (the client fills in the real
+    answers as they arrive), or only its own new message when not `history`. Returns the first turns; later
+    ones are follow-ups."""
+    system = [{"role": "system", "content": text_of_length(tokenizer, system_len, rng)}] if system_len else []
     firsts = []
     for s in range(sessions):
         session = []
         for t in range(turns):
             k = input_len.sample(rng)
-            message = {"role": "user", "content": text_of_length(tokenizer, k, rng)}
-            session.append(BenchRequest(None, output_len.sample(rng), k, [message], session=s, turn=t))
+            message = [*(system if t == 0 else []), {"role": "user", "content": text_of_length(tokenizer, k, rng)}]
+            if not history:
+                message = message[-1:]
+            session.append(BenchRequest(None, output_len.sample(rng), k, message, session=s, turn=t,
+                                        with_history=history))  # fmt: skip
         session[0].follow_ups = session[1:]
         firsts.append(session[0])
     return firsts

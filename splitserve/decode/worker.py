@@ -2,8 +2,9 @@
 
 Disaggregated: a `Reserve` takes pages in the `Engine` and posts UCX receives into them; when the prefill
 worker's transfer lands, its payload carries the first token and the request joins the running batch
-(that token goes to the router at once). Colocated (role `both`): a `Generate` enters the engine's own
-chunked prefill. Every step's tokens go to the router in one `Tokens` message.
+(that token goes to the router at once). Colocated (role `both`), or a prompt this decode worker holds mostly
+cached: a `Generate` enters the engine's own chunked prefill. Every step's tokens go to the router in one
+`Tokens` message.
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ class DecodeWorker:
     def load(self) -> Load:
         s = self.engine.scheduler
         pending = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
-        return Load(self.allocator.num_free, len(s.running), len(s.waiting) + len(s.receiving), pending)
+        return Load(self.allocator.num_available, len(s.running), len(s.waiting) + len(s.receiving), pending)
 
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Reserve) and self.agent is not None:
             self._reserve(message)
         elif isinstance(message, Generate):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params)
+                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
             except InvalidRequestError as e:
                 self._send(JobFailed(message.job, str(e), retryable=False))
         elif isinstance(message, Abort):
@@ -99,7 +100,7 @@ class DecodeWorker:
     def _reserve(self, message: Reserve) -> None:
         job = str(message.job)
         try:
-            pages = self.engine.reserve(job, message.prompt_token_ids, message.params)
+            pages = self.engine.reserve(job, message.prompt_token_ids, message.params, message.cache_key)
         except (NoCapacityError, InvalidRequestError) as e:
             self._send(Reserved(message.job, None, self.load(), str(e)))
             return

@@ -1,5 +1,6 @@
 """`PrefillWorker`: the prefill pool's side of the protocol. Queues `Prefill` jobs into the `PrefillEngine`,
-ships each finished prompt's pages (and its first token) to the decode worker's reservation over UCX, frees
+ships each finished prompt's pages (and its first token) to the decode worker's reservation over UCX (the
+reservation's last pages: the decode worker may hold the prompt's first ones in its prefix cache), frees
 its own pages once the transfer ended, and tells the router with `PrefillDone`."""
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ class PrefillWorker:
 
     def load(self) -> Load:
         s = self.engine.scheduler
-        return Load(self.allocator.num_free, len(s.running), len(s.waiting), s.pending_tokens)
+        return Load(self.allocator.num_available, len(s.running), len(s.waiting), s.pending_tokens)
 
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Prefill):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params)
+                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
             except InvalidRequestError as e:
                 self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False))
                 return
@@ -76,8 +77,10 @@ class PrefillWorker:
                 self._send(PrefillDone(job, False, self.load(), done.error, retryable=False))
                 continue
             first = FirstToken(done.token_id, done.logprob, done.generator_state)
+            # The decode worker reserved pages only for the part of the prompt it does not hold cached.
+            pages = done.request.pages[len(done.request.pages) - ticket.num_pages :]
             try:
-                self.agent.send(ticket, done.request.pages, self._kv_timeout_s, encode(first))
+                self.agent.send(ticket, pages, self._kv_timeout_s, encode(first))
             except TransferError as e:
                 self.engine.release(str(job))
                 self._send(PrefillDone(job, False, self.load(), str(e)))

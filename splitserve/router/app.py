@@ -166,7 +166,7 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
     jobs: list[Job] = []
     try:
         for _, ids, params in choices:
-            jobs.append(state.cluster.submit(ids, params))
+            jobs.append(state.cluster.submit(ids, params, body.cache_key))
     except Overloaded as e:
         for job in jobs:
             state.cluster.abort(job)

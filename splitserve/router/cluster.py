@@ -3,6 +3,11 @@
 It owns worker membership (a worker joins with its first heartbeat and leaves with a goodbye, or when its
 heartbeats stop), the bounded queue of requests waiting for room, and each request's placement:
 reserve pages on a decode worker first, then send the prefill, then relay the decode worker's tokens.
+
+Placement is KV-aware: the `PrefixIndex` says how much of a prompt each worker holds cached, and a worker's
+cost is the prompt pages it would have to compute plus the pages and prompt tokens it already has in work.
+A decode worker that holds all but a short suffix of a prompt (a conversation's next turn: its previous
+prompt and answer are there) prefills that suffix itself, when that is less work than the prefill pool's.
 A request that fails before its first token is retried from the start (new job id) on the workers left;
 one that fails later ends with an error event. Everything runs on the router's asyncio loop.
 """
@@ -19,13 +24,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
+from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
 from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.protocol import (
     Abort,
+    CacheEvents,
+    CacheStats,
     Generate,
     Goodbye,
     Heartbeat,
@@ -45,6 +54,7 @@ from splitserve.protocol import (
     decode_to_router,
     encode,
 )
+from splitserve.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,9 @@ class RouterOptions:
     stuck_timeout_s: float = 120.0  # a worker whose loop has not turned this long is taken for stuck
     max_queue: int = 512  # requests waiting for room; more are refused with 429
     queue_timeout_s: float = 60.0  # a request waiting this long for room fails with 503
+    # A decode worker prefills a prompt itself when it holds all of it cached but at most this many tokens
+    # (and that is less than the prefill pool would compute): 0 never.
+    local_prefill_tokens: int = 256
 
 
 class Overloaded(Exception):
@@ -107,7 +120,15 @@ class Job:
     decode: str | None = None
     num_tokens: int = 0
     first_token_at: float | None = None
+    cache_key: str | None = None  # the conversation it belongs to
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _hashes: dict[int, list[int]] = field(default_factory=dict)  # its prompt's reusable page hashes, by root
+
+    def page_hashes(self, root: int, page_size: int) -> list[int]:
+        if root not in self._hashes:
+            limit = reusable_pages(len(self.prompt_token_ids), page_size)
+            self._hashes[root] = page_hashes(self.prompt_token_ids, page_size, root, limit)
+        return self._hashes[root]
 
     async def next_event(self) -> TokenEvent | ErrorEvent:
         return await self.events.get()
@@ -124,6 +145,8 @@ class Worker:
     reserving_pages: int = 0  # pages asked for by Reserves not answered yet
     prefill_tokens: int = 0  # prompt tokens sent to it and not reported done
     refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
+    cache: CacheStats = field(default_factory=CacheStats)
+    root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
 
     @property
     def worker_id(self) -> str:
@@ -148,6 +171,9 @@ class ClusterStats:
     retries: int = 0
     workers_lost: int = 0
     worker_restarts: dict[str, int] = field(default_factory=dict)  # by role: dead workers `serve` started again
+    prefix_routed: int = 0  # requests placed on a worker holding part of their prompt (by the index)
+    prefix_routed_tokens: int = 0  # prompt tokens those workers held
+    local_prefills: int = 0  # prompts a decode worker prefilled itself (the rest was in its cache)
 
 
 class Cluster:
@@ -158,6 +184,7 @@ class Cluster:
         self.queue: deque[Job] = deque()
         self.stats = ClusterStats()
         self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
+        self.prefix_index = PrefixIndex()
         # Job ids start at a random point: a worker that outlived an earlier router never sees one reused.
         self._wire_ids = itertools.count(secrets.randbits(62))
         self._context = zmq.asyncio.Context()
@@ -199,15 +226,19 @@ class Cluster:
         roles = {w.role for w in self.workers.values()}
         return Role.BOTH in roles or {Role.PREFILL, Role.DECODE} <= roles
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> Job:
-        """Queue a request; its events (tokens, or an error) arrive on `job.events`."""
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> Job:
+        """Queue a request; its events (tokens, or an error) arrive on `job.events`. Requests of one
+        conversation share a `cache_key`: the workers keep its pages for its next turn."""
         if not self.can_serve():
             raise Overloaded("no workers can serve requests right now", 503, retry_after_s=5)
         if len(self.queue) >= self.options.max_queue:
             raise Overloaded(f"too many requests waiting ({len(self.queue)}); retry later", 429)
         page_size = min(w.info.page_size for w in self.workers.values())
         now = time.monotonic()
-        job = Job(list(prompt_token_ids), params, now, -(-len(prompt_token_ids) // page_size), queued_at=now)
+        job = Job(
+            list(prompt_token_ids), params, now, -(-len(prompt_token_ids) // page_size), queued_at=now,
+            cache_key=cache_key,
+        )  # fmt: skip
         self._enqueue(job, front=False)
         self._dispatch()
         return job
@@ -260,20 +291,57 @@ class Cluster:
         if prefill and self._pool(Role.DECODE):
             if not decode:
                 return False
-            d = min(decode, key=Worker.busyness)
+            d = min(decode, key=lambda w: self._cost(w, job))
+            if self._prefills_locally(d, job, prefill):
+                self.stats.local_prefills += 1
+                self._generate(d, job)
+                return True
             job.state, job.decode, job.attempts = JobState.RESERVING, d.worker_id, job.attempts + 1
             d.jobs.add(job.wire_id)
             d.reserving_pages += job.pages_needed
-            self._send(d, Reserve(job.wire_id, job.prompt_token_ids, job.params))
+            self._send(d, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
             return True
         both = [w for w in self._pool(Role.BOTH) if len(w.jobs) < w.info.max_num_seqs]
         if not both:
             return False
-        w = min(both, key=Worker.busyness)
+        self._generate(min(both, key=lambda w: self._cost(w, job)), job)
+        return True
+
+    def _generate(self, w: Worker, job: Job) -> None:
+        """The worker prefills the prompt itself and generates (role both, or a decode worker's local prefill)."""
+        self._note_routing(w, job)
         job.state, job.decode, job.attempts = JobState.GENERATING, w.worker_id, job.attempts + 1
         w.jobs.add(job.wire_id)
-        self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params))
-        return True
+        self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
+
+    def _cached_tokens(self, w: Worker, job: Job) -> int:
+        """Prompt tokens `w` holds in its prefix cache, by the index."""
+        ps = w.info.page_size
+        return self.prefix_index.matched_pages(w.worker_id, job.page_hashes(w.root_hash, ps)) * ps
+
+    def _cost(self, w: Worker, job: Job) -> float:
+        """Pages of work: the prompt's pages it lacks, the pages it has in use, and its queued prompt tokens."""
+        ps = w.info.page_size
+        uncached = len(job.prompt_token_ids) - self._cached_tokens(w, job)
+        used = w.info.num_pages - w.free_pages()
+        return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / ps + used
+
+    def _prefills_locally(self, d: Worker, job: Job, prefill: list[Worker]) -> bool:
+        """Whether decode worker `d` should prefill the prompt itself: it holds all of it cached but a short
+        suffix, and that suffix is less than the least busy prefill worker would have to compute."""
+        cached = self._cached_tokens(d, job)
+        suffix = len(job.prompt_token_ids) - cached
+        if not cached or suffix > self.options.local_prefill_tokens:
+            return False
+        p_work = min(len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill)
+        return suffix + d.load.pending_prefill_tokens < p_work
+
+    def _note_routing(self, w: Worker, job: Job) -> None:
+        """Count a placement on the worker that will compute the prompt, when it holds part of it."""
+        cached = self._cached_tokens(w, job)
+        if cached:
+            self.stats.prefix_routed += 1
+            self.stats.prefix_routed_tokens += cached
 
     def _pool(self, role: Role) -> list[Worker]:
         return [w for w in self.workers.values() if w.role is role]
@@ -315,6 +383,8 @@ class Cluster:
             self._tokens(message, worker_id)
         elif isinstance(message, JobFailed):
             self._job_failed(message, worker_id)
+        elif isinstance(message, CacheEvents) and worker_id is not None:
+            self.prefix_index.apply(worker_id, message.stored, message.removed)
 
     def _heartbeat(self, hb: Heartbeat) -> None:
         info = hb.info
@@ -329,10 +399,12 @@ class Cluster:
             if info.role is not Role.BOTH:
                 self.kv_key = self.kv_key or info.kv_key
             worker = Worker(info, hb.load, hb.kv, time.monotonic())
+            worker.root_hash = root_hash(msgspec.msgpack.encode(info.kv_key))
             self.workers[info.worker_id] = worker
+            self.prefix_index.add_worker(info.worker_id, info.num_pages)
             log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
                      info.num_pages, info.pid, info.host)  # fmt: skip
-        worker.load, worker.kv, worker.loop_age_s = hb.load, hb.kv, hb.loop_age_s
+        worker.load, worker.kv, worker.loop_age_s, worker.cache = hb.load, hb.kv, hb.loop_age_s, hb.cache
         worker.last_heartbeat = time.monotonic()
         worker.refused_reserve = False
 
@@ -364,11 +436,12 @@ class Cluster:
         if not prefill:
             self._retry(job, "no prefill worker is left")
             return
-        p = min(prefill, key=lambda w: (w.prefill_tokens, w.load.pending_prefill_tokens))
+        p = min(prefill, key=lambda w: self._cost(w, job))
+        self._note_routing(p, job)
         job.state, job.prefill = JobState.PREFILLING, p.worker_id
         p.jobs.add(job.wire_id)
         p.prefill_tokens += len(job.prompt_token_ids)
-        self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket))
+        self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key))
 
     def _prefill_done(self, message: PrefillDone, worker_id: str | None) -> None:
         job = self.jobs.get(message.job)
@@ -466,6 +539,7 @@ class Cluster:
 
     def _remove_worker(self, worker_id: str, why: str) -> None:
         worker = self.workers.pop(worker_id)
+        self.prefix_index.remove_worker(worker_id)
         self.stats.workers_lost += why != "it shut down"
         level = logging.INFO if why == "it shut down" else logging.WARNING
         log.log(level, "worker %s (%s) removed: %s", worker_id, worker.role.value, why)
@@ -525,8 +599,10 @@ class Cluster:
             if members:
                 keys = ("jobs", "running", "waiting", "pending_prefill_tokens", "free_pages", "num_pages")
                 pools[role.value] = {"workers": len(members), **{k: sum(w[k] for w in members) for k in keys}}
+        routing = {"prefix_routed": self.stats.prefix_routed, "prefix_routed_tokens": self.stats.prefix_routed_tokens,
+                   "local_prefills": self.stats.local_prefills}  # fmt: skip
         return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers,
-                "worker_restarts": dict(self.stats.worker_restarts)}  # fmt: skip
+                "worker_restarts": dict(self.stats.worker_restarts), "routing": routing}  # fmt: skip
 
 
 def _describe(w: Worker) -> dict:
@@ -547,4 +623,9 @@ def _describe(w: Worker) -> dict:
         "kv_seconds_receiving": w.kv.seconds_receiving,
         "kv_failures": w.kv.failures,
         "kv_transfers_pulled": w.kv.transfers_pulled,
+        "prefix_cache_queries": w.cache.queries,
+        "prefix_cache_hits": w.cache.hits,
+        "prefix_cache_evictions": w.cache.evictions,
+        "cached_pages": w.cache.cached_pages,
+        "retained_pages": w.cache.retained_pages,
     }

@@ -1,6 +1,7 @@
 """`RouterMetrics`: what `/metrics` shows, in Prometheus text: request latency histograms (TTFT, TPOT,
 end to end) recorded as requests finish, and live gauges read from the cluster at scrape time (queue
-depth, requests by state, each pool's and worker's pages and load, KV bytes and seconds transferred).
+depth, requests by state, each pool's and worker's pages and load, KV bytes and seconds transferred, prefix
+cache queries, hits and evictions per worker, and the router's placements by cached prefix).
 
 With an SLO (`--slo ttft=0.5,tpot=0.05`) it also keeps the last minute's requests: the share that met it,
 and how many missed on TTFT (the prefill side is behind) or on TPOT (the decode side is).
@@ -108,6 +109,19 @@ class _ClusterCollector(Collector):
         yield CounterMetricFamily(
             "splitserve_malformed_messages", "Worker messages dropped as malformed", stats.malformed_messages
         )
+        yield CounterMetricFamily(
+            "splitserve_router_prefix_routed_requests",
+            "Requests placed on a worker holding part of their prompt",
+            stats.prefix_routed,
+        )
+        yield CounterMetricFamily(
+            "splitserve_router_prefix_routed_tokens",
+            "Prompt tokens held by the workers those requests were placed on",
+            stats.prefix_routed_tokens,
+        )
+        yield CounterMetricFamily("splitserve_router_local_prefills",
+                                  "Prompts a decode worker prefilled itself (it held the rest cached)",
+                                  stats.local_prefills)  # fmt: skip
         gauges = {
             key: GaugeMetricFamily(f"splitserve_worker_{key}", doc, labels=["worker", "role"])
             for key, doc in [
@@ -116,6 +130,8 @@ class _ClusterCollector(Collector):
                 ("running", "Requests running (decoding, or being prefilled)"),
                 ("waiting", "Requests queued in the worker or waiting for their KV"),
                 ("pending_prefill_tokens", "Prompt tokens queued or in progress"),
+                ("cached_pages", "KV pages in the prefix cache (reusable by a request with the same prefix)"),
+                ("retained_pages", "KV pages kept for conversations' next turns (prompt_cache_key)"),
             ]
         }
         counters = {
@@ -127,6 +143,9 @@ class _ClusterCollector(Collector):
                 ("kv_seconds_receiving", "Seconds from reservation to arrival, summed over transfers"),
                 ("kv_failures", "KV transfers that failed"),
                 ("kv_transfers_pulled", "KV transfers received by copying the sender's shared-memory pages"),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)"),
+                ("prefix_cache_evictions", "Cached KV pages overwritten for new requests"),
             ]
         }
         for w in snap["workers"]:

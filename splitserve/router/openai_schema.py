@@ -87,7 +87,14 @@ class _Common(_Strict):
     ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
     return_token_ids: bool = False  # each choice also carries its token ids
     response_format: ResponseFormat | None = None
-    user: str | None = None  # the end user's id: recorded nowhere, as OpenAI allows
+    # A conversation's key: its KV stays on the workers for `--cache-ttl` after each turn, and the next turn is
+    # routed to it. `user` stands in for it when it is absent (OpenAI uses both to route to a warm cache).
+    prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    @property
+    def cache_key(self) -> str | None:
+        return self.prompt_cache_key or self.user
 
     @model_validator(mode="before")
     @classmethod

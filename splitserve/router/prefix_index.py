@@ -1,0 +1,52 @@
+"""`PrefixIndex`: the router's picture of which KV pages each worker holds in its prefix cache, by page hash
+(engine/prefix_cache.py), built from the workers' `CacheEvents`.
+
+It is approximate by design: events a worker sent while the router was away are lost, and a page may be
+evicted between a lookup and the request's arrival. A wrong guess costs only speed (the worker computes what
+it lacks), never correctness. Memory is bounded: at most as many hashes per worker as it has pages.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class PrefixIndex:
+    def __init__(self) -> None:
+        self._held: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+
+    def add_worker(self, worker_id: str, num_pages: int) -> None:
+        self._held[worker_id] = OrderedDict()
+        self._capacity[worker_id] = num_pages
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._held.pop(worker_id, None)
+        self._capacity.pop(worker_id, None)
+
+    def apply(self, worker_id: str, stored: list[int], removed: list[int]) -> None:
+        held = self._held.get(worker_id)
+        if held is None:
+            return
+        for h in removed:
+            held.pop(h, None)
+        for h in stored:
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self._capacity[worker_id]:  # events were lost: forget the oldest
+            held.popitem(last=False)
+
+    def matched_pages(self, worker_id: str, hashes: list[int]) -> int:
+        """How many of `hashes` (a prompt's page hashes, in order) the worker holds, from the start."""
+        held = self._held.get(worker_id)
+        if not held:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in held:
+                break
+            n += 1
+        return n
+
+    def num_pages(self, worker_id: str) -> int:
+        return len(self._held.get(worker_id, ()))

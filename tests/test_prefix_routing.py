@@ -1,0 +1,154 @@
+"""KV-aware routing and conversations across the pools: the router learns from the workers' cache events which
+worker holds which prefix, places a request where most of its prompt is cached, and sends a conversation's next
+turn to the decode worker that holds its previous prompt and answer, which prefills only the new tokens.
+Tokens equal Hugging Face transformers' (greedy, fp32)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgspec
+import pytest
+
+from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
+from splitserve.engine.sampling import SamplingParams
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.launcher import ServeProcess
+from splitserve.protocol import Generate, KvStats, Load, Reserve, Role, WorkerInfo
+from splitserve.router.cluster import Cluster, RouterOptions, Worker
+from tests.helpers import hf_greedy
+from tests.test_serving import _metric
+
+ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "--max-num-batched-tokens", "64"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_llama):
+    s = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "2", "--cache-ttl", "600", *ENGINE], num_workers=3)
+    yield s
+    s.stop()
+
+
+def _complete(server, prompt: list[int], max_tokens: int, **extra) -> list[int]:
+    model = server.http.get("/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, **extra}  # fmt: skip
+    r = server.http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def _by_id(server) -> dict[str, dict]:
+    return {w["id"]: w for w in server.workers()}
+
+
+def _settled(server) -> dict[str, dict]:
+    """Workers as /health shows them once the latest heartbeats (which carry the cache counters) are in."""
+    time.sleep(0.6)  # over two heartbeat intervals
+    return _by_id(server)
+
+
+def test_next_turn_prefills_only_its_new_tokens_where_the_conversation_is(server, tiny_chat_llama):
+    rng = random.Random(7)
+    system = [rng.randrange(8, 384) for _ in range(100)]
+    turn1 = [*system, *(rng.randrange(8, 384) for _ in range(12))]
+    answer1 = _complete(server, turn1, 20, prompt_cache_key="conversation-1")
+    before = {w: d for w, d in _settled(server).items() if d["role"] == "decode"}
+    held = [w for w, d in before.items() if d["retained_pages"] > 0]
+    assert len(held) == 1, before  # the decode worker that ran turn 1 keeps its pages for turn 2
+    health = server.health()
+    assert health["routing"]["local_prefills"] == 0
+
+    turn2 = [*turn1, *answer1, *(rng.randrange(8, 384) for _ in range(9))]
+    answer2 = _complete(server, turn2, 10, prompt_cache_key="conversation-1")
+    assert [answer1, answer2] == hf_greedy(tiny_chat_llama, [turn1, turn2], [20, 10])
+    after = _settled(server)
+    routing = server.health()["routing"]
+    assert routing["local_prefills"] == 1 and routing["prefix_routed"] >= 1
+    # Turn 2 ran where turn 1 did, and found its whole earlier prompt and answer cached there.
+    new_hits = after[held[0]]["prefix_cache_hits"] - before[held[0]]["prefix_cache_hits"]
+    assert new_hits == reusable_pages(len(turn1) + len(answer1), 8) * 8
+    text = server.http.get("/metrics").text
+    assert _metric(text, "splitserve_prefix_cache_hits_total") >= new_hits
+    assert _metric(text, "splitserve_router_local_prefills_total") == 1
+    assert _metric(text, "splitserve_worker_cached_pages") > 0
+
+
+def test_shared_system_prompt_is_computed_once_per_worker(server, tiny_chat_llama):
+    rng = random.Random(8)
+    system = [rng.randrange(8, 384) for _ in range(120)]
+    prompts = [[*system, *(rng.randrange(8, 384) for _ in range(5 + i))] for i in range(4)]
+    prefill_id = server.workers("prefill")[0]["id"]
+    hits_before = _settled(server)[prefill_id]["prefix_cache_hits"]
+    outs = [_complete(server, p, 6) for p in prompts]
+    assert outs == hf_greedy(tiny_chat_llama, prompts, [6] * 4)
+    hits = _settled(server)[prefill_id]["prefix_cache_hits"] - hits_before
+    # Each request after the first found the system prompt's 15 full pages on the prefill worker (a decode
+    # worker holds them too, but with the same work left there the prefill pool keeps the prompt).
+    assert hits == 3 * (120 // 8) * 8
+
+
+# --- the placement policy, on a router with fake workers ------------------------------------------------
+
+
+def _worker(cluster: Cluster, worker_id: str, role: Role, free_pages: int = 100) -> Worker:
+    key = CompatKey("m", "float32", 8, 2, 2, 16)
+    info = WorkerInfo(worker_id, role, "m", 4096, 8, 100, 8, key, 1, "host")
+    w = Worker(info, Load(free_pages, 0, 0, 0), KvStats(), 0.0)
+    w.root_hash = root_hash(msgspec.msgpack.encode(key))
+    cluster.workers[worker_id] = w
+    cluster.prefix_index.add_worker(worker_id, 100)
+    return w
+
+
+@pytest.fixture
+def router(monkeypatch):
+    cluster = Cluster(RouterOptions(model="m"))
+    sent: list[tuple[str, object]] = []
+    monkeypatch.setattr(cluster, "_send", lambda w, m: sent.append((w.worker_id, m)))
+    yield cluster, sent
+    cluster._socket.close()
+    cluster._context.term()
+
+
+def test_routing_prefers_the_worker_holding_the_prefix(router):
+    cluster, sent = router
+    a, b = _worker(cluster, "a", Role.BOTH), _worker(cluster, "b", Role.BOTH, free_pages=90)
+    prompt = list(range(200))
+    cluster.prefix_index.apply("b", page_hashes(prompt, 8, b.root_hash)[:20], [])
+    cluster.submit(prompt, SamplingParams())
+    assert sent[-1][0] == "b"  # busier, but holds 160 of the 200 tokens
+    cluster.submit(list(range(500, 700)), SamplingParams())
+    assert sent[-1][0] == "a"  # nothing cached anywhere: the less loaded one
+    assert cluster.stats.prefix_routed == 1 and cluster.stats.prefix_routed_tokens == 160
+    assert a.jobs and b.jobs
+
+
+def test_a_decode_worker_prefills_locally_only_a_short_uncached_suffix(router):
+    cluster, sent = router
+    _worker(cluster, "p", Role.PREFILL)
+    d = _worker(cluster, "d", Role.DECODE)
+    prompt = list(range(300))
+    hashes = page_hashes(prompt, 8, d.root_hash)
+    cluster.prefix_index.apply("d", hashes[:30], [])  # 240 cached: 60 to compute
+    cluster.submit(prompt, SamplingParams())
+    assert sent[-1][0] == "d" and isinstance(sent[-1][1], Generate)
+    assert cluster.stats.local_prefills == 1
+    cluster.prefix_index.apply("d", [], hashes[5:30])  # only 40 cached: 260 is beyond the 256-token limit
+    cluster.submit(prompt, SamplingParams())
+    assert isinstance(sent[-1][1], Reserve)
+    cluster.prefix_index.apply("p", hashes[:35], [])  # the prefill worker holds more than the decode worker
+    cluster.prefix_index.apply("d", hashes[5:30], [])
+    cluster.submit(prompt, SamplingParams())
+    assert isinstance(sent[-1][1], Reserve) and cluster.stats.local_prefills == 1
+
+
+def test_the_index_is_bounded_and_forgets_removed_workers(router):
+    cluster, _ = router
+    _worker(cluster, "a", Role.BOTH)
+    cluster.prefix_index.apply("a", list(range(1000)), [])
+    assert cluster.prefix_index.num_pages("a") == 100  # never more hashes than the worker has pages
+    assert cluster.prefix_index.matched_pages("a", [950, 951, 7]) == 2
+    cluster._remove_worker("a", "it shut down")
+    assert cluster.prefix_index.num_pages("a") == 0
