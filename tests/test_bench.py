@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 import statistics
+import time
 
 import pytest
 
@@ -75,6 +76,14 @@ def test_shared_prefix_and_multi_turn(tokenizer):
     sessions = workloads.multi_turn(tokenizer, 2, 3, LengthDist("fixed:8"), LengthDist("fixed:4"), rng)
     assert len(sessions) == 2 and all(len(s.follow_ups) == 2 for s in sessions)
     assert [t.turn for t in (sessions[0], *sessions[0].follow_ups)] == [0, 1, 2]
+    shared = workloads.multi_turn(tokenizer, 2, 2, LengthDist("fixed:8"), LengthDist("fixed:4"), rng, system_len=50)
+    systems = [s.messages[0] for s in shared]
+    assert (
+        systems[0] == systems[1] and systems[0]["role"] == "system" and _count(tokenizer, systems[0]["content"]) == 50
+    )
+    assert [m["role"] for m in shared[0].follow_ups[0].messages] == ["user"]  # the client adds the history
+    alone = workloads.multi_turn(tokenizer, 1, 2, LengthDist("fixed:8"), LengthDist("fixed:4"), rng, 50, history=False)
+    assert [m["role"] for m in alone[0].messages] == ["user"] and not alone[0].with_history
 
 
 def test_sharegpt_file(tokenizer, tmp_path):
@@ -158,13 +167,18 @@ def test_benchmark_against_a_real_cluster(tiny_chat_llama, tmp_path):
         argv = ["bench", "--url", server.url, "--endpoint", "chat", "--workload", "multi-turn", "--turns", "2",
                 "--num-requests", "3", "--input-len", "fixed:12", "--output-len", "fixed:4", "--rate", "5,10",
                 "--slo", "ttft=30", "--tokenizer", str(tiny_chat_llama), "--output", str(out), "--plot",
-                str(tmp_path / "chart"), "--no-progress"]  # fmt: skip
+                str(tmp_path / "chart"), "--no-progress", "--system-len", "40", "--cache-keys",
+                "--min-tokens"]  # fmt: skip
         from splitserve.cli import main
 
         assert main(argv) == 0
         result = json.loads(out.read_text())
         assert [r["rate"] for r in result["runs"]] == [5.0, 10.0]
         assert all(len(r["records"]) == 6 and r["summary"]["failed"] == 0 for r in result["runs"])
+        assert all(x["output_tokens"] == 4 for r in result["runs"] for x in r["records"])  # by min_tokens
+        time.sleep(0.6)  # the heartbeats carry the workers' cache counters
+        # The shared system prompt and each session's first turn were found in the workers' caches.
+        assert sum(w["prefix_cache_hits"] for w in server.workers()) >= 40
         assert (tmp_path / "chart-attainment.png").stat().st_size > 10_000
         assert (tmp_path / "chart-cdf.png").stat().st_size > 10_000
         server.wait_idle()
