@@ -22,7 +22,7 @@ import zmq
 
 from splitserve.engine.sampling import SamplingParams
 from splitserve.launcher import ServeProcess, free_port
-from splitserve.protocol import Abort, Heartbeat, Reserve, Reserved, decode_to_router, encode
+from splitserve.protocol import PROTOCOL_VERSION, Abort, Heartbeat, Reserve, Reserved, decode_to_router, encode
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE, complete
 
@@ -150,7 +150,8 @@ def test_worker_drops_garbage_frames_and_keeps_working(tiny_chat_llama):
         junk = [b"", b"\x00\xff", msgspec.msgpack.encode({"type": "Reserve", "job": "x"}),
                 msgspec.msgpack.encode({"type": "Generate", "job": 1, "prompt_token_ids": [1],
                                         "params": {"max_tokens": -3}}),
-                msgspec.msgpack.encode({"type": "Abort", "job": 1, "version": 2}), b"\xc1" * 100]  # fmt: skip
+                msgspec.msgpack.encode({"type": "Abort", "job": 1, "version": PROTOCOL_VERSION + 1}),
+                b"\xc1" * 100]  # fmt: skip
         for frame in junk:
             router.send_multipart([identity, frame])
         router.send_multipart([identity, encode(Reserve(5, [3] * 20, SamplingParams(max_tokens=3)))])
