@@ -152,3 +152,14 @@ def test_the_index_is_bounded_and_forgets_removed_workers(router):
     assert cluster.prefix_index.matched_pages("a", [950, 951, 7]) == 2
     cluster._remove_worker("a", "it shut down")
     assert cluster.prefix_index.num_pages("a") == 0
+
+
+def test_a_burst_spreads_before_any_load_report(router):
+    """Batch slots count the moment a request is placed: a burst does not all land on one worker while the
+    workers' page counts are still those of their last message."""
+    cluster, sent = router
+    _worker(cluster, "a", Role.BOTH)
+    _worker(cluster, "b", Role.BOTH)
+    for i in range(6):
+        cluster.submit(list(range(100 * i, 100 * i + 50)), SamplingParams())
+    assert sorted(w for w, _ in sent) == ["a"] * 3 + ["b"] * 3

@@ -159,10 +159,11 @@ class Worker:
     def free_pages(self) -> int:
         return self.load.free_pages - self.reserving_pages
 
-    def busyness(self) -> float:
-        """0 idle .. 1 full, by whichever runs out first: pages or batch slots."""
-        pages = 1 - self.free_pages() / max(self.info.num_pages, 1)
-        return max(pages, len(self.jobs) / self.info.max_num_seqs)
+    def pages_in_use(self) -> float:
+        """Pages it holds, or its share of batch slots taken in pages, whichever is more: the slots count at
+        once, while its page count only changes with its next message."""
+        slots = len(self.jobs) / self.info.max_num_seqs * self.info.num_pages
+        return max(self.info.num_pages - self.free_pages(), slots)
 
 
 @dataclass
@@ -321,10 +322,8 @@ class Cluster:
 
     def _cost(self, w: Worker, job: Job) -> float:
         """Pages of work: the prompt's pages it lacks, the pages it has in use, and its queued prompt tokens."""
-        ps = w.info.page_size
         uncached = len(job.prompt_token_ids) - self._cached_tokens(w, job)
-        used = w.info.num_pages - w.free_pages()
-        return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / ps + used
+        return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / w.info.page_size + w.pages_in_use()
 
     def _prefills_locally(self, d: Worker, job: Job, prefill: list[Worker]) -> bool:
         """Whether decode worker `d` should prefill the prompt itself: it holds all of it cached but a short
