@@ -196,7 +196,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from splitserve.engine.sampling import SamplingParams
+    from splitserve.engine.params import SamplingParams
     from splitserve.llm import LLM
 
     params = SamplingParams(

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from splitserve.decode.engine import Engine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
 

@@ -27,7 +27,7 @@ import enum
 
 import msgspec
 
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey, Ticket
 
 PROTOCOL_VERSION = 2

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from splitserve.decode.engine import Engine
-from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.params import SamplingParams
 
 
 def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:

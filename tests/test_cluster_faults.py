@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import zmq
 
-from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.params import SamplingParams
 from splitserve.launcher import ServeProcess, free_port
 from splitserve.protocol import PROTOCOL_VERSION, Abort, Heartbeat, Reserve, Reserved, decode_to_router, encode
 from tests.helpers import hf_greedy

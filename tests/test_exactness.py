@@ -11,7 +11,7 @@ import torch
 from splitserve.decode.engine import Engine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
-from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.params import SamplingParams
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 

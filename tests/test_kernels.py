@@ -137,7 +137,7 @@ def test_write_kv_matches_reference(dtype):
 def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monkeypatch):
     from splitserve.decode.engine import Engine
     from splitserve.engine.config import EngineConfig
-    from splitserve.engine.sampling import SamplingParams
+    from splitserve.engine.params import SamplingParams
     from tests.helpers import run_staggered
 
     rng = random.Random(3)

@@ -13,8 +13,8 @@ import torch
 from splitserve.decode.engine import Engine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, page_bytes
+from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
-from splitserve.engine.sampling import SamplingParams
 from splitserve.model.config import ModelConfig
 from splitserve.prefill.engine import PrefillEngine
 from tests.helpers import hf_greedy

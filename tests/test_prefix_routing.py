@@ -11,8 +11,8 @@ import time
 import msgspec
 import pytest
 
+from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
-from splitserve.engine.sampling import SamplingParams
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.launcher import ServeProcess
 from splitserve.protocol import Generate, KvStats, Load, Reserve, Role, WorkerInfo

@@ -4,13 +4,15 @@ wherever they fall across tokens."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
 
 import splitserve
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
+from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey, Ticket
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.protocol import (
@@ -122,3 +124,14 @@ def test_stop_strings(tokenizer, stop, expected):
     text, stopped = _stream(tokenizer, "The capital of France is Paris. It is lovely.", stop)
     assert text == expected
     assert stopped == (expected != "The capital of France is Paris. It is lovely.")
+
+
+def test_the_router_does_not_load_the_engine():
+    """The router builds, checks and relays requests; it never imports the model, sampler or schedulers
+    (`import splitserve` loads `LLM` only when it is used)."""
+    code = "import sys, splitserve.router.server; print(sorted(m for m in sys.modules if m.startswith('splitserve')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for engine_part in ("splitserve.llm", "splitserve.engine.runner", "splitserve.engine.request",
+                        "splitserve.engine.sampling", "splitserve.model.llama", "splitserve.decode",
+                        "splitserve.prefill", "splitserve.kernels"):  # fmt: skip
+        assert f"'{engine_part}" not in loaded, engine_part

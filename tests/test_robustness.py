@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from splitserve.decode.engine import Engine
 from splitserve.engine import sampling
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.request import check_params
-from splitserve.engine.sampling import SamplingParams, StructuredOutput
+from splitserve.engine.params import SamplingParams, StructuredOutput, check_params
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.launcher import ServeProcess

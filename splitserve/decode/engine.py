@@ -15,8 +15,9 @@ from splitserve.decode.scheduler import Scheduler
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
+from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.request import Request
-from splitserve.engine.sampling import Sampled, SamplingFailed, SamplingParams, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed
 from splitserve.errors import InvalidRequestError
 
 

@@ -10,10 +10,10 @@ import torch
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
 from splitserve.engine.pages import RequestPages
+from splitserve.engine.params import SamplingParams, check_params, check_prompt
 from splitserve.engine.prefix_cache import root_hash
-from splitserve.engine.request import Request, check_params, check_prompt
+from splitserve.engine.request import Request
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import CompatKey

@@ -8,26 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.sampling import Sampled, SamplingFailed, SamplingParams, TokenLogprob
+from splitserve.engine.params import SamplingParams, TokenLogprob
+from splitserve.engine.sampling import Sampled, SamplingFailed
 from splitserve.engine.structured import Grammar
 from splitserve.errors import InvalidRequestError
-
-
-def check_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise InvalidRequestError unless the prompt is non-empty, in the vocabulary, and leaves room in the
-    context for at least one generated token."""
-    n = len(prompt_token_ids)
-    if not n:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    if n >= max_model_len:
-        raise InvalidRequestError(
-            f"the prompt has {n} tokens; this model's context holds {max_model_len} "
-            "(prompt and at least one generated token)",
-            param="prompt",
-            code="context_length_exceeded",
-        )
-    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
 
 
 class RequestStatus(enum.Enum):
@@ -35,12 +19,6 @@ class RequestStatus(enum.Enum):
     RUNNING = "running"  # holds pages for its computed tokens
     RECEIVING = "receiving"  # holds pages that another worker fills with its prompt's KV
     FINISHED = "finished"
-
-
-def check_params(params: SamplingParams, vocab_size: int) -> None:
-    """Raise InvalidRequestError unless every token id the parameters name is in the vocabulary."""
-    if any(not 0 <= t < vocab_size for t in params.token_ids()):
-        raise InvalidRequestError(f"token ids in stop_token_ids and logit_bias must be in [0, {vocab_size})")
 
 
 @dataclass(eq=False)

@@ -15,7 +15,7 @@ import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.engine.sampling import StructuredOutput
+from splitserve.engine.params import StructuredOutput
 from splitserve.errors import InvalidRequestError
 
 # Compact JSON (no free whitespace): small models otherwise tend to loop on blank space.

@@ -12,11 +12,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from splitserve.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def convert_gguf(gguf: Path) -> Path:
     if (out / _COMPLETE_MARKER).exists():
         return out
 
+    import torch  # here only: the router resolves models too, and never loads torch otherwise
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

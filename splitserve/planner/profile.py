@@ -24,8 +24,8 @@ from tqdm import tqdm
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import page_bytes
+from splitserve.engine.params import SamplingParams
 from splitserve.engine.request import Chunk, Request
-from splitserve.engine.sampling import SamplingParams
 
 
 @dataclass

@@ -27,8 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.bench.metrics import SLO
-from splitserve.engine.request import check_params, check_prompt
-from splitserve.engine.sampling import INT64_MIN, SamplingParams, StructuredOutput, TokenLogprob
+from splitserve.engine.params import (
+    INT64_MIN,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+    check_params,
+    check_prompt,
+)
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat

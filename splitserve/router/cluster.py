@@ -28,8 +28,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
-from splitserve.engine.sampling import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.protocol import (
     Abort,

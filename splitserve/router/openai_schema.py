@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from splitserve.engine.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS
+from splitserve.engine.params import INT64_MAX, INT64_MIN, MAX_LOGPROBS
 
 MAX_CHOICES = 64  # prompts x n in one request: bounded, like every queue here
 
