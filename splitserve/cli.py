@@ -52,6 +52,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "builds, else none; none = weights as loaded (exactness tests) (default auto)",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step layer by layer in Python: no fused native decode step on the CPU (for comparison "
+        "and debugging; the tokens are the same)",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="compute every prompt in full; by default the KV pages of a prefix computed before (a system prompt, "
@@ -77,6 +83,7 @@ def _engine_config(args: argparse.Namespace) -> dict:
         "max_model_len": args.max_model_len,
         "quantization": args.quantization,
         "prefix_caching": not args.no_prefix_caching,
+        "enforce_eager": args.enforce_eager,
         "cache_ttl_s": args.cache_ttl,
     }
 
@@ -87,6 +94,8 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--cache-ttl", str(config.pop("cache_ttl_s"))]
     if not config.pop("prefix_caching"):
         argv.append("--no-prefix-caching")
+    if config.pop("enforce_eager"):
+        argv.append("--enforce-eager")
     for flag, value in [("--model", args.model), *(("--" + k.replace("_", "-"), v) for k, v in config.items())]:
         if value is not None:
             argv += [flag, str(value)]

@@ -66,6 +66,39 @@ def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
         assert out.token_ids == ids[len(prompt) :]
 
 
+class _Counting:
+    """Wraps a FusedDecoder, counting the steps it ran."""
+
+    def __init__(self, fused):
+        self.fused, self.calls = fused, 0
+
+    def takes(self, *args):
+        return self.fused.takes(*args)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fused(*args)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2"])
+def test_fused_decode_step_equals_layer_by_layer(model, request):
+    """The fused native decode step runs the same kernels in the same order as the layer-by-layer path
+    (`--enforce-eager`): the same tokens and the same logprobs, bit for bit (Qwen2 has q/k/v biases)."""
+    path = str(request.getfixturevalue(model))
+    eager = LLM(path, dtype="fp32", quantization="int8", page_size=4, enforce_eager=True)
+    fused = LLM(path, dtype="fp32", quantization="int8", page_size=4)
+    assert eager.engine.runner.model.fused_decode is None
+    counting = _Counting(fused.engine.runner.model.fused_decode)
+    fused.engine.runner.model.fused_decode = counting
+    prompts = [[11, 12, 13], list(range(30, 70)), [5] * 9, list(range(200, 217))]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
+    a = eager.generate(prompts, params, use_tqdm=False)
+    b = fused.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.logprobs for o in a] == [o.logprobs for o in b]
+    assert counting.calls >= 19  # every step after the prompts' was fused
+
+
 TEXT = (
     "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
     "million square kilometres, of which five and a half million are covered by the rainforest. The region "

@@ -26,6 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
     quantization: str = "auto"  # auto | none | int8 (weight-only, CPU); auto: int8 where the dtype is fp32 by auto
     prefix_caching: bool = True  # reuse the KV pages of a prompt's prefix computed before
+    enforce_eager: bool = False  # run every step layer by layer (no fused or captured decode steps)
     cache_ttl_s: float = 300.0  # how long a conversation's pages are kept after its turn (prompt_cache_key)
 
     def __post_init__(self) -> None:

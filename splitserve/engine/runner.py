@@ -29,7 +29,7 @@ class ModelRunner:
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         if config.resolved_quantization == "int8":
-            self.model.quantize_int8()
+            self.model.quantize_int8(fused=not config.enforce_eager)
         self.kv_cache = allocate_kv_cache(
             model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
         )

@@ -13,6 +13,8 @@
  * paged_decode_attention: one query token per sequence over its KV pages, read in place from the page-major
  * cache (no gather, no copy): each (sequence, KV head) scores its context for the query heads that share
  * that KV head, softmaxes in fp32 and sums the values.
+ *
+ * decode_layers: all decoder layers of a decode-only step of an int8 model, the kernels above in one call.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -130,10 +132,10 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {
 /* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every sequence s and query head h; K[s], V[s] are the
  * first context_lens[s] tokens of the pages page_table[s, :] of `layer` in the cache
  * [num_pages, num_layers, 2, page_size, kv_heads, head_dim]. Query head h reads KV head h / (heads / kv_heads). */
-void paged_decode_attention(const float* q, const float* cache, const int64_t* page_table,
-                            const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
-                            int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, int64_t max_pages,
-                            float scale, int nthreads) {
+static void attend(const float* q, int64_t q_stride, const float* cache, const int64_t* page_table,
+                   int64_t table_stride,
+                   const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
+                   int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, float scale, int nthreads) {
     const int64_t group = heads / kv_heads;
     const int64_t token_stride = kv_heads * dim;
     const int64_t half = page_size * token_stride;  /* K to V within a page's layer */
@@ -143,8 +145,8 @@ void paged_decode_attention(const float* q, const float* cache, const int64_t* p
     for (int64_t s = 0; s < nd; s++) {
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t n = context_lens[s];
-            const int64_t* pages = page_table + s * max_pages;
-            const float* qh = q + (s * heads + h * group) * dim;
+            const int64_t* pages = page_table + s * table_stride;
+            const float* qh = q + s * q_stride + h * group * dim;
             float* scores = malloc(sizeof(float) * (size_t)(group * n + group * dim));
             float* acc = scores + group * n;
             for (int64_t t = 0; t < n; t++) {
@@ -173,6 +175,14 @@ void paged_decode_attention(const float* q, const float* cache, const int64_t* p
             free(scores);
         }
     }
+}
+
+void paged_decode_attention(const float* q, const float* cache, const int64_t* page_table,
+                            const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
+                            int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, int64_t max_pages,
+                            float scale, int nthreads) {
+    attend(q, heads * dim, cache, page_table, max_pages, context_lens, out, nd, heads, kv_heads, dim, page_size,
+           num_layers, layer, scale, nthreads);
 }
 
 /* h = x + residual (residual may be NULL: h = x); out = weight * h / sqrt(mean(h^2) + eps), per row. */
@@ -234,4 +244,56 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t size) {
         }
         for (; i < size; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
+}
+
+/* One decoder layer's weights for decode_layers: int8 linear layers (weight [N, K], scale [N], bias [N] or
+ * NULL) and the two RMSNorm weights. Field order must match DecodeLayer in cpu_fused.py. */
+typedef struct {
+    const float* input_norm;
+    const int8_t* qkv_w; const float* qkv_scale; const float* qkv_bias;
+    const int8_t* o_w; const float* o_scale; const float* o_bias;
+    const float* post_norm;
+    const int8_t* gate_up_w; const float* gate_up_scale; const float* gate_up_bias;
+    const int8_t* down_w; const float* down_scale; const float* down_bias;
+} DecodeLayer;
+
+/* Every decoder layer of a decode-only step, in one call: nd rows, one new token each. `h` holds the token
+ * embeddings on entry and the last layer's output on return, `residual` the residual stream (both [nd, hidden]);
+ * the model's final norm adds them. Each token's K/V goes to (slot_pages[i], slot_offsets[i]) of the cache
+ * [num_pages, num_layers, 2, page_size, kv_heads, dim]; row i attends to the first context_lens[i] tokens of
+ * page_table[i * table_stride ...]. cos/sin: [nd, dim], each row's rotary angles. The same arithmetic as the
+ * layer-by-layer path through the kernels above, without a return to Python between the steps. */
+void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, float* residual,
+                   const float* cos, const float* sin, float* cache, const int64_t* slot_pages,
+                   const int64_t* slot_offsets, const int64_t* page_table, int64_t table_stride,
+                   const int64_t* context_lens, int64_t nd, int64_t hidden, int64_t heads, int64_t kv_heads,
+                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads) {
+    const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
+    const int64_t half = page_size * kv_size, page_stride = num_layers * 2 * half;
+    float* x = malloc(sizeof(float) * (size_t)(nd * (hidden + qkv_size + q_size + 3 * intermediate)));
+    float* qkv = x + nd * hidden;
+    float* attn = qkv + nd * qkv_size;
+    float* gate_up = attn + nd * q_size;
+    float* act = gate_up + nd * 2 * intermediate;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const DecodeLayer* w = layers + l;
+        /* layer 0 has no residual yet: its input is the embedding itself */
+        add_rms_norm(h, l ? residual : NULL, w->input_norm, x, residual, nd, hidden, eps);
+        q8_linear(x, w->qkv_w, w->qkv_scale, w->qkv_bias, qkv, nd, qkv_size, hidden, nthreads);
+        rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
+        for (int64_t i = 0; i < nd; i++) {
+            float* k = cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * kv_size;
+            const float* src = qkv + i * qkv_size + q_size;
+            for (int64_t j = 0; j < kv_size; j++) { k[j] = src[j]; k[half + j] = src[kv_size + j]; }
+        }
+        attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, heads, kv_heads, dim, page_size,
+               num_layers, l, scale, nthreads);
+        q8_linear(attn, w->o_w, w->o_scale, w->o_bias, h, nd, hidden, q_size, nthreads);
+        add_rms_norm(h, residual, w->post_norm, x, residual, nd, hidden, eps);
+        q8_linear(x, w->gate_up_w, w->gate_up_scale, w->gate_up_bias, gate_up, nd, 2 * intermediate, hidden,
+                  nthreads);
+        silu_mul(gate_up, act, nd, intermediate);
+        q8_linear(act, w->down_w, w->down_scale, w->down_bias, h, nd, hidden, intermediate, nthreads);
+    }
+    free(x);
 }

@@ -1,5 +1,5 @@
-"""Native CPU kernels (cpu_kernels.c): int8 weight-only linear layers (`cpu_int8` wraps them) and paged decode
-attention that reads the KV pages in place.
+"""Native CPU kernels (cpu_kernels.c): int8 weight-only linear layers (`cpu_int8` wraps them), paged decode
+attention that reads the KV pages in place, and a decode step's layers in one call (`cpu_fused` wraps it).
 
 The C file is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into the
 splitserve cache and loaded with ctypes. `library()` is None where that cannot work (no AVX2/FMA, no compiler);
@@ -63,7 +63,9 @@ def library() -> ctypes.CDLL | None:
     lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    for f in (lib.add_rms_norm, lib.rope, lib.silu_mul):
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     return lib
 

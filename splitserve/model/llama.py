@@ -115,6 +115,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.fused_decode = None  # a FusedDecoder once quantize_int8(fused=True) built one
 
     @classmethod
     def load(
@@ -169,16 +170,21 @@ class CausalLM(nn.Module):
         """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot."""
         cos, sin = self.cos[positions], self.sin[positions]
         h, residual = self.model.embed_tokens(input_ids), None
-        for layer in self.model.layers:
-            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        if self.fused_decode is not None and self.fused_decode.takes(h, kv_cache, meta):
+            h, residual = self.fused_decode(h, cos, sin, kv_cache, meta)
+        else:
+            for layer in self.model.layers:
+                h, residual = layer(h, residual, cos, sin, kv_cache, meta)
         return self.model.norm(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def quantize_int8(self) -> None:
+    def quantize_int8(self, fused: bool = True) -> None:
         """Every linear layer (and the LM head) to int8 weights, for the CPU's decode steps; the embedding
-        table stays as it is (a step reads only its tokens' rows)."""
+        table stays as it is (a step reads only its tokens' rows). `fused`: decode-only steps run all layers
+        in one native call (kernels/cpu_fused.py)."""
+        from splitserve.kernels.cpu_fused import FusedDecoder
         from splitserve.kernels.cpu_int8 import QuantizedLinear
 
         for module in [*self.model.layers, self]:
@@ -186,3 +192,5 @@ class CausalLM(nn.Module):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
                     setattr(parent, name.rpartition(".")[2], QuantizedLinear(child))
+        if fused:
+            self.fused_decode = FusedDecoder(self)
