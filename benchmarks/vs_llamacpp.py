@@ -67,10 +67,13 @@ def llama_server(binary: str, gguf: Path, slots: int, context: int):
 
 
 def measure(target: Target, requests) -> dict[str, dict[str, float]]:
+    """Every request is sent once (prompts differ): prefix caches, both servers have one, never hit."""
     asyncio.run(run(target, requests[:2], concurrency=2, progress=False))  # warm-up
     out = {}
+    start = 2
     for name, (concurrency, n) in SCENARIOS.items():
-        batch = requests[:n]
+        batch = requests[start : start + n]
+        start += n
         for r in batch:
             r.arrival_s = 0.0
         records, duration = asyncio.run(run(target, batch, concurrency=concurrency, progress=False))
@@ -117,7 +120,8 @@ def main() -> None:
     gguf = default_model_path()
     tokenizer = tokenizer_for(None)
     fixed = workloads.LengthDist(f"fixed:{args.input_len}"), workloads.LengthDist(f"fixed:{args.output_len}")
-    requests = workloads.synthetic(tokenizer, max(n for _, n in SCENARIOS.values()), *fixed, random.Random(args.seed))
+    total = 2 + sum(n for _, n in SCENARIOS.values())
+    requests = workloads.synthetic(tokenizer, total, *fixed, random.Random(args.seed))
     print(f"{gguf.name}; prompts {args.input_len} tokens, {args.output_len} output tokens; {os.cpu_count()} cores")
 
     results: dict[str, dict] = {}

@@ -59,7 +59,9 @@ async def run(target: Target, requests: list[BenchRequest], concurrency: int | N
     total = sum(1 + len(r.follow_ups) for r in requests)
     limit = asyncio.Semaphore(concurrency or total)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # A connection per request: servers close kept-alive connections on their own terms (llama-server after
+    # its fifth request), and a request sent into one that is closing fails without reaching the server.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     records: list[Record] = []
     async with httpx.AsyncClient(base_url=target.url, timeout=None, limits=limits, headers=headers) as client:
         with tqdm(total=total, desc="requests", unit="req", disable=not progress) as bar:
