@@ -36,6 +36,8 @@ import statistics
 import time
 from pathlib import Path
 
+import httpx
+
 from splitserve.bench import metrics, workloads
 from splitserve.bench.cli import tokenizer_for
 from splitserve.bench.client import Target, run
@@ -59,8 +61,6 @@ def _counter(text: str, name: str) -> float:
 async def _with_probes(target: Target, sessions, messages: list[list[dict]], every_s: float, progress: bool):
     """Run the sessions; meanwhile send probe requests one at a time, `every_s` apart, until they end.
     Returns (records, duration, probe TTFTs)."""
-    import httpx
-
     probe_ttfts: list[float] = []
     done = asyncio.Event()
 

@@ -194,8 +194,10 @@ class PageAllocator:
 
     def _release_retained(self, key: str) -> None:
         pages, _ = self._retained.pop(key)
-        self._retain_counts.subtract(pages)
-        self._retain_counts = +self._retain_counts  # drop zero counts
+        for p in pages:
+            self._retain_counts[p] -= 1
+            if not self._retain_counts[p]:
+                del self._retain_counts[p]
         self.free(pages, stale=True)
 
 

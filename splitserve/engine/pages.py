@@ -69,14 +69,15 @@ class RequestPages:
         pages retained for the conversation's next turn."""
         if request.cache_key is not None and request.finish_reason in ("stop", "length", None):
             self.allocator.retain(request.cache_key, request.pages[: request.num_registered_pages], self.cache_ttl_s)
-        self.allocator.free(request.pages)
-        request.pages = []
-        request.num_registered_pages = 0
+        self._free(request)
 
     def preempted(self, request: Request) -> None:
         """Give a preempted request's pages back; it will be recomputed from its tokens (and hit its own
         cached pages then, if they survive)."""
+        self._free(request)
+        request.num_computed_tokens = 0
+
+    def _free(self, request: Request) -> None:
         self.allocator.free(request.pages)
         request.pages = []
         request.num_registered_pages = 0
-        request.num_computed_tokens = 0
