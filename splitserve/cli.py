@@ -121,7 +121,28 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
     p.add_argument(
         "--slo",
         default=None,
-        help="e.g. ttft=0.5,tpot=0.05 (seconds): /health and /metrics show the last minute's attainment and misses",
+        help="e.g. ttft=0.5,tpot=0.05 (seconds; or 50ms): the router meets it by itself: decode workers prefill "
+        "short prompts, and prompts the prefill pool could not start in time, themselves (conditional "
+        "disaggregation), and workers move between the pools when one is the bottleneck (see --fixed-roles); "
+        "/health and /metrics show the last minute's attainment and misses",
+    )
+    p.add_argument(
+        "--fixed-roles",
+        action="store_true",
+        help="with --slo: never move workers between the prefill and decode pools (a fixed split)",
+    )
+    p.add_argument(
+        "--role-window",
+        type=float,
+        default=10.0,
+        help="with --slo: seconds of finished requests the role policy judges at a time (default 10); a switch "
+        "needs two windows in a row that agree",
+    )
+    p.add_argument(
+        "--role-dwell",
+        type=float,
+        default=30.0,
+        help="with --slo: at least this many seconds between two role switches (default 30)",
     )
     p.add_argument("--max-queue", type=int, default=512, help="requests waiting for room before 429s (default 512)")
     p.add_argument(
@@ -133,10 +154,12 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
     p.add_argument(
         "--local-prefill-tokens",
         type=int,
-        default=256,
-        help="a decode worker that holds all of a prompt in its prefix cache but at most this many tokens prefills "
-        "them itself instead of the prefill pool (a conversation's next turn), when that is less work; 0 never "
-        "(default 256)",
+        default=None,
+        help="a decode worker prefills a prompt itself instead of the prefill pool when it lacks at most this many "
+        "of its tokens and that is no more work: without --slo only a prompt it holds partly cached (a "
+        "conversation's next turn; default 256), with --slo any prompt (default: the prompt tokens a worker "
+        "computes in one TPOT budget, as measured); 0: none by length (decode workers still prefill for "
+        "themselves when no prefill worker is left, and with --slo when the prefill pool's queue is too long)",
     )
     p.add_argument(
         "--heartbeat-timeout",
@@ -147,6 +170,8 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
 
 
 def _router_options(args: argparse.Namespace, worker_address: str):
+    from splitserve.bench.metrics import SLO
+    from splitserve.router.policy import PolicyOptions
     from splitserve.router.server import ServerOptions
 
     server = ServerOptions(
@@ -157,6 +182,9 @@ def _router_options(args: argparse.Namespace, worker_address: str):
         "queue_timeout_s": args.queue_timeout,
         "heartbeat_timeout_s": args.heartbeat_timeout,
         "local_prefill_tokens": args.local_prefill_tokens,
+        "slo": SLO.parse(args.slo) or None,
+        "role_switching": not args.fixed_roles,
+        "policy": PolicyOptions(window_s=args.role_window, dwell_s=args.role_dwell),
     }
     return server, cluster
 

@@ -9,6 +9,8 @@ A request's life (DESIGN.md), by message:
   decode -> router   `Tokens`       every token of every request, batched per decode step (the first one
                                     as soon as the pages landed)
   router -> any      `Abort`        free what the worker holds for the job
+  router -> worker   `SwitchRole`   once it holds no work: move to the other pool, keeping its weights and KV
+                                    cache; its next heartbeats carry the new role
 Colocated workers (role `both`) get `Generate` instead and answer with `Tokens`; so does a decode worker
 that holds most of a prompt in its prefix cache (it prefills the rest itself).
 
@@ -30,7 +32,7 @@ import msgspec
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.kv_transfer.messages import CompatKey, Ticket
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a ZMQ frame larger than this is dropped unread
 
 
@@ -58,6 +60,7 @@ class Load(msgspec.Struct, frozen=True):
     num_running: int  # decoding (decode, both) or being prefilled (prefill)
     num_waiting: int  # queued, or waiting for their pages to arrive
     pending_prefill_tokens: int  # prompt tokens queued or in progress
+    prefill_tokens_per_s: float = 0.0  # its measured prompt throughput (0: not measured yet)
 
 
 class CacheStats(msgspec.Struct, frozen=True):
@@ -185,6 +188,14 @@ class Abort(msgspec.Struct, tag=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
+class SwitchRole(msgspec.Struct, tag=True, frozen=True):
+    """Serve as `role` (prefill or decode) from now on; the router sends no work until the switch shows."""
+
+    role: Role
+    reason: str
+    version: int = PROTOCOL_VERSION
+
+
 class Refused(msgspec.Struct, tag=True, frozen=True):
     """The router will not take this worker (another model, an incompatible KV layout)."""
 
@@ -193,7 +204,7 @@ class Refused(msgspec.Struct, tag=True, frozen=True):
 
 
 ToRouter = Heartbeat | Goodbye | Reserved | PrefillDone | Tokens | JobFailed | CacheEvents
-ToWorker = Reserve | Prefill | Generate | Abort | Refused
+ToWorker = Reserve | Prefill | Generate | Abort | SwitchRole | Refused
 
 _encoder = msgspec.msgpack.Encoder()
 _to_router = msgspec.msgpack.Decoder(ToRouter)

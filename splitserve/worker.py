@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import zmq
 
@@ -32,6 +33,7 @@ from splitserve.protocol import (
     ProtocolError,
     Refused,
     Role,
+    SwitchRole,
     ToRouter,
     WorkerInfo,
     decode_to_worker,
@@ -61,7 +63,7 @@ def run_worker(options: WorkerOptions) -> None:
         torch.set_num_threads(options.threads)
     outbox: list[ToRouter] = []  # what the role has to say; the loop sends it after each turn
     started = time.monotonic()
-    role = _build(options, outbox.append)
+    role = _build(options, options.role, outbox.append)
     info = WorkerInfo(
         worker_id=f"{options.role.value}-{uuid.uuid4().hex[:8]}",
         role=options.role,
@@ -81,31 +83,29 @@ def run_worker(options: WorkerOptions) -> None:
     _Loop(options, info, role, outbox).run()
 
 
-def _build(options: WorkerOptions, send: Callable[[ToRouter], None]):
-    """The role's engine and its protocol handler."""
-    if options.role is Role.BOTH:
-        from splitserve.decode.engine import Engine
-        from splitserve.decode.worker import DecodeWorker
-
-        return DecodeWorker(Engine(options.engine), None, send, options.kv_timeout_s)
-
-    from splitserve.kv_transfer.agent import TransferAgent, TransferContext
-
-    context = TransferContext(progress_thread=True)
-    if options.role is Role.PREFILL:
-        from splitserve.prefill.engine import PrefillEngine
-        from splitserve.prefill.worker import PrefillWorker
-
-        # The KV cache lives in UCX memory: a decode worker on this host maps it and copies pages out in one pass.
-        engine = PrefillEngine(options.engine, context.memory.zeros)
-        agent = TransferAgent(engine.runner.kv_cache, engine.compat_key, context=context)
-        return PrefillWorker(engine, agent, send, options.kv_timeout_s)
+def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None], previous=None):
+    """The role's engine and its protocol handler. `previous`: the idle handler of the role this worker is
+    leaving; the new one keeps its weights, its KV cache (with its cached pages) and its transfer agent."""
     from splitserve.decode.engine import Engine
     from splitserve.decode.worker import DecodeWorker
 
-    engine = Engine(options.engine)
+    if role is Role.BOTH:
+        return DecodeWorker(Engine(options.engine), None, send, options.kv_timeout_s)
+
+    from splitserve.kv_transfer.agent import TransferAgent, TransferContext
+    from splitserve.prefill.engine import PrefillEngine
+    from splitserve.prefill.worker import PrefillWorker
+
+    kind, handler = (PrefillEngine, PrefillWorker) if role is Role.PREFILL else (Engine, DecodeWorker)
+    if previous is not None:
+        engine = kind(options.engine, take_over=previous.engine)
+        return handler(engine, previous.agent, send, options.kv_timeout_s)
+    # The KV cache lives in UCX memory: a decode worker on this host maps a prefill worker's and copies pages
+    # out in one pass (and a worker that switches roles keeps it, so peers' mappings stay valid).
+    context = TransferContext(progress_thread=True)
+    engine = kind(options.engine, context.memory.zeros)
     agent = TransferAgent(engine.runner.kv_cache, engine.compat_key, context=context)
-    return DecodeWorker(engine, agent, send, options.kv_timeout_s)
+    return handler(engine, agent, send, options.kv_timeout_s)
 
 
 class _Loop:
@@ -128,6 +128,7 @@ class _Loop:
         self.cache = CacheStats()
         self.loop_time = time.monotonic()
         self.malformed_messages = 0
+        self.switch: SwitchRole | None = None  # asked for; done once the role has no work left
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,6 +144,8 @@ class _Loop:
                 if poller.poll(timeout_ms):
                     self._receive()
                 self.role.step()
+                if self.switch is not None and self.role.idle():
+                    self._switch_role(self.switch)
                 self._tell_cache()
                 self._flush()
                 self.load = self.role.load()
@@ -160,6 +163,19 @@ class _Loop:
             self.context.term()
         if self.refused is not None:
             raise WorkerRefused(f"the router refused this worker: {self.refused}")
+
+    def _switch_role(self, switch: SwitchRole) -> None:
+        """Become a worker of the other pool in place: same weights, KV cache, agent and identity."""
+        self.switch = None
+        if switch.role is self.info.role or Role.BOTH in (switch.role, self.info.role):
+            log.warning("asked to switch from %s to %s: ignored", self.info.role.value, switch.role.value)
+            return
+        started = time.monotonic()
+        self.role = _build(self.options, switch.role, self.outbox.append, previous=self.role)
+        self.info = msgspec.structs.replace(self.info, role=switch.role)  # the next heartbeat announces it
+        self.load = self.role.load()
+        print(f"splitserve {self.info.worker_id}: now a {switch.role.value} worker ({switch.reason}), switched in "
+              f"{(time.monotonic() - started) * 1000:.0f} ms", flush=True)  # fmt: skip
 
     def _tell_cache(self) -> None:
         """What the prefix cache gained and lost goes to the router (it routes by it); counters to heartbeats."""
@@ -198,6 +214,9 @@ class _Loop:
                 self.refused = message.reason
                 self.stopping.set()
                 return
+            if isinstance(message, SwitchRole):
+                self.switch = message
+                continue
             self.role.on_message(message)
 
     def _heartbeats(self) -> None:

@@ -237,9 +237,15 @@ def test_workers_join_and_leave_a_running_router(tiny_chat_llama):
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
         workers[0].send_signal(signal.SIGTERM)  # the prefill worker leaves
         workers[0].wait(20)
-        wait_for(["decode"])
+        wait_for(["decode"])  # the decode worker alone prefills for itself
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert httpx.get(f"{url}/health", timeout=5).json()["routing"]["local_prefills"] == 1
+        workers[1].send_signal(signal.SIGTERM)
+        workers[1].wait(20)
+        start("prefill")  # a prefill worker alone cannot serve
+        wait_for(["prefill"])
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 503
-        start("prefill")  # another joins
+        start("decode")  # another joins
         wait_for(["decode", "prefill"])
         r = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}, timeout=30)
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 4

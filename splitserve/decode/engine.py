@@ -37,8 +37,10 @@ class NoCapacityError(RuntimeError):
 
 
 class Engine(EngineCore):
-    def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
-        super().__init__(config, kv_allocator)
+    def __init__(
+        self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
+    ):
+        super().__init__(config, kv_allocator, take_over)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self._requests: dict[str, Request] = {}
 
@@ -84,7 +86,7 @@ class Engine(EngineCore):
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        sampled = self.runner.execute(chunks)
+        sampled = self.execute(chunks)
         self.scheduler.update(chunks, sampled)
         return [self._update(request, outcome) for request, outcome in sampled]
 

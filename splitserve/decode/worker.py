@@ -59,7 +59,12 @@ class DecodeWorker:
     def load(self) -> Load:
         s = self.engine.scheduler
         pending = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
-        return Load(self.allocator.num_available, len(s.running), len(s.waiting) + len(s.receiving), pending)
+        return Load(self.allocator.num_available, len(s.running), len(s.waiting) + len(s.receiving), pending,
+                    self.engine.prefill_tokens_per_s)  # fmt: skip
+
+    def idle(self) -> bool:
+        """Nothing running, queued or being received: the worker may switch roles."""
+        return not self.engine.has_unfinished() and not self._receiving and not self.engine.scheduler.receiving
 
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Reserve) and self.agent is not None:

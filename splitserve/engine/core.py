@@ -4,6 +4,8 @@ against the model's limits (with its structured-output grammar, compiled on firs
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import torch
 
@@ -12,8 +14,9 @@ from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.params import SamplingParams, check_params, check_prompt
 from splitserve.engine.prefix_cache import root_hash
-from splitserve.engine.request import Request
+from splitserve.engine.request import Chunk, Request
 from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampling import Sampled, SamplingFailed
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import CompatKey
@@ -21,11 +24,25 @@ from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
 from splitserve.model.tokenizer import load_tokenizer
 
+_MIN_MEASURED_PROMPT_TOKENS = 32  # passes with fewer prompt tokens say more about decode rows and overhead
+
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
-        """`kv_allocator`: where the KV cache tensor's memory comes from (default: torch)."""
+    def __init__(
+        self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
+    ):
+        """`kv_allocator`: where the KV cache tensor's memory comes from (default: torch). `take_over`: an idle
+        engine of the other pool whose weights, KV cache and cached pages this one takes (a worker switching
+        roles in place); it must not be used afterwards."""
         self.config = config
+        if take_over is not None:
+            if take_over.allocator.num_available != take_over.allocator.capacity:
+                raise RuntimeError("an engine can take over only an idle engine's pages")
+            self.model_path, self.model_config = take_over.model_path, take_over.model_config
+            self.runner, self.allocator, self.pages = take_over.runner, take_over.allocator, take_over.pages
+            self.max_model_len, self._grammars = take_over.max_model_len, take_over._grammars
+            self.prefill_tokens_per_s = take_over.prefill_tokens_per_s
+            return
         self.model_path = resolve_model(config.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.runner = ModelRunner(self.model_config, self.model_path, config, kv_allocator)
@@ -34,6 +51,18 @@ class EngineCore:
         root = root_hash(msgspec.msgpack.encode(self.compat_key))
         self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s)
         self._grammars: GrammarCompiler | None = None
+        self.prefill_tokens_per_s = 0.0  # measured prompt throughput (moving average); 0 until measured
+
+    def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
+        """One forward pass (the runner's), measuring prompt throughput on passes that are mostly prompt."""
+        start = time.perf_counter()
+        sampled = self.runner.execute(chunks)
+        prompt_tokens = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if prompt_tokens >= _MIN_MEASURED_PROMPT_TOKENS:
+            rate = prompt_tokens / max(time.perf_counter() - start, 1e-6)
+            old = self.prefill_tokens_per_s
+            self.prefill_tokens_per_s = rate if old == 0 else 0.8 * old + 0.2 * rate
+        return sampled
 
     @property
     def compat_key(self) -> CompatKey:

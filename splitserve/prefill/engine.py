@@ -32,8 +32,10 @@ class Prefilled:
 
 
 class PrefillEngine(EngineCore):
-    def __init__(self, config: EngineConfig, kv_allocator: TensorAllocator | None = None):
-        super().__init__(config, kv_allocator)
+    def __init__(
+        self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
+    ):
+        super().__init__(config, kv_allocator, take_over)
         self.scheduler = PrefillScheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self._ids: set[str] = set()
 
@@ -61,7 +63,7 @@ class PrefillEngine(EngineCore):
         if not chunks:
             return []
         done = []
-        for request, outcome in self.scheduler.update(chunks, self.runner.execute(chunks)):
+        for request, outcome in self.scheduler.update(chunks, self.execute(chunks)):
             if isinstance(outcome, SamplingFailed):
                 self._ids.discard(request.request_id)
                 done.append(Prefilled(request, -1, None, outcome.message))

@@ -40,7 +40,12 @@ class PrefillWorker:
 
     def load(self) -> Load:
         s = self.engine.scheduler
-        return Load(self.allocator.num_available, len(s.running), len(s.waiting), s.pending_tokens)
+        return Load(self.allocator.num_available, len(s.running), len(s.waiting), s.pending_tokens,
+                    self.engine.prefill_tokens_per_s)  # fmt: skip
+
+    def idle(self) -> bool:
+        """Nothing queued, computed or travelling: the worker may switch roles."""
+        return not self.engine.has_work() and not self._tickets and not self._transfers
 
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Prefill):

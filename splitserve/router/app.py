@@ -38,9 +38,10 @@ from splitserve.engine.params import (
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
+from splitserve.protocol import Role
 from splitserve.router.cluster import Cluster, ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat, RoleChange
 from splitserve.router.output import TextStream
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,17 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
         card = {"id": state.served_model, "object": "model", "created": 0, "owned_by": "splitserve",
                 "max_model_len": state.cluster.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    @app.post("/admin/workers/{worker_id}/role", dependencies=[Depends(authorized)])
+    async def switch_role(worker_id: str, body: RoleChange):
+        """Move a worker to the other pool: it finishes its work, then switches in place (weights kept)."""
+        try:
+            state.cluster.switch_role(worker_id, Role(body.role), "asked by an operator")
+        except KeyError:
+            raise APIError(404, f"no worker {worker_id!r}", "not_found_error", param="worker_id") from None
+        except ValueError as e:
+            raise APIError(409, f"worker {worker_id} cannot switch to {body.role}: {e}", param="role") from None
+        return {"worker": worker_id, "switching_to": body.role}
 
     @app.get("/health")
     async def health():

@@ -8,6 +8,11 @@ Placement is KV-aware: the `PrefixIndex` says how much of a prompt each worker h
 cost is the prompt pages it would have to compute plus the pages and prompt tokens it already has in work.
 A decode worker that holds all but a short suffix of a prompt (a conversation's next turn: its previous
 prompt and answer are there) prefills that suffix itself, when that is less work than the prefill pool's.
+With an SLO the router also meets it by itself (policies in `policy.py`): short prompts, and prompts the
+prefill pool could not start in time, are prefilled by their decode worker (conditional disaggregation);
+and when a window's misses say one pool is the bottleneck while the other idles, a worker of the idle pool
+is drained (no new work) and switched in place to the other role (`SwitchRole`; its heartbeats then show
+the new role). Decode workers prefill for themselves whenever no prefill worker is left.
 A request that fails before its first token is retried from the start (new job id) on the workers left;
 one that fails later ends with an error event. Everything runs on the router's asyncio loop.
 """
@@ -16,18 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import itertools
 import logging
+import math
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from splitserve.bench.metrics import SLO
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
 from splitserve.kv_transfer.messages import CompatKey
@@ -48,11 +56,21 @@ from splitserve.protocol import (
     Reserve,
     Reserved,
     Role,
+    SwitchRole,
     Tokens,
     ToWorker,
     WorkerInfo,
     decode_to_router,
     encode,
+)
+from splitserve.router.policy import (
+    Decision,
+    LocalPrefill,
+    PolicyOptions,
+    RolePolicy,
+    Window,
+    local_prefill_threshold,
+    prefills_locally,
 )
 from splitserve.router.prefix_index import PrefixIndex
 
@@ -68,9 +86,14 @@ class RouterOptions:
     stuck_timeout_s: float = 120.0  # a worker whose loop has not turned this long is taken for stuck
     max_queue: int = 512  # requests waiting for room; more are refused with 429
     queue_timeout_s: float = 60.0  # a request waiting this long for room fails with 503
-    # A decode worker prefills a prompt itself when it holds all of it cached but at most this many tokens
-    # (and that is less than the prefill pool would compute): 0 never.
-    local_prefill_tokens: int = 256
+    # A decode worker prefills a prompt itself when it lacks at most this many of its tokens (and that is no
+    # more than the prefill pool would compute): without an SLO only for prompts it holds partly cached (a
+    # conversation's next turn), default 256; with one for any prompt, default: learned (see policy.py).
+    local_prefill_tokens: int | None = None
+    slo: SLO | None = None  # the router meets it: conditional disaggregation, and role switching
+    role_switching: bool = True  # with an SLO: move workers between the pools (False: a fixed split)
+    policy: PolicyOptions = field(default_factory=PolicyOptions)
+    switch_timeout_s: float = 300.0  # a worker not switched this long after the decision goes back to its pool
 
 
 class Overloaded(Exception):
@@ -121,6 +144,7 @@ class Job:
     num_tokens: int = 0
     first_token_at: float | None = None
     cache_key: str | None = None  # the conversation it belongs to
+    pool_prefill: bool = False  # its prompt went to the prefill pool (not prefilled by its decode worker)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     _hashes: dict[int, list[int]] = field(default_factory=dict)  # its prompt's reusable page hashes, by root
 
@@ -147,6 +171,11 @@ class Worker:
     refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
     cache: CacheStats = field(default_factory=CacheStats)
     root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
+    role_reason: str = "started with it"  # why it has its role
+    switch: Decision | None = None  # it is being drained to switch roles
+    switch_started: float = 0.0
+    switch_sent: bool = False  # SwitchRole sent (once it held no work)
+    busy_ticks: int = 0  # watch-loop ticks of the current window in which it had work
 
     @property
     def worker_id(self) -> str:
@@ -174,7 +203,8 @@ class ClusterStats:
     worker_restarts: dict[str, int] = field(default_factory=dict)  # by role: dead workers `serve` started again
     prefix_routed: int = 0  # requests placed on a worker holding part of their prompt (by the index)
     prefix_routed_tokens: int = 0  # prompt tokens those workers held
-    local_prefills: int = 0  # prompts a decode worker prefilled itself (the rest was in its cache)
+    local_prefills: int = 0  # prompts a decode worker prefilled itself (conditional disaggregation)
+    role_switches: Counter = field(default_factory=Counter)  # by (old role, new role)
 
 
 class Cluster:
@@ -194,6 +224,10 @@ class Cluster:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
         self._tasks: list[asyncio.Task] = []
+        self.policy = RolePolicy(options.policy) if options.slo and options.role_switching else None
+        self._window = _WindowCounts(time.monotonic())
+        self.last_window: Window | None = None
+        self.last_verdict = ""
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -224,8 +258,7 @@ class Cluster:
         return min(lens) if lens else None
 
     def can_serve(self) -> bool:
-        roles = {w.role for w in self.workers.values()}
-        return Role.BOTH in roles or {Role.PREFILL, Role.DECODE} <= roles
+        return any(w.role is not Role.PREFILL for w in self.workers.values())
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> Job:
         """Queue a request; its events (tokens, or an error) arrive on `job.events`. Requests of one
@@ -250,6 +283,7 @@ class Cluster:
             return
         if job in self.queue:
             self.queue.remove(job)
+        self._observe(job, time.monotonic())
         self._release(job)
         job.state = JobState.DONE
 
@@ -281,15 +315,16 @@ class Cluster:
 
     def _place(self, job: Job) -> bool:
         prefill = self._pool(Role.PREFILL)
-        decode = [
-            w
-            for w in self._pool(Role.DECODE)
-            if not w.refused_reserve
-            and w.free_pages() >= job.pages_needed
-            and len(w.jobs) < w.info.max_num_seqs
-            and len(job.prompt_token_ids) < w.info.max_model_len
-        ]
-        if prefill and self._pool(Role.DECODE):
+        decode_pool = self._pool(Role.DECODE)
+        if decode_pool:
+            decode = [
+                w
+                for w in decode_pool
+                if not w.refused_reserve
+                and w.free_pages() >= job.pages_needed
+                and len(w.jobs) < w.info.max_num_seqs
+                and len(job.prompt_token_ids) < w.info.max_model_len
+            ]
             if not decode:
                 return False
             d = min(decode, key=lambda w: self._cost(w, job))
@@ -326,14 +361,27 @@ class Cluster:
         return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / w.info.page_size + w.pages_in_use()
 
     def _prefills_locally(self, d: Worker, job: Job, prefill: list[Worker]) -> bool:
-        """Whether decode worker `d` should prefill the prompt itself: it holds all of it cached but a short
-        suffix, and that suffix is less than the least busy prefill worker would have to compute."""
+        """Whether decode worker `d` should prefill the prompt itself (`policy.prefills_locally`): always when
+        no prefill worker is left; without an SLO only a prompt it holds partly cached."""
         cached = self._cached_tokens(d, job)
-        suffix = len(job.prompt_token_ids) - cached
-        if not cached or suffix > self.options.local_prefill_tokens:
+        if self.options.slo is None and not cached and prefill:
             return False
-        p_work = min(len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill)
-        return suffix + d.load.pending_prefill_tokens < p_work
+        pool = min((len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill),
+                   default=math.inf)  # fmt: skip
+        suffix = len(job.prompt_token_ids) - cached
+        rule = self.local_prefill_rule()
+        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.prefill_tokens_per_s(), rule)
+
+    def prefill_tokens_per_s(self) -> float:
+        """The workers' measured prompt throughput (their mean; 0 before any measured one)."""
+        rates = [w.load.prefill_tokens_per_s for w in self.workers.values() if w.load.prefill_tokens_per_s > 0]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def local_prefill_rule(self) -> LocalPrefill:
+        slo, configured = self.options.slo, self.options.local_prefill_tokens
+        if slo is None:
+            return LocalPrefill(256 if configured is None else configured)
+        return LocalPrefill(local_prefill_threshold(self.prefill_tokens_per_s(), slo.tpot, configured), slo.ttft)
 
     def _note_routing(self, w: Worker, job: Job) -> None:
         """Count a placement on the worker that will compute the prompt, when it holds part of it."""
@@ -343,7 +391,94 @@ class Cluster:
             self.stats.prefix_routed_tokens += cached
 
     def _pool(self, role: Role) -> list[Worker]:
-        return [w for w in self.workers.values() if w.role is role]
+        """The workers taking new work of this role (not those draining to switch roles)."""
+        return [w for w in self.workers.values() if w.role is role and w.switch is None]
+
+    # --- the SLO loop: windows of finished requests, and role switches ---------------------------------
+
+    def _observe(self, job: Job, now: float) -> None:
+        """Judge a request that produced tokens against the SLO, in the current window."""
+        if self.options.slo is None or job.first_token_at is None:
+            return
+        ttft = job.first_token_at - job.created
+        tpot = (now - job.first_token_at) / (job.num_tokens - 1) if job.num_tokens > 1 else None
+        missed = self.options.slo.missed(ttft, tpot, now - job.created)
+        w = self._window
+        w.requests += 1
+        w.ttft_misses += "ttft" in missed
+        w.tpot_misses += "tpot" in missed
+        w.pool_prefills += job.pool_prefill
+
+    def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
+        """Move a worker to the other pool (an operator's request): KeyError for an unknown worker,
+        ValueError when it cannot move (the last decode worker: nothing could serve)."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            raise KeyError(worker_id)
+        if Role.BOTH in (role, w.role):
+            raise ValueError("only prefill and decode workers switch roles, between those two")
+        if w.role is role or w.switch is not None:
+            raise ValueError(f"it is a {w.role.value} worker" + (" switching already" if w.switch else " already"))
+        if w.role is Role.DECODE and len(self._pool(Role.DECODE)) == 1:
+            raise ValueError("it is the last decode worker: nothing could serve requests without it")
+        self._drain(w, Decision(w.role, role, reason), time.monotonic())
+
+    def _balance(self, now: float) -> None:
+        """Each watch tick: count who is busy; at each window's end ask the policy; move switches along."""
+        if self.policy is not None:
+            self._window.ticks += 1
+            for w in self.workers.values():
+                w.busy_ticks += bool(w.jobs)
+            if now - self._window.start >= self.options.policy.window_s:
+                window = self._close_window(now)
+                decision = self.policy.decide(window, now)
+                self.last_window, self.last_verdict = window, self.policy.last_reason
+                candidates = self._pool(decision.source) if decision is not None else []
+                if candidates:  # the least busy worker of the source pool
+                    self._drain(min(candidates, key=lambda w: len(w.jobs)), decision, now)
+        for w in list(self.workers.values()):
+            if w.switch is not None:
+                self._advance_switch(w, now)
+
+    def _drain(self, w: Worker, decision: Decision, now: float) -> None:
+        """Stop giving `w` new work; it gets `SwitchRole` once it holds none."""
+        w.switch, w.switch_started, w.switch_sent = decision, now, False
+        log.warning("moving worker %s from the %s pool to the %s pool: %s", w.worker_id, decision.source.value,
+                    decision.target.value, decision.reason)  # fmt: skip
+        self._advance_switch(w, now)
+
+    def _advance_switch(self, w: Worker, now: float) -> None:
+        if not w.switch_sent and not w.jobs:
+            w.switch_sent = True
+            self._send(w, SwitchRole(w.switch.target, w.switch.reason))
+        elif now - w.switch_started > self.options.switch_timeout_s:
+            log.warning("worker %s did not switch to %s within %.0fs: back to its pool", w.worker_id,
+                        w.switch.target.value, self.options.switch_timeout_s)  # fmt: skip
+            w.switch, w.switch_sent = None, False
+
+    def _close_window(self, now: float) -> Window:
+        counts, self._window = self._window, _WindowCounts(now)
+        ticks = max(counts.ticks, 1)
+
+        def busy(role: Role) -> float:
+            pool = self._pool(role)
+            return sum(w.busy_ticks for w in pool) / len(pool) / ticks if pool else 0.0
+
+        window = Window(counts.requests, counts.ttft_misses, counts.tpot_misses, counts.pool_prefills,
+                        busy(Role.PREFILL), busy(Role.DECODE), len(self._pool(Role.PREFILL)),
+                        len(self._pool(Role.DECODE)))  # fmt: skip
+        for w in self.workers.values():
+            w.busy_ticks = 0
+        return window
+
+    def _role_changed(self, w: Worker, info: WorkerInfo) -> None:
+        """A worker's heartbeat shows a new role: the switch is done; it takes work of that role now."""
+        old = w.role
+        why = w.switch.reason if w.switch is not None and w.switch.target is info.role else "switched by itself"
+        w.info, w.switch, w.switch_sent = info, None, False
+        w.role_reason = f"switched from {old.value} {time.strftime('%H:%M:%S')}: {why}"
+        self.stats.role_switches[(old.value, info.role.value)] += 1
+        log.warning("worker %s is now a %s worker", w.worker_id, info.role.value)
 
     # --- messages from workers -----------------------------------------------------------------------
 
@@ -403,6 +538,8 @@ class Cluster:
             self.prefix_index.add_worker(info.worker_id, info.num_pages)
             log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
                      info.num_pages, info.pid, info.host)  # fmt: skip
+        if info.role is not worker.role:
+            self._role_changed(worker, info)
         worker.load, worker.kv, worker.loop_age_s, worker.cache = hb.load, hb.kv, hb.loop_age_s, hb.cache
         worker.last_heartbeat = time.monotonic()
         worker.refused_reserve = False
@@ -437,7 +574,7 @@ class Cluster:
             return
         p = min(prefill, key=lambda w: self._cost(w, job))
         self._note_routing(p, job)
-        job.state, job.prefill = JobState.PREFILLING, p.worker_id
+        job.state, job.prefill, job.pool_prefill = JobState.PREFILLING, p.worker_id, True
         p.jobs.add(job.wire_id)
         p.prefill_tokens += len(job.prompt_token_ids)
         self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key))
@@ -515,6 +652,7 @@ class Cluster:
         job.events.put_nowait(ErrorEvent(message, status))
 
     def _finish(self, job: Job) -> None:
+        self._observe(job, time.monotonic())
         self.jobs.pop(job.wire_id, None)
         for worker_id in (job.prefill, job.decode):
             w = self.workers.get(worker_id) if worker_id else None
@@ -583,6 +721,7 @@ class Cluster:
             for job in [j for j in self.queue if now - j.queued_at > self.options.queue_timeout_s]:
                 self.queue.remove(job)
                 self._fail(job, f"no worker had room for this request within {self.options.queue_timeout_s:.0f}s", 503)
+            self._balance(now)
             self._dispatch()
 
     def snapshot(self) -> dict:
@@ -599,7 +738,14 @@ class Cluster:
                 keys = ("jobs", "running", "waiting", "pending_prefill_tokens", "free_pages", "num_pages")
                 pools[role.value] = {"workers": len(members), **{k: sum(w[k] for w in members) for k in keys}}
         routing = {"prefix_routed": self.stats.prefix_routed, "prefix_routed_tokens": self.stats.prefix_routed_tokens,
-                   "local_prefills": self.stats.local_prefills}  # fmt: skip
+                   "local_prefills": self.stats.local_prefills,
+                   "local_prefill_tokens": self.local_prefill_rule().max_tokens,
+                   "prefill_tokens_per_s": round(self.prefill_tokens_per_s(), 1),
+                   "role_switches": [{"from": a, "to": b, "count": n}
+                                     for (a, b), n in sorted(self.stats.role_switches.items())]}  # fmt: skip
+        if self.policy is not None:
+            routing["last_window"] = None if self.last_window is None else dataclasses.asdict(self.last_window)
+            routing["last_verdict"] = self.last_verdict
         return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers,
                 "worker_restarts": dict(self.stats.worker_restarts), "routing": routing}  # fmt: skip
 
@@ -608,6 +754,8 @@ def _describe(w: Worker) -> dict:
     return {
         "id": w.worker_id,
         "role": w.role.value,
+        "role_reason": w.role_reason,
+        "switching_to": w.switch.target.value if w.switch is not None else None,
         "pid": w.info.pid,
         "host": w.info.host,
         "num_pages": w.info.num_pages,
@@ -628,3 +776,15 @@ def _describe(w: Worker) -> dict:
         "cached_pages": w.cache.cached_pages,
         "retained_pages": w.cache.retained_pages,
     }
+
+
+@dataclass
+class _WindowCounts:
+    """What the SLO loop counts during one window (see `policy.Window`)."""
+
+    start: float
+    requests: int = 0
+    ttft_misses: int = 0
+    tpot_misses: int = 0
+    pool_prefills: int = 0
+    ticks: int = 0

@@ -1,7 +1,8 @@
 """`RouterMetrics`: what `/metrics` shows, in Prometheus text: request latency histograms (TTFT, TPOT,
 end to end) recorded as requests finish, and live gauges read from the cluster at scrape time (queue
 depth, requests by state, each pool's and worker's pages and load, KV bytes and seconds transferred, prefix
-cache queries, hits and evictions per worker, and the router's placements by cached prefix).
+cache queries, hits and evictions per worker, the router's placements by cached prefix, its local prefills
+and its role switches).
 
 With an SLO (`--slo ttft=0.5,tpot=0.05`) it also keeps the last minute's requests: the share that met it,
 and how many missed on TTFT (the prefill side is behind) or on TPOT (the decode side is).
@@ -120,8 +121,13 @@ class _ClusterCollector(Collector):
             stats.prefix_routed_tokens,
         )
         yield CounterMetricFamily("splitserve_router_local_prefills",
-                                  "Prompts a decode worker prefilled itself (it held the rest cached)",
+                                  "Prompts a decode worker prefilled itself (conditional disaggregation)",
                                   stats.local_prefills)  # fmt: skip
+        switches = CounterMetricFamily("splitserve_role_switches", "Workers moved between the prefill and decode "
+                                       "pools, by old and new role", labels=["from", "to"])  # fmt: skip
+        for (old, new), count in stats.role_switches.items():
+            switches.add_metric([old, new], count)
+        yield switches
         gauges = {
             key: GaugeMetricFamily(f"splitserve_worker_{key}", doc, labels=["worker", "role"])
             for key, doc in [

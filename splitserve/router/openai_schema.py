@@ -191,3 +191,9 @@ class ChatCompletionRequest(_Common):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class RoleChange(_Strict):
+    """`POST /admin/workers/{id}/role`: move a worker to the other pool."""
+
+    role: Literal["prefill", "decode"]

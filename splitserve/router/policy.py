@@ -1,0 +1,150 @@
+"""The router's SLO policies, as pure functions of what it measured, so that the planner's simulator runs the
+very same ones.
+
+- `prefills_locally`: conditional disaggregation (Dynamo's `isl_or_load`). A decode worker prefills a prompt
+  itself when the part it lacks is short, or when the prefill pool's queue would make the prompt wait longer
+  than computing it there.
+- `RolePolicy`: which pool is the bottleneck, from windows of finished requests judged against the SLO, and
+  so which way a worker should move: TTFT misses while the decode pool idles call for another prefill
+  worker; TPOT misses while the prefill pool idles (or is not used at all: every prompt was short enough to
+  prefill locally) call for another decode worker. A verdict must hold for `confirm_windows` windows in a
+  row (hysteresis) and switches are at least `dwell_s` apart; a pool in use never gives its last worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from splitserve.protocol import Role
+
+# The share of a window's requests the prefill pool computed below which it counts as unused.
+_UNUSED_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class LocalPrefill:
+    """What decides whether a decode worker prefills a prompt itself."""
+
+    max_tokens: int  # a prompt part this short is prefilled where it will be decoded (0: only under load)
+    ttft_s: float | None = None  # with an SLO: a prompt that would wait longer than this in the pool goes local
+
+    @property
+    def conditional(self) -> bool:
+        """With an SLO a short prompt goes local on equal work too (it saves the transfer); without one the
+        prefill pool keeps it (decode steps stay undisturbed)."""
+        return self.ttft_s is not None
+
+
+def local_prefill_threshold(tokens_per_s: float, tpot_s: float | None, configured: int | None) -> int:
+    """The short-prompt threshold: the operator's, else the prompt tokens a decode worker computes in one
+    TPOT budget (a local prefill that long stalls its batch by at most about one token's time), else 0."""
+    if configured is not None:
+        return configured
+    if tpot_s is None or tokens_per_s <= 0:
+        return 0
+    return int(tokens_per_s * tpot_s)
+
+
+def prefills_locally(
+    suffix_tokens: int,
+    local_pending_tokens: int,
+    pool_tokens: float,
+    tokens_per_s: float,
+    rule: LocalPrefill,
+) -> bool:
+    """Whether a decode worker should compute a prompt's `suffix_tokens` (the part it does not hold cached).
+
+    `local_pending_tokens`: prompt tokens it already has queued; `pool_tokens`: what the least busy prefill
+    worker would have to compute first, this prompt included (inf: no prefill worker); `tokens_per_s`: the
+    measured prompt throughput (0: unknown)."""
+    if math.isinf(pool_tokens):
+        return True
+    local_tokens = suffix_tokens + local_pending_tokens
+    less_work = local_tokens <= pool_tokens if rule.conditional else local_tokens < pool_tokens
+    if suffix_tokens <= rule.max_tokens and less_work:
+        return True
+    if rule.ttft_s is None or tokens_per_s <= 0:
+        return False
+    # Under load: the pool's queue would miss the TTFT budget, and computing it here would not.
+    return pool_tokens / tokens_per_s > rule.ttft_s and local_tokens / tokens_per_s <= rule.ttft_s
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    window_s: float = 10.0  # requests finished in this long make one window
+    miss_share: float = 0.1  # a window with this share of TTFT (or TPOT) misses says that pool is behind
+    idle_share: float = 0.5  # a pool busy less than this share of the window can give a worker
+    confirm_windows: int = 2  # the same verdict this many windows in a row before a switch
+    dwell_s: float = 30.0  # at least this long between switches
+    min_requests: int = 4  # a window with fewer finished requests says nothing
+
+
+@dataclass(frozen=True)
+class Window:
+    """What the router saw in one window."""
+
+    requests: int  # finished, with at least one token
+    ttft_misses: int
+    tpot_misses: int
+    pool_prefills: int  # of those, prompts the prefill pool computed (the rest: decode workers did)
+    prefill_busy: float  # share of the window the prefill pool had work (0 with no prefill worker)
+    decode_busy: float
+    num_prefill: int  # workers in each pool (not counting one that is switching)
+    num_decode: int
+
+
+class Verdict(enum.Enum):
+    TO_PREFILL = "to_prefill"  # the prefill pool is the bottleneck: a decode worker should move
+    TO_DECODE = "to_decode"
+
+
+@dataclass(frozen=True)
+class Decision:
+    source: Role  # the pool a worker leaves
+    target: Role
+    reason: str
+
+
+class RolePolicy:
+    def __init__(self, options: PolicyOptions | None = None):
+        self.options = options or PolicyOptions()
+        self._verdict: Verdict | None = None
+        self._streak = 0
+        self._last_switch = -math.inf
+        self.last_reason = ""  # what the last window said, for /health
+
+    def verdict(self, w: Window) -> tuple[Verdict | None, str]:
+        """Which pool the window says is behind, and whether the other can give a worker (with why)."""
+        o = self.options
+        if w.requests < o.min_requests:
+            return None, f"{w.requests} requests finished: too few to judge"
+        ttft, tpot = w.ttft_misses / w.requests, w.tpot_misses / w.requests
+        misses = f"of {w.requests} requests, {ttft:.0%} missed TTFT and {tpot:.0%} TPOT"
+        if ttft >= o.miss_share and ttft > tpot:
+            if w.num_decode > 1 and (w.num_prefill == 0 or w.decode_busy < o.idle_share):
+                return Verdict.TO_PREFILL, f"{misses}; decode pool busy {w.decode_busy:.0%} of the window"
+            return None, f"{misses}; the decode pool cannot give a worker"
+        if tpot >= o.miss_share and tpot > ttft:
+            unused = w.pool_prefills <= _UNUSED_SHARE * w.requests
+            if (w.num_prefill > 1 and w.prefill_busy < o.idle_share) or (w.num_prefill == 1 and unused):
+                how = "unused" if unused else f"busy {w.prefill_busy:.0%} of the window"
+                return Verdict.TO_DECODE, f"{misses}; prefill pool {how}"
+            return None, f"{misses}; the prefill pool cannot give a worker"
+        return None, misses
+
+    def decide(self, w: Window, now: float) -> Decision | None:
+        """Judge one window; a decision once a verdict has held long enough and the last switch is old."""
+        verdict, why = self.verdict(w)
+        self.last_reason = why
+        self._streak = self._streak + 1 if verdict is not None and verdict is self._verdict else int(bool(verdict))
+        self._verdict = verdict
+        if verdict is None or self._streak < self.options.confirm_windows:
+            return None
+        if now - self._last_switch < self.options.dwell_s:
+            return None
+        self._last_switch, self._streak, self._verdict = now, 0, None
+        if verdict is Verdict.TO_PREFILL:
+            return Decision(Role.DECODE, Role.PREFILL, why)
+        return Decision(Role.PREFILL, Role.DECODE, why)
