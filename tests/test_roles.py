@@ -38,8 +38,9 @@ ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "-
 # --- the policies, on recorded windows ------------------------------------------------------------------
 
 
-def _window(requests=20, ttft=0, tpot=0, pool=20, prefill_busy=0.9, decode_busy=0.9, p=1, d=1) -> Window:
-    return Window(requests, ttft, tpot, pool, prefill_busy, decode_busy, p, d)
+def _window(requests=20, pre=0, dec=0, prefill_busy=0.9, decode_busy=0.9, p=1, d=1) -> Window:
+    """`pre`, `dec`: requests that missed the SLO in prefill, and in decode."""
+    return Window(requests, pre, dec, prefill_busy, decode_busy, p, d)
 
 
 def test_short_prompts_go_local_under_an_slo_and_long_ones_when_the_pool_is_backed_up():
@@ -52,6 +53,7 @@ def test_short_prompts_go_local_under_an_slo_and_long_ones_when_the_pool_is_back
     assert prefills_locally(800, 0, 1500, 500, rule)
     assert not prefills_locally(1200, 0, 1500, 500, rule)  # here it would miss the budget too
     assert not prefills_locally(800, 0, 1500, 0, rule)  # no measured throughput: no estimate, no load rule
+    assert not prefills_locally(800, 0, 1500, 500, rule, decoding=2)  # it would stall running requests' TPOT
     assert prefills_locally(5000, 0, math.inf, 0, rule)  # no prefill worker at all
     # without an SLO: a tie stays with the pool, and there is no load rule
     assert not prefills_locally(64, 0, 64, 500, LocalPrefill(64))
@@ -68,33 +70,35 @@ def test_the_short_prompt_threshold_is_learned_from_measured_throughput_unless_c
 
 def test_verdicts_name_the_bottleneck_only_when_the_other_pool_can_give():
     policy = RolePolicy(PolicyOptions(miss_share=0.1, idle_share=0.5))
-    # TTFT misses, an idle decode pool of two: a decode worker should become a prefill worker
-    assert policy.verdict(_window(ttft=6, d=2, decode_busy=0.2))[0] is Verdict.TO_PREFILL
-    assert policy.verdict(_window(ttft=6, d=2, decode_busy=0.8))[0] is None  # the decode pool is busy
-    assert policy.verdict(_window(ttft=6, d=1, decode_busy=0.0))[0] is None  # never its last worker
-    assert policy.verdict(_window(ttft=6, p=0, d=2, decode_busy=0.9))[0] is Verdict.TO_PREFILL  # no prefill pool
-    # TPOT misses: the prefill pool gives a worker when it idles, its last one only when no prompt used it
-    assert policy.verdict(_window(tpot=6, p=2, prefill_busy=0.1))[0] is Verdict.TO_DECODE
-    assert policy.verdict(_window(tpot=6, p=2, prefill_busy=0.9))[0] is None
-    assert policy.verdict(_window(tpot=6, p=1, prefill_busy=0.0, pool=3))[0] is None  # 3 of 20 used it
-    assert policy.verdict(_window(tpot=6, p=1, prefill_busy=0.0, pool=1))[0] is Verdict.TO_DECODE
-    # too few misses, misses on both sides alike, too few requests: nothing
-    assert policy.verdict(_window(ttft=1, d=2, decode_busy=0.0))[0] is None
-    assert policy.verdict(_window(ttft=6, tpot=6, d=2, decode_busy=0.0))[0] is None
-    assert policy.verdict(_window(requests=3, ttft=3, d=2, decode_busy=0.0))[0] is None
+    # prefill misses, an idle decode pool of two: a decode worker should become a prefill worker
+    assert policy.verdict(_window(pre=6, d=2, decode_busy=0.2))[0] is Verdict.TO_PREFILL
+    assert policy.verdict(_window(pre=6, d=2, decode_busy=0.8))[0] is None  # the decode pool is busy
+    assert policy.verdict(_window(pre=6, d=1, decode_busy=0.0))[0] is None  # never its last worker
+    assert policy.verdict(_window(pre=6, p=0, d=2, decode_busy=0.9))[0] is Verdict.TO_PREFILL  # no prefill pool
+    # decode misses: the prefill pool gives a worker when it idles (its last one too: decode workers absorb
+    # its work)
+    assert policy.verdict(_window(dec=6, p=2, prefill_busy=0.1))[0] is Verdict.TO_DECODE
+    assert policy.verdict(_window(dec=6, p=2, prefill_busy=0.9))[0] is None
+    assert policy.verdict(_window(dec=6, p=1, prefill_busy=0.4))[0] is Verdict.TO_DECODE
+    assert policy.verdict(_window(dec=6, p=0, prefill_busy=0.0))[0] is None
+    # too few misses, too few requests: nothing; as many misses on both sides: the decode pool's first
+    assert policy.verdict(_window(pre=1, d=2, decode_busy=0.0))[0] is None
+    assert policy.verdict(_window(pre=6, dec=6, d=2, decode_busy=0.0))[0] is None  # the prefill pool is busy
+    assert policy.verdict(_window(pre=6, dec=6, p=2, prefill_busy=0.1))[0] is Verdict.TO_DECODE
+    assert policy.verdict(_window(requests=3, pre=3, d=2, decode_busy=0.0))[0] is None
 
 
 def test_a_switch_needs_agreeing_windows_in_a_row_and_the_dwell_time():
     policy = RolePolicy(PolicyOptions(window_s=10, confirm_windows=2, dwell_s=30))
-    behind = _window(tpot=8, p=1, prefill_busy=0.0, pool=0, d=1)
+    behind = _window(dec=8, p=1, prefill_busy=0.0, d=1)
     fine = _window()
     assert policy.decide(behind, now=10) is None  # one window is not enough
     assert policy.decide(fine, now=20) is None  # the streak is broken
     assert policy.decide(behind, now=30) is None
     decision = policy.decide(behind, now=40)
     assert decision is not None and (decision.source, decision.target) == (Role.PREFILL, Role.DECODE)
-    assert "40% TPOT" in decision.reason
-    opposite = _window(ttft=8, p=0, d=2, decode_busy=0.9)
+    assert "40% in decode" in decision.reason
+    opposite = _window(pre=8, p=0, d=2, decode_busy=0.9)
     assert policy.decide(opposite, now=50) is None
     assert policy.decide(opposite, now=60) is None  # agreed twice, but 20 s after the last switch
     assert policy.decide(opposite, now=70) is not None  # dwell time over, verdict held throughout
@@ -146,13 +150,17 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     _worker(cluster, "d", Role.DECODE)
     p.jobs.add(1)  # still busy with a prompt
 
-    def window_of_tpot_misses() -> None:  # no prompt used the prefill pool
+    def window_of_tpot_misses() -> None:  # the prefill pool idles: busy 1 tick of 10
         cluster._window.start -= 10
-        cluster._window.requests, cluster._window.tpot_misses = 10, 5
+        cluster._window.requests, cluster._window.decode_misses, cluster._window.ticks = 10, 5, 9
         cluster._balance(time.monotonic())
 
+    cluster._window.start -= 10
+    cluster._window.requests = 3
+    cluster._balance(time.monotonic())
+    assert cluster.last_window is None  # 3 requests finished: the window goes on until there are 4
     window_of_tpot_misses()
-    assert p.switch is None and "50% TPOT" in cluster.last_verdict  # one window is not enough
+    assert p.switch is None and "50% in decode" in cluster.last_verdict  # one window is not enough
     window_of_tpot_misses()
     assert p.switch is not None and p.switch.target is Role.DECODE
     assert cluster._pool(Role.PREFILL) == []  # no new prompts for it...
@@ -163,7 +171,7 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     cluster._balance(time.monotonic())
     assert sent[-1] == ("p", SwitchRole(Role.DECODE, p.switch.reason))
     cluster._heartbeat(Heartbeat(_info("p", Role.DECODE), Load(100, 0, 0, 0), KvStats(), 0.0))
-    assert p.role is Role.DECODE and p.switch is None and "50% TPOT" in p.role_reason
+    assert p.role is Role.DECODE and p.switch is None and "50% in decode" in p.role_reason
     assert dict(cluster.stats.role_switches) == {("prefill", "decode"): 1}
     assert {w["id"]: w["role"] for w in cluster.snapshot()["workers"]} == {"p": "decode", "d": "decode"}
 

@@ -29,7 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokenizer folder or .gguf for exact prompt lengths (default: splitserve's default model)",
     )
-    p.add_argument("--workload", choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn"], default="synthetic")
+    p.add_argument("--workload", choices=["synthetic", "sharegpt", "shared-prefix", "multi-turn", "phased"],
+                   default="synthetic")  # fmt: skip
+    p.add_argument("--phases", default=None,
+                   help="--workload phased: traffic that shifts, phases separated by ';', each DURATION/RATE/INPUT/"
+                   "OUTPUT, e.g. '60/0.25/uniform:1000,2000/uniform:16,32;60/1.5/fixed:64/fixed:200' (seconds, "
+                   "req/s, prompt and output lengths as --input-len takes them); the report adds each phase's "
+                   "figures")  # fmt: skip
     p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (--workload sharegpt)")
     p.add_argument("--num-requests", type=int, default=100, help="requests (sessions, for multi-turn) per rate")
     p.add_argument("--input-len", default="uniform:64,512", help="prompt tokens: fixed:N, uniform:A,B, normal:M,S, "
@@ -79,7 +85,10 @@ def main(args: argparse.Namespace) -> int:
         _plot(results, args.plot or "bench")
         return 0
     slo = SLO.parse(args.slo)
-    rates = [float(r) for r in str(args.rate).split(",")]
+    phases = workloads.Phase.parse_all(args.phases or "") if args.workload == "phased" else None
+    if phases and str(args.rate) != "inf":
+        raise ValueError("--workload phased takes its rates from --phases, not --rate")
+    rates = [phased_rate(phases)] if phases else [float(r) for r in str(args.rate).split(",")]
     if any(not r > 0 for r in rates):
         raise ValueError("rates must be > 0 (inf: all at once)")
     model = served_model(args.url, args.api_key, args.model)
@@ -92,12 +101,15 @@ def main(args: argparse.Namespace) -> int:
     result = {"label": args.label or model, "model": model, "url": args.url, "endpoint": args.endpoint,
               "workload": _describe(args), "slo": vars(slo), "slo_text": slo.describe(), "runs": []}  # fmt: skip
     for rate in rates:
-        workloads.assign_arrivals(requests, rate, args.burstiness, random.Random(args.seed + 1))
+        if phases is None:
+            workloads.assign_arrivals(requests, rate, args.burstiness, random.Random(args.seed + 1))
         unit = "sessions" if args.workload == "multi-turn" else "requests"
         print(f"\n--- rate {rate:g} req/s ({len(requests)} {unit})")
         records, duration = asyncio.run(run(target, requests, args.concurrency, progress=not args.no_progress))
         summary = metrics.summarize(records, duration, slo)
         print(format_summary(summary))
+        if phases is not None:
+            summary["phases"] = phase_summaries(records, phases, slo)
         if not summary["completed"]:
             first = next((r.error for r in records if r.error), "no output")
             raise SplitserveError(f"no request completed at {args.url} (the first failed with: {first})")
@@ -111,6 +123,26 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         _plot([result], args.plot)
     return 0
+
+
+def phased_rate(phases: list[workloads.Phase]) -> float:
+    """A phased workload's mean arrival rate."""
+    return sum(p.rate * p.duration_s for p in phases) / sum(p.duration_s for p in phases)
+
+
+def phase_summaries(records: list[Record], phases: list[workloads.Phase], slo: SLO) -> list[dict]:
+    """Each phase's figures (its requests, over its duration), printed as they are made."""
+    out = []
+    for i, phase in enumerate(phases):
+        mine = [r for r in records if r.phase == i]
+        if not mine:
+            out.append({})
+            continue
+        summary = metrics.summarize(mine, phase.duration_s, slo)
+        print(f"\nphase {i + 1}: {phase.rate:g} req/s for {phase.duration_s:g}s, prompts {phase.input_len.spec}, "
+              f"outputs {phase.output_len.spec}\n{format_summary(summary)}")  # fmt: skip
+        out.append(summary)
+    return out
 
 
 def format_summary(s: dict) -> str:
@@ -181,6 +213,11 @@ def _workload(args: argparse.Namespace, tokenizer) -> list[workloads.BenchReques
         if not args.dataset:
             raise ValueError("--workload sharegpt needs --dataset FILE.json")
         return workloads.sharegpt(Path(args.dataset), tokenizer, args.num_requests, rng, chat=chat)
+    if args.workload == "phased":
+        if not args.phases:
+            raise ValueError("--workload phased needs --phases")
+        phases = workloads.Phase.parse_all(args.phases)
+        return workloads.phased(tokenizer, phases, rng, args.burstiness, chat, args.token_ids)
     if args.workload == "shared-prefix":
         per_group = max(1, args.num_requests // args.groups)
         return workloads.shared_prefix(tokenizer, args.groups, per_group, args.prefix_len, inp, out, rng, chat)
@@ -191,5 +228,5 @@ def _workload(args: argparse.Namespace, tokenizer) -> list[workloads.BenchReques
 
 def _describe(args: argparse.Namespace) -> dict:
     keys = ("workload", "dataset", "num_requests", "input_len", "output_len", "prefix_len", "groups", "turns",
-            "burstiness", "concurrency", "seed")  # fmt: skip
+            "phases", "burstiness", "concurrency", "seed")  # fmt: skip
     return {k: getattr(args, k) for k in keys}

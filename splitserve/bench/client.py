@@ -31,6 +31,7 @@ class Record:
     error: str | None = None
     session: int | None = None
     turn: int = 0
+    phase: int | None = None  # phased workloads: which phase sent it
 
     @property
     def ok(self) -> bool:
@@ -102,7 +103,8 @@ async def _send(client: httpx.AsyncClient, target: Target, request: BenchRequest
         body["messages"] = request.messages or [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
-    record = Record(request.prompt_tokens, request.max_tokens, session=request.session, turn=request.turn)
+    record = Record(request.prompt_tokens, request.max_tokens, session=request.session, turn=request.turn,
+                    phase=request.phase)  # fmt: skip
     pieces: list[str] = []
     record.sent = time.perf_counter() - start
     try:

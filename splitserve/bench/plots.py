@@ -76,3 +76,33 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def attainment_over_time(series: dict[str, list[tuple[float, float]]], path: Path, title: str,
+                         phases: list[tuple[float, str]], switches: dict[str, list[tuple[float, str]]],
+                         target: float | None = 0.9) -> Path:  # fmt: skip
+    """SLO attainment (0..1) of the requests sent in each time bin, a line per series; `phases`: (start, name)
+    shaded alternately; `switches`: per series, (time, what) marked with a vertical line in its colour."""
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
+    bounds = [start for start, _ in phases]
+    for i, (start, name) in enumerate(phases):
+        end = bounds[i + 1] if i + 1 < len(bounds) else max((p[0] for s in series.values() for p in s), default=start)
+        if i % 2:
+            ax.axvspan(start, end, color="0.93", zorder=0)
+        ax.text(start + 1, 101, name, fontsize=8, va="bottom")
+    for label, points in series.items():
+        (line,) = ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3, label=label)
+        for t, what in switches.get(label, []):
+            ax.axvline(t, color=line.get_color(), linestyle="--", linewidth=1)
+            ax.text(t, 3, what, rotation=90, fontsize=7, color=line.get_color(), va="bottom", ha="right")
+    if target:
+        ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label=f"{100 * target:.0f}% target")
+    ax.set_xlabel("time the requests were sent (s from the start)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

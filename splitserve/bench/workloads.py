@@ -2,8 +2,9 @@
 it arrives.
 
 Workloads: synthetic lengths from a distribution, a ShareGPT-format JSON file, shared-prefix groups (many
-requests behind one long system prompt), and multi-turn sessions (each turn sent when the previous answer
-arrived, carrying the conversation so far). Arrivals: Poisson at a rate, gamma with a burstiness factor
+requests behind one long system prompt), multi-turn sessions (each turn sent when the previous answer
+arrived, carrying the conversation so far), and phases (traffic that shifts: each phase its own lengths and
+rate for its own duration). Arrivals: Poisson at a rate, gamma with a burstiness factor
 (1 is Poisson, below 1 burstier), or all at once (rate inf, with the client's concurrency as the limit).
 """
 
@@ -42,6 +43,7 @@ class BenchRequest:
     turn: int = 0
     follow_ups: list[BenchRequest] = field(default_factory=list)  # a session's later turns, sent in order
     with_history: bool = True  # a later turn carries the conversation so far (else only its own messages)
+    phase: int | None = None  # phased workloads: which phase sent it
 
 
 class LengthDist:
@@ -92,6 +94,54 @@ def synthetic(tokenizer, n: int, input_len: LengthDist, output_len: LengthDist, 
     for _ in range(n):
         k = input_len.sample(rng)
         requests.append(_request(tokenizer, k, output_len.sample(rng), rng, chat, token_ids))
+    return requests
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a phased workload: `DURATION/RATE/INPUT/OUTPUT`, e.g. `60/0.25/uniform:1000,2000/fixed:24`
+    (seconds, requests per second, and two length distributions)."""
+
+    duration_s: float
+    rate: float
+    input_len: LengthDist
+    output_len: LengthDist
+
+    @classmethod
+    def parse_all(cls, spec: str) -> list[Phase]:
+        """Phases separated by `;`."""
+        phases = []
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            fields = part.split("/")
+            try:
+                if len(fields) != 4:
+                    raise ValueError("expected DURATION/RATE/INPUT/OUTPUT")
+                phase = cls(float(fields[0]), float(fields[1]), LengthDist(fields[2]), LengthDist(fields[3]))
+                if not (phase.duration_s > 0 and 0 < phase.rate < math.inf):
+                    raise ValueError("duration and rate must be positive and finite")
+            except ValueError as e:
+                raise ValueError(f"not a phase: {part!r} ({e})") from None
+            phases.append(phase)
+        if not phases:
+            raise ValueError("no phases given")
+        return phases
+
+
+def phased(tokenizer, phases: list[Phase], rng: random.Random, burstiness: float = 1.0, chat: bool = False,
+           token_ids: bool = False) -> list[BenchRequest]:  # fmt: skip
+    """Each phase's requests, arriving at its rate (gamma gaps, see `arrival_times`) for its duration, one
+    phase after the other; arrival times are set."""
+    requests, start = [], 0.0
+    for i, phase in enumerate(phases):
+        t = 0.0
+        while True:
+            t += rng.gammavariate(burstiness, 1.0 / (phase.rate * burstiness))
+            if t >= phase.duration_s:
+                break
+            r = _request(tokenizer, phase.input_len.sample(rng), phase.output_len.sample(rng), rng, chat, token_ids)
+            r.arrival_s, r.phase = start + t, i
+            requests.append(r)
+        start += phase.duration_s
     return requests
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from splitserve.bench.metrics import SLO
-from splitserve.bench.workloads import LengthDist
+from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
 from splitserve.planner.profile import Profile, measure
@@ -15,11 +15,27 @@ from splitserve.planner.profile import Profile, measure
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default="2,3", help="numbers of workers to split, comma-separated (default 2,3)")
-    p.add_argument("--rate", type=float, required=True, help="the request rate to plan for (requests/s)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="the request rate to plan for (requests/s; with --phases, their mean rate by default)",
+    )
     p.add_argument("--slo", required=True, help="e.g. ttft=1,tpot=0.1 (seconds, or ms: tpot=100ms)")
     p.add_argument("--target", type=float, default=0.9, help="share of requests that must meet the SLO (0.9)")
     p.add_argument("--input-len", default="uniform:64,512", help="prompt tokens (as `splitserve bench`)")
     p.add_argument("--output-len", default="uniform:32,128", help="output tokens (as `splitserve bench`)")
+    p.add_argument(
+        "--phases",
+        default=None,
+        help="traffic that shifts, as `splitserve bench --phases` (instead of --input-len/--output-len)",
+    )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="also predict each split as the start of an adaptive cluster (`serve --slo`: decode "
+        "workers prefill short prompts, workers move between the pools)",
+    )
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1: Poisson)")
     p.add_argument("--num-requests", type=int, default=400, help="simulated requests per point (default 400)")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="cores the workers share (default: all)")
@@ -57,14 +73,18 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
             if args.save_profile:
                 by_threads[threads].save(Path(f"{args.save_profile}-t{threads}.json"))
         profiles[n] = by_threads[threads]
+    phases = tuple(Phase.parse_all(args.phases)) if args.phases else ()
     workload = planner.Workload(LengthDist(args.input_len), LengthDist(args.output_len), args.burstiness,
-                                args.num_requests, args.seed)  # fmt: skip
-    results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target)
+                                args.num_requests, args.seed, phases)  # fmt: skip
+    if args.rate is None and not phases:
+        raise ValueError("--rate is needed (or --phases, whose mean rate it then is)")
+    args.rate = args.rate or workload.mean_rate
+    results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target, args.adaptive)
     for n in counts:
         print(f"{n} workers: {profiles[n].threads} thread(s) each; two busy workers slow each other "
               f"{profiles[n].pair_slowdown:.2f}x here")  # fmt: skip
-    print(f"\nworkload: input {args.input_len}, output {args.output_len} tokens; SLO {slo.describe()} for "
-          f"{100 * args.target:.0f}% of requests")  # fmt: skip
+    shape = f"phases {args.phases}" if phases else f"input {args.input_len}, output {args.output_len} tokens"
+    print(f"\nworkload: {shape}; SLO {slo.describe()} for {100 * args.target:.0f}% of requests")
     print(planner.format_table(results, args.rate))
     print()
     print(planner.recommend(results, args.rate, args.target)[1])

@@ -3,7 +3,9 @@ hardware, and recommend the split with the highest goodput per worker.
 
 Goodput of a split is the highest request rate at which it still meets the SLO for `target` of the
 requests (DistServe's definition), found by bisection on the simulator; the table also shows what each
-split achieves at the requested rate.
+split achieves at the requested rate. With `adaptive`, each split is also simulated as the starting point of
+a router given the SLO (conditional disaggregation and role switching, the router's own policies); with
+phases (traffic that shifts), rates scale every phase's rate alike and name the mean.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from pathlib import Path
 
 from splitserve.bench.metrics import SLO, summarize
 from splitserve.bench.plots import attainment_chart
-from splitserve.bench.workloads import LengthDist
+from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.planner.profile import Profile
-from splitserve.planner.simulator import Hardware, sample_workload, simulate
+from splitserve.planner.simulator import Hardware, SimRouter, sample_phases, sample_workload, simulate
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class Workload:
     burstiness: float = 1.0
     num_requests: int = 400
     seed: int = 0
+    phases: tuple[Phase, ...] = ()  # traffic that shifts (then the lengths above are not used)
+
+    @property
+    def mean_rate(self) -> float:
+        return sum(p.rate * p.duration_s for p in self.phases) / sum(p.duration_s for p in self.phases)
 
 
 @dataclass
@@ -33,6 +40,7 @@ class SplitResult:
     decode: int
     at_rate: dict  # metrics.summarize() of the simulated run at the requested rate
     max_rate: float  # highest rate meeting the SLO for `target` of requests (0: none does)
+    adaptive: bool = False  # the router was given the SLO: it moves workers between the pools
 
     @property
     def workers(self) -> int:
@@ -44,23 +52,28 @@ class SplitResult:
 
     @property
     def name(self) -> str:
-        return f"{self.prefill}P:{self.decode}D"
+        return f"{self.prefill}P:{self.decode}D" + ("+a" if self.adaptive else "")
 
 
 def evaluate(profile: Profile, hw: Hardware, prefill: int, decode: int, rate: float, workload: Workload,
-             slo: SLO) -> dict:  # fmt: skip
+             slo: SLO, adaptive: bool = False) -> dict:  # fmt: skip
     w = workload
-    requests = sample_workload(w.num_requests, rate, w.input_len, w.output_len, w.burstiness, w.seed)
-    records = simulate(profile, hw, prefill, decode, requests)
+    if w.phases:
+        scale = rate / w.mean_rate
+        phases = [Phase(p.duration_s, p.rate * scale, p.input_len, p.output_len) for p in w.phases]
+        requests = sample_phases(phases, w.burstiness, w.seed)
+    else:
+        requests = sample_workload(w.num_requests, rate, w.input_len, w.output_len, w.burstiness, w.seed)
+    records = simulate(profile, hw, prefill, decode, requests, SimRouter(slo) if adaptive else None)
     return summarize(records, max(r.end for r in records) - requests[0].arrival, slo)
 
 
 def max_rate(profile: Profile, hw: Hardware, prefill: int, decode: int, workload: Workload, slo: SLO,
-             target: float) -> float:  # fmt: skip
+             target: float, adaptive: bool = False) -> float:  # fmt: skip
     """Bisection for the highest rate whose attainment is >= target (0 when even a trickle misses)."""
 
     def ok(rate: float) -> bool:
-        return evaluate(profile, hw, prefill, decode, rate, workload, slo)["slo_attainment"] >= target
+        return evaluate(profile, hw, prefill, decode, rate, workload, slo, adaptive)["slo_attainment"] >= target
 
     lo, hi = 0.0, 0.05
     if not ok(hi):
@@ -75,15 +88,17 @@ def max_rate(profile: Profile, hw: Hardware, prefill: int, decode: int, workload
 
 
 def plan(profiles: dict[int, Profile], cores: int, rate: float, workload: Workload, slo: SLO,
-         target: float = 0.9) -> list[SplitResult]:  # fmt: skip
-    """`profiles`: for each number of workers, the profile measured with that many workers' share of cores."""
+         target: float = 0.9, adaptive: bool = False) -> list[SplitResult]:  # fmt: skip
+    """`profiles`: for each number of workers, the profile measured with that many workers' share of cores.
+    `adaptive`: also each split as the start of an adaptive cluster."""
     results = []
     for n, profile in sorted(profiles.items()):
         hw = Hardware(cores)
-        for p in range(1, n):
-            d = n - p
-            results.append(SplitResult(p, d, evaluate(profile, hw, p, d, rate, workload, slo),
-                                       max_rate(profile, hw, p, d, workload, slo, target)))  # fmt: skip
+        for a in (False, True) if adaptive else (False,):
+            for p in range(1, n):
+                d = n - p
+                results.append(SplitResult(p, d, evaluate(profile, hw, p, d, rate, workload, slo, a),
+                                           max_rate(profile, hw, p, d, workload, slo, target, a), a))  # fmt: skip
     return results
 
 
@@ -106,12 +121,16 @@ def recommend(results: list[SplitResult], rate: float, target: float) -> tuple[S
 
 
 def format_table(results: list[SplitResult], rate: float) -> str:
-    head = (f"{'split':>7}{'workers':>8}{'attain %':>10}{'p50 TTFT':>10}{'p90 TTFT':>10}{'p50 TPOT':>10}"
+    head = (f"{'split':>9}{'workers':>8}{'attain %':>10}{'p50 TTFT':>10}{'p90 TTFT':>10}{'p50 TPOT':>10}"
             f"{'p90 TPOT':>10}{'max rate':>10}{'per worker':>11}")  # fmt: skip
-    lines = [f"simulated at {rate:g} req/s (times in ms; max rate: highest req/s meeting the SLO)", head]
+    lines = [
+        f"simulated at {rate:g} req/s (times in ms; max rate: highest req/s meeting the SLO; +a: adaptive, "
+        "the router moves workers between the pools)",
+        head,
+    ]
     for r in results:
         s = r.at_rate
-        lines.append(f"{r.name:>7}{r.workers:8d}{100 * s['slo_attainment']:10.1f}{1000 * s['p50_ttft']:10.0f}"
+        lines.append(f"{r.name:>9}{r.workers:8d}{100 * s['slo_attainment']:10.1f}{1000 * s['p50_ttft']:10.0f}"
                      f"{1000 * s['p90_ttft']:10.0f}{1000 * s['p50_tpot']:10.1f}{1000 * s['p90_tpot']:10.1f}"
                      f"{r.max_rate:10.2f}{r.goodput_per_worker:11.2f}")  # fmt: skip
     return "\n".join(lines)
@@ -127,7 +146,8 @@ def plot(profiles: dict[int, Profile], cores: int, results: list[SplitResult], r
         profile = profiles[r.workers]
         hw = Hardware(cores)
         series[r.name] = [
-            (x, evaluate(profile, hw, r.prefill, r.decode, x, workload, slo)["slo_attainment"]) for x in rates
+            (x, evaluate(profile, hw, r.prefill, r.decode, x, workload, slo, r.adaptive)["slo_attainment"])
+            for x in rates
         ]
     return attainment_chart(series, path, f"predicted, per split ({slo.describe()})", target, at_rate=rate)
 

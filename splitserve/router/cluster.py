@@ -139,12 +139,13 @@ class Job:
     attempts: int = 0
     state: JobState = JobState.QUEUED
     queued_at: float = 0.0
+    waited_s: float = 0.0  # time spent in the router's queue, waiting for room on a worker
+    enqueued_at: float = 0.0  # when it last entered that queue
     prefill: str | None = None  # worker ids holding state for the current attempt
     decode: str | None = None
     num_tokens: int = 0
     first_token_at: float | None = None
     cache_key: str | None = None  # the conversation it belongs to
-    pool_prefill: bool = False  # its prompt went to the prefill pool (not prefilled by its decode worker)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     _hashes: dict[int, list[int]] = field(default_factory=dict)  # its prompt's reusable page hashes, by root
 
@@ -290,7 +291,7 @@ class Cluster:
     # --- placement -----------------------------------------------------------------------------------
 
     def _enqueue(self, job: Job, front: bool) -> None:
-        job.wire_id = next(self._wire_ids)
+        job.wire_id, job.enqueued_at = next(self._wire_ids), time.monotonic()
         job.state, job.prefill, job.decode = JobState.QUEUED, None, None
         self.jobs[job.wire_id] = job
         if front:
@@ -312,6 +313,7 @@ class Cluster:
             if not placed:
                 return
             self.queue.popleft()
+            job.waited_s += time.monotonic() - job.enqueued_at
 
     def _place(self, job: Job) -> bool:
         prefill = self._pool(Role.PREFILL)
@@ -370,7 +372,8 @@ class Cluster:
                    default=math.inf)  # fmt: skip
         suffix = len(job.prompt_token_ids) - cached
         rule = self.local_prefill_rule()
-        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.prefill_tokens_per_s(), rule)
+        rate = self.prefill_tokens_per_s()
+        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, rate, rule, len(d.jobs))
 
     def prefill_tokens_per_s(self) -> float:
         """The workers' measured prompt throughput (their mean; 0 before any measured one)."""
@@ -403,11 +406,11 @@ class Cluster:
         ttft = job.first_token_at - job.created
         tpot = (now - job.first_token_at) / (job.num_tokens - 1) if job.num_tokens > 1 else None
         missed = self.options.slo.missed(ttft, tpot, now - job.created)
+        waited_for_decode = job.waited_s > ttft / 2  # in the router's queue: no decode worker had room
         w = self._window
         w.requests += 1
-        w.ttft_misses += "ttft" in missed
-        w.tpot_misses += "tpot" in missed
-        w.pool_prefills += job.pool_prefill
+        w.prefill_misses += "ttft" in missed and not waited_for_decode
+        w.decode_misses += "tpot" in missed or ("ttft" in missed and waited_for_decode)
 
     def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
         """Move a worker to the other pool (an operator's request): KeyError for an unknown worker,
@@ -429,10 +432,11 @@ class Cluster:
             self._window.ticks += 1
             for w in self.workers.values():
                 w.busy_ticks += bool(w.jobs)
-            if now - self._window.start >= self.options.policy.window_s:
+            if self.options.policy.window_over(now - self._window.start, self._window.requests):
                 window = self._close_window(now)
                 decision = self.policy.decide(window, now)
                 self.last_window, self.last_verdict = window, self.policy.last_reason
+                log.info("SLO window: %s", self.last_verdict)
                 candidates = self._pool(decision.source) if decision is not None else []
                 if candidates:  # the least busy worker of the source pool
                     self._drain(min(candidates, key=lambda w: len(w.jobs)), decision, now)
@@ -464,9 +468,8 @@ class Cluster:
             pool = self._pool(role)
             return sum(w.busy_ticks for w in pool) / len(pool) / ticks if pool else 0.0
 
-        window = Window(counts.requests, counts.ttft_misses, counts.tpot_misses, counts.pool_prefills,
-                        busy(Role.PREFILL), busy(Role.DECODE), len(self._pool(Role.PREFILL)),
-                        len(self._pool(Role.DECODE)))  # fmt: skip
+        window = Window(counts.requests, counts.prefill_misses, counts.decode_misses, busy(Role.PREFILL),
+                        busy(Role.DECODE), len(self._pool(Role.PREFILL)), len(self._pool(Role.DECODE)))  # fmt: skip
         for w in self.workers.values():
             w.busy_ticks = 0
         return window
@@ -574,7 +577,7 @@ class Cluster:
             return
         p = min(prefill, key=lambda w: self._cost(w, job))
         self._note_routing(p, job)
-        job.state, job.prefill, job.pool_prefill = JobState.PREFILLING, p.worker_id, True
+        job.state, job.prefill = JobState.PREFILLING, p.worker_id
         p.jobs.add(job.wire_id)
         p.prefill_tokens += len(job.prompt_token_ids)
         self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key))
@@ -784,7 +787,6 @@ class _WindowCounts:
 
     start: float
     requests: int = 0
-    ttft_misses: int = 0
-    tpot_misses: int = 0
-    pool_prefills: int = 0
+    prefill_misses: int = 0
+    decode_misses: int = 0
     ticks: int = 0

@@ -5,10 +5,14 @@ very same ones.
   itself when the part it lacks is short, or when the prefill pool's queue would make the prompt wait longer
   than computing it there.
 - `RolePolicy`: which pool is the bottleneck, from windows of finished requests judged against the SLO, and
-  so which way a worker should move: TTFT misses while the decode pool idles call for another prefill
-  worker; TPOT misses while the prefill pool idles (or is not used at all: every prompt was short enough to
-  prefill locally) call for another decode worker. A verdict must hold for `confirm_windows` windows in a
-  row (hysteresis) and switches are at least `dwell_s` apart; a pool in use never gives its last worker.
+  so which way a worker should move. Each miss is laid at the door of the pool that caused it: a TPOT miss,
+  or a TTFT miss spent mostly waiting for room on a decode worker, at the decode pool's; any other TTFT
+  miss at the prefill pool's. Prefill misses while the decode pool idles call for another prefill worker;
+  decode misses while the prefill pool idles call for another decode worker. A verdict must hold for
+  `confirm_windows` windows in a row (hysteresis) and switches are at least `dwell_s` apart. The decode pool
+  never gives its last worker. The prefill pool may: a pool busy less than `idle_share` of the time does
+  less than that share of one worker's work, which the decode workers then absorb (they prefill for
+  themselves when no prefill worker is left); should TTFT suffer, its misses bring a worker back.
 """
 
 from __future__ import annotations
@@ -18,9 +22,6 @@ import math
 from dataclasses import dataclass
 
 from splitserve.protocol import Role
-
-# The share of a window's requests the prefill pool computed below which it counts as unused.
-_UNUSED_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -53,32 +54,37 @@ def prefills_locally(
     pool_tokens: float,
     tokens_per_s: float,
     rule: LocalPrefill,
+    decoding: int = 0,
 ) -> bool:
     """Whether a decode worker should compute a prompt's `suffix_tokens` (the part it does not hold cached).
 
     `local_pending_tokens`: prompt tokens it already has queued; `pool_tokens`: what the least busy prefill
     worker would have to compute first, this prompt included (inf: no prefill worker); `tokens_per_s`: the
-    measured prompt throughput (0: unknown)."""
+    measured prompt throughput (0: unknown); `decoding`: requests the decode worker is running."""
     if math.isinf(pool_tokens):
         return True
     local_tokens = suffix_tokens + local_pending_tokens
     less_work = local_tokens <= pool_tokens if rule.conditional else local_tokens < pool_tokens
     if suffix_tokens <= rule.max_tokens and less_work:
         return True
-    if rule.ttft_s is None or tokens_per_s <= 0:
+    if rule.ttft_s is None or tokens_per_s <= 0 or decoding:
         return False
-    # Under load: the pool's queue would miss the TTFT budget, and computing it here would not.
+    # Under load: the pool's queue would miss the TTFT budget, and computing it here would not (nor would it
+    # stall anyone's decoding: a long prompt here would make its running requests miss their TPOT).
     return pool_tokens / tokens_per_s > rule.ttft_s and local_tokens / tokens_per_s <= rule.ttft_s
 
 
 @dataclass(frozen=True)
 class PolicyOptions:
-    window_s: float = 10.0  # requests finished in this long make one window
+    window_s: float = 10.0  # requests finished in at least this long make one window...
     miss_share: float = 0.1  # a window with this share of TTFT (or TPOT) misses says that pool is behind
     idle_share: float = 0.5  # a pool busy less than this share of the window can give a worker
     confirm_windows: int = 2  # the same verdict this many windows in a row before a switch
     dwell_s: float = 30.0  # at least this long between switches
-    min_requests: int = 4  # a window with fewer finished requests says nothing
+    min_requests: int = 4  # ...and at least this many (under light traffic a window lasts until they finish)
+
+    def window_over(self, elapsed_s: float, requests: int) -> bool:
+        return elapsed_s >= self.window_s and requests >= self.min_requests
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,8 @@ class Window:
     """What the router saw in one window."""
 
     requests: int  # finished, with at least one token
-    ttft_misses: int
-    tpot_misses: int
-    pool_prefills: int  # of those, prompts the prefill pool computed (the rest: decode workers did)
+    prefill_misses: int  # requests whose TTFT missed while they were being prefilled (or queued for it)
+    decode_misses: int  # requests whose TPOT missed, or whose TTFT went on waiting for a decode worker's room
     prefill_busy: float  # share of the window the prefill pool had work (0 with no prefill worker)
     decode_busy: float
     num_prefill: int  # workers in each pool (not counting one that is switching)
@@ -120,17 +125,15 @@ class RolePolicy:
         o = self.options
         if w.requests < o.min_requests:
             return None, f"{w.requests} requests finished: too few to judge"
-        ttft, tpot = w.ttft_misses / w.requests, w.tpot_misses / w.requests
-        misses = f"of {w.requests} requests, {ttft:.0%} missed TTFT and {tpot:.0%} TPOT"
-        if ttft >= o.miss_share and ttft > tpot:
+        pre, dec = w.prefill_misses / w.requests, w.decode_misses / w.requests
+        misses = f"of {w.requests} requests, {pre:.0%} missed the SLO in prefill and {dec:.0%} in decode"
+        if pre >= o.miss_share and pre > dec:
             if w.num_decode > 1 and (w.num_prefill == 0 or w.decode_busy < o.idle_share):
                 return Verdict.TO_PREFILL, f"{misses}; decode pool busy {w.decode_busy:.0%} of the window"
             return None, f"{misses}; the decode pool cannot give a worker"
-        if tpot >= o.miss_share and tpot > ttft:
-            unused = w.pool_prefills <= _UNUSED_SHARE * w.requests
-            if (w.num_prefill > 1 and w.prefill_busy < o.idle_share) or (w.num_prefill == 1 and unused):
-                how = "unused" if unused else f"busy {w.prefill_busy:.0%} of the window"
-                return Verdict.TO_DECODE, f"{misses}; prefill pool {how}"
+        if dec >= o.miss_share and dec >= pre:
+            if w.num_prefill and w.prefill_busy < o.idle_share:
+                return Verdict.TO_DECODE, f"{misses}; prefill pool busy {w.prefill_busy:.0%} of the window"
             return None, f"{misses}; the prefill pool cannot give a worker"
         return None, misses
 
