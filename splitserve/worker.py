@@ -1,7 +1,10 @@
 """A worker process: loads an engine for its role, connects to the router over ZeroMQ, and loops.
 
 Each turn of the loop takes the router's messages, makes progress on KV transfers, and runs one engine step
-when there is work. A thread of its own sends heartbeats (who the worker is, and its latest load), so a long
+when there is work. Asked to switch roles (`SwitchRole`), it does so once its role holds no work: the new
+role's engine takes over the old one's weights, KV cache and cached pages, and keeps its transfer agent
+(peers' handshakes and mappings stay valid), so the switch costs milliseconds, not a reload.
+A thread of its own sends heartbeats (who the worker is, and its latest load), so a long
 forward pass does not make the worker look dead, and a dead worker goes quiet within one interval.
 """
 

@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 
 from splitserve.bench.metrics import SLO, summarize
-from splitserve.bench.workloads import LengthDist
+from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
 from splitserve.planner.profile import Profile, measure
-from splitserve.planner.simulator import Hardware, SimRequest, simulate
+from splitserve.planner.simulator import Hardware, SimRequest, SimRouter, sample_phases, simulate
+from splitserve.router.policy import PolicyOptions
 
 # A hand-made profile: prefill 10 ms + 1 ms/token; decode 20 ms + 2 ms per request + 0.01 ms per context token.
 PROFILE = Profile(
@@ -85,6 +86,36 @@ def test_decode_queue_bounds_the_batch():
     assert first_tokens[8] > first_tokens[7] + 40 * PROFILE.decode_time(1, 10)  # the last 4 waited for room
 
 
+def test_the_simulated_router_prefills_short_prompts_on_their_decode_worker():
+    requests = [SimRequest(0.0, 2000, 2), SimRequest(0.1, 50, 2)]  # a short prompt behind a long one
+    fixed = simulate(PROFILE, IDEAL, 1, 1, requests)
+    router = SimRouter(SLO(ttft=10.0, tpot=0.1), local_prefill_tokens=64, policy=None)
+    conditional = simulate(PROFILE, IDEAL, 1, 1, requests, router)
+    assert fixed[1].chunk_times[0] > 2.0  # it waited for the prefill pool's long prompt
+    # its decode worker prefilled it at once, in a step of its own (the long prompt is still in the pool)
+    assert conditional[1].chunk_times[0] - 0.1 == pytest.approx(PROFILE.prefill_time(50))
+    assert conditional[0].chunk_times[0] < fixed[0].chunk_times[0]  # the pool's pass no longer carries it
+    # no prefill worker at all: decode workers prefill everything, with or without an SLO
+    [alone] = simulate(PROFILE, IDEAL, 0, 1, [SimRequest(0.0, 300, 2)])
+    assert alone.chunk_times[0] == pytest.approx(PROFILE.prefill_time(300))
+
+
+def test_the_simulated_router_moves_an_idle_prefill_worker_to_the_decode_pool():
+    # Long answers at 1.2 req/s: one decode worker's 8 slots serve about 0.8 req/s, two serve 1.6.
+    requests = sample_phases([Phase(120, 1.2, LengthDist("fixed:64"), LengthDist("fixed:200"))], seed=1)
+    slo = SLO(ttft=2.0, tpot=0.1)
+    switches: list = []
+    policy = PolicyOptions(window_s=5, dwell_s=10)
+    adaptive = simulate(PROFILE, IDEAL, 1, 1, requests, SimRouter(slo, policy=policy), switches)
+    fixed = simulate(PROFILE, IDEAL, 1, 1, requests)
+    assert [what for _, what in switches] == ["prefill->decode"]  # and no flapping back
+    assert 10 < switches[0][0] < 40  # two windows agreed, then the worker drained
+    attained = [summarize(r, 120, slo)["slo_attainment"] for r in (fixed, adaptive)]
+    assert attained[1] > 1.3 * attained[0], attained
+    fixed_split = simulate(PROFILE, IDEAL, 1, 1, requests, SimRouter(slo, policy=None), switches)
+    assert len(switches) == 1 and summarize(fixed_split, 120, slo)["slo_attainment"] < attained[1]
+
+
 def test_plan_recommends_and_says_when_nothing_meets_the_slo():
     workload = planner.Workload(LengthDist("uniform:50,300"), LengthDist("uniform:10,40"), num_requests=200)
     results = planner.plan({2: PROFILE, 3: PROFILE}, 8, 2.0, workload, SLO(ttft=1.0, tpot=0.1))
@@ -96,6 +127,16 @@ def test_plan_recommends_and_says_when_nothing_meets_the_slo():
     chosen, text = planner.recommend(impossible, 2.0, 0.9)
     assert chosen is None and text.startswith("No split meets") and impossible[0].max_rate == 0
     assert "1P:1D" in planner.format_table(results, 2.0)
+
+
+def test_plan_predicts_the_adaptive_cluster_on_shifting_traffic():
+    phases = (Phase(60, 0.3, LengthDist("fixed:1500"), LengthDist("fixed:16")),
+              Phase(60, 1.2, LengthDist("fixed:64"), LengthDist("fixed:200")))  # fmt: skip
+    workload = planner.Workload(LengthDist("fixed:1"), LengthDist("fixed:1"), phases=phases)
+    results = planner.plan({2: PROFILE}, 8, workload.mean_rate, workload, SLO(ttft=3.0, tpot=0.1), adaptive=True)
+    assert [r.name for r in results] == ["1P:1D", "1P:1D+a"]
+    fixed, adaptive = (r.at_rate["slo_attainment"] for r in results)
+    assert adaptive > fixed
 
 
 def test_profile_measures_the_real_engine(tiny_llama_gqa, tmp_path):

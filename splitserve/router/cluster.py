@@ -159,6 +159,14 @@ class Job:
         return await self.events.get()
 
 
+@dataclass
+class _Hold:
+    """What one attempt has asked of a worker that its load reports do not show yet."""
+
+    reserving_pages: int = 0  # pages of a Reserve not answered yet
+    prefill_tokens: int = 0  # prompt tokens of a Prefill not reported done
+
+
 @dataclass(eq=False)
 class Worker:
     info: WorkerInfo
@@ -166,9 +174,9 @@ class Worker:
     kv: KvStats
     last_heartbeat: float
     loop_age_s: float = 0.0
-    jobs: set[int] = field(default_factory=set)  # wire ids of the attempts it holds state for
-    reserving_pages: int = 0  # pages asked for by Reserves not answered yet
-    prefill_tokens: int = 0  # prompt tokens sent to it and not reported done
+    # The attempts it holds state for, by wire id: the one record of what the router gave it (`take`,
+    # `settle`, `drop`); the counters below are derived from it, so they cannot drift.
+    jobs: dict[int, _Hold] = field(default_factory=dict)
     refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
     cache: CacheStats = field(default_factory=CacheStats)
     root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
@@ -181,6 +189,26 @@ class Worker:
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+    def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0) -> None:
+        self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens)
+
+    def settle(self, wire_id: int) -> None:
+        """Its answer to the attempt's Reserve arrived: the pages show in its load from now on."""
+        if wire_id in self.jobs:
+            self.jobs[wire_id].reserving_pages = 0
+
+    def drop(self, wire_id: int) -> bool:
+        """It holds nothing of the attempt any more; False when it held nothing already."""
+        return self.jobs.pop(wire_id, None) is not None
+
+    @property
+    def reserving_pages(self) -> int:
+        return sum(h.reserving_pages for h in self.jobs.values())
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(h.prefill_tokens for h in self.jobs.values())
 
     @property
     def role(self) -> Role:
@@ -335,8 +363,7 @@ class Cluster:
                 self._generate(d, job)
                 return True
             job.state, job.decode, job.attempts = JobState.RESERVING, d.worker_id, job.attempts + 1
-            d.jobs.add(job.wire_id)
-            d.reserving_pages += job.pages_needed
+            d.take(job.wire_id, reserving_pages=job.pages_needed)
             self._send(d, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
             return True
         both = [w for w in self._pool(Role.BOTH) if len(w.jobs) < w.info.max_num_seqs]
@@ -349,7 +376,7 @@ class Cluster:
         """The worker prefills the prompt itself and generates (role both, or a decode worker's local prefill)."""
         self._note_routing(w, job)
         job.state, job.decode, job.attempts = JobState.GENERATING, w.worker_id, job.attempts + 1
-        w.jobs.add(job.wire_id)
+        w.take(job.wire_id)
         self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
 
     def _cached_tokens(self, w: Worker, job: Job) -> int:
@@ -561,12 +588,12 @@ class Cluster:
         d = self.workers.get(worker_id) if worker_id else None
         if d is not None:
             d.load = message.load
-            d.reserving_pages = max(0, d.reserving_pages - (job.pages_needed if job else 0))
+            d.settle(message.job)
         if job is None or job.state is not JobState.RESERVING or d is None:
             return
         if message.ticket is None:  # refused: it is fuller than we knew; back to the head of the queue
             d.refused_reserve = True
-            d.jobs.discard(job.wire_id)
+            d.drop(job.wire_id)
             del self.jobs[job.wire_id]
             job.attempts -= 1  # a refusal is not a failed attempt
             self._enqueue(job, front=True)
@@ -578,8 +605,7 @@ class Cluster:
         p = min(prefill, key=lambda w: self._cost(w, job))
         self._note_routing(p, job)
         job.state, job.prefill = JobState.PREFILLING, p.worker_id
-        p.jobs.add(job.wire_id)
-        p.prefill_tokens += len(job.prompt_token_ids)
+        p.take(job.wire_id, prefill_tokens=len(job.prompt_token_ids))
         self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key))
 
     def _prefill_done(self, message: PrefillDone, worker_id: str | None) -> None:
@@ -587,9 +613,7 @@ class Cluster:
         p = self.workers.get(worker_id) if worker_id else None
         if p is not None:
             p.load = message.load
-            p.jobs.discard(message.job)
-            if job is not None:
-                p.prefill_tokens -= len(job.prompt_token_ids)
+            p.drop(message.job)
         if job is not None and job.prefill == worker_id:
             job.prefill = None
             if not message.ok and job.num_tokens == 0:
@@ -625,7 +649,7 @@ class Cluster:
         job = self.jobs.get(message.job)
         w = self.workers.get(worker_id) if worker_id else None
         if w is not None:
-            w.jobs.discard(message.job)
+            w.drop(message.job)
         if job is None or job.state is JobState.DONE:
             return
         if job.decode == worker_id:
@@ -660,7 +684,7 @@ class Cluster:
         for worker_id in (job.prefill, job.decode):
             w = self.workers.get(worker_id) if worker_id else None
             if w is not None:
-                w.jobs.discard(job.wire_id)
+                w.drop(job.wire_id)
         job.state = JobState.DONE
 
     def _release(self, job: Job) -> None:
@@ -668,12 +692,7 @@ class Cluster:
         self.jobs.pop(job.wire_id, None)
         for worker_id in (job.prefill, job.decode):
             w = self.workers.get(worker_id) if worker_id else None
-            if w is not None and job.wire_id in w.jobs:
-                w.jobs.discard(job.wire_id)
-                if job.state is JobState.RESERVING and w.worker_id == job.decode:
-                    w.reserving_pages = max(0, w.reserving_pages - job.pages_needed)
-                if w.role is Role.PREFILL:
-                    w.prefill_tokens -= len(job.prompt_token_ids)
+            if w is not None and w.drop(job.wire_id):
                 self._send(w, Abort(job.wire_id))
         job.prefill = job.decode = None
 
