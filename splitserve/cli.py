@@ -134,9 +134,9 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
     p.add_argument(
         "--role-window",
         type=float,
-        default=10.0,
-        help="with --slo: seconds of finished requests the role policy judges at a time (default 10); a switch "
-        "needs two windows in a row that agree",
+        default=5.0,
+        help="with --slo: seconds of requests the role policy judges at a time (at least 4 requests; default 5); "
+        "a switch needs two windows in a row that agree",
     )
     p.add_argument(
         "--role-dwell",
@@ -190,13 +190,69 @@ def _router_options(args: argparse.Namespace, worker_address: str):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from splitserve.launcher import serve
-
     pools = {"prefill": args.prefill, "decode": args.decode, "both": args.both}
     if args.both == 0 and (args.prefill == 0 or args.decode == 0):
         raise ValueError("a cluster needs at least one prefill and one decode worker, or --both N")
+    if args.ray is not None:
+        return _serve_on_ray(args, pools)
+    from splitserve.launcher import serve
+
     server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
     serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, pools: dict[str, int]) -> int:
+    import json
+
+    from splitserve.ray_cluster import ClusterSpec, RayPlacement, forwarded_env, serve_on_ray
+
+    try:
+        resources = {role: json.loads(text) for role, text in (("prefill", args.prefill_resources),
+                                                                ("decode", args.decode_resources)) if text}  # fmt: skip
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prefill-resources/--decode-resources take JSON objects: {e}") from None
+    resources.setdefault("both", resources.get("decode", {}))
+    threads = args.threads or 1
+    placement = RayPlacement(args.placement, resources, float(threads), 1.0 if args.device == "cuda" else 0.0)
+    verbose = ["-v"] if args.verbose else []
+    spec = ClusterSpec(
+        router_argv=[sys.executable, "-m", "splitserve", *verbose, "router", *_router_argv(args)],
+        worker_argv=_engine_argv(args),
+        threads=threads,
+        http_host=args.host,
+        http_port=args.port,
+        worker_port=args.worker_port,
+        api_key=args.api_key,
+        placement=placement,
+        env=forwarded_env(),
+    )
+    serve_on_ray(args.ray or None, spec, pools)
+    return 0
+
+
+def _router_argv(args: argparse.Namespace) -> list[str]:
+    """The router's options again, as command-line flags for a router process (without its worker socket)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_router_args(parser, worker_port=0)
+    argv = ["--model", args.model] if args.model else []
+    for action in parser._actions:
+        value = getattr(args, action.dest)
+        if action.dest in ("worker_host", "worker_port") or value is None or value is False:
+            continue
+        argv += [action.option_strings[0]] if value is True else [action.option_strings[0], str(value)]
+    return argv
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from splitserve.ray_cluster import scale
+
+    pools = {role: n for role, n in (("prefill", args.prefill), ("decode", args.decode), ("both", args.both))
+             if n is not None}  # fmt: skip
+    if not pools:
+        raise ValueError("say which pools to resize: --prefill N, --decode N, --both N")
+    sizes = scale(args.ray, pools)
+    print("pools now: " + ", ".join(f"{n} {role}" for role, n in sizes.items() if n), flush=True)
     return 0
 
 
@@ -295,10 +351,46 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     srv.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     srv.add_argument("--both", type=int, default=0, help="colocated workers doing prefill and decode (default 0)")
-    srv.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="torch threads per worker (default: cores / workers; with --ray, 1)")  # fmt: skip
+    ray = srv.add_argument_group("on a Ray cluster (pip install 'splitserve[ray]')")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the router and each worker as Ray actors on the Ray cluster at ADDRESS (auto: the one this node "
+        "belongs to; no ADDRESS: start a local one); the router runs on this node, the workers where Ray places "
+        "them, each with a GPU (on GPU nodes) or --threads CPUs; Ray restarts any that dies",
+    )
+    ray.add_argument(
+        "--placement",
+        choices=["spread", "pack"],
+        default="spread",
+        help="spread the workers across nodes, or pack them onto as few as fit (Ray's SPREAD or default "
+        "strategy; default spread)",
+    )
+    ray.add_argument("--prefill-resources", default=None, metavar="JSON",
+                     help="custom Ray resources each prefill worker needs, e.g. '{\"prefill_node\": 1}'")  # fmt: skip
+    ray.add_argument("--decode-resources", default=None, metavar="JSON",
+                     help="custom Ray resources each decode (or colocated) worker needs")  # fmt: skip
     _add_router_args(srv, worker_port=0)
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)
+
+    scl = command(
+        "scale",
+        help="resize the pools of a cluster started with `serve --ray`",
+        description="Resize the prefill, decode or colocated pool of the splitserve cluster running on a Ray "
+        "cluster: new workers join as soon as they have loaded; a removed worker is first drained by the router "
+        "(no new work; its requests finish), so no request is lost.",
+    )
+    scl.add_argument("--prefill", type=int, default=None, help="prefill workers wanted")
+    scl.add_argument("--decode", type=int, default=None, help="decode workers wanted")
+    scl.add_argument("--both", type=int, default=None, help="colocated workers wanted")
+    scl.add_argument("--ray", default="auto", metavar="ADDRESS", help="the Ray cluster (default auto: this node's)")
+    scl.set_defaults(func=_scale)
 
     rtr = command(
         "router",

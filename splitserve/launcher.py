@@ -10,7 +10,6 @@ what tests and benchmarks use to get a real cluster.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from splitserve.children import die_with_parent
 from splitserve.router.cluster import Cluster
 from splitserve.router.server import ServerOptions, run_router
 
@@ -106,7 +106,7 @@ class Supervisor:
         _stop([slot.process for slot in self.slots if slot.process is not None])
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.process = subprocess.Popen(slot.argv, env=self.env, preexec_fn=_die_with_parent)
+        slot.process = subprocess.Popen(slot.argv, env=self.env, preexec_fn=die_with_parent)
         slot.started, slot.restart_at = time.monotonic(), None
 
     def _watch(self) -> None:
@@ -163,12 +163,6 @@ def _stop(children: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, however it dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:

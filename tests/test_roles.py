@@ -27,6 +27,7 @@ from splitserve.router.policy import (
     RolePolicy,
     Verdict,
     Window,
+    judge,
     local_prefill_threshold,
     prefills_locally,
 )
@@ -66,6 +67,22 @@ def test_the_short_prompt_threshold_is_learned_from_measured_throughput_unless_c
     assert local_prefill_threshold(500.0, 0.1, 300) == 300
     assert local_prefill_threshold(0.0, 0.1, None) == 0  # nothing measured yet
     assert local_prefill_threshold(500.0, None, None) == 0  # no TPOT limit
+
+
+def test_misses_are_told_as_soon_as_they_are_plain_and_laid_at_the_right_pool():
+    slo = SLO(ttft=1.0, tpot=0.1)
+    # no first token yet: nothing to tell before the TTFT limit; after it, a miss of the pool it waits in
+    assert judge(slo, now=0.9, created=0.0, first_token_at=None, num_tokens=0, waited_s=0.0, final=False) is None
+    assert judge(slo, 1.5, 0.0, None, 0, waited_s=0.2, final=False) == (True, False)  # being prefilled
+    assert judge(slo, 1.5, 0.0, None, 0, waited_s=1.4, final=False) == (False, True)  # no decode worker had room
+    # running: a TPOT over the limit is told once it rests on enough tokens
+    assert judge(slo, 1.5, 0.0, 0.5, 6, 0.0, final=False) is None  # 200 ms per token, but 6 tokens
+    assert judge(slo, 2.5, 0.0, 0.5, 11, 0.0, final=False) == (False, True)
+    assert judge(slo, 1.5, 0.0, 0.5, 20, 0.0, final=False) is None  # on time so far
+    # ended: judged whatever it was
+    assert judge(slo, 1.5, 0.0, 0.5, 20, 0.0, final=True) == (False, False)
+    assert judge(slo, 3.0, 0.0, 2.0, 11, 0.0, final=True) == (True, False)
+    assert judge(slo, 3.0, 0.0, 2.0, 11, 1.9, final=True) == (False, True)
 
 
 def test_verdicts_name_the_bottleneck_only_when_the_other_pool_can_give():

@@ -37,6 +37,7 @@ from splitserve.router.policy import (
     PolicyOptions,
     RolePolicy,
     Window,
+    judge,
     local_prefill_threshold,
     prefills_locally,
 )
@@ -92,7 +93,8 @@ class _Req:
     token_times: list[float] = field(default_factory=list)
     decode: _Decode | None = None
     waited: float = 0.0  # in the router's queue: no decode worker had room
-    queued_at: float = 0.0
+    queued_at: float | None = None  # while it waits there
+    judged: bool = False  # counted in a policy window
 
 
 @dataclass(eq=False)
@@ -145,6 +147,7 @@ class _Sim:
         self.policy = RolePolicy(router.policy) if router is not None and router.policy is not None else None
         self.switches: list[tuple[float, str]] = []  # (time, "prefill->decode")
         self._unfinished = 0
+        self._inflight: set[_Req] = set()  # placed on a worker, not finished
         self._window = [0, 0, 0, 0]  # requests, prefill misses, decode misses, ticks
         self._window_start = 0.0
 
@@ -173,6 +176,7 @@ class _Sim:
             r.queued_at = t
             self.waiting.append(r)
             return
+        self._inflight.add(r)
         d = min(room, key=lambda d: d.assigned)
         prefill = [p for p in self.prefill if not p.draining]
         if self._prefills_locally(d, r, prefill):
@@ -273,24 +277,29 @@ class _Sim:
     def finish(self, t: float, r: _Req) -> None:
         r.decode.assigned -= 1
         self._unfinished -= 1
+        self._inflight.discard(r)
         if self.router is not None:
-            self._observe(r, t)
+            self._observe(r, t, final=True)
         if self.waiting:
             nxt = self.waiting.popleft()
             nxt.waited += t - nxt.queued_at
+            nxt.queued_at = None
             self.arrive(t, nxt)
 
     # --- the router's SLO loop, as `router/cluster.py` runs it ------------------------------------------
 
-    def _observe(self, r: _Req, t: float) -> None:
-        ttft = r.token_times[0] - r.spec.arrival
-        n = len(r.token_times)
-        tpot = (r.token_times[-1] - r.token_times[0]) / (n - 1) if n > 1 else None
-        missed = self.router.slo.missed(ttft, tpot, t - r.spec.arrival)
-        waited_for_decode = r.waited > ttft / 2
+    def _observe(self, r: _Req, t: float, final: bool) -> None:
+        if r.judged:
+            return
+        waited = r.waited + (t - r.queued_at if r.queued_at is not None else 0.0)
+        first = r.token_times[0] if r.token_times else None
+        verdict = judge(self.router.slo, t, r.spec.arrival, first, len(r.token_times), waited, final)
+        if verdict is None:
+            return
+        r.judged = True
         self._window[0] += 1
-        self._window[1] += "ttft" in missed and not waited_for_decode
-        self._window[2] += "tpot" in missed or ("ttft" in missed and waited_for_decode)
+        self._window[1] += verdict[0]
+        self._window[2] += verdict[1]
 
     def tick(self, t: float) -> None:
         """The router's watch loop: busy samples; each window the policy; drained workers switch."""
@@ -299,6 +308,8 @@ class _Sim:
         self._window[3] += 1
         for w in (*self.prefill, *self.decode):
             w.busy_ticks += not w.idle
+        for r in (*self._inflight, *self.waiting):
+            self._observe(r, t, final=False)
         if self.policy.options.window_over(t - self._window_start, self._window[0]):
             requests, pre, dec, ticks = self._window
             prefill = [p for p in self.prefill if not p.draining]

@@ -154,6 +154,15 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
             raise APIError(409, f"worker {worker_id} cannot switch to {body.role}: {e}", param="role") from None
         return {"worker": worker_id, "switching_to": body.role}
 
+    @app.post("/admin/workers/{worker_id}/drain", dependencies=[Depends(authorized)])
+    async def drain(worker_id: str):
+        """Send a worker no new work (before stopping it: a smaller pool); its requests finish."""
+        try:
+            state.cluster.drain(worker_id)
+        except KeyError:
+            raise APIError(404, f"no worker {worker_id!r}", "not_found_error", param="worker_id") from None
+        return {"worker": worker_id, "leaving": True}
+
     @app.get("/health")
     async def health():
         snap = state.cluster.snapshot()

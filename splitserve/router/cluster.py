@@ -69,6 +69,7 @@ from splitserve.router.policy import (
     PolicyOptions,
     RolePolicy,
     Window,
+    judge,
     local_prefill_threshold,
     prefills_locally,
 )
@@ -141,6 +142,7 @@ class Job:
     queued_at: float = 0.0
     waited_s: float = 0.0  # time spent in the router's queue, waiting for room on a worker
     enqueued_at: float = 0.0  # when it last entered that queue
+    judged: bool = False  # counted in an SLO window already
     prefill: str | None = None  # worker ids holding state for the current attempt
     decode: str | None = None
     num_tokens: int = 0
@@ -182,6 +184,7 @@ class Worker:
     root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
     role_reason: str = "started with it"  # why it has its role
     switch: Decision | None = None  # it is being drained to switch roles
+    leaving: bool = False  # it is being drained to be stopped (a pool made smaller)
     switch_started: float = 0.0
     switch_sent: bool = False  # SwitchRole sent (once it held no work)
     busy_ticks: int = 0  # watch-loop ticks of the current window in which it had work
@@ -421,23 +424,25 @@ class Cluster:
             self.stats.prefix_routed_tokens += cached
 
     def _pool(self, role: Role) -> list[Worker]:
-        """The workers taking new work of this role (not those draining to switch roles)."""
-        return [w for w in self.workers.values() if w.role is role and w.switch is None]
+        """The workers taking new work of this role (not those draining to switch roles or to leave)."""
+        return [w for w in self.workers.values() if w.role is role and w.switch is None and not w.leaving]
 
     # --- the SLO loop: windows of finished requests, and role switches ---------------------------------
 
-    def _observe(self, job: Job, now: float) -> None:
-        """Judge a request that produced tokens against the SLO, in the current window."""
-        if self.options.slo is None or job.first_token_at is None:
+    def _observe(self, job: Job, now: float, final: bool = True) -> None:
+        """Count a request in the current window: when it ends, or while it runs once it has plainly missed
+        the SLO (`policy.judge`); each request once."""
+        if self.options.slo is None or job.judged:
             return
-        ttft = job.first_token_at - job.created
-        tpot = (now - job.first_token_at) / (job.num_tokens - 1) if job.num_tokens > 1 else None
-        missed = self.options.slo.missed(ttft, tpot, now - job.created)
-        waited_for_decode = job.waited_s > ttft / 2  # in the router's queue: no decode worker had room
+        waited = job.waited_s + (now - job.enqueued_at if job.state is JobState.QUEUED else 0.0)
+        verdict = judge(self.options.slo, now, job.created, job.first_token_at, job.num_tokens, waited, final)
+        if verdict is None:
+            return
+        job.judged = True
         w = self._window
         w.requests += 1
-        w.prefill_misses += "ttft" in missed and not waited_for_decode
-        w.decode_misses += "tpot" in missed or ("ttft" in missed and waited_for_decode)
+        w.prefill_misses += verdict[0]
+        w.decode_misses += verdict[1]
 
     def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
         """Move a worker to the other pool (an operator's request): KeyError for an unknown worker,
@@ -453,12 +458,20 @@ class Cluster:
             raise ValueError("it is the last decode worker: nothing could serve requests without it")
         self._drain(w, Decision(w.role, role, reason), time.monotonic())
 
+    def drain(self, worker_id: str) -> None:
+        """Send a worker no new work, so that it can be stopped once it holds none (`/health` shows its
+        jobs); KeyError for an unknown worker."""
+        self.workers[worker_id].leaving = True
+        log.info("draining worker %s: it gets no new work", worker_id)
+
     def _balance(self, now: float) -> None:
         """Each watch tick: count who is busy; at each window's end ask the policy; move switches along."""
         if self.policy is not None:
             self._window.ticks += 1
             for w in self.workers.values():
                 w.busy_ticks += bool(w.jobs)
+            for job in self.jobs.values():
+                self._observe(job, now, final=False)
             if self.options.policy.window_over(now - self._window.start, self._window.requests):
                 window = self._close_window(now)
                 decision = self.policy.decide(window, now)
@@ -778,6 +791,7 @@ def _describe(w: Worker) -> dict:
         "role": w.role.value,
         "role_reason": w.role_reason,
         "switching_to": w.switch.target.value if w.switch is not None else None,
+        "leaving": w.leaving,
         "pid": w.info.pid,
         "host": w.info.host,
         "num_pages": w.info.num_pages,

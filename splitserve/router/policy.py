@@ -4,15 +4,17 @@ very same ones.
 - `prefills_locally`: conditional disaggregation (Dynamo's `isl_or_load`). A decode worker prefills a prompt
   itself when the part it lacks is short, or when the prefill pool's queue would make the prompt wait longer
   than computing it there.
-- `RolePolicy`: which pool is the bottleneck, from windows of finished requests judged against the SLO, and
-  so which way a worker should move. Each miss is laid at the door of the pool that caused it: a TPOT miss,
-  or a TTFT miss spent mostly waiting for room on a decode worker, at the decode pool's; any other TTFT
-  miss at the prefill pool's. Prefill misses while the decode pool idles call for another prefill worker;
-  decode misses while the prefill pool idles call for another decode worker. A verdict must hold for
-  `confirm_windows` windows in a row (hysteresis) and switches are at least `dwell_s` apart. The decode pool
-  never gives its last worker. The prefill pool may: a pool busy less than `idle_share` of the time does
-  less than that share of one worker's work, which the decode workers then absorb (they prefill for
-  themselves when no prefill worker is left); should TTFT suffer, its misses bring a worker back.
+- `RolePolicy`: which pool is the bottleneck, from windows of requests judged against the SLO, and so which
+  way a worker should move. Each miss is laid at the door of the pool that caused it: a TPOT miss, or a
+  TTFT miss spent mostly waiting for room on a decode worker, at the decode pool's; any other TTFT miss at
+  the prefill pool's. A request counts once: when it ends, or as soon as it has plainly missed (`judge`),
+  so that a pool falling behind shows before its slow requests finish. Prefill misses while the decode pool
+  idles call for another prefill worker; decode misses while the prefill pool idles call for another decode
+  worker. A verdict must hold for `confirm_windows` windows in a row (hysteresis) and switches are at least
+  `dwell_s` apart. The decode pool never gives its last worker. The prefill pool may: a pool busy less than
+  `idle_share` of the time does less than that share of one worker's work, which the decode workers then
+  absorb (they prefill for themselves when no prefill worker is left); should TTFT suffer, its misses bring
+  a worker back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import enum
 import math
 from dataclasses import dataclass
 
+from splitserve.bench.metrics import SLO
 from splitserve.protocol import Role
+
+MIN_TOKENS_TO_JUDGE_TPOT = 8  # a running request's TPOT so far says something after this many tokens
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,28 @@ def prefills_locally(
     return pool_tokens / tokens_per_s > rule.ttft_s and local_tokens / tokens_per_s <= rule.ttft_s
 
 
+def judge(slo: SLO, now: float, created: float, first_token_at: float | None, num_tokens: int, waited_s: float,
+          final: bool) -> tuple[bool, bool] | None:  # fmt: skip
+    """Whether a request missed the SLO in prefill and in decode (see the module's docstring), or None when it
+    cannot be told yet. `final`: it has ended; else it runs, and only a miss already plain is told.
+    `waited_s`: how long it waited in the router's queue for room on a decode worker."""
+    if first_token_at is None:
+        if final or slo.ttft is None or now - created <= slo.ttft:
+            return None
+        return waited_s <= (now - created) / 2, waited_s > (now - created) / 2  # no first token, past the limit
+    ttft = first_token_at - created
+    tpot = (now - first_token_at) / (num_tokens - 1) if num_tokens > 1 else None
+    missed = slo.missed(ttft, tpot, now - created)
+    if not final and "ttft" not in missed and ("tpot" not in missed or num_tokens <= MIN_TOKENS_TO_JUDGE_TPOT):
+        return None
+    waited_for_decode = waited_s > ttft / 2
+    ttft_missed = "ttft" in missed
+    return ttft_missed and not waited_for_decode, "tpot" in missed or (ttft_missed and waited_for_decode)
+
+
 @dataclass(frozen=True)
 class PolicyOptions:
-    window_s: float = 10.0  # requests finished in at least this long make one window...
+    window_s: float = 5.0  # requests judged in at least this long make one window...
     miss_share: float = 0.1  # a window with this share of TTFT (or TPOT) misses says that pool is behind
     idle_share: float = 0.5  # a pool busy less than this share of the window can give a worker
     confirm_windows: int = 2  # the same verdict this many windows in a row before a switch
