@@ -29,8 +29,11 @@ from splitserve.bench.cli import phase_summaries, tokenizer_for
 from splitserve.bench.client import Record, Target, run
 from splitserve.launcher import ServeProcess
 
-PHASES = "90/0.08/uniform:1000,2000/uniform:16,32;90/0.8/fixed:64/fixed:200;90/0.08/uniform:1000,2000/uniform:16,32"
-SLO = "ttft=12,tpot=0.1"
+# Long prompts at 0.12 req/s keep one prefill worker (1 thread) about 80% busy; 200-token answers at 1.2 req/s
+# are more than one decode worker (1 thread) can stream within the TPOT limit, and less than two can.
+_A = "150/0.12/uniform:1000,2000/uniform:16,32"
+PHASES = f"{_A};150/1.2/fixed:64/fixed:200;{_A}"
+SLO = "ttft=12,tpot=0.15"
 FIXED = "fixed 1P+1D"
 ADAPTIVE = "adaptive 1P+1D (--slo)"
 

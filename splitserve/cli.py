@@ -226,6 +226,7 @@ def _serve_on_ray(args: argparse.Namespace, pools: dict[str, int]) -> int:
         api_key=args.api_key,
         placement=placement,
         env=forwarded_env(),
+        max_workers=args.max_workers,
     )
     serve_on_ray(args.ray or None, spec, pools)
     return 0
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="custom Ray resources each prefill worker needs, e.g. '{\"prefill_node\": 1}'")  # fmt: skip
     ray.add_argument("--decode-resources", default=None, metavar="JSON",
                      help="custom Ray resources each decode (or colocated) worker needs")  # fmt: skip
+    ray.add_argument("--max-workers", type=int, default=0,
+                     help="with --slo: add a worker to the pool the router finds behind (at most one a minute) "
+                     "while the Ray cluster has room, up to this many workers in all (default 0: never)")  # fmt: skip
     _add_router_args(srv, worker_port=0)
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)

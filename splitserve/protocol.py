@@ -61,6 +61,7 @@ class Load(msgspec.Struct, frozen=True):
     num_waiting: int  # queued, or waiting for their pages to arrive
     pending_prefill_tokens: int  # prompt tokens queued or in progress
     prefill_tokens_per_s: float = 0.0  # its measured prompt throughput (0: not measured yet)
+    decode_step_s: float = 0.0  # its measured time of a decode-only step (0: not measured yet)
 
 
 class CacheStats(msgspec.Struct, frozen=True):

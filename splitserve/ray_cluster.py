@@ -10,8 +10,9 @@ A named actor, the `PoolManager` ("splitserve-pools" in namespace "splitserve"),
 starts the router on the node of the process that ran `serve --ray` (its HTTP endpoint is the cluster's),
 sizes the pools (`scale`: a new worker joins as soon as it has loaded; a removed one is drained by the
 router first, so no request is lost) and shuts it all down. `splitserve scale` reaches it from any process
-that can join the Ray cluster; so could the SLO router's role switching or the planner, to add a worker to a
-pool when the cluster has room.
+that can join the Ray cluster. With `max_workers`, it also follows the SLO router: when two polls in a row
+find the router's windows saying the same pool is behind, and the Ray cluster has room for one more worker
+there, it adds one (`autoscale_step`, the same `scale`), at most one a minute.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ClusterSpec:
     api_key: str | None
     placement: RayPlacement
     env: dict[str, str]
+    max_workers: int = 0  # > 0: grow the pool the SLO router finds behind, up to this many workers in all
 
 
 class PoolManager:
@@ -113,6 +115,10 @@ class PoolManager:
         host = "127.0.0.1" if spec.http_host in ("0.0.0.0", "::", "") else spec.http_host
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
         self._http = httpx.Client(base_url=f"http://{host}:{spec.http_port}", headers=headers, timeout=30)
+        self._stopping = threading.Event()
+        self._resizing = threading.Lock()  # `scale` calls (an operator's, autoscaling's) one at a time
+        self._last_behind: str | None = None
+        self._last_growth = -float("inf")
 
     def start(self, pools: dict[str, int], timeout_s: float = 300.0) -> str:
         """Start the router on this node, then the pools; returns once every worker has joined."""
@@ -134,6 +140,10 @@ class PoolManager:
 
     def scale(self, pools: dict[str, int], timeout_s: float = 300.0) -> dict[str, int]:
         """Grow or shrink the pools to `pools` (roles not named keep their size); returns the sizes."""
+        with self._resizing:
+            return self._resize(pools, timeout_s)
+
+    def _resize(self, pools: dict[str, int], timeout_s: float) -> dict[str, int]:
         target = {**self.sizes(), **pools}
         if min(target.values()) < 0 or target["decode"] + target["both"] == 0:
             raise ValueError(f"not a cluster: {target} (it needs a decode or a colocated worker)")
@@ -155,9 +165,40 @@ class PoolManager:
         """Each role's worker actors (for tests and operators: `ray.kill` one and Ray restarts it)."""
         return {role: list(actors) for role, actors in self.workers.items()}
 
+    def autoscale(self, period_s: float = 5.0) -> None:
+        """Follow the SLO router until `shutdown` (see the module's docstring)."""
+        while not self._stopping.wait(period_s):
+            try:
+                self.autoscale_step(self._health(), time.monotonic())
+            except Exception:  # the router is restarting, or Ray is busy: try again next time
+                log.exception("autoscaling")
+
+    def autoscale_step(self, health: dict, now: float, cooldown_s: float = 60.0) -> str | None:
+        """One poll of the router's /health: the role a worker was added to, if one was."""
+        behind = (health.get("routing") or {}).get("behind")
+        confirmed, self._last_behind = behind is not None and behind == self._last_behind, behind
+        if not confirmed or now - self._last_growth < cooldown_s:
+            return None
+        if sum(self.sizes().values()) >= self.spec.max_workers or not self._has_room(behind):
+            return None
+        self._last_growth = now
+        log.warning("the SLO router finds the %s pool behind: adding a worker to it", behind)
+        self.scale({behind: len(self.workers[behind]) + 1})
+        return behind
+
+    def _has_room(self, role: str) -> bool:
+        """Whether the Ray cluster has, free right now, what one more worker of `role` asks for."""
+        import ray
+
+        p = self.spec.placement
+        need = {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker, **p.resources.get(role, {})}
+        free = ray.available_resources()
+        return all(free.get(name, 0.0) >= amount for name, amount in need.items() if amount)
+
     def shutdown(self) -> None:
         import ray
 
+        self._stopping.set()
         for actor in [a for actors in self.workers.values() for a in actors] + [self.router]:
             if actor is not None:
                 try:
@@ -246,6 +287,8 @@ def serve_on_ray(address: str | None, spec: ClusterSpec, pools: dict[str, int]) 
     try:
         worker_address = ray.get(manager.start.remote(pools))
         sizes = ray.get(manager.sizes.remote())
+        if spec.max_workers:
+            manager.autoscale.remote()
         print(f"splitserve: serving on http://{spec.http_host}:{spec.http_port} (this node) with "
               f"{', '.join(f'{n} {role}' for role, n in sizes.items() if n)} worker(s) on Ray "
               f"(workers join at {worker_address}; `splitserve scale` resizes; Ctrl-C stops)", flush=True)  # fmt: skip

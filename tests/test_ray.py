@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from splitserve.launcher import ServeProcess  # noqa: E402
-from splitserve.ray_cluster import MANAGER_NAME, NAMESPACE  # noqa: E402
+from splitserve.ray_cluster import MANAGER_NAME, NAMESPACE, ClusterSpec, PoolManager, RayPlacement  # noqa: E402
 from tests.helpers import hf_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -133,3 +133,25 @@ def test_scaling_the_decode_pool_under_load_loses_no_request(server, ray_cluster
     assert [results.get(i) for i in range(len(prompts))] == expected
     assert len(server.workers("decode")) == 1
     server.wait_idle(timeout=10)
+
+
+def test_autoscaling_grows_the_pool_the_slo_router_finds_behind(monkeypatch):
+    spec = ClusterSpec([], [], 1, "127.0.0.1", 1, 0, None, RayPlacement(), {}, max_workers=3)
+    manager = PoolManager(spec)
+    manager.workers = {"prefill": ["p"], "decode": ["d"], "both": []}
+    grown: list[dict] = []
+    room = {"decode": True, "prefill": False}
+    monkeypatch.setattr(manager, "_has_room", lambda role: room[role])
+    monkeypatch.setattr(manager, "scale", lambda pools: grown.append(pools) or manager.workers["decode"].append("d"))
+
+    def poll(behind: str | None, now: float) -> str | None:
+        return manager.autoscale_step({"routing": {"behind": behind}}, now)
+
+    assert poll("decode", 0) is None  # once is not enough
+    assert poll("decode", 5) == "decode" and grown == [{"decode": 2}]
+    assert poll("decode", 10) is None  # at most one a minute
+    assert poll("decode", 70) is None  # 3 workers: the most it may have
+    manager.workers["decode"].pop()
+    assert poll("prefill", 80) is None and poll("prefill", 85) is None  # no room for a prefill worker
+    assert poll(None, 90) is None and poll("decode", 95) is None  # the streak starts again
+    assert poll("decode", 100) == "decode"

@@ -27,6 +27,7 @@ from splitserve.router.policy import (
     RolePolicy,
     Verdict,
     Window,
+    has_decode_room,
     judge,
     local_prefill_threshold,
     prefills_locally,
@@ -45,21 +46,27 @@ def _window(requests=20, pre=0, dec=0, prefill_busy=0.9, decode_busy=0.9, p=1, d
 
 
 def test_short_prompts_go_local_under_an_slo_and_long_ones_when_the_pool_is_backed_up():
-    rule = LocalPrefill(max_tokens=64, ttft_s=2.0)
-    # short: local, even on equal work (saves the transfer); long: the pool, while it keeps up
-    assert prefills_locally(64, 0, 64, 500, rule)
-    assert not prefills_locally(65, 0, 65, 500, rule)
-    assert not prefills_locally(64, 200, 64, 500, rule)  # the decode worker has more prompt work queued
-    # long, with the pool 1,500 tokens behind at 500 tokens/s (3 s > 2 s), and 800 tokens here (1.6 s): local
-    assert prefills_locally(800, 0, 1500, 500, rule)
-    assert not prefills_locally(1200, 0, 1500, 500, rule)  # here it would miss the budget too
-    assert not prefills_locally(800, 0, 1500, 0, rule)  # no measured throughput: no estimate, no load rule
-    assert not prefills_locally(800, 0, 1500, 500, rule, decoding=2)  # it would stall running requests' TPOT
-    assert prefills_locally(5000, 0, math.inf, 0, rule)  # no prefill worker at all
+    rule = LocalPrefill(max_tokens=64, conditional=True)
+    # short: local, even on equal work (saves the transfer); long: the pool, while it has nothing queued
+    assert prefills_locally(64, 0, 64, rule)
+    assert not prefills_locally(65, 0, 65, rule)
+    assert not prefills_locally(64, 200, 64, rule)  # the decode worker has more prompt work queued
+    # long, with the pool 700 tokens behind: here, if this decode worker runs nothing
+    assert prefills_locally(800, 0, 1500, rule)
+    assert not prefills_locally(800, 0, 1500, rule, decoding=2)  # it would stall running requests' TPOT
+    assert not prefills_locally(800, 800, 1500, rule)  # it has as much prompt work of its own
+    assert prefills_locally(5000, 0, math.inf, rule, decoding=3)  # no prefill worker at all
     # without an SLO: a tie stays with the pool, and there is no load rule
-    assert not prefills_locally(64, 0, 64, 500, LocalPrefill(64))
-    assert prefills_locally(60, 0, 64, 500, LocalPrefill(64))
-    assert not prefills_locally(800, 0, 1500, 500, LocalPrefill(64))
+    assert not prefills_locally(64, 0, 64, LocalPrefill(64))
+    assert prefills_locally(60, 0, 64, LocalPrefill(64))
+    assert not prefills_locally(800, 0, 1500, LocalPrefill(64))
+
+
+def test_a_decode_worker_at_the_tpot_limit_takes_no_new_request():
+    assert has_decode_room(step_s=0.08, tpot_s=0.1, running=5)
+    assert not has_decode_room(step_s=0.095, tpot_s=0.1, running=5)  # within 10% of the limit: full
+    assert has_decode_room(step_s=0.2, tpot_s=0.1, running=0)  # idle: its figure is stale
+    assert has_decode_room(step_s=0.2, tpot_s=None, running=5)  # no TPOT limit
 
 
 def test_the_short_prompt_threshold_is_learned_from_measured_throughput_unless_configured():

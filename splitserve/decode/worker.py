@@ -60,7 +60,7 @@ class DecodeWorker:
         s = self.engine.scheduler
         pending = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
         return Load(self.allocator.num_available, len(s.running), len(s.waiting) + len(s.receiving), pending,
-                    self.engine.prefill_tokens_per_s)  # fmt: skip
+                    self.engine.prefill_tokens_per_s, self.engine.decode_step_s)  # fmt: skip
 
     def idle(self) -> bool:
         """Nothing running, queued or being received: the worker may switch roles."""

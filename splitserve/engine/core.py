@@ -41,7 +41,7 @@ class EngineCore:
             self.model_path, self.model_config = take_over.model_path, take_over.model_config
             self.runner, self.allocator, self.pages = take_over.runner, take_over.allocator, take_over.pages
             self.max_model_len, self._grammars = take_over.max_model_len, take_over._grammars
-            self.prefill_tokens_per_s = take_over.prefill_tokens_per_s
+            self.prefill_tokens_per_s, self.decode_step_s = take_over.prefill_tokens_per_s, take_over.decode_step_s
             return
         self.model_path = resolve_model(config.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
@@ -52,16 +52,19 @@ class EngineCore:
         self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s)
         self._grammars: GrammarCompiler | None = None
         self.prefill_tokens_per_s = 0.0  # measured prompt throughput (moving average); 0 until measured
+        self.decode_step_s = 0.0  # measured time of a step of decode rows only (moving average)
 
     def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
-        """One forward pass (the runner's), measuring prompt throughput on passes that are mostly prompt."""
+        """One forward pass (the runner's), measuring prompt throughput on passes that are mostly prompt, and
+        the step time of passes of decode rows only."""
         start = time.perf_counter()
         sampled = self.runner.execute(chunks)
+        seconds = max(time.perf_counter() - start, 1e-6)
         prompt_tokens = sum(c.num_tokens for c in chunks if c.num_tokens > 1)
         if prompt_tokens >= _MIN_MEASURED_PROMPT_TOKENS:
-            rate = prompt_tokens / max(time.perf_counter() - start, 1e-6)
-            old = self.prefill_tokens_per_s
-            self.prefill_tokens_per_s = rate if old == 0 else 0.8 * old + 0.2 * rate
+            self.prefill_tokens_per_s = _average(self.prefill_tokens_per_s, prompt_tokens / seconds)
+        elif not prompt_tokens:
+            self.decode_step_s = _average(self.decode_step_s, seconds)
         return sampled
 
     @property
@@ -119,3 +122,8 @@ class EngineCore:
             cfg = self.model_config
             self._grammars = GrammarCompiler(tokenizer, cfg.vocab_size, sorted(cfg.eos_token_ids))
         return self._grammars
+
+
+def _average(old: float, new: float) -> float:
+    """A moving average of measurements (the first one alone)."""
+    return new if old == 0 else 0.8 * old + 0.2 * new

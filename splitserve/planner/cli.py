@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="profile fewer points, each timed once (about a minute on 2 cores)"
     )
+    p.add_argument("--apply", nargs="?", const="auto", default=None, metavar="RAY_ADDRESS",
+                   help="resize the pools of the cluster `serve --ray` runs on that Ray cluster (default auto: this "
+                   "node's) to the recommended split, as `splitserve scale` does")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -56,6 +59,12 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     counts = sorted({int(n) for n in args.workers.split(",")})
     if any(n < 2 for n in counts):
         raise ValueError("a split needs at least 2 workers")
+    phases = tuple(Phase.parse_all(args.phases)) if args.phases else ()
+    workload = planner.Workload(LengthDist(args.input_len), LengthDist(args.output_len), args.burstiness,
+                                args.num_requests, args.seed, phases)  # fmt: skip
+    if args.rate is None and not phases:
+        raise ValueError("--rate is needed (or --phases, whose mean rate it then is)")
+    args.rate = args.rate or workload.mean_rate
     by_threads: dict[int, Profile] = {}
     for path in args.profile or []:
         loaded = Profile.load(Path(path))
@@ -73,12 +82,6 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
             if args.save_profile:
                 by_threads[threads].save(Path(f"{args.save_profile}-t{threads}.json"))
         profiles[n] = by_threads[threads]
-    phases = tuple(Phase.parse_all(args.phases)) if args.phases else ()
-    workload = planner.Workload(LengthDist(args.input_len), LengthDist(args.output_len), args.burstiness,
-                                args.num_requests, args.seed, phases)  # fmt: skip
-    if args.rate is None and not phases:
-        raise ValueError("--rate is needed (or --phases, whose mean rate it then is)")
-    args.rate = args.rate or workload.mean_rate
     results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target, args.adaptive)
     for n in counts:
         print(f"{n} workers: {profiles[n].threads} thread(s) each; two busy workers slow each other "
@@ -87,7 +90,13 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     print(f"\nworkload: {shape}; SLO {slo.describe()} for {100 * args.target:.0f}% of requests")
     print(planner.format_table(results, args.rate))
     print()
-    print(planner.recommend(results, args.rate, args.target)[1])
+    chosen, text = planner.recommend(results, args.rate, args.target)
+    print(text)
+    if args.apply is not None and chosen is not None:
+        from splitserve.ray_cluster import scale
+
+        sizes = scale(args.apply, {"prefill": chosen.prefill, "decode": chosen.decode})
+        print("applied: the cluster's pools are now " + ", ".join(f"{n} {r}" for r, n in sizes.items() if n))
     if args.plot:
         path = planner.plot(profiles, args.cores, results, args.rate, workload, slo, args.target, Path(args.plot))
         print(f"chart: {path}")

@@ -37,6 +37,7 @@ from splitserve.router.policy import (
     PolicyOptions,
     RolePolicy,
     Window,
+    has_decode_room,
     judge,
     local_prefill_threshold,
     prefills_locally,
@@ -122,6 +123,7 @@ class _Decode:
     busy: bool = False
     draining: bool = False  # moving to the prefill pool once idle
     busy_ticks: int = 0
+    step_s: float = 0.0  # its last step of decode rows only, as the worker measures it
 
     @property
     def pending(self) -> int:
@@ -171,7 +173,9 @@ class _Sim:
         return self.profile.slowdown(busy, self.hw.cores)
 
     def arrive(self, t: float, r: _Req) -> None:
-        room = [d for d in self.decode if d.assigned < self.profile.max_num_seqs and not d.draining]
+        tpot = self.router.slo.tpot if self.router is not None else None
+        room = [d for d in self.decode if d.assigned < self.profile.max_num_seqs and not d.draining
+                and has_decode_room(d.step_s, tpot, d.assigned)]  # fmt: skip
         if not room:
             r.queued_at = t
             self.waiting.append(r)
@@ -198,8 +202,8 @@ class _Sim:
             return math.isinf(pool)
         slo = self.router.slo
         threshold = local_prefill_threshold(self.tokens_per_s, slo.tpot, self.router.local_prefill_tokens)
-        rule = LocalPrefill(threshold, slo.ttft)
-        return prefills_locally(r.spec.prompt_tokens, d.pending, pool, self.tokens_per_s, rule, d.assigned)
+        rule = LocalPrefill(threshold, conditional=True)
+        return prefills_locally(r.spec.prompt_tokens, d.pending, pool, rule, d.assigned)
 
     def kick_prefill(self, t: float, p: _Prefill) -> None:
         if p.busy or not p.queue:
@@ -248,6 +252,8 @@ class _Sim:
         if d.running:
             context = sum(r.spec.prompt_tokens + len(r.token_times) for r in d.running) / len(d.running)
             step = self.profile.decode_time(len(d.running), context)
+            if not d.local:
+                d.step_s = step * self.slowdown()
         if d.local:
             r = d.local[0]
             n = min(r.spec.prompt_tokens - r.computed, max(1, self.profile.max_num_batched_tokens - len(d.running)))

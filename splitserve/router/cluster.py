@@ -69,6 +69,7 @@ from splitserve.router.policy import (
     PolicyOptions,
     RolePolicy,
     Window,
+    has_decode_room,
     judge,
     local_prefill_threshold,
     prefills_locally,
@@ -349,11 +350,13 @@ class Cluster:
     def _place(self, job: Job) -> bool:
         prefill = self._pool(Role.PREFILL)
         decode_pool = self._pool(Role.DECODE)
+        tpot = self.options.slo.tpot if self.options.slo is not None else None
         if decode_pool:
             decode = [
                 w
                 for w in decode_pool
                 if not w.refused_reserve
+                and has_decode_room(w.load.decode_step_s, tpot, len(w.jobs))
                 and w.free_pages() >= job.pages_needed
                 and len(w.jobs) < w.info.max_num_seqs
                 and len(job.prompt_token_ids) < w.info.max_model_len
@@ -401,9 +404,7 @@ class Cluster:
         pool = min((len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill),
                    default=math.inf)  # fmt: skip
         suffix = len(job.prompt_token_ids) - cached
-        rule = self.local_prefill_rule()
-        rate = self.prefill_tokens_per_s()
-        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, rate, rule, len(d.jobs))
+        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.local_prefill_rule(), len(d.jobs))
 
     def prefill_tokens_per_s(self) -> float:
         """The workers' measured prompt throughput (their mean; 0 before any measured one)."""
@@ -414,7 +415,8 @@ class Cluster:
         slo, configured = self.options.slo, self.options.local_prefill_tokens
         if slo is None:
             return LocalPrefill(256 if configured is None else configured)
-        return LocalPrefill(local_prefill_threshold(self.prefill_tokens_per_s(), slo.tpot, configured), slo.ttft)
+        threshold = local_prefill_threshold(self.prefill_tokens_per_s(), slo.tpot, configured)
+        return LocalPrefill(threshold, conditional=True)
 
     def _note_routing(self, w: Worker, job: Job) -> None:
         """Count a placement on the worker that will compute the prompt, when it holds part of it."""
@@ -781,6 +783,8 @@ class Cluster:
         if self.policy is not None:
             routing["last_window"] = None if self.last_window is None else dataclasses.asdict(self.last_window)
             routing["last_verdict"] = self.last_verdict
+            behind = self.policy.last_behind
+            routing["behind"] = None if behind is None else behind.value
         return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers,
                 "worker_restarts": dict(self.stats.worker_restarts), "routing": routing}  # fmt: skip
 

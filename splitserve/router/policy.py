@@ -3,7 +3,10 @@ very same ones.
 
 - `prefills_locally`: conditional disaggregation (Dynamo's `isl_or_load`). A decode worker prefills a prompt
   itself when the part it lacks is short, or when the prefill pool's queue would make the prompt wait longer
-  than computing it there.
+  than computing it there and the decode worker runs nothing (no one's TPOT to hurt).
+- `has_decode_room`: admission by TPOT. A decode worker whose measured step time is at the TPOT limit takes
+  no new request (it would push every running one over): the request waits in the router's queue, where its
+  wait counts against the decode pool.
 - `RolePolicy`: which pool is the bottleneck, from windows of requests judged against the SLO, and so which
   way a worker should move. Each miss is laid at the door of the pool that caused it: a TPOT miss, or a
   TTFT miss spent mostly waiting for room on a decode worker, at the decode pool's; any other TTFT miss at
@@ -34,13 +37,9 @@ class LocalPrefill:
     """What decides whether a decode worker prefills a prompt itself."""
 
     max_tokens: int  # a prompt part this short is prefilled where it will be decoded (0: only under load)
-    ttft_s: float | None = None  # with an SLO: a prompt that would wait longer than this in the pool goes local
-
-    @property
-    def conditional(self) -> bool:
-        """With an SLO a short prompt goes local on equal work too (it saves the transfer); without one the
-        prefill pool keeps it (decode steps stay undisturbed)."""
-        return self.ttft_s is not None
+    # With an SLO: a short prompt goes local on equal work too (it saves the transfer), and a prompt the pool
+    # would start later than an idle decode worker goes local too. Without one the pool keeps both.
+    conditional: bool = False
 
 
 def local_prefill_threshold(tokens_per_s: float, tpot_s: float | None, configured: int | None) -> int:
@@ -54,29 +53,28 @@ def local_prefill_threshold(tokens_per_s: float, tpot_s: float | None, configure
 
 
 def prefills_locally(
-    suffix_tokens: int,
-    local_pending_tokens: int,
-    pool_tokens: float,
-    tokens_per_s: float,
-    rule: LocalPrefill,
-    decoding: int = 0,
+    suffix_tokens: int, local_pending_tokens: int, pool_tokens: float, rule: LocalPrefill, decoding: int = 0
 ) -> bool:
     """Whether a decode worker should compute a prompt's `suffix_tokens` (the part it does not hold cached).
 
     `local_pending_tokens`: prompt tokens it already has queued; `pool_tokens`: what the least busy prefill
-    worker would have to compute first, this prompt included (inf: no prefill worker); `tokens_per_s`: the
-    measured prompt throughput (0: unknown); `decoding`: requests the decode worker is running."""
+    worker would have to compute first, this prompt included (inf: no prefill worker); `decoding`: requests
+    the decode worker is running (a long prompt computed there would stall their tokens)."""
     if math.isinf(pool_tokens):
         return True
     local_tokens = suffix_tokens + local_pending_tokens
     less_work = local_tokens <= pool_tokens if rule.conditional else local_tokens < pool_tokens
     if suffix_tokens <= rule.max_tokens and less_work:
         return True
-    if rule.ttft_s is None or tokens_per_s <= 0 or decoding:
-        return False
-    # Under load: the pool's queue would miss the TTFT budget, and computing it here would not (nor would it
-    # stall anyone's decoding: a long prompt here would make its running requests miss their TPOT).
-    return pool_tokens / tokens_per_s > rule.ttft_s and local_tokens / tokens_per_s <= rule.ttft_s
+    # Under load: the pool has others' prompts to compute first, this worker nothing at all.
+    return rule.conditional and not decoding and local_tokens < pool_tokens
+
+
+def has_decode_room(step_s: float, tpot_s: float | None, running: int) -> bool:
+    """Whether a decode worker may take another request under the TPOT limit: its measured decode step
+    (`step_s`, 0: not measured) is within 90% of the limit, or it runs nothing (a stale figure must not keep
+    an idle worker idle)."""
+    return tpot_s is None or running == 0 or step_s < 0.9 * tpot_s
 
 
 def judge(slo: SLO, now: float, created: float, first_token_at: float | None, num_tokens: int, waited_s: float,
@@ -143,6 +141,17 @@ class RolePolicy:
         self._streak = 0
         self._last_switch = -math.inf
         self.last_reason = ""  # what the last window said, for /health
+        self.last_behind: Role | None = None  # the pool it said is behind (a pool to grow, where there is room)
+
+    def behind(self, w: Window) -> Role | None:
+        """The pool the window's misses are laid at, whether or not the other pool can give a worker."""
+        o = self.options
+        if w.requests < o.min_requests:
+            return None
+        pre, dec = w.prefill_misses / w.requests, w.decode_misses / w.requests
+        if pre >= o.miss_share and pre > dec:
+            return Role.PREFILL
+        return Role.DECODE if dec >= o.miss_share and dec >= pre else None
 
     def verdict(self, w: Window) -> tuple[Verdict | None, str]:
         """Which pool the window says is behind, and whether the other can give a worker (with why)."""
@@ -151,11 +160,12 @@ class RolePolicy:
             return None, f"{w.requests} requests finished: too few to judge"
         pre, dec = w.prefill_misses / w.requests, w.decode_misses / w.requests
         misses = f"of {w.requests} requests, {pre:.0%} missed the SLO in prefill and {dec:.0%} in decode"
-        if pre >= o.miss_share and pre > dec:
+        behind = self.behind(w)
+        if behind is Role.PREFILL:
             if w.num_decode > 1 and (w.num_prefill == 0 or w.decode_busy < o.idle_share):
                 return Verdict.TO_PREFILL, f"{misses}; decode pool busy {w.decode_busy:.0%} of the window"
             return None, f"{misses}; the decode pool cannot give a worker"
-        if dec >= o.miss_share and dec >= pre:
+        if behind is Role.DECODE:
             if w.num_prefill and w.prefill_busy < o.idle_share:
                 return Verdict.TO_DECODE, f"{misses}; prefill pool busy {w.prefill_busy:.0%} of the window"
             return None, f"{misses}; the prefill pool cannot give a worker"
@@ -164,7 +174,7 @@ class RolePolicy:
     def decide(self, w: Window, now: float) -> Decision | None:
         """Judge one window; a decision once a verdict has held long enough and the last switch is old."""
         verdict, why = self.verdict(w)
-        self.last_reason = why
+        self.last_reason, self.last_behind = why, self.behind(w)
         self._streak = self._streak + 1 if verdict is not None and verdict is self._verdict else int(bool(verdict))
         self._verdict = verdict
         if verdict is None or self._streak < self.options.confirm_windows:
