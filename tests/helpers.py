@@ -1,14 +1,23 @@
-"""Helpers for tests: Hugging Face greedy references and a driver that submits requests mid-run."""
+"""Helpers for tests: Hugging Face greedy references, a driver that submits requests mid-run, and a router
+with fake workers (placement and policy tests without processes)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import torch
 from transformers import AutoModelForCausalLM
 
 from splitserve.decode.engine import Engine
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.prefix_cache import root_hash
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.protocol import KvStats, Load, Role, WorkerInfo
+from splitserve.router.cluster import Cluster, RouterOptions, Worker
 
 
 def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
@@ -79,3 +88,34 @@ def hf_greedy_processed(folder: Path, prompt: list[int], max_new_tokens: int, pr
             if token in stop:
                 break
     return output
+
+
+FAKE_KEY = CompatKey("m", "float32", 8, 2, 2, 16)
+
+
+def fake_worker_info(worker_id: str, role: Role) -> WorkerInfo:
+    return WorkerInfo(worker_id, role, "m", 4096, 8, 100, 8, FAKE_KEY, 1, "host")
+
+
+def add_fake_worker(cluster: Cluster, worker_id: str, role: Role, free_pages: int = 100,
+                    prefill_tokens_per_s: float = 0.0) -> Worker:  # fmt: skip
+    """A worker the router knows (100 pages of 8 tokens, 8 batch slots), as if it had sent a heartbeat."""
+    w = Worker(fake_worker_info(worker_id, role), Load(free_pages, 0, 0, 0, prefill_tokens_per_s), KvStats(),
+               time.monotonic())  # fmt: skip
+    w.root_hash = root_hash(msgspec.msgpack.encode(FAKE_KEY))
+    cluster.workers[worker_id] = w
+    cluster.prefix_index.add_worker(worker_id, 100)
+    return w
+
+
+@contextmanager
+def recording_cluster(options: RouterOptions) -> Iterator[tuple[Cluster, list[tuple[str, object]]]]:
+    """A router whose messages to workers are recorded as (worker id, message) instead of sent."""
+    cluster = Cluster(options)
+    sent: list[tuple[str, object]] = []
+    cluster._send = lambda w, m: sent.append((w.worker_id, m))
+    try:
+        yield cluster, sent
+    finally:
+        cluster._socket.close()
+        cluster._context.term()

@@ -8,16 +8,14 @@ from __future__ import annotations
 import random
 import time
 
-import msgspec
 import pytest
 
 from splitserve.engine.params import SamplingParams
-from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
-from splitserve.kv_transfer.messages import CompatKey
+from splitserve.engine.prefix_cache import page_hashes, reusable_pages
 from splitserve.launcher import ServeProcess
-from splitserve.protocol import Generate, KvStats, Load, Reserve, Role, WorkerInfo
-from splitserve.router.cluster import Cluster, RouterOptions, Worker
-from tests.helpers import hf_greedy
+from splitserve.protocol import Generate, Reserve, Role
+from splitserve.router.cluster import RouterOptions
+from tests.helpers import add_fake_worker, hf_greedy, recording_cluster
 from tests.test_serving import _metric
 
 ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "--max-num-batched-tokens", "64"]
@@ -92,29 +90,15 @@ def test_shared_system_prompt_is_computed_once_per_worker(server, tiny_chat_llam
 # --- the placement policy, on a router with fake workers ------------------------------------------------
 
 
-def _worker(cluster: Cluster, worker_id: str, role: Role, free_pages: int = 100) -> Worker:
-    key = CompatKey("m", "float32", 8, 2, 2, 16)
-    info = WorkerInfo(worker_id, role, "m", 4096, 8, 100, 8, key, 1, "host")
-    w = Worker(info, Load(free_pages, 0, 0, 0), KvStats(), 0.0)
-    w.root_hash = root_hash(msgspec.msgpack.encode(key))
-    cluster.workers[worker_id] = w
-    cluster.prefix_index.add_worker(worker_id, 100)
-    return w
-
-
 @pytest.fixture
-def router(monkeypatch):
-    cluster = Cluster(RouterOptions(model="m"))
-    sent: list[tuple[str, object]] = []
-    monkeypatch.setattr(cluster, "_send", lambda w, m: sent.append((w.worker_id, m)))
-    yield cluster, sent
-    cluster._socket.close()
-    cluster._context.term()
+def router():
+    with recording_cluster(RouterOptions(model="m")) as r:
+        yield r
 
 
 def test_routing_prefers_the_worker_holding_the_prefix(router):
     cluster, sent = router
-    a, b = _worker(cluster, "a", Role.BOTH), _worker(cluster, "b", Role.BOTH, free_pages=90)
+    a, b = add_fake_worker(cluster, "a", Role.BOTH), add_fake_worker(cluster, "b", Role.BOTH, free_pages=90)
     prompt = list(range(200))
     cluster.prefix_index.apply("b", page_hashes(prompt, 8, b.root_hash)[:20], [])
     cluster.submit(prompt, SamplingParams())
@@ -127,8 +111,8 @@ def test_routing_prefers_the_worker_holding_the_prefix(router):
 
 def test_a_decode_worker_prefills_locally_only_a_short_uncached_suffix(router):
     cluster, sent = router
-    _worker(cluster, "p", Role.PREFILL)
-    d = _worker(cluster, "d", Role.DECODE)
+    add_fake_worker(cluster, "p", Role.PREFILL)
+    d = add_fake_worker(cluster, "d", Role.DECODE)
     prompt = list(range(300))
     hashes = page_hashes(prompt, 8, d.root_hash)
     cluster.prefix_index.apply("d", hashes[:30], [])  # 240 cached: 60 to compute
@@ -146,7 +130,7 @@ def test_a_decode_worker_prefills_locally_only_a_short_uncached_suffix(router):
 
 def test_the_index_is_bounded_and_forgets_removed_workers(router):
     cluster, _ = router
-    _worker(cluster, "a", Role.BOTH)
+    add_fake_worker(cluster, "a", Role.BOTH)
     cluster.prefix_index.apply("a", list(range(1000)), [])
     assert cluster.prefix_index.num_pages("a") == 100  # never more hashes than the worker has pages
     assert cluster.prefix_index.matched_pages("a", [950, 951, 7]) == 2
@@ -158,8 +142,8 @@ def test_a_burst_spreads_before_any_load_report(router):
     """Batch slots count the moment a request is placed: a burst does not all land on one worker while the
     workers' page counts are still those of their last message."""
     cluster, sent = router
-    _worker(cluster, "a", Role.BOTH)
-    _worker(cluster, "b", Role.BOTH)
+    add_fake_worker(cluster, "a", Role.BOTH)
+    add_fake_worker(cluster, "b", Role.BOTH)
     for i in range(6):
         cluster.submit(list(range(100 * i, 100 * i + 50)), SamplingParams())
     assert sorted(w for w, _ in sent) == ["a"] * 3 + ["b"] * 3

@@ -11,16 +11,13 @@ import signal
 import threading
 import time
 
-import msgspec
 import pytest
 
 from splitserve.bench.metrics import SLO
 from splitserve.engine.params import SamplingParams
-from splitserve.engine.prefix_cache import root_hash
-from splitserve.kv_transfer.messages import CompatKey
 from splitserve.launcher import ServeProcess
-from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role, SwitchRole, WorkerInfo
-from splitserve.router.cluster import Cluster, RouterOptions, Worker
+from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role, SwitchRole
+from splitserve.router.cluster import RouterOptions
 from splitserve.router.policy import (
     LocalPrefill,
     PolicyOptions,
@@ -32,7 +29,7 @@ from splitserve.router.policy import (
     local_prefill_threshold,
     prefills_locally,
 )
-from tests.helpers import hf_greedy
+from tests.helpers import add_fake_worker, fake_worker_info, hf_greedy, recording_cluster
 from tests.test_serving import _metric
 
 ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "--max-num-batched-tokens", "64"]
@@ -130,36 +127,18 @@ def test_a_switch_needs_agreeing_windows_in_a_row_and_the_dwell_time():
 
 # --- the mechanism, on a router with fake workers -------------------------------------------------------
 
-_KEY = CompatKey("m", "float32", 8, 2, 2, 16)
-
-
-def _info(worker_id: str, role: Role) -> WorkerInfo:
-    return WorkerInfo(worker_id, role, "m", 4096, 8, 100, 8, _KEY, 1, "host")
-
-
-def _worker(cluster: Cluster, worker_id: str, role: Role, rate: float = 0.0) -> Worker:
-    w = Worker(_info(worker_id, role), Load(100, 0, 0, 0, rate), KvStats(), time.monotonic())
-    w.root_hash = root_hash(msgspec.msgpack.encode(_KEY))
-    cluster.workers[worker_id] = w
-    cluster.prefix_index.add_worker(worker_id, 100)
-    return w
-
 
 @pytest.fixture
-def router(monkeypatch):
+def router():
     options = RouterOptions(model="m", slo=SLO(ttft=1.0, tpot=0.1), policy=PolicyOptions(window_s=1.0, dwell_s=0))
-    cluster = Cluster(options)
-    sent: list[tuple[str, object]] = []
-    monkeypatch.setattr(cluster, "_send", lambda w, m: sent.append((w.worker_id, m)))
-    yield cluster, sent
-    cluster._socket.close()
-    cluster._context.term()
+    with recording_cluster(options) as r:
+        yield r
 
 
 def test_under_an_slo_short_prompts_are_prefilled_by_their_decode_worker(router):
     cluster, sent = router
-    _worker(cluster, "p", Role.PREFILL, rate=500.0)
-    _worker(cluster, "d", Role.DECODE, rate=500.0)
+    add_fake_worker(cluster, "p", Role.PREFILL, prefill_tokens_per_s=500.0)
+    add_fake_worker(cluster, "d", Role.DECODE, prefill_tokens_per_s=500.0)
     assert cluster.local_prefill_rule().max_tokens == 50  # 500 tokens/s x 100 ms
     cluster.submit(list(range(40)), SamplingParams())
     assert sent[-1][0] == "d" and isinstance(sent[-1][1], Generate)
@@ -170,8 +149,8 @@ def test_under_an_slo_short_prompts_are_prefilled_by_their_decode_worker(router)
 
 def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(router):
     cluster, sent = router
-    p = _worker(cluster, "p", Role.PREFILL)
-    _worker(cluster, "d", Role.DECODE)
+    p = add_fake_worker(cluster, "p", Role.PREFILL)
+    add_fake_worker(cluster, "d", Role.DECODE)
     p.take(1, prefill_tokens=100)  # still busy with a prompt
 
     def window_of_tpot_misses() -> None:  # the prefill pool idles: busy 1 tick of 10
@@ -194,7 +173,7 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     p.drop(1)
     cluster._balance(time.monotonic())
     assert sent[-1] == ("p", SwitchRole(Role.DECODE, p.switch.reason))
-    cluster._heartbeat(Heartbeat(_info("p", Role.DECODE), Load(100, 0, 0, 0), KvStats(), 0.0))
+    cluster._heartbeat(Heartbeat(fake_worker_info("p", Role.DECODE), Load(100, 0, 0, 0), KvStats(), 0.0))
     assert p.role is Role.DECODE and p.switch is None and "50% in decode" in p.role_reason
     assert dict(cluster.stats.role_switches) == {("prefill", "decode"): 1}
     assert {w["id"]: w["role"] for w in cluster.snapshot()["workers"]} == {"p": "decode", "d": "decode"}
@@ -202,8 +181,8 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
 
 def test_an_operator_cannot_remove_the_last_decode_worker(router):
     cluster, _ = router
-    _worker(cluster, "p", Role.PREFILL)
-    _worker(cluster, "d", Role.DECODE)
+    add_fake_worker(cluster, "p", Role.PREFILL)
+    add_fake_worker(cluster, "d", Role.DECODE)
     with pytest.raises(ValueError, match="last decode worker"):
         cluster.switch_role("d", Role.PREFILL, "test")
     with pytest.raises(ValueError, match="already"):
