@@ -36,7 +36,7 @@ from splitserve.router.policy import (
     LocalPrefill,
     PolicyOptions,
     RolePolicy,
-    Window,
+    WindowCounts,
     has_decode_room,
     judge,
     local_prefill_threshold,
@@ -150,8 +150,7 @@ class _Sim:
         self.switches: list[tuple[float, str]] = []  # (time, "prefill->decode")
         self._unfinished = 0
         self._inflight: set[_Req] = set()  # placed on a worker, not finished
-        self._window = [0, 0, 0, 0]  # requests, prefill misses, decode misses, ticks
-        self._window_start = 0.0
+        self._window = WindowCounts(0.0)
 
     def at(self, t: float, action, *args) -> None:
         heapq.heappush(self.events, (t, next(self._seq), action, args))
@@ -303,26 +302,22 @@ class _Sim:
         if verdict is None:
             return
         r.judged = True
-        self._window[0] += 1
-        self._window[1] += verdict[0]
-        self._window[2] += verdict[1]
+        self._window.count(verdict)
 
     def tick(self, t: float) -> None:
         """The router's watch loop: busy samples; each window the policy; drained workers switch."""
         if self._unfinished == 0:
             return
-        self._window[3] += 1
+        self._window.ticks += 1
         for w in (*self.prefill, *self.decode):
             w.busy_ticks += not w.idle
         for r in (*self._inflight, *self.waiting):
             self._observe(r, t, final=False)
-        if self.policy.options.window_over(t - self._window_start, self._window[0]):
-            requests, pre, dec, ticks = self._window
+        if self.policy.options.window_over(t - self._window.start, self._window.requests):
             prefill = [p for p in self.prefill if not p.draining]
             decode = [d for d in self.decode if not d.draining]
-            window = Window(requests, pre, dec, _busy(prefill, ticks), _busy(decode, ticks), len(prefill),
-                            len(decode))  # fmt: skip
-            self._window, self._window_start = [0, 0, 0, 0], t
+            window = self._window.window([p.busy_ticks for p in prefill], [d.busy_ticks for d in decode])
+            self._window = WindowCounts(t)
             for w in (*self.prefill, *self.decode):
                 w.busy_ticks = 0
             decision = self.policy.decide(window, t)
@@ -339,10 +334,6 @@ class _Sim:
             self.prefill.append(_Prefill())
             self.switches.append((t, "decode->prefill"))
         self.at(t + _TICK_S, self.tick)
-
-
-def _busy(pool: list, ticks: int) -> float:
-    return sum(w.busy_ticks for w in pool) / len(pool) / max(ticks, 1) if pool else 0.0
 
 
 def simulate(profile: Profile, hw: Hardware, num_prefill: int, num_decode: int, requests: list[SimRequest],

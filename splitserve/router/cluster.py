@@ -69,6 +69,7 @@ from splitserve.router.policy import (
     PolicyOptions,
     RolePolicy,
     Window,
+    WindowCounts,
     has_decode_room,
     judge,
     local_prefill_threshold,
@@ -258,7 +259,7 @@ class Cluster:
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
         self._tasks: list[asyncio.Task] = []
         self.policy = RolePolicy(options.policy) if options.slo and options.role_switching else None
-        self._window = _WindowCounts(time.monotonic())
+        self._window = WindowCounts(time.monotonic())
         self.last_window: Window | None = None
         self.last_verdict = ""
 
@@ -441,10 +442,7 @@ class Cluster:
         if verdict is None:
             return
         job.judged = True
-        w = self._window
-        w.requests += 1
-        w.prefill_misses += verdict[0]
-        w.decode_misses += verdict[1]
+        self._window.count(verdict)
 
     def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
         """Move a worker to the other pool (an operator's request): KeyError for an unknown worker,
@@ -503,15 +501,8 @@ class Cluster:
             w.switch, w.switch_sent = None, False
 
     def _close_window(self, now: float) -> Window:
-        counts, self._window = self._window, _WindowCounts(now)
-        ticks = max(counts.ticks, 1)
-
-        def busy(role: Role) -> float:
-            pool = self._pool(role)
-            return sum(w.busy_ticks for w in pool) / len(pool) / ticks if pool else 0.0
-
-        window = Window(counts.requests, counts.prefill_misses, counts.decode_misses, busy(Role.PREFILL),
-                        busy(Role.DECODE), len(self._pool(Role.PREFILL)), len(self._pool(Role.DECODE)))  # fmt: skip
+        counts, self._window = self._window, WindowCounts(now)
+        window = counts.window(*([w.busy_ticks for w in self._pool(role)] for role in (Role.PREFILL, Role.DECODE)))
         for w in self.workers.values():
             w.busy_ticks = 0
         return window
@@ -816,14 +807,3 @@ def _describe(w: Worker) -> dict:
         "cached_pages": w.cache.cached_pages,
         "retained_pages": w.cache.retained_pages,
     }
-
-
-@dataclass
-class _WindowCounts:
-    """What the SLO loop counts during one window (see `policy.Window`)."""
-
-    start: float
-    requests: int = 0
-    prefill_misses: int = 0
-    decode_misses: int = 0
-    ticks: int = 0

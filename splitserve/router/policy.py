@@ -122,6 +122,32 @@ class Window:
     num_decode: int
 
 
+@dataclass
+class WindowCounts:
+    """What the SLO loop has counted in the window under way (the router's and the simulator's alike)."""
+
+    start: float
+    requests: int = 0
+    prefill_misses: int = 0
+    decode_misses: int = 0
+    ticks: int = 0  # watch-loop ticks: the busy-tick counts of each worker are out of these
+
+    def count(self, verdict: tuple[bool, bool]) -> None:
+        """One request judged (`judge`'s verdict)."""
+        self.requests += 1
+        self.prefill_misses += verdict[0]
+        self.decode_misses += verdict[1]
+
+    def window(self, prefill_busy_ticks: list[int], decode_busy_ticks: list[int]) -> Window:
+        """The window, given each pool's workers' busy ticks (a worker per entry)."""
+
+        def busy(pool: list[int]) -> float:
+            return sum(pool) / len(pool) / max(self.ticks, 1) if pool else 0.0
+
+        return Window(self.requests, self.prefill_misses, self.decode_misses, busy(prefill_busy_ticks),
+                      busy(decode_busy_ticks), len(prefill_busy_ticks), len(decode_busy_ticks))  # fmt: skip
+
+
 class Verdict(enum.Enum):
     TO_PREFILL = "to_prefill"  # the prefill pool is the bottleneck: a decode worker should move
     TO_DECODE = "to_decode"
