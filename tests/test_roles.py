@@ -147,6 +147,22 @@ def test_under_an_slo_short_prompts_are_prefilled_by_their_decode_worker(router)
     assert cluster.stats.local_prefills == 1
 
 
+def test_a_decode_worker_waiting_for_kv_prefills_a_long_prompt_the_backed_up_pool_would_delay(router):
+    """A request whose KV the prefill pool still computes costs its decode worker nothing yet: that worker
+    runs nothing, so it takes a long prompt itself while the pool is behind; once it runs one, it does not."""
+    cluster, sent = router
+    p = add_fake_worker(cluster, "p", Role.PREFILL, prefill_tokens_per_s=500.0)
+    add_fake_worker(cluster, "d", Role.DECODE, prefill_tokens_per_s=500.0)
+    cluster.submit(list(range(300)), SamplingParams())
+    assert sent[-1][0] == "d" and isinstance(sent[-1][1], Reserve)  # nothing queued anywhere: the pool
+    p.take(-1, prefill_tokens=1000)  # the pool is 1,000 tokens behind
+    cluster.submit(list(range(1000, 1300)), SamplingParams())
+    assert sent[-1][0] == "d" and isinstance(sent[-1][1], Generate)
+    assert cluster.stats.local_prefills == 1
+    cluster.submit(list(range(2000, 2300)), SamplingParams())
+    assert isinstance(sent[-1][1], Reserve) and cluster.stats.local_prefills == 1  # d prefills the second
+
+
 def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(router):
     cluster, sent = router
     p = add_fake_worker(cluster, "p", Role.PREFILL)

@@ -202,7 +202,8 @@ class _Sim:
         slo = self.router.slo
         threshold = local_prefill_threshold(self.tokens_per_s, slo.tpot, self.router.local_prefill_tokens)
         rule = LocalPrefill(threshold, conditional=True)
-        return prefills_locally(r.spec.prompt_tokens, d.pending, pool, rule, d.assigned)
+        running = len(d.running) + len(d.landed) + len(d.local)  # not those still being prefilled elsewhere
+        return prefills_locally(r.spec.prompt_tokens, d.pending, pool, rule, running)
 
     def kick_prefill(self, t: float, p: _Prefill) -> None:
         if p.busy or not p.queue:

@@ -405,7 +405,9 @@ class Cluster:
         pool = min((len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill),
                    default=math.inf)  # fmt: skip
         suffix = len(job.prompt_token_ids) - cached
-        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.local_prefill_rule(), len(d.jobs))
+        # What it runs itself: requests whose KV is still being prefilled elsewhere cost it nothing yet.
+        running = sum(self.jobs[i].state is JobState.GENERATING for i in d.jobs if i in self.jobs)
+        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.local_prefill_rule(), running)
 
     def prefill_tokens_per_s(self) -> float:
         """The workers' measured prompt throughput (their mean; 0 before any measured one)."""

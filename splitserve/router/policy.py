@@ -59,7 +59,8 @@ def prefills_locally(
 
     `local_pending_tokens`: prompt tokens it already has queued; `pool_tokens`: what the least busy prefill
     worker would have to compute first, this prompt included (inf: no prefill worker); `decoding`: requests
-    the decode worker is running (a long prompt computed there would stall their tokens)."""
+    the decode worker runs itself, decoding or prefilling, not those whose KV is still being prefilled
+    elsewhere (a long prompt computed there would stall their tokens)."""
     if math.isinf(pool_tokens):
         return True
     local_tokens = suffix_tokens + local_pending_tokens
