@@ -89,7 +89,7 @@ def attainment_over_time(series: dict[str, list[tuple[float, float]]], path: Pat
         end = bounds[i + 1] if i + 1 < len(bounds) else max((p[0] for s in series.values() for p in s), default=start)
         if i % 2:
             ax.axvspan(start, end, color="0.93", zorder=0)
-        ax.text(start + 1, 101, name, fontsize=8, va="bottom")
+        ax.text((start + end) / 2, 101, name.replace(" -> ", "\n-> "), fontsize=7, va="bottom", ha="center")
     for label, points in series.items():
         (line,) = ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3, label=label)
         for t, what in switches.get(label, []):
@@ -99,7 +99,7 @@ def attainment_over_time(series: dict[str, list[tuple[float, float]]], path: Pat
         ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label=f"{100 * target:.0f}% target")
     ax.set_xlabel("time the requests were sent (s from the start)")
     ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 118)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
