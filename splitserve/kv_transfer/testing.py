@@ -127,7 +127,7 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                 from splitserve.kv_transfer.agent import CONTROL_TAG
 
                 junk = np.frombuffer(cmd["payload"], dtype=np.uint8).copy()
-                req = agent._endpoint(cmd["address"]).tag_send(Array(junk), tag=ucx.UCXXTag(CONTROL_TAG))
+                req = agent.link.endpoint(cmd["address"]).tag_send(Array(junk), tag=ucx.UCXXTag(CONTROL_TAG))
                 while not req.completed:
                     poll()
             elif op == "hashes":

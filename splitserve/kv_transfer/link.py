@@ -1,0 +1,222 @@
+"""What both ends of a KV transfer share: one process's UCX worker and what travels over it that is not pages.
+
+`TransferContext` owns the UCX context and the page memory allocated in it. `Link` owns the UCX worker on
+that context: its endpoints (one per peer address), the control channel (typed frames on `CONTROL_TAG`,
+see `messages`), the buffers of sends in flight, and where each side reports: `TransferMetrics` and the
+`Completion` list. The sending and receiving sides (`sender`, `receiver`) keep their transfers' state;
+the link keeps none of it.
+
+Tags: `xid << 20 | i + 1` for run i of transfer `xid` (numbered by the receiver, never reused),
+`xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes, offers and cancels.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.kv_transfer.messages import (
+    MAX_CONTROL_BYTES,
+    CompatKey,
+    Control,
+    ProtocolError,
+    decode_control,
+    frame,
+)
+from splitserve.kv_transfer.shared_memory import SharedPageMemory
+
+# ucxx sets a variable that UCX 1.21 does not know; UCX would print a warning on stdout for it.
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+# TCP moves 1 MiB segments instead of 8 KiB ones: 4-5 GB/s on loopback instead of about 1.
+os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", "1M")
+os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "1M")
+
+# The UCX bindings, for `receiver` and `sender` too: imported after the environment above is set.
+import ucxx._lib.libucxx as ucx
+from ucxx._lib.arr import Array
+
+log = logging.getLogger(__name__)
+
+_INDEX_BITS = 20
+MAX_PAGES_PER_TRANSFER = (1 << _INDEX_BITS) - 1
+CONTROL_TAG = 1 << 63
+# The final `Done` frame, with the sender's payload (e.g. the first sampled token), fits in this.
+MAX_DONE_BYTES = 16 * 1024
+# How long tags of a transfer that ended early are watched for late messages (see `receiver`, `sender`).
+ZOMBIE_GRACE_S = 60.0
+
+
+class TransferError(RuntimeError):
+    """A transfer that cannot start (bad arguments, incompatible peer)."""
+
+
+class IncompatiblePeerError(TransferError):
+    pass
+
+
+class Role(enum.Enum):
+    SEND = "send"
+    RECV = "recv"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of one transfer, as its side saw it. Only now may that side's pages be reused."""
+
+    role: Role
+    receiver_id: str
+    xid: int
+    ok: bool
+    error: str = ""
+    payload: bytes = b""  # the sender's `payload`, delivered with the pages (receiving side, ok only)
+
+
+@dataclass
+class TransferMetrics:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    transfers_sent: int = 0
+    transfers_received: int = 0
+    transfers_pulled: int = 0  # of those received, copied out of the sender's shared memory
+    failures: int = 0
+    orphaned_receives: int = 0
+    malformed_messages: int = 0  # control frames dropped as undecodable
+    seconds_sending: float = 0.0
+    seconds_receiving: float = 0.0
+
+
+def page_tag(xid: int, index: int) -> ucx.UCXXTag:
+    return ucx.UCXXTag(page_tag_value(xid, index + 1))
+
+
+def page_tag_value(xid: int, index: int) -> int:
+    """The tag's value of message `index` of transfer `xid`: 0 its `Done`, i + 1 its run i."""
+    return (xid << _INDEX_BITS) | index
+
+
+def done_tag(xid: int) -> ucx.UCXXTag:
+    return ucx.UCXXTag(page_tag_value(xid, 0))
+
+
+class TransferContext:
+    """A process's UCX context and the page memory allocated in it. Allocate the page tensor here
+    (`context.memory.zeros`) before creating the agent, so that receivers on this host can map it. The
+    agent created with it owns it: closing the agent closes the context."""
+
+    def __init__(self, progress_thread: bool = False):
+        """`progress_thread`: UCX progresses transfers in a native thread that sleeps until the network
+        wakes it (no polling), so pages keep flowing while the owner is busy in a long forward pass; without
+        it, transfers move only when the owner calls `poll()`."""
+        features = (ucx.Feature.TAG, ucx.Feature.WAKEUP) if progress_thread else (ucx.Feature.TAG,)
+        self.ucx = ucx.UCXContext(feature_flags=features)
+        self.progress_thread = progress_thread
+        self.memory = SharedPageMemory(self.ucx.handle)
+
+    def close(self) -> None:
+        """Free the page memory (tensors over it must not be touched afterwards)."""
+        self.memory.close()
+
+
+class Link:
+    """One agent's UCX worker, endpoints and control channel, over its page tensor. Not thread-safe."""
+
+    def __init__(self, pages: torch.Tensor, key: CompatKey, agent_id: str, context: TransferContext):
+        if not pages.is_contiguous():
+            raise ValueError("the page tensor must be contiguous")
+        self.key = key
+        self.agent_id = agent_id
+        self.metrics = TransferMetrics()
+        self.pages = pages.view(torch.uint8).view(pages.shape[0], -1)  # one row of bytes per page
+        self.page_bytes = self.pages.shape[1]
+        self.context = context
+        self.shared = context.memory.describe(pages)  # None: receivers must be sent tagged pages
+        self.worker = ucx.UCXWorker(context.ucx)
+        self._progress_thread = context.progress_thread
+        if self._progress_thread:
+            self.worker.init_blocking_progress_mode()
+            self.worker.start_progress_thread(polling_mode=False)
+        self.address: bytes = self.worker.address.tobytes()
+        self._endpoints: dict[bytes, ucx.UCXEndpoint] = {}
+        self._sends: list[tuple[object, np.ndarray]] = []  # control and empty sends, with their buffers
+        self._completions: list[Completion] = []
+        self._control_buffer = np.zeros(MAX_CONTROL_BYTES, dtype=np.uint8)
+        self._control_recv = self._post_control_recv()
+
+    def array(self, region: torch.Tensor) -> Array:
+        return Array(region if region.is_cuda else region.numpy())
+
+    def endpoint(self, address: bytes) -> ucx.UCXEndpoint:
+        ep = self._endpoints.get(address)
+        if ep is None:
+            # Endpoint error handling off: with it on, UCX silently drops the shared-memory transports.
+            ep = ucx.UCXEndpoint.create_from_worker_address(
+                self.worker, ucx.UCXAddress.create_from_buffer(address), False
+            )
+            self._endpoints[address] = ep
+        return ep
+
+    def close_endpoint(self, address: bytes) -> None:
+        """Close our endpoint to `address`, which cancels what we have in flight to it."""
+        ep = self._endpoints.pop(address, None)
+        if ep is not None:
+            ep.close()
+
+    def send_control(self, address: bytes, message: Control) -> None:
+        """Send a control message (`ProtocolError` when it does not fit one frame)."""
+        payload = np.frombuffer(frame(message), dtype=np.uint8).copy()
+        self._sends.append((self.endpoint(address).tag_send(Array(payload), tag=ucx.UCXXTag(CONTROL_TAG)), payload))
+
+    def send_empty_to_self(self, tag: ucx.UCXXTag) -> None:
+        """Match our own receive posted on `tag` with an empty message (it writes nothing)."""
+        empty = np.zeros(0, dtype=np.uint8)
+        self._sends.append((self.endpoint(self.address).tag_send(Array(empty), tag=tag), empty))
+
+    def progress(self) -> list[Control]:
+        """Progress UCX (unless its thread does) and return the control messages that arrived, in order."""
+        if not self._progress_thread:
+            self.worker.progress()
+        messages = []
+        while self._control_recv.completed:
+            try:
+                self._control_recv.check_error()
+                messages.append(decode_control(self._control_buffer.tobytes()))
+            except (ProtocolError, ucx.UCXError) as e:
+                self.metrics.malformed_messages += 1
+                log.warning("dropped a malformed KV-transfer control message: %s", e)
+            self._control_buffer[:] = 0
+            self._control_recv = self._post_control_recv()
+        self._sends = [(r, b) for r, b in self._sends if not r.completed]
+        return messages
+
+    def complete(self, completion: Completion) -> None:
+        if not completion.ok:
+            self.metrics.failures += 1
+        self._completions.append(completion)
+
+    def take_completions(self) -> list[Completion]:
+        done, self._completions = self._completions, []
+        return done
+
+    @property
+    def num_sends(self) -> int:
+        return len(self._sends)
+
+    def stop(self) -> None:
+        """Stop progress and cancel what is in flight (before the sides let go of their memory)."""
+        if self._progress_thread:
+            self.worker.stop_progress_thread()
+        self.worker.cancel_inflight_requests()
+
+    def close(self) -> None:
+        """Drop every endpoint and close the context (after `stop`)."""
+        self._endpoints.clear()
+        self._sends.clear()
+        self.context.close()
+
+    def _post_control_recv(self):
+        return self.worker.tag_recv(Array(self._control_buffer), tag=ucx.UCXXTag(CONTROL_TAG))
