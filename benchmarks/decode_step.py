@@ -1,10 +1,11 @@
-"""Time of one decode step of the engine, layer by layer (`--enforce-eager`) against the default (on the CPU with
-int8 weights: every layer in one native call), at several batch sizes, in one run.
+"""Time of one decode step of the engine in several set-ups, at several batch sizes, in one run: on the CPU,
+int8 weights layer by layer (`--enforce-eager`, the baseline), int8 weights with every layer in one native call
+(the fused step), and the fused step with int8 activations too (`--quantization w8a8`).
 
 Each measurement: `batch` copies of a 128-token prompt, 65 greedy tokens, minus the same with 1 token (the
-prefill), over 64 steps; the best of two.
+prefill), over 64 steps; the best of two. Ratios are the baseline's time over each set-up's.
 
-    .venv/bin/python benchmarks/decode_step.py [--model PATH] [--batches 1,16]
+    .venv/bin/python benchmarks/decode_step.py [--model PATH] [--batches 1,16] [--setups eager,int8,w8a8]
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import argparse
 import time
 
 from splitserve import LLM, SamplingParams
+
+SETUPS = {
+    "eager": {"quantization": "int8", "enforce_eager": True},
+    "int8": {"quantization": "int8"},
+    "w8a8": {"quantization": "w8a8"},
+    "fp32": {"quantization": "none"},
+}
 
 
 def step_ms(llm: LLM, batch: int) -> float:
@@ -30,17 +38,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--setups", default="eager,int8,w8a8", help=f"the first is the baseline; of {', '.join(SETUPS)}")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    setups = args.setups.split(",")
     times = {}
-    for eager in (True, False):
-        llm = LLM(args.model, enforce_eager=eager, prefix_caching=False)
+    for name in setups:
+        llm = LLM(args.model, prefix_caching=False, dtype="fp32", **SETUPS[name])
         for b in batches:
-            times[eager, b] = step_ms(llm, b)
-            print(f"{'eager' if eager else 'default'} batch {b}: {times[eager, b]:.1f} ms per decode step", flush=True)
+            times[name, b] = step_ms(llm, b)
+            print(f"{name} batch {b}: {times[name, b]:.1f} ms per decode step", flush=True)
         del llm
     for b in batches:
-        print(f"batch {b}: {times[True, b]:.1f} -> {times[False, b]:.1f} ms ({times[True, b] / times[False, b]:.2f}x)")
+        base = times[setups[0], b]
+        print(f"batch {b}: " + ", ".join(f"{n} {times[n, b]:.1f} ms ({base / times[n, b]:.2f}x)" for n in setups))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Int8 weight-only linear layers on the CPU: the AVX2 kernel equals its reference, the int8 engine's greedy
-tokens equal transformers' on the same (dequantized) weights, and on the embedded model int8 keeps quality:
-top-1 agreement with the unquantized model >= 90% and perplexity within 5% on a fixed text."""
+"""Int8 linear layers on the CPU (weight-only `int8`, and `w8a8` with int8 activations): the AVX2 kernel equals
+its reference, the int8 engine's greedy tokens equal transformers' on the same (dequantized) weights, the fused
+decode step equals the layer-by-layer one, and on the embedded model both keep quality: top-1 agreement with
+the unquantized model >= 90% and perplexity within 5% on a fixed text."""
 
 from __future__ import annotations
 
@@ -20,20 +21,46 @@ from splitserve.model.tokenizer import load_tokenizer
 pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
 
 
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the w8a8 kernel computes with instead of `x`: each block of 32 values of a row (the last one
+    zero-padded) rounded to 255 levels of its largest magnitude (in fp32, as the kernel rounds)."""
+    rows, k = x.shape
+    blocks = torch.nn.functional.pad(x, (0, -k % 32)).view(rows, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return ((blocks * inv).round() * d).view(rows, -1)[:, :k]
+
+
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["int8", "w8a8"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70])
 @pytest.mark.parametrize(("k", "n", "bias"), [(64, 96, False), (72, 30, True), (13, 5, True), (576, 1537, False)])
-def test_kernel_equals_its_reference(rows, k, n, bias):
+def test_kernel_equals_its_reference(rows, k, n, bias, int8_activations):
     torch.manual_seed(rows * 1000 + n)
     linear = nn.Linear(k, n, bias=bias)
-    q = cpu_int8.QuantizedLinear(linear)
+    q = cpu_int8.QuantizedLinear(linear, int8_activations)
     x = torch.randn(rows, k)
     # A decode step's rows run the int8 kernel; a prefill's many rows the fp32 weights.
     weight = q.dequantized() if rows <= cpu_int8.KERNEL_MAX_ROWS else linear.weight
-    want = x.double() @ weight.double().t() + (linear.bias.double() if bias else 0)
+    if int8_activations and rows <= cpu_int8.KERNEL_MAX_ROWS:
+        x_used = _int8_activations(x)
+        assert (x_used - x).abs().max() > 0  # the reference does quantize
+    else:
+        x_used = x
+    want = x_used.double() @ weight.double().t() + (linear.bias.double() if bias else 0)
     got = q(x)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * math.sqrt(k), rtol=1e-4)
     assert q(x.view(1, rows, k)).shape == (1, rows, n)  # leading dimensions are kept
+
+
+@pytest.mark.parametrize(("n", "k"), [(4, 32), (5, 13), (30, 72), (1537, 576)])
+def test_packing_round_trips(n, k):
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    packed = cpu_int8.pack(w)
+    assert packed.numel() == -(-n // 4) * 4 * -(-k // 32) * 32
+    assert torch.equal(cpu_int8.unpack(packed, n, k), w)
+    if n >= 4 and k >= 32:  # a block of 32 inputs holds 4 channels' weights one after another
+        assert torch.equal(packed[:128].view(4, 32), w[:4, :32])
 
 
 def test_quantize_round_trips_within_half_a_step():
@@ -80,13 +107,14 @@ class _Counting:
         return self.fused(*args)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
 @pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2"])
-def test_fused_decode_step_equals_layer_by_layer(model, request):
+def test_fused_decode_step_equals_layer_by_layer(model, quantization, request):
     """The fused native decode step runs the same kernels in the same order as the layer-by-layer path
     (`--enforce-eager`): the same tokens and the same logprobs, bit for bit (Qwen2 has q/k/v biases)."""
     path = str(request.getfixturevalue(model))
-    eager = LLM(path, dtype="fp32", quantization="int8", page_size=4, enforce_eager=True)
-    fused = LLM(path, dtype="fp32", quantization="int8", page_size=4)
+    eager = LLM(path, dtype="fp32", quantization=quantization, page_size=4, enforce_eager=True)
+    fused = LLM(path, dtype="fp32", quantization=quantization, page_size=4)
     assert eager.engine.runner.model.fused_decode is None
     counting = _Counting(fused.engine.runner.model.fused_decode)
     fused.engine.runner.model.fused_decode = counting
@@ -112,21 +140,23 @@ TEXT = (
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch):
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
     # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
     monkeypatch.setattr(cpu_int8, "KERNEL_MAX_ROWS", 10**9)
     ids = load_tokenizer(smollm2)(TEXT).input_ids
     logits = {}
-    for quantization in ("none", "int8"):
-        core = EngineCore(EngineConfig(dtype="fp32", quantization=quantization, kv_cache_memory="64MiB"))
-        logits[quantization] = core.score(ids)
+    for q in ("none", quantization):
+        core = EngineCore(EngineConfig(dtype="fp32", quantization=q, kv_cache_memory="64MiB"))
+        logits[q] = core.score(ids)
     target = torch.tensor(ids[1:])
 
     def perplexity(x: torch.Tensor) -> float:
         return math.exp(torch.nn.functional.cross_entropy(x[:-1], target).item())
 
-    agreement = (logits["int8"].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
+    agreement = (logits[quantization].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
     ppl = {q: perplexity(x) for q, x in logits.items()}
-    print(f"{len(ids)} tokens: top-1 agreement {agreement:.1%}, perplexity {ppl['none']:.3f} -> {ppl['int8']:.3f}")
+    print(f"{quantization}, {len(ids)} tokens: top-1 agreement {agreement:.1%}, "
+          f"perplexity {ppl['none']:.3f} -> {ppl[quantization]:.3f}")  # fmt: skip
     assert agreement >= 0.9
-    assert abs(ppl["int8"] / ppl["none"] - 1) <= 0.05
+    assert abs(ppl[quantization] / ppl["none"] - 1) <= 0.05

@@ -11,7 +11,7 @@ import torch
 from splitserve.engine.kv_cache import parse_memory_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS = ("auto", "none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests in the running batch at once
     max_num_batched_tokens: int = 1024  # tokens per forward pass; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
-    quantization: str = "auto"  # auto | none | int8 (weight-only, CPU); auto: int8 where the dtype is fp32 by auto
+    # auto | none | int8 (weight-only, CPU) | w8a8 (int8 weights and activations, CPU); auto: w8a8 where the
+    # dtype is fp32 by auto
+    quantization: str = "auto"
     prefix_caching: bool = True  # reuse the KV pages of a prompt's prefix computed before
     enforce_eager: bool = False  # run every step layer by layer (no fused or captured decode steps)
     cache_ttl_s: float = 300.0  # how long a conversation's pages are kept after its turn (prompt_cache_key)
@@ -38,8 +40,8 @@ class EngineConfig:
         parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization == "int8" and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
-            raise ValueError("--quantization int8 is for the CPU, with fp32 activations (--dtype fp32 or auto)")
+        if self.quantization in ("int8", "w8a8") and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
+            raise ValueError(f"--quantization {self.quantization} is for the CPU, with fp32 (--dtype fp32 or auto)")
         if self.cache_ttl_s < 0:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -64,14 +66,14 @@ class EngineConfig:
 
     @property
     def resolved_quantization(self) -> str:
-        """`auto` is int8 where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the int8
+        """`auto` is w8a8 where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the int8
         kernel builds; weights stay as they are otherwise. An explicit `--dtype` keeps its weights exact."""
         if self.quantization != "auto":
             return self.quantization
         from splitserve.kernels import cpu_int8
 
         fast_int8 = self.dtype == "auto" and self.resolved_dtype == "fp32" and self.torch_device.type == "cpu"
-        return "int8" if fast_int8 and cpu_int8.available() else "none"
+        return "w8a8" if fast_int8 and cpu_int8.available() else "none"
 
     def describe_dtype(self) -> str:
         """e.g. `fp32 (auto), int8 weights (auto)`, for start-up messages."""

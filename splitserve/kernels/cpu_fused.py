@@ -50,6 +50,7 @@ class FusedDecoder:
             qkv, o, gate_up, down = map(_linear, linears)
             norms = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
             self._layers[i] = DecodeLayer(norms[0], *qkv, *o, norms[1], *gate_up, *down)
+        self.int8_activations = int(layers[0].self_attn.qkv_proj.int8_activations)
         self.eps = layers[0].input_layernorm.eps
         self.scale = layers[0].self_attn.scale
         self._lib = cpu_kernels.library()
@@ -87,5 +88,5 @@ class FusedDecoder:
                                 meta.slot_offsets.data_ptr(), table.data_ptr(), table.stride(0),
                                 meta.decode_context_lens.data_ptr(), n, cfg.hidden_size, cfg.num_heads,
                                 cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, kv_cache.shape[3], self.eps,
-                                self.scale, torch.get_num_threads())  # fmt: skip
+                                self.scale, torch.get_num_threads(), self.int8_activations)  # fmt: skip
         return h, residual

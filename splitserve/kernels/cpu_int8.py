@@ -1,6 +1,11 @@
-"""Int8 weight-only linear layers on the CPU: `QuantizedLinear` over the AVX2 kernel `q8_linear`
-(cpu_kernels.c); `available()` says whether the kernels built here (no compiler, or a CPU without AVX2/FMA,
-means no int8 path, and `--quantization auto` then keeps fp32 weights).
+"""Int8 linear layers on the CPU: `QuantizedLinear` over the AVX2 kernel `q8_linear` (cpu_kernels.c);
+`available()` says whether the kernels built here (no compiler, or a CPU without AVX2/FMA, means no int8 path,
+and `--quantization auto` then keeps fp32 weights).
+
+Two modes over the same int8 weights: `int8` is weight-only (activations stay fp32; the weights are converted
+in registers), `w8a8` also quantizes each row's activations to int8 per block of 32 (dynamic, as llama.cpp's
+Q8_0 does) and sums integer products (AVX2 `maddubs`): about half the instructions per weight, for
+approximate activations.
 
 Decode steps (a few rows) are memory-bound: the kernel reads a quarter of the bytes. A prefill's many rows are
 compute-bound, where the fp32 GEMM wins, so the layer keeps its fp32 weights for them too: int8 buys speed here,
@@ -30,15 +35,34 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
+BLOCK, GROUP = 32, 4  # the kernel's packing: blocks of 32 inputs, groups of 4 output channels
+
+
+def pack(qweight: torch.Tensor) -> torch.Tensor:
+    """Row-major int8 [N, K] to the kernel's layout: [ceil(N/4), ceil(K/32), 4, 32], zero-padded, flat."""
+    n, k = qweight.shape
+    padded = qweight.new_zeros(-(-n // GROUP) * GROUP, -(-k // BLOCK) * BLOCK)
+    padded[:n, :k] = qweight
+    groups, blocks = padded.shape[0] // GROUP, padded.shape[1] // BLOCK
+    return padded.view(groups, GROUP, blocks, BLOCK).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`pack`'s inverse: row-major int8 [n, k]."""
+    groups, blocks = -(-n // GROUP), -(-k // BLOCK)
+    return packed.view(groups, blocks, GROUP, BLOCK).permute(0, 2, 1, 3).reshape(groups * GROUP, -1)[:n, :k]
+
+
 class QuantizedLinear(nn.Module):
     """A frozen `nn.Linear` with int8 weights for up to KERNEL_MAX_ROWS rows, its fp32 weights past them."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, int8_activations: bool = False):
         super().__init__()
+        self.int8_activations = int8_activations
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # shared, not copied
         qweight, scale = quantize(linear.weight.data)
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight", pack(qweight))
         self.register_buffer("scale", scale)
         bias = None if linear.bias is None else linear.bias.data.float().contiguous()
         self.register_buffer("bias", bias)
@@ -47,7 +71,7 @@ class QuantizedLinear(nn.Module):
             raise RuntimeError("the int8 CPU kernel is not available on this machine")
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return unpack(self.qweight, self.out_features, self.in_features).float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -58,8 +82,10 @@ class QuantizedLinear(nn.Module):
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         bias = self.bias.data_ptr() if self.bias is not None else None
         self._lib.q8_linear(x.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), bias, y.data_ptr(),
-                            x.shape[0], self.out_features, self.in_features, torch.get_num_threads())  # fmt: skip
+                            x.shape[0], self.out_features, self.in_features, torch.get_num_threads(),
+                            self.int8_activations)  # fmt: skip
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        activations = ", int8 activations per block of 32" if self.int8_activations else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{activations}"

@@ -1,11 +1,12 @@
 /* CPU kernels for x86 with AVX2 and FMA, built at run time by splitserve/kernels/cpu_kernels.py with
  * -march=native and called through ctypes.
  *
- * q8_linear: int8 weight-only linear layer, y = x @ (scale * w)^T (+ bias). Weights are int8 [N, K] with one fp32 scale per output channel; activations and outputs fp32. A decode
- * step's few rows read each weight once, as one byte instead of four, so on a memory-bound CPU the layer runs
- * about 3x faster than an fp32 GEMM (torch's own int8/int4 CPU kernels are slower than fp32 on AVX2 machines).
- * Each tile converts 3 channels' weights to fp32 in registers once and reuses them for up to 4 rows of x
- * (12 accumulators + 3 weight vectors + 1 row vector: the 16 AVX2 registers).
+ * q8_linear: int8 linear layer, y = x @ (scale * w)^T (+ bias). Weights are int8 with one fp32 scale per
+ * output channel, packed in groups of 4 channels; outputs fp32. A decode step's few rows read each weight once,
+ * as one byte instead of four, so on a memory-bound CPU the layer runs about 3x faster than an fp32 GEMM
+ * (torch's own int8/int4 CPU kernels are slower than fp32 on AVX2 machines). Activations stay fp32 (weights
+ * converted in registers), or are quantized to int8 per block of 32 for integer dot products (w8a8). Each
+ * tile takes 4 channels and 2 rows (8 accumulators + 4 weight vectors + the row's: the 16 AVX2 registers).
  *
  * add_rms_norm, rope, silu_mul: a decoder layer's element-wise steps, one call each instead of 5-10 torch ops
  * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
@@ -30,56 +31,127 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* --- q8_linear ------------------------------------------------------------------------------------------------
+ * Weights are packed for the kernel (cpu_int8.pack): [ceil(N/4)][ceil(K/32)][4][32], each block of 32 inputs
+ * holding its 4 channels' weights one after another, zero-padded. A tile of 4 channels then reads one sequential
+ * stream: row-major weights read as 4 streams K bytes apart ran at half the memory bandwidth here. */
+
+#define QB 32 /* inputs per block */
+#define NG 4  /* channels per group */
+
 static inline __m256 load_w8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
 
-/* y[m, n] = scale[n] * dot(x[m, :], w[n, :]) (+ bias[n]) for MR rows x NR channels (constants after inlining). */
-static inline __attribute__((always_inline)) void tile(
-    const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale, const float* bias,
-    float* y, int64_t ldy, int MR, int NR)
+/* acc[i][j] += x[i, :] . w[j, :] for MR rows of fp32 x (ldx apart, zero-padded to kb blocks) and the 4
+ * channels of group `wg`, their weights converted to fp32 in registers. */
+static inline __attribute__((always_inline)) void tile_f32(
+    const float* x, int64_t ldx, const int8_t* wg, int64_t kb, int MR, __m256 acc[2][NG])
 {
-    __m256 acc[4][4];
-    for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv[4];
-        for (int j = 0; j < NR; j++) wv[j] = load_w8(w + j * K + k);
+    for (int64_t b = 0; b < kb; b++)
+        for (int kk = 0; kk < QB; kk += 8) {
+            __m256 wv[NG];
+            for (int j = 0; j < NG; j++) wv[j] = load_w8(wg + b * NG * QB + j * QB + kk);
+            for (int i = 0; i < MR; i++) {
+                const __m256 xv = _mm256_loadu_ps(x + i * ldx + b * QB + kk);
+                for (int j = 0; j < NG; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+            }
+        }
+}
+
+/* The same from int8 x blocks (xq, ldq apart; d: each block's scale, kb per row): per block, 32 products
+ * summed in int32 (maddubs takes one unsigned operand: |x| against w carrying x's sign), then scaled by d. */
+static inline __attribute__((always_inline)) void tile_a8(
+    const int8_t* xq, int64_t ldq, const float* d, const int8_t* wg, int64_t kb, int MR, __m256 acc[2][NG])
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < kb; b++) {
+        __m256i wv[NG];
+        for (int j = 0; j < NG; j++) wv[j] = _mm256_loadu_si256((const __m256i*)(wg + b * NG * QB + j * QB));
         for (int i = 0; i < MR; i++) {
-            __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i * ldq + b * QB));
+            const __m256i ax = _mm256_sign_epi8(xv, xv);
+            const __m256 dv = _mm256_set1_ps(d[i * kb + b]);
+            for (int j = 0; j < NG; j++) {
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[j], xv)), ones);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, acc[i][j]);
+            }
         }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) {
-            float s = hsum(acc[i][j]);
-            for (int64_t kk = k; kk < K; kk++) s += x[i * ldx + kk] * (float)w[j * K + kk];
-            s *= scale[j];
-            if (bias) s += bias[j];
-            y[i * ldy + j] = s;
-        }
-}
-
-#define TILE(MR, NR) tile(x + m * K, K, w + n * K, K, scale + n, bias ? bias + n : NULL, y + m * N + n, N, MR, NR)
-
-static void rows(const float* x, const int8_t* w, const float* scale, const float* bias, float* y,
-                 int64_t M, int64_t N, int64_t K, int64_t n, int NR) {
-    int64_t m = 0;
-    if (NR == 3) {
-        for (; m + 4 <= M; m += 4) TILE(4, 3);
-        for (; m + 2 <= M; m += 2) TILE(2, 3);
-        for (; m < M; m++) TILE(1, 3);
-    } else {
-        for (; m < M; m++) TILE(1, 1);
     }
 }
 
+/* One block of 32 values to int8: q = round(x / d), d = max |x| / 127. */
+static inline void quantize_block(const float* src, int8_t* dst, float* d) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(src + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_max_ss(t, _mm_movehdup_ps(t));
+    const float dm = _mm_cvtss_f32(t) / 127.0f;
+    *d = dm;
+    const __m256 inv = _mm256_set1_ps(dm > 0.0f ? 1.0f / dm : 0.0f);
+    __m256i q[4];
+    for (int j = 0; j < 4; j++)
+        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT));
+    /* 32 int32 -> 32 int8 in order (the packs interleave 128-bit lanes: permute back) */
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)dst, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* y = x @ (scale * w)^T (+ bias); x [M, K] fp32, w packed (see above), scale and bias [N]. a8 = 0: x stays fp32;
+ * a8 = 1: each row of x is quantized to int8 per block of 32 first (integer dot products: about half the
+ * instructions per weight, for approximate activations; a last partial block is zero-padded). */
 void q8_linear(const float* x, const int8_t* w, const float* scale, const float* bias, float* y,
-               int64_t M, int64_t N, int64_t K, int nthreads) {
-    int64_t tiles = N / 3;
+               int64_t M, int64_t N, int64_t K, int nthreads, int a8) {
+    const int64_t kb = (K + QB - 1) / QB, kp = kb * QB, groups = (N + NG - 1) / NG;
+    float* xp = NULL; /* x zero-padded to kp, where K is not a whole number of blocks */
+    int8_t* xq = NULL;
+    float* d = NULL;
+    if (a8) {
+        xq = malloc((size_t)(M * kp));
+        d = malloc(sizeof(float) * (size_t)(M * kb));
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < kb; b++) {
+                const float* src = x + m * K + b * QB;
+                float block[QB] = {0};
+                if (b * QB + QB > K) {
+                    for (int64_t k = b * QB; k < K; k++) block[k - b * QB] = x[m * K + k];
+                    src = block;
+                }
+                quantize_block(src, xq + m * kp + b * QB, d + m * kb + b);
+            }
+    } else if (kp != K) {
+        xp = calloc((size_t)(M * kp), sizeof(float));
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) xp[m * kp + k] = x[m * K + k];
+    }
+    const float* xf = xp ? xp : x;
+    const int64_t ldx = xp ? kp : K;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) rows(x, w, scale, bias, y, M, N, K, t * 3, 3);
-    for (int64_t n = tiles * 3; n < N; n++) rows(x, w, scale, bias, y, M, N, K, n, 1);
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t* wg = w + g * NG * kp;
+        for (int64_t m = 0; m < M; m += 2) {
+            const int mr = M - m >= 2 ? 2 : 1;
+            __m256 acc[2][NG];
+            for (int i = 0; i < 2; i++) for (int j = 0; j < NG; j++) acc[i][j] = _mm256_setzero_ps();
+            if (a8 && mr == 2) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 2, acc);
+            else if (a8) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 1, acc);
+            else if (mr == 2) tile_f32(xf + m * ldx, ldx, wg, kb, 2, acc);
+            else tile_f32(xf + m * ldx, ldx, wg, kb, 1, acc);
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < NG && g * NG + j < N; j++) {
+                    const int64_t n = g * NG + j;
+                    y[(m + i) * N + n] = hsum(acc[i][j]) * scale[n] + (bias ? bias[n] : 0.0f);
+                }
+        }
+    }
+    free(xp);
+    free(xq);
+    free(d);
 }
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -267,7 +339,7 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
                    const float* cos, const float* sin, float* cache, const int64_t* slot_pages,
                    const int64_t* slot_offsets, const int64_t* page_table, int64_t table_stride,
                    const int64_t* context_lens, int64_t nd, int64_t hidden, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads) {
+                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int a8) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
     const int64_t half = page_size * kv_size, page_stride = num_layers * 2 * half;
     float* x = malloc(sizeof(float) * (size_t)(nd * (hidden + qkv_size + q_size + 3 * intermediate)));
@@ -279,7 +351,7 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         const DecodeLayer* w = layers + l;
         /* layer 0 has no residual yet: its input is the embedding itself */
         add_rms_norm(h, l ? residual : NULL, w->input_norm, x, residual, nd, hidden, eps);
-        q8_linear(x, w->qkv_w, w->qkv_scale, w->qkv_bias, qkv, nd, qkv_size, hidden, nthreads);
+        q8_linear(x, w->qkv_w, w->qkv_scale, w->qkv_bias, qkv, nd, qkv_size, hidden, nthreads, a8);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
         for (int64_t i = 0; i < nd; i++) {
             float* k = cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * kv_size;
@@ -288,12 +360,12 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         }
         attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, heads, kv_heads, dim, page_size,
                num_layers, l, scale, nthreads);
-        q8_linear(attn, w->o_w, w->o_scale, w->o_bias, h, nd, hidden, q_size, nthreads);
+        q8_linear(attn, w->o_w, w->o_scale, w->o_bias, h, nd, hidden, q_size, nthreads, a8);
         add_rms_norm(h, residual, w->post_norm, x, residual, nd, hidden, eps);
         q8_linear(x, w->gate_up_w, w->gate_up_scale, w->gate_up_bias, gate_up, nd, 2 * intermediate, hidden,
-                  nthreads);
+                  nthreads, a8);
         silu_mul(gate_up, act, nd, intermediate);
-        q8_linear(act, w->down_w, w->down_scale, w->down_bias, h, nd, hidden, intermediate, nthreads);
+        q8_linear(act, w->down_w, w->down_scale, w->down_bias, h, nd, hidden, intermediate, nthreads, a8);
     }
     free(x);
 }

@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL | None:
                 return None
             built.replace(path)  # atomic: concurrent workers never load a half-written library
     lib = ctypes.CDLL(str(path))
-    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.q8_linear.restype = None
     lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention.restype = None
@@ -64,7 +64,8 @@ def library() -> ctypes.CDLL | None:
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32]
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     return lib
