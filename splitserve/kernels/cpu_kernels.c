@@ -204,6 +204,61 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {
 /* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every sequence s and query head h; K[s], V[s] are the
  * first context_lens[s] tokens of the pages page_table[s, :] of `layer` in the cache
  * [num_pages, num_layers, 2, page_size, kv_heads, head_dim]. Query head h reads KV head h / (heads / kv_heads). */
+/* r[i] = the sum of v[i]'s 8 lanes, for 8 vectors at once */
+static inline __m256 hsum8(const __m256 v[8]) {
+    const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+/* scores[g * n + t] = scale * q_g . k_t for the `group` query heads sharing one KV head; keys[t] points at
+ * token t's key. With dim a multiple of 8, 8 tokens at a time: one accumulator each, summed together. */
+static void attention_scores(const float* qh, const float* const* keys, int64_t n, int64_t group, int64_t dim,
+                             float scale, float* scores) {
+    int64_t t = 0;
+    if (dim % 8 == 0)
+        for (; t + 8 <= n; t += 8)
+            for (int64_t g = 0; g < group; g++) {
+                __m256 acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t c = 0; c < dim; c += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qh + g * dim + c);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[t + i] + c), acc[i]);
+                }
+                _mm256_storeu_ps(scores + g * n + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+            }
+    for (; t < n; t++)
+        for (int64_t g = 0; g < group; g++) scores[g * n + t] = dot(qh + g * dim, keys[t], dim) * scale;
+}
+
+/* out_g = sum_t p[g * n + t] * v_t / total[g]; values[t] points at token t's value. With dim a multiple of 8,
+ * 64 output values at a time in registers. */
+static void attention_values(const float* p, const float* const* values, int64_t n, int64_t group, int64_t dim,
+                             const float* total, float* out) {
+    for (int64_t g = 0; g < group; g++) {
+        const float* pg = p + g * n;
+        float* o = out + g * dim;
+        if (dim % 8 == 0) {
+            for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+                const int nv = dim - c0 >= 64 ? 8 : (int)((dim - c0) / 8);
+                __m256 acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t t = 0; t < n; t++) {
+                    const __m256 pv = _mm256_set1_ps(pg[t]);
+                    const float* v = values[t] + c0;
+                    for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                }
+                const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
+                for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+            }
+        } else {
+            for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
+            for (int64_t t = 0; t < n; t++) axpy(o, pg[t], values[t], dim);
+            for (int64_t d = 0; d < dim; d++) o[d] /= total[g];
+        }
+    }
+}
+
 static void attend(const float* q, int64_t q_stride, const float* cache, const int64_t* page_table,
                    int64_t table_stride,
                    const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
@@ -219,31 +274,24 @@ static void attend(const float* q, int64_t q_stride, const float* cache, const i
             const int64_t n = context_lens[s];
             const int64_t* pages = page_table + s * table_stride;
             const float* qh = q + s * q_stride + h * group * dim;
-            float* scores = malloc(sizeof(float) * (size_t)(group * n + group * dim));
-            float* acc = scores + group * n;
+            const int64_t padded = (group * n + 1) & ~(int64_t)1; /* the pointers after the scores: aligned */
+            float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(float*) * (size_t)n);
+            const float** keys = (const float**)(scores + padded);
+            const float** values = keys + n;
             for (int64_t t = 0; t < n; t++) {
-                const float* k = cache + pages[t / page_size] * page_stride + layer_offset
-                                 + (t % page_size) * token_stride + h * dim;
-                for (int64_t g = 0; g < group; g++) scores[g * n + t] = dot(qh + g * dim, k, dim) * scale;
+                keys[t] = cache + pages[t / page_size] * page_stride + layer_offset + (t % page_size) * token_stride
+                          + h * dim;
+                values[t] = keys[t] + half;
             }
+            attention_scores(qh, keys, n, group, dim, scale, scores);
             float total[64];
             for (int64_t g = 0; g < group; g++) {
                 float* row = scores + g * n;
                 float best = row[0];
                 for (int64_t t = 1; t < n; t++) best = row[t] > best ? row[t] : best;
                 total[g] = exp_shifted(row, n, best);
-                for (int64_t d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
             }
-            for (int64_t t = 0; t < n; t++) {
-                const float* v = cache + pages[t / page_size] * page_stride + layer_offset + half
-                                 + (t % page_size) * token_stride + h * dim;
-                for (int64_t g = 0; g < group; g++) axpy(acc + g * dim, scores[g * n + t], v, dim);
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float* o = out + (s * heads + h * group + g) * dim;
-                const float inv = 1.0f / total[g];
-                for (int64_t d = 0; d < dim; d++) o[d] = acc[g * dim + d] * inv;
-            }
+            attention_values(scores, values, n, group, dim, total, out + (s * heads + h * group) * dim);
             free(scores);
         }
     }
