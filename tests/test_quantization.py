@@ -32,7 +32,7 @@ def _int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["int8", "w8a8"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70, 128, 129])
 @pytest.mark.parametrize(("k", "n", "bias"), [(64, 96, False), (72, 30, True), (13, 5, True), (576, 1537, False)])
 def test_kernel_equals_its_reference(rows, k, n, bias, int8_activations):
     torch.manual_seed(rows * 1000 + n)
@@ -40,8 +40,8 @@ def test_kernel_equals_its_reference(rows, k, n, bias, int8_activations):
     q = cpu_int8.QuantizedLinear(linear, int8_activations)
     x = torch.randn(rows, k)
     # A decode step's rows run the int8 kernel; a prefill's many rows the fp32 weights.
-    weight = q.dequantized() if rows <= cpu_int8.KERNEL_MAX_ROWS else linear.weight
-    if int8_activations and rows <= cpu_int8.KERNEL_MAX_ROWS:
+    weight = q.dequantized() if rows <= q.max_rows else linear.weight
+    if int8_activations and rows <= q.max_rows:
         x_used = _int8_activations(x)
         assert (x_used - x).abs().max() > 0  # the reference does quantize
     else:
@@ -144,6 +144,7 @@ TEXT = (
 def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
     # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
     monkeypatch.setattr(cpu_int8, "KERNEL_MAX_ROWS", 10**9)
+    monkeypatch.setattr(cpu_int8, "W8A8_MAX_ROWS", 10**9)
     ids = load_tokenizer(smollm2)(TEXT).input_ids
     logits = {}
     for q in ("none", quantization):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from splitserve.kernels import cpu_kernels
-from splitserve.kernels.cpu_int8 import KERNEL_MAX_ROWS, QuantizedLinear
+from splitserve.kernels.cpu_int8 import QuantizedLinear
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class FusedDecoder:
             norms = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
             self._layers[i] = DecodeLayer(norms[0], *qkv, *o, norms[1], *gate_up, *down)
         self.int8_activations = int(layers[0].self_attn.qkv_proj.int8_activations)
+        self.max_rows = layers[0].self_attn.qkv_proj.max_rows
         self.eps = layers[0].input_layernorm.eps
         self.scale = layers[0].self_attn.scale
         self._lib = cpu_kernels.library()
@@ -61,7 +62,7 @@ class FusedDecoder:
         return (
             not meta.prefills
             and meta.num_decode == n
-            and 0 < n <= KERNEL_MAX_ROWS
+            and 0 < n <= self.max_rows
             and kv_cache.dtype == torch.float32
             and kv_cache.is_contiguous()
         )
