@@ -52,7 +52,8 @@ __all__ = [
 
 
 class TransferAgent:
-    """One worker's end of KV page transfers. Not thread-safe: one loop owns it and calls `poll()`."""
+    """One worker's end of KV page transfers. Not thread-safe: one loop owns it and calls `poll()`. Its
+    identity (`link.agent_id`, `link.address`, `link.key`) is the link's."""
 
     def __init__(
         self, pages: torch.Tensor, key: CompatKey, agent_id: str | None = None, context: TransferContext | None = None
@@ -60,22 +61,6 @@ class TransferAgent:
         self.link = Link(pages, key, agent_id or uuid.uuid4().hex[:12], context or TransferContext())
         self._receiver = Receiver(self.link)
         self._sender = Sender(self.link)
-
-    @property
-    def agent_id(self) -> str:
-        return self.link.agent_id
-
-    @property
-    def address(self) -> bytes:
-        return self.link.address
-
-    @property
-    def key(self) -> CompatKey:
-        return self.link.key
-
-    @property
-    def page_bytes(self) -> int:
-        return self.link.page_bytes
 
     @property
     def metrics(self) -> TransferMetrics:
@@ -94,7 +79,7 @@ class TransferAgent:
 
     def cancel(self, xid: int, receiver_id: str | None = None) -> None:
         """Give up a transfer: ours as receiver (`receiver_id` None or ours), else ours as sender to it."""
-        if receiver_id in (None, self.agent_id):
+        if receiver_id in (None, self.link.agent_id):
             self._receiver.cancel(xid)
         else:
             self._sender.cancel(receiver_id, xid)
@@ -107,7 +92,7 @@ class TransferAgent:
             elif isinstance(message, HelloReply):
                 self._sender.on_hello_reply(message)
             elif isinstance(message, Cancel):  # from the other side of the transfer it names
-                if message.receiver_id == self.agent_id:
+                if message.receiver_id == self.link.agent_id:
                     self._receiver.on_cancel(message)
                 else:
                     self._sender.on_cancel(message)
