@@ -19,6 +19,7 @@ SETUPS = {
     "eager": {"quantization": "int8", "enforce_eager": True},
     "int8": {"quantization": "int8"},
     "w8a8": {"quantization": "w8a8"},
+    "w8a7": {"quantization": "w8a7"},
     "fp32": {"quantization": "none"},
 }
 

@@ -1,7 +1,7 @@
-"""Int8 linear layers on the CPU (weight-only `int8`, and `w8a8` with int8 activations): the AVX2 kernel equals
-its reference, the int8 engine's greedy tokens equal transformers' on the same (dequantized) weights, the fused
-decode step equals the layer-by-layer one, and on the embedded model both keep quality: top-1 agreement with
-the unquantized model >= 90% and perplexity within 5% on a fixed text."""
+"""Int8 linear layers on the CPU (weight-only `int8`; `w8a8`, `w8a7` with 8- and 7-bit activations): the AVX2
+kernel equals its reference, the int8 engine's greedy tokens equal transformers' on the same (dequantized)
+weights, the fused decode step equals the layer-by-layer one, and on the embedded model every mode keeps
+quality: top-1 agreement with the unquantized model >= 90% and perplexity within 5% on a fixed text."""
 
 from __future__ import annotations
 
@@ -21,28 +21,29 @@ from splitserve.model.tokenizer import load_tokenizer
 pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
 
 
-def _int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the w8a8 kernel computes with instead of `x`: each block of 32 values of a row (the last one
-    zero-padded) rounded to 255 levels of its largest magnitude (in fp32, as the kernel rounds)."""
+def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """What the w8a8 (w8a7) kernel computes with instead of `x`: each block of 32 values of a row (the last one
+    zero-padded) rounded to 255 (127) levels of its largest magnitude, in fp32 as the kernel rounds."""
     rows, k = x.shape
+    levels = 2 ** (bits - 1) - 1
     blocks = torch.nn.functional.pad(x, (0, -k % 32)).view(rows, -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
+    d = blocks.abs().amax(-1, keepdim=True) / levels
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     return ((blocks * inv).round() * d).view(rows, -1)[:, :k]
 
 
-@pytest.mark.parametrize("int8_activations", [False, True], ids=["int8", "w8a8"])
+@pytest.mark.parametrize("bits", [32, 8, 7], ids=["int8", "w8a8", "w8a7"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70, 128, 129])
 @pytest.mark.parametrize(("k", "n", "bias"), [(64, 96, False), (72, 30, True), (13, 5, True), (576, 1537, False)])
-def test_kernel_equals_its_reference(rows, k, n, bias, int8_activations):
+def test_kernel_equals_its_reference(rows, k, n, bias, bits):
     torch.manual_seed(rows * 1000 + n)
     linear = nn.Linear(k, n, bias=bias)
-    q = cpu_int8.QuantizedLinear(linear, int8_activations)
+    q = cpu_int8.QuantizedLinear(linear, bits)
     x = torch.randn(rows, k)
     # A decode step's rows run the int8 kernel; a prefill's many rows the fp32 weights.
     weight = q.dequantized() if rows <= q.max_rows else linear.weight
-    if int8_activations and rows <= q.max_rows:
-        x_used = _int8_activations(x)
+    if bits != 32 and rows <= q.max_rows:
+        x_used = _quantized_activations(x, bits)
         assert (x_used - x).abs().max() > 0  # the reference does quantize
     else:
         x_used = x
@@ -107,7 +108,7 @@ class _Counting:
         return self.fused(*args)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "w8a7"])
 @pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2"])
 def test_fused_decode_step_equals_layer_by_layer(model, quantization, request):
     """The fused native decode step runs the same kernels in the same order as the layer-by-layer path
@@ -140,7 +141,7 @@ TEXT = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "w8a7"])
 def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
     # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
     monkeypatch.setattr(cpu_int8, "KERNEL_MAX_ROWS", 10**9)

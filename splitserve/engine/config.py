@@ -11,7 +11,7 @@ import torch
 from splitserve.engine.kv_cache import parse_memory_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "w8a7")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests in the running batch at once
     max_num_batched_tokens: int = 1024  # tokens per forward pass; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
-    # auto | none | int8 (weight-only, CPU) | w8a8 (int8 weights and activations, CPU); auto: w8a8 where the
-    # dtype is fp32 by auto
+    # auto | none | int8 (weight-only, CPU) | w8a8 (int8 weights and activations, CPU) | w8a7 (7-bit
+    # activations); auto: w8a8 where the dtype is fp32 by auto
     quantization: str = "auto"
     prefix_caching: bool = True  # reuse the KV pages of a prompt's prefix computed before
     enforce_eager: bool = False  # run every step layer by layer (no fused or captured decode steps)
@@ -40,7 +40,8 @@ class EngineConfig:
         parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization in ("int8", "w8a8") and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
+        cpu_only = self.quantization in ("int8", "w8a8", "w8a7")
+        if cpu_only and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
             raise ValueError(f"--quantization {self.quantization} is for the CPU, with fp32 (--dtype fp32 or auto)")
         if self.cache_ttl_s < 0:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")

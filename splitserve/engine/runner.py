@@ -28,8 +28,9 @@ class ModelRunner:
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
-        if config.resolved_quantization in ("int8", "w8a8"):
-            self.model.quantize_int8(not config.enforce_eager, config.resolved_quantization == "w8a8")
+        bits = {"int8": 32, "w8a8": 8, "w8a7": 7}.get(config.resolved_quantization)
+        if bits is not None:
+            self.model.quantize_int8(not config.enforce_eager, bits)
         self.kv_cache = allocate_kv_cache(
             model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
         )

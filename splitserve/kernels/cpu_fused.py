@@ -22,16 +22,20 @@ from splitserve.kernels.metadata import PagedAttentionMetadata
 if TYPE_CHECKING:
     from splitserve.model.llama import CausalLM
 
-_FIELDS = ("input_norm", "qkv_w", "qkv_scale", "qkv_bias", "o_w", "o_scale", "o_bias", "post_norm",
-           "gate_up_w", "gate_up_scale", "gate_up_bias", "down_w", "down_scale", "down_bias")  # fmt: skip
+_FIELDS = ("input_norm", "qkv_w", "qkv_scale", "qkv_bias", "qkv_wsum", "o_w", "o_scale", "o_bias", "o_wsum",
+           "post_norm", "gate_up_w", "gate_up_scale", "gate_up_bias", "gate_up_wsum", "down_w", "down_scale",
+           "down_bias", "down_wsum")  # fmt: skip
 
 
 class DecodeLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in _FIELDS]
 
 
-def _linear(layer: QuantizedLinear) -> tuple[int, int, int | None]:
-    return layer.qweight.data_ptr(), layer.scale.data_ptr(), None if layer.bias is None else layer.bias.data_ptr()
+def _linear(layer: QuantizedLinear) -> tuple[int, int, int | None, int | None]:
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    return ptr(layer.qweight), ptr(layer.scale), ptr(layer.bias), ptr(layer.wsum)
 
 
 class FusedDecoder:
@@ -50,7 +54,7 @@ class FusedDecoder:
             qkv, o, gate_up, down = map(_linear, linears)
             norms = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
             self._layers[i] = DecodeLayer(norms[0], *qkv, *o, norms[1], *gate_up, *down)
-        self.int8_activations = int(layers[0].self_attn.qkv_proj.int8_activations)
+        self.activation_bits = layers[0].self_attn.qkv_proj.activation_bits
         self.max_rows = layers[0].self_attn.qkv_proj.max_rows
         self.eps = layers[0].input_layernorm.eps
         self.scale = layers[0].self_attn.scale
@@ -89,5 +93,5 @@ class FusedDecoder:
                                 meta.slot_offsets.data_ptr(), table.data_ptr(), table.stride(0),
                                 meta.decode_context_lens.data_ptr(), n, cfg.hidden_size, cfg.num_heads,
                                 cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, kv_cache.shape[3], self.eps,
-                                self.scale, torch.get_num_threads(), self.int8_activations)  # fmt: skip
+                                self.scale, torch.get_num_threads(), self.activation_bits)  # fmt: skip
         return h, residual

@@ -2,10 +2,11 @@
 `available()` says whether the kernels built here (no compiler, or a CPU without AVX2/FMA, means no int8 path,
 and `--quantization auto` then keeps fp32 weights).
 
-Two modes over the same int8 weights: `int8` is weight-only (activations stay fp32; the weights are converted
-in registers), `w8a8` also quantizes each row's activations to int8 per block of 32 (dynamic, as llama.cpp's
-Q8_0 does) and sums integer products (AVX2 `maddubs`): about half the instructions per weight, for
-approximate activations.
+Three modes over the same int8 weights: `int8` is weight-only (activations stay fp32; the weights are converted
+in registers); `w8a8` also quantizes each row's activations to int8 per block of 32 (dynamic, as llama.cpp's
+Q8_0 does) and sums integer products (AVX2 `maddubs`): about half the instructions per weight, for approximate
+activations; `w8a7` rounds them to 7 bits instead, which lets `maddubs` take them as they are (no sign
+trick): a quarter fewer instructions again, for coarser activations.
 
 Decode steps (a few rows) are memory-bound: the kernel reads a quarter of the bytes. A prefill's many rows are
 compute-bound, where the fp32 GEMM wins, so the layer keeps its fp32 weights for them too: int8 buys speed here,
@@ -58,13 +59,20 @@ def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 class QuantizedLinear(nn.Module):
     """A frozen `nn.Linear` with int8 weights for up to `max_rows` rows, its fp32 weights past them."""
 
-    def __init__(self, linear: nn.Linear, int8_activations: bool = False):
+    def __init__(self, linear: nn.Linear, activation_bits: int = 32):
+        """`activation_bits`: 32 keeps a step's activations in fp32; 8 or 7 quantizes them per block of 32."""
         super().__init__()
-        self.int8_activations = int8_activations
+        if activation_bits not in (32, 8, 7):
+            raise ValueError(f"activation_bits must be 32, 8 or 7, got {activation_bits}")
+        self.activation_bits = activation_bits
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # shared, not copied
         qweight, scale = quantize(linear.weight.data)
         self.register_buffer("qweight", pack(qweight))
+        # 7-bit activations travel with an offset of 64 that the kernel takes back with each block's weight sums
+        blocks = self.qweight.view(-1, -(-self.in_features // BLOCK), GROUP, BLOCK)
+        wsum = (64 * blocks.sum(-1, dtype=torch.int32)).float().contiguous() if activation_bits == 7 else None
+        self.register_buffer("wsum", wsum)
         self.register_buffer("scale", scale)
         bias = None if linear.bias is None else linear.bias.data.float().contiguous()
         self.register_buffer("bias", bias)
@@ -74,7 +82,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def max_rows(self) -> int:
-        return W8A8_MAX_ROWS if self.int8_activations else KERNEL_MAX_ROWS
+        return KERNEL_MAX_ROWS if self.activation_bits == 32 else W8A8_MAX_ROWS
 
     def dequantized(self) -> torch.Tensor:
         return unpack(self.qweight, self.out_features, self.in_features).float() * self.scale[:, None]
@@ -89,9 +97,10 @@ class QuantizedLinear(nn.Module):
         bias = self.bias.data_ptr() if self.bias is not None else None
         self._lib.q8_linear(x.data_ptr(), self.qweight.data_ptr(), self.scale.data_ptr(), bias, y.data_ptr(),
                             x.shape[0], self.out_features, self.in_features, torch.get_num_threads(),
-                            self.int8_activations)  # fmt: skip
+                            self.activation_bits, None if self.wsum is None else self.wsum.data_ptr())  # fmt: skip
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        activations = ", int8 activations per block of 32" if self.int8_activations else ""
+        bits = self.activation_bits
+        activations = f", {bits}-bit activations per block of 32" if bits != 32 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{activations}"

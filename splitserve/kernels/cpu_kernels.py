@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL | None:
                 return None
             built.replace(path)  # atomic: concurrent workers never load a half-written library
     lib = ctypes.CDLL(str(path))
-    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
     lib.q8_linear.restype = None
     lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention.restype = None

@@ -180,10 +180,11 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def quantize_int8(self, fused: bool = True, int8_activations: bool = False) -> None:
+    def quantize_int8(self, fused: bool = True, activation_bits: int = 32) -> None:
         """Every linear layer (and the LM head) to int8 weights, for the CPU's decode steps; the embedding
         table stays as it is (a step reads only its tokens' rows). `fused`: decode-only steps run all layers
-        in one native call (kernels/cpu_fused.py). `int8_activations`: w8a8 (see kernels/cpu_int8.py)."""
+        in one native call (kernels/cpu_fused.py). `activation_bits`: 8 or 7 quantizes a step's activations too
+        (w8a8, w8a7: see kernels/cpu_int8.py)."""
         from splitserve.kernels.cpu_fused import FusedDecoder
         from splitserve.kernels.cpu_int8 import QuantizedLinear
 
@@ -191,6 +192,6 @@ class CausalLM(nn.Module):
             for name, child in list(module.named_modules()):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, int8_activations))
+                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits))
         if fused:
             self.fused_decode = FusedDecoder(self)
