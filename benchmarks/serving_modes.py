@@ -1,6 +1,7 @@
 """Disaggregated (1 prefill + 1 decode worker) against colocated (1 worker doing both) on the same cores,
 the same streaming workload at one or more request rates: TTFT/TPOT/ITL percentiles, throughput and, with
-an SLO, goodput and attainment, side by side; results as `splitserve bench` JSON, and charts.
+an SLO, goodput and attainment, side by side; results as `splitserve bench` JSON, and charts. Each rate sends
+prompts no server has seen (prefix caches never hit); every server gets the same ones.
 
 Each mode gets a fresh `splitserve serve` on this machine. `--also-url` adds any other OpenAI-compatible
 server (e.g. llama.cpp's llama-server, see benchmarks/README.md) to the same runs and charts.
@@ -29,10 +30,11 @@ MODES = {
 }
 
 
-def sweep(label: str, target: Target, requests, rates: list[float], slo: metrics.SLO, seed: int) -> dict:
-    asyncio.run(run(target, requests[:2], progress=False))  # warm-up
+def sweep(label: str, target: Target, warm_up, per_rate: list, rates: list[float], slo: metrics.SLO, seed: int) -> dict:
+    """`per_rate`: the requests of each rate, prompts never sent before (no prefix cache hits)."""
+    asyncio.run(run(target, warm_up, progress=False))
     result = {"label": label, "slo_text": slo.describe(), "runs": []}
-    for rate in rates:
+    for rate, requests in zip(rates, per_rate, strict=True):
         workloads.assign_arrivals(requests, rate, 1.0, random.Random(seed + 1))
         records, duration = asyncio.run(run(target, requests, progress=False))
         summary = metrics.summarize(records, duration, slo)
@@ -60,7 +62,10 @@ def main() -> None:
     slo = metrics.SLO.parse(args.slo)
     tokenizer = tokenizer_for(args.model)
     lens = workloads.LengthDist(args.input_len), workloads.LengthDist(args.output_len)
-    requests = workloads.synthetic(tokenizer, args.requests, *lens, random.Random(args.seed))
+    # Fresh prompts at every rate (the same ones for every server): a prompt sent twice would hit a prefix cache.
+    requests = workloads.synthetic(tokenizer, 2 + args.requests * len(rates), *lens, random.Random(args.seed))
+    warm_up = requests[:2]
+    per_rate = [requests[2 + i * args.requests : 2 + (i + 1) * args.requests] for i in range(len(rates))]
     print(f"{args.requests} requests per rate, Poisson {args.rates}/s, input {args.input_len}, "
           f"output {args.output_len} tokens, SLO {slo.describe()}")  # fmt: skip
 
@@ -69,14 +74,14 @@ def main() -> None:
         server = ServeProcess(args.model, [*flags, *args.serve_args.split()], num_workers=workers)
         try:
             model = server.http.get("/v1/models").json()["data"][0]["id"]
-            results.append(sweep(mode, Target(server.url, model), requests, rates, slo, args.seed))
+            results.append(sweep(mode, Target(server.url, model), warm_up, per_rate, rates, slo, args.seed))
         finally:
             server.stop()
     if args.also_url:
         from splitserve.bench.cli import served_model
 
         target = Target(args.also_url, served_model(args.also_url, None))
-        results.append(sweep(args.also_label, target, requests, rates, slo, args.seed))
+        results.append(sweep(args.also_label, target, warm_up, per_rate, rates, slo, args.seed))
 
     keys = [("req/s", "request_throughput", 1), ("out tok/s", "output_throughput", 1),
             ("p50 TTFT ms", "p50_ttft", 1000), ("p90 TTFT ms", "p90_ttft", 1000), ("p99 TTFT ms", "p99_ttft", 1000),

@@ -5,8 +5,9 @@
  * output channel, packed in groups of 4 channels; outputs fp32. A decode step's few rows read each weight once,
  * as one byte instead of four, so on a memory-bound CPU the layer runs about 3x faster than an fp32 GEMM
  * (torch's own int8/int4 CPU kernels are slower than fp32 on AVX2 machines). Activations stay fp32 (weights
- * converted in registers), or are quantized to int8 per block of 32 for integer dot products (w8a8). Each
- * tile takes 4 channels and 2 rows (8 accumulators + 4 weight vectors + the row's: the 16 AVX2 registers).
+ * converted in registers), or are quantized per block of 32, to 8 bits (w8a8) or 7 (w8a7), for integer dot
+ * products. Each tile takes 4 channels and 2 rows (8 accumulators + 4 weight vectors + the row's: the 16 AVX2
+ * registers).
  *
  * add_rms_norm, rope, silu_mul: a decoder layer's element-wise steps, one call each instead of 5-10 torch ops
  * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
