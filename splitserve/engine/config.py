@@ -11,7 +11,9 @@ import torch
 from splitserve.engine.kv_cache import parse_memory_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "w8a7")
+# The CPU's int8-weight modes, by the bits their activations keep (32: fp32, weight-only).
+CPU_QUANTIZATIONS = {"int8": 32, "w8a8": 8, "w8a7": 7}
+QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class EngineConfig:
         parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        cpu_only = self.quantization in ("int8", "w8a8", "w8a7")
+        cpu_only = self.quantization in CPU_QUANTIZATIONS
         if cpu_only and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
             raise ValueError(f"--quantization {self.quantization} is for the CPU, with fp32 (--dtype fp32 or auto)")
         if self.cache_ttl_s < 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.request import Chunk, Request
 from splitserve.engine.sampling import Sampled, SamplingFailed, sample
@@ -28,7 +28,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
-        bits = {"int8": 32, "w8a8": 8, "w8a7": 7}.get(config.resolved_quantization)
+        bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:
             self.model.quantize_int8(not config.enforce_eager, bits)
         self.kv_cache = allocate_kv_cache(

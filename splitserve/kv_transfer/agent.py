@@ -23,8 +23,6 @@ import torch
 
 from splitserve.kv_transfer.link import (
     CONTROL_TAG,
-    MAX_DONE_BYTES,
-    MAX_PAGES_PER_TRANSFER,
     Completion,
     IncompatiblePeerError,
     Link,
@@ -39,8 +37,6 @@ from splitserve.kv_transfer.sender import Sender
 
 __all__ = [
     "CONTROL_TAG",
-    "MAX_DONE_BYTES",
-    "MAX_PAGES_PER_TRANSFER",
     "Completion",
     "IncompatiblePeerError",
     "Role",
