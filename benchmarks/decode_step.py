@@ -1,11 +1,12 @@
 """Time of one decode step of the engine in several set-ups, at several batch sizes, in one run: on the CPU,
 int8 weights layer by layer (`--enforce-eager`, the baseline), int8 weights with every layer in one native call
-(the fused step), and the fused step with int8 activations too (`--quantization w8a8`).
+(the fused step), the fused step with int8 activations too (`--quantization w8a8`), and with 4-bit weights
+(`w4a8`).
 
 Each measurement: `batch` copies of a 128-token prompt, 65 greedy tokens, minus the same with 1 token (the
 prefill), over 64 steps; the best of two. Ratios are the baseline's time over each set-up's.
 
-    .venv/bin/python benchmarks/decode_step.py [--model PATH] [--batches 1,16] [--setups eager,int8,w8a8]
+    .venv/bin/python benchmarks/decode_step.py [--model PATH] [--batches 1,16] [--setups eager,int8,w8a8,w4a8]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SETUPS = {
     "int8": {"quantization": "int8"},
     "w8a8": {"quantization": "w8a8"},
     "w8a7": {"quantization": "w8a7"},
+    "w4a8": {"quantization": "w4a8"},
     "fp32": {"quantization": "none"},
 }
 
@@ -39,7 +41,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--batches", default="1,16")
-    p.add_argument("--setups", default="eager,int8,w8a8", help=f"the first is the baseline; of {', '.join(SETUPS)}")
+    p.add_argument(
+        "--setups", default="eager,int8,w8a8,w4a8", help=f"the first is the baseline; of {', '.join(SETUPS)}"
+    )
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     setups = args.setups.split(",")

@@ -1,6 +1,7 @@
-"""Int8 linear layers on the CPU (weight-only `int8`; `w8a8`, `w8a7` with 8- and 7-bit activations): the AVX2
-kernel equals its reference, the int8 engine's greedy tokens equal transformers' on the same (dequantized)
-weights, the fused decode step equals the layer-by-layer one, and on the embedded model every mode keeps
+"""Quantized linear layers on the CPU (int8 weights: weight-only `int8`, `w8a8` and `w8a7` with 8- and 7-bit
+activations; 4-bit weights: `w4a8`): the AVX2 kernel equals its reference, the quantized engine's greedy tokens
+equal transformers' on the same (dequantized) weights, the fused decode step equals the layer-by-layer one, the
+embedded GGUF model's Q4_1 weights come back exactly from 4 bits, and on the embedded model every mode keeps
 quality: top-1 agreement with the unquantized model >= 90% and perplexity within 5% on a fixed text."""
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from transformers import AutoModelForCausalLM
 from splitserve import LLM, SamplingParams
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
-from splitserve.kernels import cpu_int8
+from splitserve.kernels import cpu_quant
 from splitserve.model.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
+pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
 
 
 def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -32,13 +33,17 @@ def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((blocks * inv).round() * d).view(rows, -1)[:, :k]
 
 
-@pytest.mark.parametrize("bits", [32, 8, 7], ids=["int8", "w8a8", "w8a7"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 48, 49, 70, 128, 129])
+MODES = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 48, 49, 70, 128, 129])
 @pytest.mark.parametrize(("k", "n", "bias"), [(64, 96, False), (72, 30, True), (13, 5, True), (576, 1537, False)])
-def test_kernel_equals_its_reference(rows, k, n, bias, bits):
+def test_kernel_equals_its_reference(rows, k, n, bias, mode):
     torch.manual_seed(rows * 1000 + n)
     linear = nn.Linear(k, n, bias=bias)
-    q = cpu_int8.QuantizedLinear(linear, bits)
+    weight_bits, bits = MODES[mode]
+    q = cpu_quant.QuantizedLinear(linear, bits, weight_bits)
     x = torch.randn(rows, k)
     # A decode step's rows run the int8 kernel; a prefill's many rows the fp32 weights.
     weight = q.dequantized() if rows <= q.max_rows else linear.weight
@@ -57,18 +62,57 @@ def test_kernel_equals_its_reference(rows, k, n, bias, bits):
 @pytest.mark.parametrize(("n", "k"), [(4, 32), (5, 13), (30, 72), (1537, 576)])
 def test_packing_round_trips(n, k):
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    packed = cpu_int8.pack(w)
+    packed = cpu_quant.pack(w)
     assert packed.numel() == -(-n // 4) * 4 * -(-k // 32) * 32
-    assert torch.equal(cpu_int8.unpack(packed, n, k), w)
+    assert torch.equal(cpu_quant.unpack(packed, n, k), w)
     if n >= 4 and k >= 32:  # a block of 32 inputs holds 4 channels' weights one after another
         assert torch.equal(packed[:128].view(4, 32), w[:4, :32])
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed4 = cpu_quant.pack4(q)
+    assert packed4.numel() == -(-n // 8) * 8 * -(-k // 32) * 16
+    assert torch.equal(cpu_quant.unpack4(packed4, n, k), q)
+    if n >= 8 and k >= 32:  # the first run of 32 bytes: inputs 0-3 (low nibbles) and 16-19 (high) of 8 channels
+        assert torch.equal(packed4[:32].view(8, 4) & 15, q[:8, :4])
+        assert torch.equal(packed4[:32].view(8, 4) >> 4, q[:8, 16:20])
 
 
 def test_quantize_round_trips_within_half_a_step():
     w = torch.randn(40, 64) * torch.linspace(0.01, 10, 40)[:, None]
-    qweight, scale = cpu_int8.quantize(w)
+    qweight, scale = cpu_quant.quantize(w)
     assert qweight.dtype == torch.int8 and qweight.abs().max() <= 127
     assert ((qweight.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    q, d, m = cpu_quant.quantize4(w)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and d.shape == m.shape == (40, 2)
+    back = (q.float().view(40, 2, 32) * d[..., None] + m[..., None]).view(40, 64)
+    assert ((back - w).abs().view(40, 2, 32) <= d[..., None] / 2 + 1e-6).all()
+    # weights that are 4-bit already (a GGUF model's Q4_1) come back exactly
+    assert torch.equal(cpu_quant.quantize4(back)[0], q)
+
+
+@pytest.mark.slow
+def test_the_embedded_models_q4_1_weights_come_back_exactly_from_4_bits(smollm2):
+    def model(quantization: str) -> nn.Module:
+        llm = LLM(str(smollm2), dtype="fp32", quantization=quantization, kv_cache_memory="16MiB")
+        return llm.engine.runner.model
+
+    exact = dict(model("none").named_modules())
+    quantized = model("w4a8")
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, cpu_quant.QuantizedLinear)}
+    assert sum(m.weight_bits == 4 for m in layers.values()) == 4 * quantized.cfg.num_layers
+    for name, layer in layers.items():
+        if layer.weight_bits == 4:
+            assert torch.equal(layer.dequantized(), exact[name].weight), name
+    assert layers["lm_head"].weight_bits == 8  # the LM head stays 8-bit, as the file's Q8_0 embedding table
+
+
+def test_auto_quantization_is_4_bit_for_a_q4_1_gguf_model_and_int8_for_others(smollm2, tiny_llama_gqa, monkeypatch):
+    from splitserve.engine import config
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)  # fp32 by auto, as on this project's CPUs
+    assert EngineConfig(device="cpu").resolved_quantization == "w4a8"  # the embedded model: a Q4_1 GGUF file
+    assert EngineConfig(model=str(tiny_llama_gqa), device="cpu").resolved_quantization == "w8a8"
+    assert EngineConfig(device="cpu", dtype="fp32").resolved_quantization == "none"  # an explicit dtype: exact
+    assert "w4a8 weights (auto)" in EngineConfig(device="cpu").describe_dtype()
 
 
 def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
@@ -76,15 +120,15 @@ def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
     replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose steps here all have
     at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights)."""
     llm = LLM(str(tiny_llama_gqa), dtype="fp32", quantization="int8", page_size=8)
-    assert isinstance(llm.engine.runner.model.lm_head, cpu_int8.QuantizedLinear)
+    assert isinstance(llm.engine.runner.model.lm_head, cpu_quant.QuantizedLinear)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa, dtype=torch.float32).eval()
     with torch.no_grad():
         for module in list(hf.modules()):
             if isinstance(module, nn.Linear):
-                q, s = cpu_int8.quantize(module.weight)
+                q, s = cpu_quant.quantize(module.weight)
                 module.weight = nn.Parameter(q.float() * s[:, None])  # also unties the LM head from the embedding
     prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 5]
-    assert sum(map(len, prompts)) <= cpu_int8.KERNEL_MAX_ROWS
+    assert sum(map(len, prompts)) <= cpu_quant.KERNEL_MAX_ROWS
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
         ids = list(prompt)
@@ -108,7 +152,7 @@ class _Counting:
         return self.fused(*args)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8", "w8a7"])
+@pytest.mark.parametrize("quantization", MODES)
 @pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2"])
 def test_fused_decode_step_equals_layer_by_layer(model, quantization, request):
     """The fused native decode step runs the same kernels in the same order as the layer-by-layer path
@@ -141,11 +185,11 @@ TEXT = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int8", "w8a8", "w8a7"])
-def test_int8_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
+@pytest.mark.parametrize("quantization", MODES)
+def test_quantization_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
     # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
-    monkeypatch.setattr(cpu_int8, "KERNEL_MAX_ROWS", 10**9)
-    monkeypatch.setattr(cpu_int8, "W8A8_MAX_ROWS", 10**9)
+    monkeypatch.setattr(cpu_quant, "KERNEL_MAX_ROWS", 10**9)
+    monkeypatch.setattr(cpu_quant, "W8A8_MAX_ROWS", 10**9)
     ids = load_tokenizer(smollm2)(TEXT).input_ids
     logits = {}
     for q in ("none", quantization):

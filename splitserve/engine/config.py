@@ -11,8 +11,8 @@ import torch
 from splitserve.engine.kv_cache import parse_memory_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The CPU's int8-weight modes, by the bits their activations keep (32: fp32, weight-only).
-CPU_QUANTIZATIONS = {"int8": 32, "w8a8": 8, "w8a7": 7}
+# The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
+CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
 QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS)
 
 
@@ -27,7 +27,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # tokens per forward pass; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output limit; None: the model's (capped by the KV cache)
     # auto | none | int8 (weight-only, CPU) | w8a8 (int8 weights and activations, CPU) | w8a7 (7-bit
-    # activations); auto: w8a8 where the dtype is fp32 by auto
+    # activations) | w4a8 (4-bit weights, int8 activations); auto: where the dtype is fp32 by auto, w4a8 for
+    # a GGUF model with Q4_1 layers (the embedded default), w8a8 for others
     quantization: str = "auto"
     prefix_caching: bool = True  # reuse the KV pages of a prompt's prefix computed before
     enforce_eager: bool = False  # run every step layer by layer (no fused or captured decode steps)
@@ -69,14 +70,18 @@ class EngineConfig:
 
     @property
     def resolved_quantization(self) -> str:
-        """`auto` is w8a8 where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the int8
-        kernel builds; weights stay as they are otherwise. An explicit `--dtype` keeps its weights exact."""
+        """`auto`, where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the kernels build: w4a8
+        for a GGUF model whose layers are Q4_1 (the embedded default: its own weights, the fastest mode), w8a8
+        for others. Weights stay as they are otherwise; an explicit `--dtype` keeps its weights exact."""
         if self.quantization != "auto":
             return self.quantization
-        from splitserve.kernels import cpu_int8
+        from splitserve.kernels import cpu_quant
+        from splitserve.model.checkpoint import has_q4_1_weights
 
-        fast_int8 = self.dtype == "auto" and self.resolved_dtype == "fp32" and self.torch_device.type == "cpu"
-        return "w8a8" if fast_int8 and cpu_int8.available() else "none"
+        fast_cpu = self.dtype == "auto" and self.resolved_dtype == "fp32" and self.torch_device.type == "cpu"
+        if not (fast_cpu and cpu_quant.available()):
+            return "none"
+        return "w4a8" if has_q4_1_weights(self.model) else "w8a8"
 
     def describe_dtype(self) -> str:
         """e.g. `fp32 (auto), int8 weights (auto)`, for start-up messages."""

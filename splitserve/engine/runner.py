@@ -30,7 +30,7 @@ class ModelRunner:
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:
-            self.model.quantize_int8(not config.enforce_eager, bits)
+            self.model.quantize(*bits, fused=not config.enforce_eager)
         self.kv_cache = allocate_kv_cache(
             model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
         )

@@ -1,13 +1,14 @@
 /* CPU kernels for x86 with AVX2 and FMA, built at run time by splitserve/kernels/cpu_kernels.py with
  * -march=native and called through ctypes.
  *
- * q8_linear: int8 linear layer, y = x @ (scale * w)^T (+ bias). Weights are int8 with one fp32 scale per
- * output channel, packed in groups of 4 channels; outputs fp32. A decode step's few rows read each weight once,
- * as one byte instead of four, so on a memory-bound CPU the layer runs about 3x faster than an fp32 GEMM
- * (torch's own int8/int4 CPU kernels are slower than fp32 on AVX2 machines). Activations stay fp32 (weights
- * converted in registers), or are quantized per block of 32, to 8 bits (w8a8) or 7 (w8a7), for integer dot
- * products. Each tile takes 4 channels and 2 rows (8 accumulators + 4 weight vectors + the row's: the 16 AVX2
- * registers).
+ * quant_linear: quantized linear layer, y = x @ w^T (+ bias), outputs fp32. Weights are int8 with one fp32 scale
+ * per output channel, or 4-bit with a scale and a minimum per channel and block of 32 inputs (llama.cpp's Q4_1),
+ * packed in groups of channels. A decode step's few rows read each weight once, as one byte (or half of one)
+ * instead of four, so on a memory-bound CPU the layer runs 3x faster or more than an fp32 GEMM (torch's own
+ * int8/int4 CPU kernels are slower than fp32 on AVX2 machines). Activations stay fp32 (int8 weights converted in
+ * registers), or are quantized per block of 32, to 8 bits (w8a8, w4a8) or 7 (w8a7), for integer dot products.
+ * An int8 tile takes 4 channels and 2 rows (8 accumulators + 4 weight vectors + the row's: the 16 AVX2
+ * registers), a 4-bit one 8 channels and 4 rows.
  *
  * add_rms_norm, rope, silu_mul: a decoder layer's element-wise steps, one call each instead of 5-10 torch ops
  * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
@@ -32,10 +33,11 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* --- q8_linear ------------------------------------------------------------------------------------------------
- * Weights are packed for the kernel (cpu_int8.pack): [ceil(N/4)][ceil(K/32)][4][32], each block of 32 inputs
+/* --- quant_linear ------------------------------------------------------------------------------------------------
+ * Weights are packed for the kernel (cpu_quant.pack): [ceil(N/4)][ceil(K/32)][4][32], each block of 32 inputs
  * holding its 4 channels' weights one after another, zero-padded. A tile of 4 channels then reads one sequential
- * stream: row-major weights read as 4 streams K bytes apart ran at half the memory bandwidth here. */
+ * stream: row-major weights read as 4 streams K bytes apart ran at half the memory bandwidth here. (4-bit weights
+ * have their own layout: see below.) */
 
 #define QB 32 /* inputs per block */
 #define NG 4  /* channels per group */
@@ -84,7 +86,7 @@ static inline __attribute__((always_inline)) void tile_a8(
 /* The same from 7-bit x blocks stored as unsigned bytes (xu = q + 64, 1..127): maddubs(xu, w) needs no sign
  * trick and cannot saturate (2 * 127 * 127 < 2^15), one instruction fewer per product than int8 activations.
  * The offset is taken back once per row and block for 4 channels at a time: corr[i] += d * ws, ws = 64 * sum w
- * of each channel over the block (`wsum`, made with the packed weights). */
+ * of each channel over the block (`offset`, made with the packed weights). */
 static inline __attribute__((always_inline)) void tile_a7(
     const uint8_t* xu, int64_t ldq, const float* d, const int8_t* wg, const float* ws, int64_t kb, int MR,
     __m256 acc[2][NG], __m128 corr[2])
@@ -106,9 +108,80 @@ static inline __attribute__((always_inline)) void tile_a7(
     }
 }
 
+/* --- 4-bit weights ---------------------------------------------------------------------------------------------
+ * w = dw * q + m per channel and block of 32 inputs, q in 0..15 (llama.cpp's Q4_1), packed (cpu_quant.pack4) in
+ * groups of 8 channels: per group and block, 4 runs of 32 bytes; byte 4c + t of run r holds channel c's q at input
+ * 4r + t in its low nibble and at input 4r + 16 + t in its high one. dw and m: [groups][kb][8].
+ *
+ * Each 32-bit lane of a vector then belongs to one channel: maddubs of a run's nibbles (the unsigned operand)
+ * against 4 inputs of x broadcast to every lane (the signed one) gives each channel two partial sums in int16.
+ * A block's 8 such products add up in int16 without overflow (8 * 2 * 15 * 127 < 2^15), so a block costs per row
+ * 8 maddubs + 8 adds, then one widening, one conversion and one multiply-add for all 8 channels, whose results land
+ * in their own lanes (no horizontal sums): about half the instructions of the int8 kernel per weight. */
+#define NG4 8 /* channels per 4-bit group */
+
+/* acc[i] += the group's 8 dot products with rows i < MR of int8 x (xq, ldq apart; d: each block's scale, sx: scale
+ * times the block's sum, kb per row), for the group's 4-bit weights wg. */
+static inline __attribute__((always_inline)) void tile_w4(
+    const int8_t* xq, int64_t ldq, const float* d, const float* sx, const uint8_t* wg, const float* dw,
+    const float* mw, int64_t kb, int MR, __m256 acc[4])
+{
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < kb; b++) {
+        __m256i sum[4];
+        for (int i = 0; i < MR; i++) sum[i] = _mm256_setzero_si256();
+        for (int r = 0; r < 4; r++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i*)(wg + (b * 4 + r) * 32));
+            const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            for (int i = 0; i < MR; i++) {
+                const int8_t* xb = xq + i * ldq + b * QB + 4 * r;
+                const __m256i xl = _mm256_set1_epi32(*(const int32_t*)xb);
+                const __m256i xh = _mm256_set1_epi32(*(const int32_t*)(xb + 16));
+                sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, xl));
+                sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, xh));
+            }
+        }
+        const __m256 d8 = _mm256_loadu_ps(dw + b * NG4), m8 = _mm256_loadu_ps(mw + b * NG4);
+        for (int i = 0; i < MR; i++) {
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
+            acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(d8, _mm256_set1_ps(d[i * kb + b])), acc[i]);
+            acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sx[i * kb + b]), acc[i]);
+        }
+    }
+}
+
+/* y = x @ w^T (+ bias) for 4-bit weights (see above) and x quantized to int8 per block (xq, d, sx as tile_w4). */
+static void linear_w4(const int8_t* xq, const float* d, const float* sx, const uint8_t* w, const float* dw,
+                      const float* mw, const float* bias, float* y, int64_t M, int64_t N, int64_t kb, int nthreads) {
+    const int64_t groups = (N + NG4 - 1) / NG4, kp = kb * QB;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t* wg = w + g * NG4 * kp / 2;
+        const float *gd = dw + g * kb * NG4, *gm = mw + g * kb * NG4;
+        for (int64_t m = 0; m < M; m += 4) {
+            const int mr = M - m >= 4 ? 4 : (int)(M - m);
+            __m256 acc[4];
+            for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+            const int8_t* xr = xq + m * kp;
+            if (mr == 4) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 4, acc);
+            else if (mr == 3) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 3, acc);
+            else if (mr == 2) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 2, acc);
+            else tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 1, acc);
+            for (int i = 0; i < mr; i++) {
+                float out[NG4];
+                _mm256_storeu_ps(out, acc[i]);
+                for (int c = 0; c < NG4 && g * NG4 + c < N; c++) {
+                    const int64_t n = g * NG4 + c;
+                    y[(m + i) * N + n] = out[c] + (bias ? bias[n] : 0.0f);
+                }
+            }
+        }
+    }
+}
+
 /* One block of 32 values to `levels` (127: int8; 63: 7 bits) plus `offset`: q = round(x / d) + offset,
- * d = max |x| / levels. */
-static inline void quantize_block(const float* src, int8_t* dst, float* d, float levels, int offset) {
+ * d = max |x| / levels; *s = d * sum(q - offset) where s is not NULL. */
+static inline void quantize_block(const float* src, int8_t* dst, float* d, float* s, float levels, int offset) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v[4], amax = _mm256_setzero_ps();
     for (int j = 0; j < 4; j++) {
@@ -121,29 +194,37 @@ static inline void quantize_block(const float* src, int8_t* dst, float* d, float
     const float dm = _mm_cvtss_f32(t) / levels;
     *d = dm;
     const __m256 inv = _mm256_set1_ps(dm > 0.0f ? 1.0f / dm : 0.0f);
-    __m256i q[4];
-    for (int j = 0; j < 4; j++)
-        q[j] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT)),
-                                _mm256_set1_epi32(offset));
+    __m256i q[4], total = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT));
+        total = _mm256_add_epi32(total, q[j]);
+        q[j] = _mm256_add_epi32(q[j], _mm256_set1_epi32(offset));
+    }
+    if (s) *s = dm * hsum(_mm256_cvtepi32_ps(total));
     /* 32 int32 -> 32 int8 in order (the packs interleave 128-bit lanes: permute back) */
     __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     _mm256_storeu_si256((__m256i*)dst, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-/* y = x @ (scale * w)^T (+ bias); x [M, K] fp32, w packed (see above), scale and bias [N]. bits = 32: x stays
- * fp32; 8: each row of x is quantized to int8 per block of 32 first (integer dot products: about half the
- * instructions per weight, for approximate activations); 7: to 7 bits (fewer instructions still; `wsum`, made
- * with the weights, takes the offset back). A last partial block is zero-padded. */
-void q8_linear(const float* x, const int8_t* w, const float* scale, const float* bias, float* y,
-               int64_t M, int64_t N, int64_t K, int nthreads, int bits, const float* wsum) {
+/* y = x @ w^T (+ bias); x [M, K] fp32, bias [N] or NULL. Weights (packed, see above):
+ *   wbits 8: int8 with one fp32 scale per channel (`scale` [N]); bits = 32: x stays fp32; 8: each row of x is
+ *     quantized to int8 per block of 32 first (integer dot products: about half the instructions per weight, for
+ *     approximate activations); 7: to 7 bits (fewer instructions still; `offset`, made with the weights, takes
+ *     the 7-bit offset back: see tile_a7);
+ *   wbits 4: 4-bit with a scale and a minimum per channel and block of 32 (`scale`, `offset`; see linear_w4),
+ *     with int8 activations (bits = 8): half the bytes of int8 weights, and fewer instructions.
+ * A last partial block is zero-padded. */
+void quant_linear(const float* x, const void* w, const float* scale, const float* offset, const float* bias,
+                  float* y, int64_t M, int64_t N, int64_t K, int nthreads, int wbits, int bits) {
     const int a8 = bits != 32;
     const int64_t kb = (K + QB - 1) / QB, kp = kb * QB, groups = (N + NG - 1) / NG;
     float* xp = NULL; /* x zero-padded to kp, where K is not a whole number of blocks */
     int8_t* xq = NULL;
-    float* d = NULL;
+    float *d = NULL, *sx = NULL;
     if (a8) {
         xq = malloc((size_t)(M * kp));
         d = malloc(sizeof(float) * (size_t)(M * kb));
+        if (wbits == 4) sx = malloc(sizeof(float) * (size_t)(M * kb));
         for (int64_t m = 0; m < M; m++)
             for (int64_t b = 0; b < kb; b++) {
                 const float* src = x + m * K + b * QB;
@@ -152,8 +233,8 @@ void q8_linear(const float* x, const int8_t* w, const float* scale, const float*
                     for (int64_t k = b * QB; k < K; k++) block[k - b * QB] = x[m * K + k];
                     src = block;
                 }
-                quantize_block(src, xq + m * kp + b * QB, d + m * kb + b, bits == 7 ? 63.0f : 127.0f,
-                               bits == 7 ? 64 : 0);
+                quantize_block(src, xq + m * kp + b * QB, d + m * kb + b, sx ? sx + m * kb + b : NULL,
+                               bits == 7 ? 63.0f : 127.0f, bits == 7 ? 64 : 0);
             }
     } else if (kp != K) {
         xp = calloc((size_t)(M * kp), sizeof(float));
@@ -162,28 +243,31 @@ void q8_linear(const float* x, const int8_t* w, const float* scale, const float*
     }
     const float* xf = xp ? xp : x;
     const int64_t ldx = xp ? kp : K;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int8_t* wg = w + g * NG * kp;
-        for (int64_t m = 0; m < M; m += 2) {
-            const int mr = M - m >= 2 ? 2 : 1;
-            __m256 acc[2][NG];
-            __m128 corr[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
-            for (int i = 0; i < 2; i++) for (int j = 0; j < NG; j++) acc[i][j] = _mm256_setzero_ps();
-            const uint8_t* xu = (const uint8_t*)xq + m * kp;
-            const float* ws = bits == 7 ? wsum + g * kb * NG : NULL;
-            if (bits == 7 && mr == 2) tile_a7(xu, kp, d + m * kb, wg, ws, kb, 2, acc, corr);
-            else if (bits == 7) tile_a7(xu, kp, d + m * kb, wg, ws, kb, 1, acc, corr);
-            else if (a8 && mr == 2) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 2, acc);
-            else if (a8) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 1, acc);
-            else if (mr == 2) tile_f32(xf + m * ldx, ldx, wg, kb, 2, acc);
-            else tile_f32(xf + m * ldx, ldx, wg, kb, 1, acc);
-            for (int i = 0; i < mr; i++) {
-                float offsets[NG];
-                _mm_storeu_ps(offsets, corr[i]);
-                for (int j = 0; j < NG && g * NG + j < N; j++) {
-                    const int64_t n = g * NG + j;
-                    y[(m + i) * N + n] = (hsum(acc[i][j]) - offsets[j]) * scale[n] + (bias ? bias[n] : 0.0f);
+    if (wbits == 4) linear_w4(xq, d, sx, w, scale, offset, bias, y, M, N, kb, nthreads);
+    else {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int8_t* wg = (const int8_t*)w + g * NG * kp;
+            const float* ws = offset ? offset + g * kb * NG : NULL;
+            for (int64_t m = 0; m < M; m += 2) {
+                const int mr = M - m >= 2 ? 2 : 1;
+                __m256 acc[2][NG];
+                __m128 corr[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+                for (int i = 0; i < 2; i++) for (int j = 0; j < NG; j++) acc[i][j] = _mm256_setzero_ps();
+                const uint8_t* xu = (const uint8_t*)xq + m * kp;
+                if (bits == 7 && mr == 2) tile_a7(xu, kp, d + m * kb, wg, ws, kb, 2, acc, corr);
+                else if (bits == 7) tile_a7(xu, kp, d + m * kb, wg, ws, kb, 1, acc, corr);
+                else if (a8 && mr == 2) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 2, acc);
+                else if (a8) tile_a8(xq + m * kp, kp, d + m * kb, wg, kb, 1, acc);
+                else if (mr == 2) tile_f32(xf + m * ldx, ldx, wg, kb, 2, acc);
+                else tile_f32(xf + m * ldx, ldx, wg, kb, 1, acc);
+                for (int i = 0; i < mr; i++) {
+                    float offsets[NG];
+                    _mm_storeu_ps(offsets, corr[i]);
+                    for (int j = 0; j < NG && g * NG + j < N; j++) {
+                        const int64_t n = g * NG + j;
+                        y[(m + i) * N + n] = (hsum(acc[i][j]) - offsets[j]) * scale[n] + (bias ? bias[n] : 0.0f);
+                    }
                 }
             }
         }
@@ -191,6 +275,7 @@ void q8_linear(const float* x, const int8_t* w, const float* scale, const float*
     free(xp);
     free(xq);
     free(d);
+    free(sx);
 }
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -405,17 +490,23 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t size) {
     }
 }
 
-/* One decoder layer's weights for decode_layers: int8 linear layers (weight [N, K], scale [N], bias [N] or
- * NULL, wsum [see tile_a7] or NULL) and the two RMSNorm weights. Field order must match DecodeLayer in
- * cpu_fused.py. */
+/* One quantized linear layer (see quant_linear) and one decoder layer's weights for decode_layers. Field order
+ * must match QLinear and DecodeLayer in cpu_fused.py. */
+typedef struct {
+    const void* w; const float* scale; const float* offset; const float* bias;
+} QLinear;
+
 typedef struct {
     const float* input_norm;
-    const int8_t* qkv_w; const float* qkv_scale; const float* qkv_bias; const float* qkv_wsum;
-    const int8_t* o_w; const float* o_scale; const float* o_bias; const float* o_wsum;
+    QLinear qkv, o;
     const float* post_norm;
-    const int8_t* gate_up_w; const float* gate_up_scale; const float* gate_up_bias; const float* gate_up_wsum;
-    const int8_t* down_w; const float* down_scale; const float* down_bias; const float* down_wsum;
+    QLinear gate_up, down;
 } DecodeLayer;
+
+static inline void linear(const QLinear* l, const float* x, float* y, int64_t M, int64_t N, int64_t K, int nthreads,
+                          int wbits, int bits) {
+    quant_linear(x, l->w, l->scale, l->offset, l->bias, y, M, N, K, nthreads, wbits, bits);
+}
 
 /* Every decoder layer of a decode-only step, in one call: nd rows, one new token each. `h` holds the token
  * embeddings on entry and the last layer's output on return, `residual` the residual stream (both [nd, hidden]);
@@ -427,7 +518,8 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
                    const float* cos, const float* sin, float* cache, const int64_t* slot_pages,
                    const int64_t* slot_offsets, const int64_t* page_table, int64_t table_stride,
                    const int64_t* context_lens, int64_t nd, int64_t hidden, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int bits) {
+                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int wbits,
+                   int bits) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
     const int64_t half = page_size * kv_size, page_stride = num_layers * 2 * half;
     float* x = malloc(sizeof(float) * (size_t)(nd * (hidden + qkv_size + q_size + 3 * intermediate)));
@@ -439,7 +531,7 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         const DecodeLayer* w = layers + l;
         /* layer 0 has no residual yet: its input is the embedding itself */
         add_rms_norm(h, l ? residual : NULL, w->input_norm, x, residual, nd, hidden, eps);
-        q8_linear(x, w->qkv_w, w->qkv_scale, w->qkv_bias, qkv, nd, qkv_size, hidden, nthreads, bits, w->qkv_wsum);
+        linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, wbits, bits);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
         for (int64_t i = 0; i < nd; i++) {
             float* k = cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * kv_size;
@@ -448,13 +540,11 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         }
         attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, heads, kv_heads, dim, page_size,
                num_layers, l, scale, nthreads);
-        q8_linear(attn, w->o_w, w->o_scale, w->o_bias, h, nd, hidden, q_size, nthreads, bits, w->o_wsum);
+        linear(&w->o, attn, h, nd, hidden, q_size, nthreads, wbits, bits);
         add_rms_norm(h, residual, w->post_norm, x, residual, nd, hidden, eps);
-        q8_linear(x, w->gate_up_w, w->gate_up_scale, w->gate_up_bias, gate_up, nd, 2 * intermediate, hidden,
-                  nthreads, bits, w->gate_up_wsum);
+        linear(&w->gate_up, x, gate_up, nd, 2 * intermediate, hidden, nthreads, wbits, bits);
         silu_mul(gate_up, act, nd, intermediate);
-        q8_linear(act, w->down_w, w->down_scale, w->down_bias, h, nd, hidden, intermediate, nthreads, bits,
-                  w->down_wsum);
+        linear(&w->down, act, h, nd, hidden, intermediate, nthreads, wbits, bits);
     }
     free(x);
 }

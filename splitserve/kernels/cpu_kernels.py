@@ -1,4 +1,4 @@
-"""Native CPU kernels (cpu_kernels.c): int8 weight-only linear layers (`cpu_int8` wraps them), paged decode
+"""Native CPU kernels (cpu_kernels.c): int8 and 4-bit linear layers (`cpu_quant` wraps them), paged decode
 attention that reads the KV pages in place, and a decode step's layers in one call (`cpu_fused` wraps it).
 
 The C file is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into the
@@ -56,8 +56,8 @@ def library() -> ctypes.CDLL | None:
                 return None
             built.replace(path)  # atomic: concurrent workers never load a half-written library
     lib = ctypes.CDLL(str(path))
-    lib.q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
-    lib.q8_linear.restype = None
+    lib.quant_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    lib.quant_linear.restype = None
     lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode_attention.restype = None
     lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
@@ -65,7 +65,7 @@ def library() -> ctypes.CDLL | None:
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f32, i32 = ctypes.c_float, ctypes.c_int
-    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32]
+    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32]
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     return lib

