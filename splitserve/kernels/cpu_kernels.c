@@ -341,7 +341,9 @@ static void attention_scores(const float* qh, const float* const* keys, int64_t 
                              float scale, float* scores) {
     int64_t t = 0;
     if (dim % 8 == 0)
-        for (; t + 8 <= n; t += 8)
+        for (; t + 8 <= n; t += 8) {
+            for (int i = 8; i < 16 && t + i < n; i++) /* the next block's keys: their lines are K strides apart */
+                for (int64_t c = 0; c < dim; c += 16) _mm_prefetch((const char*)(keys[t + i] + c), _MM_HINT_T0);
             for (int64_t g = 0; g < group; g++) {
                 __m256 acc[8];
                 for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
@@ -351,29 +353,35 @@ static void attention_scores(const float* qh, const float* const* keys, int64_t 
                 }
                 _mm256_storeu_ps(scores + g * n + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
             }
+        }
     for (; t < n; t++)
         for (int64_t g = 0; g < group; g++) scores[g * n + t] = dot(qh + g * dim, keys[t], dim) * scale;
 }
 
 /* out_g = sum_t p[g * n + t] * v_t / total[g]; values[t] points at token t's value. With dim a multiple of 8,
- * 64 output values at a time in registers. */
+ * 64 output values at a time in registers (a constant count, so the accumulators stay in registers), then 8. */
 static void attention_values(const float* p, const float* const* values, int64_t n, int64_t group, int64_t dim,
                              const float* total, float* out) {
     for (int64_t g = 0; g < group; g++) {
         const float* pg = p + g * n;
         float* o = out + g * dim;
+        const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
+        int64_t c0 = 0;
         if (dim % 8 == 0) {
-            for (int64_t c0 = 0; c0 < dim; c0 += 64) {
-                const int nv = dim - c0 >= 64 ? 8 : (int)((dim - c0) / 8);
+            for (; c0 + 64 <= dim; c0 += 64) {
                 __m256 acc[8];
                 for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
                 for (int64_t t = 0; t < n; t++) {
                     const __m256 pv = _mm256_set1_ps(pg[t]);
                     const float* v = values[t] + c0;
-                    for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), acc[i]);
                 }
-                const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
-                for (int i = 0; i < nv; i++) _mm256_storeu_ps(o + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+            }
+            for (; c0 < dim; c0 += 8) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), _mm256_loadu_ps(values[t] + c0), acc);
+                _mm256_storeu_ps(o + c0, _mm256_mul_ps(acc, inv));
             }
         } else {
             for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
@@ -392,7 +400,7 @@ static void attend(const float* q, int64_t q_stride, const float* cache, const i
     const int64_t half = page_size * token_stride;  /* K to V within a page's layer */
     const int64_t page_stride = num_layers * 2 * half;
     const int64_t layer_offset = layer * 2 * half;
-    #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads)
+    #pragma omp parallel for collapse(2) schedule(dynamic, kv_heads) num_threads(nthreads)
     for (int64_t s = 0; s < nd; s++) {
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t n = context_lens[s];
@@ -402,10 +410,12 @@ static void attend(const float* q, int64_t q_stride, const float* cache, const i
             float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(float*) * (size_t)n);
             const float** keys = (const float**)(scores + padded);
             const float** values = keys + n;
-            for (int64_t t = 0; t < n; t++) {
-                keys[t] = cache + pages[t / page_size] * page_stride + layer_offset + (t % page_size) * token_stride
-                          + h * dim;
-                values[t] = keys[t] + half;
+            for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) { /* page by page: no division per token */
+                const float* k = cache + pages[p] * page_stride + layer_offset + h * dim;
+                for (int64_t t = t0; t < n && t < t0 + page_size; t++, k += token_stride) {
+                    keys[t] = k;
+                    values[t] = k + half;
+                }
             }
             attention_scores(qh, keys, n, group, dim, scale, scores);
             float total[64];
