@@ -43,6 +43,57 @@ def test_seeded_sampling_is_reproducible_per_request(llm):
     assert other[0] != first[1]
 
 
+def test_a_seeded_request_draws_the_same_tokens_in_any_batch(llm):
+    """Sampling is batched; a seeded request's randomness is its own, whatever else (greedy, unseeded, other
+    top-k/top-p) shares its steps."""
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=5, ignore_eos=True)
+    [alone] = _tokens(llm.generate(PROMPTS[0], seeded, use_tqdm=False))
+    company = [
+        SamplingParams(max_tokens=10, temperature=1.3, top_k=3, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.7, top_p=0.5, seed=1, ignore_eos=True),
+    ]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0]]
+    batch = _tokens(llm.generate(prompts, [company[0], seeded, company[1], company[2]], use_tqdm=False))
+    assert batch[1] == alone
+
+
+def test_the_batched_draw_follows_each_rows_distribution():
+    from types import SimpleNamespace
+
+    from splitserve.engine.sampling import _sample_rows
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 20_000
+    plain = SamplingParams(temperature=1.0)
+    top2 = SamplingParams(temperature=1.0, top_k=2)
+    requests = [SimpleNamespace(params=plain if i % 2 else top2, generator=None) for i in range(rows)]
+    tokens = _sample_rows(probs.log().expand(rows, 4).clone(), requests)
+    freq_plain = torch.bincount(tokens[1::2], minlength=4) / (rows / 2)
+    freq_top2 = torch.bincount(tokens[::2], minlength=4) / (rows / 2)
+    assert (freq_plain - probs).abs().max() < 0.02
+    assert (freq_top2 - torch.tensor([0.625, 0.375, 0, 0])).abs().max() < 0.02 and freq_top2[2:].sum() == 0
+
+
+def test_top_p_keeps_the_tokens_a_full_sort_keeps():
+    """`_top_p` sorts only the 256 likeliest tokens where they reach top_p (peaked rows), else the whole row (flat
+    ones): either way it keeps what sorting the whole row keeps."""
+    from splitserve.engine.sampling import _top_p
+
+    torch.manual_seed(0)
+    top_p = torch.tensor([[0.5], [0.9], [0.99], [1e-30], [0.7]])
+    for spread in (0.1, 8.0):
+        scores = torch.randn(5, 5000) * spread
+        best, order = scores.sort(-1, descending=True)
+        probs = best.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        want = scores.scatter(1, order, best.masked_fill(drop, float("-inf")))
+        got = _top_p(scores, top_p)
+        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[~got.isinf()], scores[~want.isinf()])
+        assert (got.isfinite().sum(-1)[3] == 1) and (spread > 1 or got.isfinite().sum(-1)[2] > 256)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(llm):
     greedy = _tokens(llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False))
     top_k = _tokens(llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.5, top_k=1), use_tqdm=False))

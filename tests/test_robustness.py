@@ -109,29 +109,37 @@ def test_random_sampling_params_never_break_the_engine(engine, greedy_reference,
 
 
 def test_a_failing_row_fails_its_request_alone(engine, greedy_reference, monkeypatch):
-    real = sampling._sample_row
+    real = sampling._sample_rows
 
-    def flaky(logits, params, generator):
-        if params.seed == 666:
+    def flaky(logits, requests):  # fails any batch with the bad request in it
+        if any(r.params.seed == 666 for r in requests):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, params, generator)
+        return real(logits, requests)
 
-    monkeypatch.setattr(sampling, "_sample_row", flaky)
+    monkeypatch.setattr(sampling, "_sample_rows", flaky)
     bad = SamplingParams(max_tokens=8, temperature=1.0, seed=666)
     good = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    engine.add_request("bad", PROMPT, bad)
-    engine.add_request("good", PROMPT, good)
-    updates = []
-    while engine.has_unfinished():
-        updates += engine.step()
+    drawn = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)  # sampled in the bad one's batch
+
+    def run(requests: dict[str, SamplingParams]) -> list:
+        for request_id, params in requests.items():
+            engine.add_request(request_id, PROMPT, params)
+        updates = []
+        while engine.has_unfinished():
+            updates += engine.step()
+        return updates
+
+    updates = run({"bad": bad, "good": good, "drawn": drawn})
     [failed] = [u for u in updates if u.request_id == "bad"]
     assert failed.finish_reason == "error" and "probability tensor" in failed.error
     assert [u.token_id for u in updates if u.request_id == "good"] == greedy_reference
+    alone = [u.token_id for u in run({"alone": drawn}) if u.request_id == "alone"]
+    assert [u.token_id for u in updates if u.request_id == "drawn"] == alone and len(alone) == 8
     assert engine.allocator.num_free == engine.allocator.capacity
 
 
 def test_a_failing_row_in_prefill_frees_its_pages(tiny_llama_gqa, monkeypatch):
-    monkeypatch.setattr(sampling, "_sample_row", lambda *a: 1 / 0)
+    monkeypatch.setattr(sampling, "_sample_rows", lambda *a: 1 / 0)
     prefill = PrefillEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=4))
     prefill.add_request("bad", PROMPT, SamplingParams(temperature=1.0))
     prefill.add_request("good", PROMPT, SamplingParams(temperature=0))

@@ -1,8 +1,9 @@
 """The sampler: turns a step's logits into next tokens, as each request's `SamplingParams` (params.py) ask.
 
 Each row's logits go through the request's processors (logit bias, repetition/presence/frequency penalties,
-`min_tokens`, a structured-output grammar's mask), then greedy argmax or seeded sampling. Whatever a client
-sent, one row can only fail itself: the sampler reports that row's error and the step goes on for the rest.
+`min_tokens`, a structured-output grammar's mask), then greedy argmax or sampling (seeded where asked), all rows
+at once on the logits' device, with one read-back per step. Whatever a client sent, one row can only fail
+itself: the sampler reports that row's error and the step goes on for the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splitserve.engine.params import SamplingParams, TokenLogprob
+from splitserve.engine.params import TokenLogprob
 from splitserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -33,40 +34,50 @@ class SamplingFailed:
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | SamplingFailed]:
-    """Pick one token per row of `logits` ([rows, vocab], fp32) for the request of that row."""
+    """Pick one token per row of `logits` ([rows, vocab], fp32) for the request of that row.
+
+    Batched on the logits' device: greedy rows take the argmax, the others one draw for all of them
+    (`_sample_rows`), and the step reads its tokens (and logprobs) back in one transfer."""
     logits = logits.float()
     # Logprobs are the model's own distribution, before any processor changed it (vLLM's default).
-    wanted = {i: row for row, i in enumerate(i for i, r in enumerate(requests) if r.params.logprobs is not None)}
-    logp = torch.log_softmax(logits[list(wanted)], dim=-1) if wanted else None
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    logp = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
     failed: dict[int, str] = {}
     for i, request in enumerate(requests):
         try:
             _process(logits[i], request)
         except Exception as e:  # a row's failure is that request's alone
             failed[i] = f"sampling failed: {type(e).__name__}: {e}"
-    tokens = logits.argmax(dim=-1).tolist()
-    if any(not r.params.greedy for r in requests):
-        # Per-request generators live on the CPU: sampling there keeps a seed's tokens the same on any device.
-        rows = logits.cpu()
-        for i, request in enumerate(requests):
-            if not request.params.greedy and i not in failed:
+    tokens = logits.argmax(dim=-1)
+    drawn = [i for i, r in enumerate(requests) if not r.params.greedy and i not in failed]
+    if drawn:
+        try:
+            tokens[drawn] = _sample_rows(logits[drawn], [requests[i] for i in drawn])
+        except Exception:  # one row's failure is that request's alone: find it, row by row
+            for i in drawn:
                 try:
-                    tokens[i] = _sample_row(rows[i], request.params, request.generator)
+                    tokens[i] = _sample_rows(logits[i : i + 1], [requests[i]])[0]
                 except Exception as e:
                     failed[i] = f"sampling failed: {type(e).__name__}: {e}"
-    out: list[Sampled | SamplingFailed] = []
-    for i, request in enumerate(requests):
-        if i in failed:
-            out.append(SamplingFailed(failed[i]))
-            continue
-        logprob = None
-        if i in wanted:
-            row = logp[wanted[i]]
-            n = request.params.logprobs
-            top = torch.topk(row, n) if n else None
-            pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
-            logprob = TokenLogprob(tokens[i], row[tokens[i]].item(), pairs)
-        out.append(Sampled(tokens[i], logprob))
+    logprobs = _logprobs(logp, tokens[wanted], [requests[i].params.logprobs for i in wanted]) if wanted else []
+    token_ids = tokens.tolist()
+    logprob_of = dict(zip(wanted, logprobs, strict=True))
+    return [
+        SamplingFailed(failed[i]) if i in failed else Sampled(token_ids[i], logprob_of.get(i))
+        for i in range(len(requests))
+    ]
+
+
+def _logprobs(logp: torch.Tensor, chosen: torch.Tensor, counts: list[int]) -> list[TokenLogprob]:
+    """Each row's chosen token's logprob and its `counts[row]` most likely tokens, read back in one transfer."""
+    k = max(counts)
+    top = torch.topk(logp, k) if k else None
+    values = logp.gather(1, chosen[:, None])[:, 0]
+    host = [t.tolist() for t in (chosen, values, *((top.indices, top.values) if top is not None else ()))]
+    out = []
+    for row, n in enumerate(counts):
+        pairs = tuple(zip(host[2][row][:n], host[3][row][:n], strict=True)) if n else ()
+        out.append(TokenLogprob(host[0][row], host[1][row], pairs))
     return out
 
 
@@ -96,20 +107,55 @@ def _process(row: torch.Tensor, request: Request) -> None:
         raise InvalidRequestError("no token is allowed next (the constraints exclude every token)")
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """One token per row of `logits` by each request's temperature, top-k and top-p, batched.
+
+    Inverse transform: a uniform number per row, read against the row's cumulative distribution. A seeded
+    request's number comes from its own CPU generator (one per step, whatever else is in the batch), so its
+    tokens are the same in any batch; the numbers are drawn on the CPU, so also on any device."""
+    vocab, device = logits.shape[-1], logits.device
+
+    def column(values: list[float], dtype: torch.dtype = logits.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
     # Shift the best logit to 0 before dividing, so no inf - inf (NaN) can appear; a temperature under 1e-6 (which
     # float32 may round to 0) is 1e-6, where the distribution is already greedy to float precision.
-    scores = (logits - logits.max()) / max(p.temperature, 1e-6)
-    if 0 < p.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, p.top_k).values[-1]
+    temperature = column([max(r.params.temperature, 1e-6) for r in requests])
+    scores = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in requests]
+    if any(top_k):
+        kth = torch.topk(scores, max(top_k), dim=-1).values.gather(
+            1, column([max(k, 1) - 1 for k in top_k], torch.long)
+        )
+        kth = kth.masked_fill(column(top_k) == 0, float("-inf"))
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = sorted_scores.softmax(-1)
-        # Drop a token when the tokens more likely than it already reach top_p. The first always stays, even
-        # when top_p is below the smallest float32 (1e-300 rounds to 0 there).
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        drop[0] = False
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    nucleus = [i for i, r in enumerate(requests) if r.params.top_p < 1]
+    if nucleus:
+        scores[nucleus] = _top_p(scores[nucleus], column([requests[i].params.top_p for i in nucleus]))
+    cdf = scores.softmax(-1).cumsum(-1)
+    # Each row's uniform draw (one number per row per step), read against its cumulative distribution.
+    uniform = torch.rand(len(requests), 1, dtype=cdf.dtype)
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            uniform[i] = torch.rand(1, generator=r.generator)
+    picks = torch.searchsorted(cdf, uniform.to(device, non_blocking=True) * cdf[:, -1:], right=True)[:, 0]
+    # A draw past the last cumulative value (rounding) takes the last token that has any probability.
+    return torch.minimum(picks, (cdf < cdf[:, -1:]).sum(-1))
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Each row's scores with every token dropped (-inf) once the tokens more likely than it reach `top_p` (a
+    column); the first always stays, even when top_p is below the smallest float32 (1e-300 rounds to 0 there).
+    The kept tokens lead the row's sorted order, so where the 256 likeliest already reach top_p (the usual case)
+    sorting those is enough; otherwise the whole row is sorted."""
+    vocab = scores.shape[-1]
+    total = scores.logsumexp(-1, keepdim=True)
+    for candidates in dict.fromkeys((min(vocab, 256), vocab)):
+        best, order = torch.topk(scores, candidates, dim=-1)  # sorted, most likely first
+        probs = (best - total).exp()
+        mass = probs.cumsum(-1)
+        if candidates == vocab or bool((mass[:, -1:] >= top_p).all()):
+            break
+    drop = (mass - probs) >= top_p
+    drop[:, 0] = False
+    return torch.full_like(scores, float("-inf")).scatter(1, order, best.masked_fill(drop, float("-inf")))
