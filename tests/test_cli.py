@@ -31,9 +31,11 @@ def test_help_explains_every_generate_flag():
 
 @pytest.mark.slow
 def test_chat_answer_from_default_model(smollm2):
-    out = _run("generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "32")
+    # Germany, not France: the embedded model's first token for France is a 0.09-logit call in fp32 ("The" over
+    # "L"), which the quantized modes (and llama.cpp on the same file) tip the other way; Germany's is 0.67.
+    out = _run("generate", "--chat", "--prompt", "What is the capital of Germany?", "--max-tokens", "32")
     assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
+    assert "Berlin" in out.stdout
 
 
 @pytest.mark.parametrize(

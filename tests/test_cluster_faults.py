@@ -173,8 +173,9 @@ def test_worker_drops_garbage_frames_and_keeps_working(tiny_chat_llama):
 def test_full_decode_pool_queues_then_answers_429_and_503(tiny_chat_llama):
     """Two batch slots, room for two more in the router's queue: the rest get 429 at once, the queued
     ones 503 when no room appears within the queue timeout; both with Retry-After."""
+    # The queue timeout must pass while the first two still decode their 450 tokens (about a second here).
     args = ["--prefill", "1", "--decode", "1", *ENGINE, "--max-num-seqs", "2", "--max-queue", "2",
-            "--queue-timeout", "1"]  # fmt: skip
+            "--queue-timeout", "0.3"]  # fmt: skip
     server = ServeProcess(tiny_chat_llama, args, num_workers=2)
     try:
         model = _model(server)
