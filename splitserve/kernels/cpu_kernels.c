@@ -17,7 +17,7 @@
  * cache (no gather, no copy): each (sequence, KV head) scores its context for the query heads that share
  * that KV head, softmaxes in fp32 and sums the values.
  *
- * decode_layers: all decoder layers of a decode-only step of an int8 model, the kernels above in one call.
+ * decode_layers: all decoder layers of a decode-only step of a quantized model, the kernels above in one call.
  */
 #include <immintrin.h>
 #include <stdint.h>
