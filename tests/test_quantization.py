@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from splitserve import LLM, SamplingParams
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.kernels import cpu_quant
 from splitserve.model.tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((blocks * inv).round() * d).view(rows, -1)[:, :k]
 
 
-MODES = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
+MODES = CPU_QUANTIZATIONS  # mode: (weight bits, activation bits)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -2,7 +2,7 @@
 
 Each row's logits go through the request's processors (logit bias, repetition/presence/frequency penalties,
 `min_tokens`, a structured-output grammar's mask), then greedy argmax or sampling (seeded where asked), all rows
-at once on the logits' device, with one read-back per step. Whatever a client sent, one row can only fail
+at once on the logits' device, with no per-row reads. Whatever a client sent, one row can only fail
 itself: the sampler reports that row's error and the step goes on for the rest.
 """
 
@@ -37,7 +37,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | Samp
     """Pick one token per row of `logits` ([rows, vocab], fp32) for the request of that row.
 
     Batched on the logits' device: greedy rows take the argmax, the others one draw for all of them
-    (`_sample_rows`), and the step reads its tokens (and logprobs) back in one transfer."""
+    (`_sample_rows`). The step waits on the device once, for its tokens; the logprobs, where asked, are copied
+    back with them (and top-p checks once whether its candidates suffice)."""
     logits = logits.float()
     # Logprobs are the model's own distribution, before any processor changed it (vLLM's default).
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
@@ -69,7 +70,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | Samp
 
 
 def _logprobs(logp: torch.Tensor, chosen: torch.Tensor, counts: list[int]) -> list[TokenLogprob]:
-    """Each row's chosen token's logprob and its `counts[row]` most likely tokens, read back in one transfer."""
+    """Each row's chosen token's logprob and its `counts[row]` most likely tokens, batched (a copy per field)."""
     k = max(counts)
     top = torch.topk(logp, k) if k else None
     values = logp.gather(1, chosen[:, None])[:, 0]
