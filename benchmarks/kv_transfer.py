@@ -1,27 +1,31 @@
-"""KV page transfer throughput over UCX between two processes, next to memcpy of the same bytes.
+"""KV page transfer throughput over UCX between two processes: a request's pages sent one message per page
+(how they travelled before coalescing, for pages scattered through the cache) against a few large messages
+(`kv_transfer.link.message_sizes`), next to a copy of the same bytes on the same device.
 
-For each transport (UCX shared memory, UCX TCP on loopback) and request size (256 KiB to 256 MiB, in
-pages of 256 KiB), a sender process sends one request after another into pages a receiver process
-reserved, and times each from `send()` to its completion. Over shared memory the receiver copies the pages
-out of the sender's UCX-mapped memory; over TCP they travel as tagged messages. Each peer runs one thread.
+Both peers' pages are scattered (random page ids, as in a cache after churn), 256 KiB each; requests of 16 to
+2,048 pages (4 to 512 MiB). For each transport a sender process sends one request after another into pages a
+receiver process reserved, and times each from `send()` to its completion:
+- `tcp`: UCX over TCP on loopback (tagged messages, as between hosts);
+- `shm-tagged`: tagged messages through UCX's shared-memory transports (pages outside UCX's shared memory);
+- `shm`: the receiver pulls the pages out of the sender's UCX-mapped memory (one offer, no page messages;
+  the same either way, shown for reference);
+- `--device cuda`: the pages live on the GPU and UCX picks its transport (cuda_ipc between processes on
+  one host); the baseline is then a device-to-device copy.
 
-memcpy is a single-threaded copy of the same bytes in this process, measured twice: between numpy buffers
-(which numpy backs with transparent huge pages where the kernel allows: the stricter baseline, which the
-ratios use) and between torch buffers like the page tensors (4 KiB pages, as the shared memory is here).
-Rounds of memcpy and of transfers alternate, so that a noisy neighbour slows both alike; each figure is
-the median over every repetition (memcpy's over both transports' runs). Prints GB/s, the ratios to memcpy,
-and the per-request time of the smallest size.
+The baseline copy runs in this process, single-threaded on the CPU as each peer is. Each size has one
+untimed round first (connections, staging buffers: the steady state is measured), then transfers and copies
+alternate round by round, so that a noisy neighbour slows both alike; each figure is the median.
 
-    .venv/bin/python benchmarks/kv_transfer.py [--sizes-mib 0.25,1,4,16,64,256] [--rounds 8]
+    .venv/bin/python benchmarks/kv_transfer.py [--pages 16,64,256,1024,2048] [--rounds 3] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from splitserve.kv_transfer.messages import CompatKey
@@ -30,35 +34,31 @@ from splitserve.kv_transfer.testing import Peer, page_shape
 # 8 layers x K/V x 16 tokens x 8 heads x 64 dims x fp16 = 256 KiB per page
 KEY = CompatKey(model="bench", dtype="fp16", page_size=16, num_layers=8, num_kv_heads=8, head_dim=64)
 PAGE_BYTES = 256 * 1024
-TRANSPORTS = ("shm", "tcp")
+MODES = {"per page": {"SPLITSERVE_KV_MAX_MESSAGES": str(1 << 30), "SPLITSERVE_KV_MIN_MESSAGE_BYTES": "1"},
+         "coalesced": {}}  # fmt: skip
 
 
-def memcpy_buffers(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Source and destination of each memcpy baseline, written once (no page faults in the timings)."""
-    huge = np.random.randint(0, 255, size, dtype=np.uint8)  # numpy asks for transparent huge pages
-    small = torch.randint(0, 255, (size,), dtype=torch.uint8)  # torch does not: 4 KiB pages, as page tensors
-    buffers = {"memcpy": (huge, np.empty_like(huge)), "memcpy 4K": (small.numpy(), torch.empty_like(small).numpy())}
-    for src, dst in buffers.values():
-        np.copyto(dst, src)
-    return buffers
-
-
-def memcpy_seconds(src: np.ndarray, dst: np.ndarray, reps: int) -> list[float]:
+def copy_seconds(src: torch.Tensor, dst: torch.Tensor, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        np.copyto(dst, src)
+        dst.copy_(src)
+        if dst.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
 
 
-def transfer_seconds(sender: Peer, receiver: Peer, num_pages: int, reps: int) -> list[float]:
-    pages = list(range(num_pages))
-    tickets = [receiver.call("reserve", pages=pages, timeout=120)["ticket"] for _ in range(reps)]
-    answer = sender.call("timed_sends", tickets=tickets, pages=pages, timeout=120)
+def transfer_seconds(sender: Peer, receiver: Peer, num_pages: int, reps: int, rng: random.Random) -> list[float]:
+    src = rng.sample(range(sender.num_pages), num_pages)
+    tickets = [
+        receiver.call("reserve", pages=rng.sample(range(receiver.num_pages), num_pages), timeout=300)["ticket"]
+        for _ in range(reps)
+    ]
+    answer = sender.call("timed_sends", tickets=tickets, pages=src, timeout=300)
     if "error" in answer:
         raise RuntimeError(answer["error"])
-    done = receiver.call("wait", count=reps, timeout=120)["completions"]
+    done = receiver.call("wait", count=reps, timeout=300)["completions"]
     if len(done) != reps or not all(c["ok"] for c in done):
         raise RuntimeError(f"receiver: {done}")
     return answer["seconds"]
@@ -66,48 +66,56 @@ def transfer_seconds(sender: Peer, receiver: Peer, num_pages: int, reps: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes-mib", default="0.25,1,4,16,64,256", help="request sizes in MiB, comma-separated")
-    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds per size")
+    ap.add_argument("--pages", default="16,64,256,1024,2048", help="request sizes in pages of 256 KiB")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per size")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both peers' pages live")
+    ap.add_argument("--transports", default=None, help="default: tcp,shm-tagged,shm on cpu; auto on cuda")
     args = ap.parse_args()
-    sizes = [int(float(s) * 2**20) for s in args.sizes_mib.split(",")]
-    max_pages = max(sizes) // PAGE_BYTES
-    assert np.prod(page_shape(KEY)) * 2 == PAGE_BYTES
+    sizes = [int(n) for n in args.pages.split(",")]
+    transports = (args.transports or ("auto" if args.device == "cuda" else "tcp,shm-tagged,shm")).split(",")
+    num_pages = max(sizes) + 64
+    assert 2 * torch.Size(page_shape(KEY)).numel() == PAGE_BYTES
+    torch.set_num_threads(1)
+    rng = random.Random(0)
 
     seconds: dict[tuple[str, int], list[float]] = {}
-    for transport in TRANSPORTS:  # one pair of peers at a time: their busy polling would slow the other pair
-        sender = Peer("sender", KEY, max_pages, transport, fill_seed=1)
-        receiver = Peer("receiver", KEY, max_pages, transport, fill_seed=None)
+    runs = [(t, m) for t in transports for m in MODES if t != "shm" or m == "coalesced"]
+    for transport, mode in runs:  # one pair of peers at a time: their busy polling would slow another pair
+        label = transport if transport == "shm" else f"{transport} {mode}"
+        print(f"{label}: {len(sizes)} sizes x {args.rounds} rounds", flush=True)
+        options = dict(device=args.device, pulls=transport != "shm-tagged", env=MODES[mode])
+        base = "shm" if transport == "shm-tagged" else transport
+        sender = Peer("sender", KEY, num_pages, base, fill_seed=1, **options)
+        receiver = Peer("receiver", KEY, num_pages, base, fill_seed=None, **options)
         try:
-            transfer_seconds(sender, receiver, 1, 3)  # handshake and connection set-up
-            for size in sizes:
-                reps = max(2, min(10, (64 << 20) // size))
-                buffers = memcpy_buffers(size)
+            transfer_seconds(sender, receiver, 1, 3, rng)  # handshake and connection set-up
+            for n in sizes:
+                reps = max(2, min(10, 256 // n))
+                src = torch.randint(0, 255, (n * PAGE_BYTES,), dtype=torch.uint8, device=args.device)
+                dst = torch.empty_like(src)
+                dst.copy_(src)  # no page faults in the timings
+                transfer_seconds(sender, receiver, n, reps, rng)  # untimed: reach the steady state
                 for _ in range(args.rounds):
-                    for name, (src, dst) in buffers.items():
-                        seconds.setdefault((name, size), []).extend(memcpy_seconds(src, dst, reps))
-                    times = transfer_seconds(sender, receiver, size // PAGE_BYTES, reps)
-                    seconds.setdefault((transport, size), []).extend(times)
+                    seconds.setdefault(("copy", n), []).extend(copy_seconds(src, dst, reps))
+                    seconds.setdefault((label, n), []).extend(transfer_seconds(sender, receiver, n, reps, rng))
         finally:
             sender.stop()
             receiver.stop()
 
-    def gbps(name: str, size: int) -> float:
-        return size / statistics.median(seconds[(name, size)]) / 1e9
+    def gbps(name: str, n: int) -> float:
+        return n * PAGE_BYTES / statistics.median(seconds[(name, n)]) / 1e9
 
-    print(
-        f"{'request':>10} {'memcpy GB/s':>12} {'memcpy 4K':>10} {'shm GB/s':>9} {'shm/memcpy':>11} "
-        f"{'shm/memcpy 4K':>14} {'tcp GB/s':>9} {'tcp/memcpy':>11}"
-    )
-    for size in sizes:
-        mem, mem4k, shm, tcp = (gbps(name, size) for name in ("memcpy", "memcpy 4K", "shm", "tcp"))
-        label = f"{size / 2**20:g} MiB"
-        print(
-            f"{label:>10} {mem:>12.2f} {mem4k:>10.2f} {shm:>9.2f} {shm / mem:>10.0%} {shm / mem4k:>13.0%} "
-            f"{tcp:>9.2f} {tcp / mem:>10.0%}"
-        )
-    smallest = sizes[0]
-    ms = {t: 1000 * statistics.median(seconds[(t, smallest)]) for t in TRANSPORTS}
-    print(f"\nper-request time at {smallest / 2**10:g} KiB: shm {ms['shm']:.3f} ms, tcp {ms['tcp']:.3f} ms (median)")
+    columns = [t if t == "shm" else f"{t} {m}" for t, m in runs]
+    print(f"\nGB/s by request size (pages of 256 KiB, scattered on both sides), {args.device}:")
+    print(f"{'pages':>6} {'MiB':>5} {'copy':>7} " + " ".join(f"{c:>20}" for c in columns))
+    for n in sizes:
+        copy = gbps("copy", n)
+        cells = " ".join(f"{gbps(c, n):>8.2f} ({gbps(c, n) / copy:>4.0%} copy)" for c in columns)
+        print(f"{n:>6} {n * PAGE_BYTES / 2**20:>5.0f} {copy:>7.2f} {cells}")
+    print("\ncoalesced / per page:")
+    for t in (t for t in transports if t != "shm"):
+        ratios = ", ".join(f"{n} pages {gbps(f'{t} coalesced', n) / gbps(f'{t} per page', n):.2f}x" for n in sizes)
+        print(f"  {t}: {ratios}")
 
 
 if __name__ == "__main__":

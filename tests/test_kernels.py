@@ -180,15 +180,18 @@ def test_rope_matches_reference(dim, dtype):
     )
 
 
-def test_gather_and_scatter_pages_match_reference():
-    from splitserve.kernels import triton_layers
+@pytest.mark.parametrize("kernels", ["triton", "auto"])
+def test_gather_and_scatter_pages_match_reference(kernels, monkeypatch):
+    from splitserve.kernels.layers import copy_pages
 
+    monkeypatch.setenv("SPLITSERVE_KERNELS", kernels)
     pages = torch.randn(12, 2, 2, 16, 3, 64, device=DEVICE)
-    ids = [7, 2, 11, 3]
-    staged = triton_layers.gather_pages(pages, ids)
+    ids = [7, 2, 11, 3, 4, 5]
+    staged = torch.empty(len(ids), *pages.shape[1:], device=DEVICE)
+    copy_pages(pages, ids, staged, list(range(len(ids))))  # gather
     assert torch.equal(staged, pages[torch.tensor(ids, device=DEVICE)])
     target = torch.zeros_like(pages)
-    triton_layers.scatter_pages(target, ids, staged)
+    copy_pages(staged, list(range(len(ids))), target, ids)  # scatter
     assert torch.equal(target[torch.tensor(ids, device=DEVICE)], staged)
     assert not target[torch.tensor([i for i in range(12) if i not in ids], device=DEVICE)].any()
 

@@ -57,8 +57,7 @@ def _completions(peer: Peer, count: int, timeout: float = 30) -> list[dict]:
 def test_pages_arrive_byte_exact_and_nowhere_else(peers, transport):
     sender = peers("sender", transport=transport, fill_seed=1)
     receiver = peers("receiver", transport=transport)
-    # Runs of consecutive destination pages travel as one message each: [40, 41] from consecutive
-    # source pages (zero-copy), [33, 34, 35] from scattered ones (gathered first), the rest alone.
+    # Scattered pages on both sides: over TCP they are gathered into one message and scattered into place.
     src, dst = [7, 3, 10, 11, 20, 61, 5, 60], [50, 2, 40, 41, 33, 34, 35, 0]
     ticket = receiver.call("reserve", pages=dst, timeout=10)["ticket"]
     payload = b"first token" * 100
@@ -124,6 +123,34 @@ def test_an_offer_too_large_for_one_message_goes_tagged(peers):
     theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
     assert all(ours[d] == theirs[s] for d, s in enumerate(src))
     _assert_idle(sender, receiver)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_transfers_pages_travel_in_a_few_large_messages_however_many_and_scattered(peers, transport):
+    """Scattered pages (a cache after churn) on both sides: a request of 16 to 2,048 pages travels in a
+    number of messages that does not grow with its pages (at most 8, each of at least 4 MiB unless the whole
+    is smaller; none over shared memory, where the receiver pulls the pages), and arrives byte-exact."""
+    sender = peers("sender", key=BIG_KEY, num_pages=80, transport=transport, fill_seed=7)  # pages of 1 MiB
+    receiver = peers("receiver", key=BIG_KEY, num_pages=80, transport=transport)
+    small = [peers(f"{role}-small", num_pages=2100, transport=transport, fill_seed=seed)  # pages of 1 KiB
+             for role, seed in (("sender", 8), ("receiver", None))]  # fmt: skip
+    rng = random.Random(2)
+    # (sender, receiver, pages, bytes per page, messages expected over TCP)
+    cases = [(sender, receiver, 16, 2**20, 4), (sender, receiver, 64, 2**20, 8)]
+    cases += [(*small, n, 2**10, 1) for n in (16, 256, 2048)]
+    for s, r, n, page_bytes, expected in cases:
+        src, dst = rng.sample(range(s.num_pages), n), rng.sample(range(r.num_pages), n)
+        ticket = r.call("reserve", pages=dst, timeout=30)["ticket"]
+        assert len(msgspec.msgpack.decode(ticket, type=Ticket).message_pages) == expected
+        before = s.call("state")["metrics"]["messages_sent"]
+        assert s.call("send", ticket=ticket, pages=src, timeout=30) == {}
+        assert _completions(s, 1)[0]["ok"] and _completions(r, 1)[0]["ok"]
+        sent = s.call("state")["metrics"]["messages_sent"] - before
+        assert sent == (0 if transport == "shm" else expected), (n, sent)
+        theirs, ours = s.call("hashes")["hashes"], r.call("hashes")["hashes"]
+        assert all(ours[d] == theirs[p] for p, d in zip(src, dst, strict=True)), f"{n} pages differ"
+        assert r.call("state")["metrics"]["bytes_received"] >= n * page_bytes
+    _assert_idle(sender, receiver, *small)
 
 
 def test_incompatible_key_is_refused_with_a_clear_error(peers):

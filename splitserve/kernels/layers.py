@@ -1,5 +1,5 @@
 """Fused layer kernels with one dispatch point each: residual add + RMSNorm, rotary embedding, the gated
-MLP's activation, and the page gather/scatter copy kv_transfer uses when pages must be staged contiguously.
+MLP's activation, and the page copies kv_transfer uses when pages must be staged contiguously.
 
 Each function runs its Triton kernel where `use_triton` says so (CUDA tensors, or SPLITSERVE_KERNELS), the
 native CPU kernel (cpu_kernels.c) for fp32 CPU tensors where it builds, else the PyTorch reference below it,
@@ -63,20 +63,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def gather_pages(pages: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """Copy pages `ids` of `pages` ([num_pages, ...]) into one new contiguous tensor, in order."""
-    if use_triton(pages):
+def copy_pages(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
+    """Copy pages `src_ids` of `src` into pages `dst_ids` of `dst` (both `[pages, ...]`, pages of one shape):
+    kv_transfer's gathers into and scatters out of staging buffers, and its pulls. On the CPU one memcpy per
+    stretch consecutive on both sides (indexed copies run at a tenth of memcpy's speed there)."""
+    if use_triton(dst):
         from splitserve.kernels import triton_layers
 
-        return triton_layers.gather_pages(pages, ids)
-    return pages[torch.tensor(ids, device=pages.device)]
-
-
-def scatter_pages(pages: torch.Tensor, ids: list[int], staged: torch.Tensor) -> None:
-    """Copy `staged` ([len(ids), ...]) into pages `ids` of `pages`: the inverse of `gather_pages`."""
-    if use_triton(pages):
-        from splitserve.kernels import triton_layers
-
-        triton_layers.scatter_pages(pages, ids, staged)
-    else:
-        pages[torch.tensor(ids, device=pages.device)] = staged
+        triton_layers.copy_pages(src, src_ids, dst, dst_ids)
+        return
+    i = 0
+    while i < len(src_ids):
+        j = i + 1
+        while j < len(src_ids) and src_ids[j] == src_ids[j - 1] + 1 and dst_ids[j] == dst_ids[j - 1] + 1:
+            j += 1
+        dst[dst_ids[i] : dst_ids[i] + j - i].copy_(src[src_ids[i] : src_ids[i] + j - i])
+        i = j

@@ -1,4 +1,4 @@
-"""Triton kernels for residual add + RMSNorm, rotary embedding, and page gather/scatter copies."""
+"""Triton kernels for residual add + RMSNorm, rotary embedding, and page copies between page tensors."""
 
 from __future__ import annotations
 
@@ -80,19 +80,11 @@ def _copy_pages_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, page_elems, B
     tl.store(dst_ptr + dst_page * page_elems + offs, values, mask=mask)
 
 
-def _copy_pages(src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> None:
+def copy_pages(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
     page_elems = src[0].numel()
     block = min(4096, triton.next_power_of_2(page_elems))
-    s = torch.tensor(src_ids, dtype=torch.int64, device=src.device)
-    d = torch.tensor(dst_ids, dtype=torch.int64, device=src.device)
-    _copy_pages_kernel[(len(src_ids), triton.cdiv(page_elems, block))](src, dst, s, d, page_elems, BLOCK=block)
-
-
-def gather_pages(pages: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    staged = torch.empty((len(ids), *pages.shape[1:]), dtype=pages.dtype, device=pages.device)
-    _copy_pages(pages, staged, ids, list(range(len(ids))))
-    return staged
-
-
-def scatter_pages(pages: torch.Tensor, ids: list[int], staged: torch.Tensor) -> None:
-    _copy_pages(staged.contiguous(), pages, list(range(len(ids))), ids)
+    s = torch.tensor(src_ids, dtype=torch.int64).to(src.device, non_blocking=True)
+    d = torch.tensor(dst_ids, dtype=torch.int64).to(src.device, non_blocking=True)
+    _copy_pages_kernel[(len(src_ids), triton.cdiv(page_elems, block))](
+        src.contiguous(), dst, s, d, page_elems, BLOCK=block
+    )

@@ -6,7 +6,14 @@ see `messages`), the buffers of sends in flight, and where each side reports: `T
 `Completion` list. The sending and receiving sides (`sender`, `receiver`) keep their transfers' state;
 the link keeps none of it.
 
-Tags: `xid << 20 | i + 1` for run i of transfer `xid` (numbered by the receiver, never reused),
+A tagged transfer's pages travel as a few large messages (`message_sizes`: at most `MAX_MESSAGES`, each of
+at least `MIN_MESSAGE_BYTES` unless the whole transfer is smaller), however many pages it has and however
+scattered they are: per-message costs, not bytes, bound small pages' bandwidth (above all on TCP, and for
+UCX's GPU transports). A message whose pages are consecutive in the page tensor is sent from or received
+into them in place; otherwise its pages are gathered into a staging buffer first (sender) or scattered out
+of one after the transfer (receiver): one copy each, on the pages' device.
+
+Tags: `xid << 20 | i + 1` for message i of transfer `xid` (numbered by the receiver, never reused),
 `xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes, offers and cancels.
 """
 
@@ -55,6 +62,10 @@ CONTROL_TAG = 1 << 63
 MAX_DONE_BYTES = 16 * 1024
 # How long tags of a transfer that ended early are watched for late messages (see `receiver`, `sender`).
 ZOMBIE_GRACE_S = 60.0
+# A transfer's pages travel in at most this many messages (several in flight pipeline better, on TCP above
+# all), each of at least this many bytes unless the transfer is smaller (`message_sizes`).
+MAX_MESSAGES = int(os.environ.get("SPLITSERVE_KV_MAX_MESSAGES", 8))
+MIN_MESSAGE_BYTES = int(os.environ.get("SPLITSERVE_KV_MIN_MESSAGE_BYTES", 4 << 20))
 
 
 class TransferError(RuntimeError):
@@ -89,6 +100,7 @@ class TransferMetrics:
     transfers_sent: int = 0
     transfers_received: int = 0
     transfers_pulled: int = 0  # of those received, copied out of the sender's shared memory
+    messages_sent: int = 0  # tagged messages of pages (a few per transfer, none for pulled ones)
     failures: int = 0
     orphaned_receives: int = 0
     malformed_messages: int = 0  # control frames dropped as undecodable
@@ -107,6 +119,49 @@ def page_tag_value(xid: int, index: int) -> int:
 
 def done_tag(xid: int) -> ucx.UCXXTag:
     return ucx.UCXXTag(page_tag_value(xid, 0))
+
+
+def message_sizes(num_pages: int, page_bytes: int) -> list[int]:
+    """How a transfer of `num_pages` pages splits into messages, as page counts in order: at most
+    `MAX_MESSAGES`, each of at least `MIN_MESSAGE_BYTES` unless the whole transfer is smaller."""
+    count = max(1, min(MAX_MESSAGES, num_pages * page_bytes // MIN_MESSAGE_BYTES, num_pages))
+    per = -(-num_pages // count)
+    return [min(per, num_pages - start) for start in range(0, num_pages, per)]
+
+
+def page_region(pages: torch.Tensor, ids: list[int]) -> torch.Tensor | None:
+    """Rows `ids` of `pages` as one view when they are consecutive (a message sent from or received into
+    them in place), else None (the message goes through a staging buffer)."""
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return pages[ids[0] : ids[0] + len(ids)]
+    return None
+
+
+class StagingBuffers:
+    """Staging buffers for messages whose pages are not consecutive, kept for reuse: a fresh buffer would
+    cost a page fault per 4 KiB on every transfer (the CPU) or an allocation (a GPU). Sized in powers of two
+    of pages; at most `keep_bytes` of them wait for reuse."""
+
+    def __init__(self, pages: torch.Tensor, keep_bytes: int = 512 << 20):
+        self._pages = pages
+        self._keep_bytes = keep_bytes
+        self._free: dict[int, list[torch.Tensor]] = {}  # by page count
+        self._lent: dict[int, torch.Tensor] = {}  # data pointer -> the buffer a view was taken of
+
+    def take(self, num_pages: int) -> torch.Tensor:
+        """A `[num_pages, page_bytes]` buffer on the pages' device (contents undefined)."""
+        size = 1 << (num_pages - 1).bit_length()
+        free = self._free.get(size)
+        buffer = free.pop() if free else self._pages.new_empty((size, self._pages.shape[1]))
+        self._lent[buffer.data_ptr()] = buffer
+        return buffer[:num_pages]
+
+    def give(self, view: torch.Tensor) -> None:
+        """Hand back a buffer from `take` once nothing reads or writes it any more."""
+        buffer = self._lent.pop(view.data_ptr())
+        kept = sum(b.nbytes for free in self._free.values() for b in free)
+        if kept + buffer.nbytes <= self._keep_bytes:
+            self._free.setdefault(buffer.shape[0], []).append(buffer)
 
 
 class TransferContext:
@@ -141,6 +196,7 @@ class Link:
         self.page_bytes = self.pages.shape[1]
         self.context = context
         self.shared = context.memory.describe(pages)  # None: receivers must be sent tagged pages
+        self.staging = StagingBuffers(self.pages)
         self.worker = ucx.UCXWorker(context.ucx)
         self._progress_thread = context.progress_thread
         if self._progress_thread:

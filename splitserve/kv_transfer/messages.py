@@ -4,8 +4,8 @@ Control messages travel as UCX tagged messages on `CONTROL_TAG`, framed with a 4
 `Ticket` travels from the decode side to the prefill side through the router.
 
 A transfer moves its pages one of two ways, agreed per pair of agents at the handshake:
-- *tagged*: the sender sends each run of pages as a tagged message into the receive the receiver posted
-  for it, then a `Done` with the payload (any two hosts, any memory);
+- *tagged*: the sender sends the pages as a few large tagged messages into the receives the receiver posted
+  for them (see `link`), then a `Done` with the payload (any two hosts, any memory);
 - *pulled*: the sender's pages are in shared memory the receiver mapped at the handshake (`SharedPages`,
   same host): the sender sends an `Offer` naming its pages, the receiver copies them into its own and
   answers `Taken`. The sender keeps its pages untouched until `Taken` or the offer's deadline, and the
@@ -19,7 +19,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 KV_LAYOUT = "page-major:[pages,layers,2,page_size,kv_heads,head_dim]"
 MAX_CONTROL_BYTES = 64 * 1024
 _FRAME = struct.Struct("<I")
@@ -49,18 +49,18 @@ class CompatKey(msgspec.Struct, frozen=True):
 
 class Ticket(msgspec.Struct, frozen=True):
     """What a sender needs to fill a reservation: where to send, the transfer's id there, and how the
-    reserved pages split into runs of consecutive pages (each run is one contiguous region, one message)."""
+    reserved pages split into tagged messages (`link.message_sizes`)."""
 
     receiver_id: str
     address: bytes  # the receiver's UCX worker address
     xid: int
-    run_lengths: list[int]  # the reserved pages as runs of consecutive page ids, one message each
+    message_pages: list[int]  # pages per message, in the reservation's order
     key: CompatKey
     version: int = PROTOCOL_VERSION
 
     @property
     def num_pages(self) -> int:
-        return sum(self.run_lengths)
+        return sum(self.message_pages)
 
 
 class SharedPages(msgspec.Struct, frozen=True):

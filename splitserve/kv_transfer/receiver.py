@@ -1,11 +1,11 @@
 """The receiving side of KV transfers (a decode worker's): reservations, and the senders it pulls pages from.
 
-`reserve` splits the destination pages into runs of consecutive page ids (each run one contiguous region of
-the page-major cache), posts one receive straight into each run (zero-copy) and returns the `Ticket` a
-sender needs. The pages arrive one of two ways (see `messages`): as tagged messages into those receives and
-then a `Done`; or, from a sender whose page memory we mapped at its `Hello` (same host), as an `Offer` whose
-pages we copy ourselves in one pass, completing our posted receives with empty messages of our own, and
-answer `Taken`.
+`reserve` splits the destination pages into a few large messages (`link.message_sizes`), posts one receive
+for each (straight into its pages where they are consecutive, else into a staging buffer whose pages are
+scattered into place once the transfer is whole) and returns the `Ticket` a sender needs. The pages arrive
+one of two ways (see `messages`): as tagged messages into those receives and then a `Done`; or, from a
+sender whose page memory we mapped at its `Hello` (same host), as an `Offer` whose pages we copy ourselves
+in one pass, completing our posted receives with empty messages of our own, and answer `Taken`.
 
 A reservation whose deadline passes (or that its owner cancels) is *abandoned*: we complete its posted
 receives ourselves with empty messages, so that no receive can later write into a freed page, and tell the
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from splitserve.kernels.layers import copy_pages
 from splitserve.kv_transfer.link import (
     MAX_DONE_BYTES,
     MAX_PAGES_PER_TRANSFER,
@@ -34,6 +35,8 @@ from splitserve.kv_transfer.link import (
     Role,
     TransferError,
     done_tag,
+    message_sizes,
+    page_region,
     page_tag,
     page_tag_value,
     ucx,
@@ -52,8 +55,6 @@ from splitserve.kv_transfer.shared_memory import RemotePages
 
 log = logging.getLogger(__name__)
 
-# Runs longer than this travel as several messages: several in flight pipeline better (on TCP above all).
-MAX_MESSAGE_BYTES = int(os.environ.get("SPLITSERVE_KV_MAX_MESSAGE_BYTES", 1 << 20))
 # How long an abandoned reservation waits for its receives to complete before giving them up.
 ABANDON_GRACE_S = 0.5
 
@@ -66,7 +67,8 @@ class _Reservation:
     pages: list[int]
     deadline: float
     started: float
-    runs: list[list[int]] = field(default_factory=list)
+    messages: list[list[int]] = field(default_factory=list)  # the pages of each message, in order
+    staged: dict[int, torch.Tensor] = field(default_factory=dict)  # message -> its buffer, where not in place
     recvs: list = field(default_factory=list)
     done_buffer: np.ndarray = field(default_factory=lambda: np.zeros(MAX_DONE_BYTES, dtype=np.uint8))
     done_recv: object = None
@@ -82,28 +84,6 @@ class _Reservation:
     def waiting(self) -> bool:
         """Still waiting for its pages: neither given up nor filled from an offer."""
         return self.abandoned is None and self.pulled is None
-
-
-def consecutive_runs(pages: list[int], max_len: int) -> list[list[int]]:
-    """Runs of consecutive pages, at most `max_len` long: [5, 6, 7, 2, 3, 9] -> [[5, 6, 7], [2, 3], [9]]"""
-    runs: list[list[int]] = []
-    for page in pages:
-        if runs and page == runs[-1][-1] + 1 and len(runs[-1]) < max_len:
-            runs[-1].append(page)
-        else:
-            runs.append([page])
-    return runs
-
-
-def _copy_pages(source: np.ndarray, src: list[int], dest: np.ndarray, dst: list[int]) -> None:
-    """Copy rows `src` of `source` into rows `dst` of `dest`: one memcpy per stretch consecutive on both sides."""
-    i = 0
-    while i < len(src):
-        j = i + 1
-        while j < len(src) and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
-            j += 1
-        np.copyto(dest[dst[i] : dst[i] + j - i], source[src[i] : src[i] + j - i])
-        i = j
 
 
 class Receiver:
@@ -125,13 +105,18 @@ class Receiver:
         link = self._link
         now = time.monotonic()
         res = _Reservation(next(self._xids), list(pages), now + timeout_s, now)
-        res.runs = consecutive_runs(res.pages, max(1, MAX_MESSAGE_BYTES // link.page_bytes))
-        for i, run in enumerate(res.runs):
-            region = link.pages[run[0] : run[0] + len(run)]
+        start = 0
+        for i, size in enumerate(message_sizes(len(pages), link.page_bytes)):
+            dest = res.pages[start : start + size]
+            start += size
+            region = page_region(link.pages, dest)
+            if region is None:
+                region = res.staged[i] = link.staging.take(size)
+            res.messages.append(dest)
             res.recvs.append(link.worker.tag_recv(link.array(region), tag=page_tag(res.xid, i)))
         res.done_recv = link.worker.tag_recv(Array(res.done_buffer), tag=done_tag(res.xid))
         self._reservations[res.xid] = res
-        return Ticket(link.agent_id, link.address, res.xid, [len(r) for r in res.runs], link.key)
+        return Ticket(link.agent_id, link.address, res.xid, list(map(len, res.messages)), link.key)
 
     def cancel(self, xid: int) -> None:
         res = self._reservations.get(xid)
@@ -198,7 +183,7 @@ class Receiver:
             return
         res = self._reservations.get(offer.xid)
         mapping = self._mappings.get(offer.sender_id)
-        source = None if mapping is None else mapping.tensor.numpy().reshape(-1, link.page_bytes)
+        source = None if mapping is None else mapping.tensor.view(-1, link.page_bytes)
         if res is None or not res.waiting:
             reason = res.abandoned if res is not None and res.abandoned else "no such reservation (expired or done)"
         elif source is None:
@@ -207,7 +192,7 @@ class Receiver:
             reason = f"the offer's {len(offer.pages)} pages do not fit the {len(res.pages)} reserved ones"
         else:
             if time.monotonic() < offer.deadline:
-                _copy_pages(source, offer.pages, link.pages.numpy(), res.pages)
+                copy_pages(source, offer.pages, link.pages, res.pages)
             # The sender may reuse its pages once the deadline passes: a copy that ends later may hold them.
             reason = (
                 "the sender's offer expired before its pages were copied" if time.monotonic() >= offer.deadline else ""
@@ -229,12 +214,22 @@ class Receiver:
         if pending and not (res.abandoned is not None and now > res.abandoned_at + ABANDON_GRACE_S):
             return
         del self._reservations[res.xid]
+        try:
+            self._end(res, pending, now)
+        finally:
+            if not pending:  # nothing writes into the staging buffers any more
+                for staged in res.staged.values():
+                    link.staging.give(staged)
+
+    def _end(self, res: _Reservation, pending: list, now: float) -> None:
+        """Report the end of a reservation whose receives all completed (or, abandoned, were given up)."""
+        link = self._link
         if res.abandoned is not None:
             # A receive already matched to a message from a sender that died cannot be cancelled: UCX
             # without endpoint error handling never completes it. The sender is gone (or was told to
-            # cancel and close its endpoint), so nothing will write there: keep the request referenced
-            # and let the pages go.
-            self._orphans.extend(pending)
+            # cancel and close its endpoint), so nothing will write there: keep the request (and the
+            # staging buffer it may write into) referenced and let the pages go.
+            self._orphans.extend([*pending, *res.staged.values()])
             link.metrics.orphaned_receives += len(pending)
             link.complete(Completion(Role.RECV, link.agent_id, res.xid, False, res.abandoned))
             return
@@ -251,6 +246,8 @@ class Receiver:
                 link.complete(Completion(Role.RECV, link.agent_id, res.xid, False, done.reason))
                 return
             payload = done.payload
+            for i, staged in res.staged.items():  # the transfer is whole: its staged pages go into place
+                copy_pages(staged, list(range(len(staged))), link.pages, res.messages[i])
         link.metrics.transfers_received += 1
         link.metrics.transfers_pulled += res.pulled is not None
         link.metrics.bytes_received += len(res.pages) * link.page_bytes
@@ -272,7 +269,7 @@ class Receiver:
         self._complete_own_receives(res)
         res.watch_until = res.abandoned_at + ZOMBIE_GRACE_S
         self._watched[res.xid] = res
-        longest = max(map(len, res.runs)) * self._link.page_bytes
+        longest = max(map(len, res.messages)) * self._link.page_bytes
         self._scratch = np.empty(max(self._scratch.size, longest), np.uint8)
         if tell_peers:  # the sender holding this ticket, if any, stops early
             for address in self._senders.values():
@@ -286,7 +283,7 @@ class Receiver:
                 if not res.drains:
                     del self._watched[res.xid]
                 continue
-            for index in range(len(res.runs) + 1):
+            for index in range(len(res.messages) + 1):
                 value = page_tag_value(res.xid, index)
                 # One drain per tag at a time: a message probed again before our receive is posted
                 # must not get a second receive that nothing will ever match.

@@ -3,8 +3,9 @@
 `send` fills the reservation behind a `Ticket`. The first transfer to a receiver says `Hello` (our key and,
 when our pages are in UCX shared memory, where they are); its `HelloReply` says whether it will pull. Then
 each transfer goes one of two ways (see `messages`):
-- tagged: one tagged message per run, read straight from the page tensor when our pages for that run are
-  consecutive too, else gathered into a staging buffer first; then a `Done` with the payload;
+- tagged: the few large messages the ticket names (`link.message_sizes`), each read straight from the page
+  tensor when its pages are consecutive here, else gathered into a staging buffer first; then a `Done` with
+  the payload;
 - pulled: an `Offer` naming our pages; they stay untouched until the receiver answers `Taken` or the
   offer's deadline passes.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitserve.kernels.layers import gather_pages
+from splitserve.kernels.layers import copy_pages
 from splitserve.kv_transfer.link import (
     MAX_DONE_BYTES,
     ZOMBIE_GRACE_S,
@@ -31,6 +32,7 @@ from splitserve.kv_transfer.link import (
     Role,
     TransferError,
     done_tag,
+    page_region,
     page_tag,
     ucx,
 )
@@ -78,7 +80,7 @@ class _Outgoing:
     deadline: float
     started: float
     sends: list = field(default_factory=list)
-    staging: list = field(default_factory=list)  # gathered pages kept alive until their sends complete
+    staging: list = field(default_factory=list)  # gathered pages: kept alive until their sends complete
     done_send: object = None
     done_payload: np.ndarray | None = None
     payload: bytes = b""
@@ -204,15 +206,16 @@ class Sender:
                 pass
         ep = link.endpoint(out.ticket.address)
         start = 0
-        for i, length in enumerate(out.ticket.run_lengths):
+        for i, length in enumerate(out.ticket.message_pages):
             pages = out.pages[start : start + length]
             start += length
-            if pages == list(range(pages[0], pages[0] + length)):
-                region = link.pages[pages[0] : pages[0] + length]  # zero-copy
-            else:
-                region = gather_pages(link.pages, pages)  # gather, then send
+            region = page_region(link.pages, pages)
+            if region is None:
+                region = link.staging.take(length)
+                copy_pages(link.pages, pages, region, list(range(length)))
                 out.staging.append(region)
             out.sends.append(ep.tag_send(link.array(region), tag=page_tag(xid, i)))
+        link.metrics.messages_sent += len(out.sends)
 
     def _poll_outgoing(self, out: _Outgoing, now: float) -> None:
         if now > out.deadline:
@@ -248,6 +251,8 @@ class Sender:
     def _sent(self, out: _Outgoing) -> None:
         link = self._link
         del self._outgoing[out.slot]
+        for staged in out.staging:  # every send completed: nothing reads them any more
+            link.staging.give(staged)
         link.metrics.transfers_sent += 1
         link.metrics.bytes_sent += len(out.pages) * link.page_bytes
         link.metrics.seconds_sending += time.monotonic() - out.started

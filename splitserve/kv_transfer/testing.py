@@ -1,7 +1,7 @@
 """A KV-transfer peer in its own process, for tests and benchmarks: `Peer` starts it (spawned: UCX is
 not fork-safe) and drives it over a pipe with msgpack-encoded commands. The process owns one
-`TransferAgent` over a page tensor of random or zero bytes (in UCX shared memory where UCX can allocate
-it) and polls it between commands, on one thread.
+`TransferAgent` over a page tensor of random or zero bytes (on the CPU in UCX shared memory where UCX can
+allocate it and `pulls` allows, or on a GPU) and polls it between commands, on one thread.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def random_pages(key: CompatKey, num_pages: int, seed: int):
     return torch.randint(0, 256, (num_pages, 2 * math.prod(page_shape(key))), dtype=torch.uint8, generator=g)
 
 
-def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str, fill_seed: int | None) -> None:
-    os.environ.update(TRANSPORTS[transport])
+def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str, fill_seed: int | None,
+          options: dict) -> None:  # fmt: skip
+    os.environ.update({**TRANSPORTS[transport], **options["env"]})
     import torch
 
     from splitserve.kv_transfer.agent import TransferAgent, TransferContext
@@ -48,9 +49,12 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
     torch.set_num_threads(1)  # copies run on one core, as memcpy in the benchmark does
     key = CompatKey(**key_fields)
     context = TransferContext()
-    pages = context.memory.zeros((num_pages, *page_shape(key)), torch.float16, "cpu")
+    shape, device = (num_pages, *page_shape(key)), options["device"]
+    # Pages outside UCX's shared memory cannot be mapped by a receiver: it is sent tagged messages instead.
+    allocate = context.memory.zeros if options["pulls"] else torch.zeros
+    pages = allocate(shape, dtype=torch.float16, device=device)
     if fill_seed is not None:
-        pages.view(torch.uint8).view(num_pages, -1).copy_(random_pages(key, num_pages, fill_seed))
+        pages.view(torch.uint8).view(num_pages, -1).copy_(random_pages(key, num_pages, fill_seed).to(device))
     agent = TransferAgent(pages, key, agent_id, context)
     completions: list[dict] = []
     hold_until = 0.0  # no polling before then (or the next wait): a peer whose loop is busy elsewhere
@@ -116,6 +120,8 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                     agent.send(msgspec.msgpack.decode(raw, type=Ticket), cmd["pages"], cmd["timeout"])
                     while not completions:
                         poll()
+                    if device != "cpu":  # the receiver's pages are ready once its copies are done
+                        torch.cuda.synchronize()
                     reply["seconds"].append(time.perf_counter() - started)
                     if not completions.pop()["ok"]:
                         raise RuntimeError("a timed transfer failed")
@@ -131,7 +137,7 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                 while not req.completed:
                     poll()
             elif op == "hashes":
-                raw = pages.view(torch.uint8).view(num_pages, -1)
+                raw = pages.view(torch.uint8).view(num_pages, -1).cpu()
                 reply["hashes"] = [hashlib.sha256(raw[i].numpy().tobytes()).hexdigest() for i in range(num_pages)]
             elif op == "stop":
                 agent.close()
@@ -145,13 +151,19 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
 class Peer:
     """The test's handle on one peer process."""
 
-    def __init__(self, agent_id: str, key: CompatKey, num_pages: int, transport: str, fill_seed: int | None):
+    def __init__(
+        self, agent_id: str, key: CompatKey, num_pages: int, transport: str, fill_seed: int | None,
+        device: str = "cpu", pulls: bool = True, env: dict[str, str] | None = None,
+    ):  # fmt: skip
+        """`pulls` False keeps CPU pages out of shared memory (tagged messages even on one host); `env` adds
+        to the transport's environment (e.g. `SPLITSERVE_KV_MAX_MESSAGES`)."""
         self.agent_id = agent_id
         self.num_pages = num_pages
         self._conn, child = _spawn.Pipe()
         fields = msgspec.structs.asdict(key)
+        options = {"device": device, "pulls": pulls, "env": env or {}}
         self.process = _spawn.Process(
-            target=_main, args=(child, agent_id, fields, num_pages, transport, fill_seed), daemon=True
+            target=_main, args=(child, agent_id, fields, num_pages, transport, fill_seed, options), daemon=True
         )
         self.process.start()
 
