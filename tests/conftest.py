@@ -11,11 +11,11 @@ import weakref
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.model.checkpoint import resolve_model
+from tests import checkpoints
 
 # Every allocator ever built, so that the leak check sees those inside module-scoped engines too.
 _allocators: weakref.WeakSet[PageAllocator] = weakref.WeakSet()
@@ -38,64 +38,19 @@ def no_leaked_pages():
     assert not leaks, f"KV pages leaked (capacity, free): {leaks}"
 
 
-def _save_tiny(model_cls, config, folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32)
-    # Wider weights than the default init keep the logits apart, so greedy choices are not near-ties.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-    model.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    return folder
-
-
-COMMON = dict(
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    max_position_embeddings=256,
-    eos_token_id=7,
-    bos_token_id=1,
-    pad_token_id=0,
-)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_gqa(tmp_path_factory) -> Path:
-    """Llama with grouped-query attention (4 query heads per KV head), tied embeddings."""
-    from transformers import LlamaForCausalLM
-
-    cfg = LlamaConfig(**COMMON, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-    return _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-llama-gqa"), seed=1)
+    return checkpoints.tiny_llama_gqa(tmp_path_factory.mktemp("tiny-llama-gqa"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    """Qwen2 with q/k/v bias and GQA."""
-    cfg = Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return _save_tiny(Qwen2ForCausalLM, cfg, tmp_path_factory.mktemp("tiny-qwen2"), seed=2)
+    return checkpoints.tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_untied(tmp_path_factory) -> Path:
-    """Llama with untied embeddings, multi-head attention and Llama-3 rope scaling."""
-    from transformers import LlamaForCausalLM
-
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 10000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
-    cfg = LlamaConfig(
-        **COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rope_parameters=rope
-    )
-    return _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-llama-untied"), seed=3)
+    return checkpoints.tiny_llama_untied(tmp_path_factory.mktemp("tiny-llama-untied"))
 
 
 @pytest.fixture(scope="session")
@@ -112,12 +67,12 @@ def tiny_chat_llama(tmp_path_factory, smollm2) -> Path:
     from transformers import LlamaForCausalLM
 
     cfg = LlamaConfig(
-        **{**COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
+        **{**checkpoints.COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
-    folder = _save_tiny(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-chat-llama"), seed=4)
+    folder = checkpoints.save(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-chat-llama"), seed=4)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (smollm2 / name).exists():
             shutil.copy(smollm2 / name, folder / name)

@@ -85,9 +85,44 @@ def test_decode_attention_matches_reference(dim, group, page_size, dtype):
     cache, meta, n = _step(spans, page_size, kv_heads, dim, dtype)
     q = torch.randn(n, kv_heads * group, dim).to(DEVICE, dtype)
     want = reference.paged_attention(q.float(), cache.float(), 1, meta, dim**-0.5)
-    # pages_per_split=2 makes the long contexts use several splits (and the reduction).
-    got = triton_attention.decode_attention(q, cache, 1, meta, dim**-0.5, pages_per_split=2)
+    # 5 splits of 2 pages make the long contexts use several splits (and the reduction).
+    got = triton_attention.decode_attention(q, cache, 1, meta, dim**-0.5, num_splits=5)
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_decode_splits_are_fixed_by_shapes_and_cover_the_tested_counts():
+    """A decode step's split count depends only on its batch bucket, KV heads and page-table width (so a
+    captured step's grid is fixed), and every count it picks is one the next test covers."""
+    from splitserve.engine.decode_graphs import batch_buckets
+
+    used = {
+        triton_attention.decode_splits(bucket, kv_heads, pages)
+        for bucket in batch_buckets(512)
+        for kv_heads in (1, 2, 3, 4, 8, 16)
+        for pages in (1, 7, 64, 256, 512, 8192)
+    }
+    assert used == set(DECODE_SPLITS)
+    assert triton_attention.decode_splits(1, 8, 512) == 64  # batch 1: the context spread over the GPU
+    assert triton_attention.decode_splits(64, 8, 512) == 1  # a large batch fills it alone
+    assert triton_attention.decode_splits(4, 8, 2) == 2  # never more splits than pages
+
+
+DECODE_SPLITS = [1, 2, 4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("splits", DECODE_SPLITS)
+def test_decode_attention_matches_reference_at_every_split_count(splits, page_size):
+    """Every split count `decode_splits` picks, at each page size the kernels take (powers of two from 16;
+    the engine's default is 16), over a 70-page table: splits of 2 to 128 pages, split counts that are not
+    powers of two (70 pages in splits of 2 is 35), and splits past a short context that run no tile."""
+    kv_heads, group, dim = 2, 4, 64
+    spans = [(1, 2), (1, 70 * page_size), (1, 3 * page_size + 5), (1, 41 * page_size - 1)]
+    cache, meta, n = _step(spans, page_size, kv_heads, dim, torch.float32)
+    q = torch.randn(n, kv_heads * group, dim, device=DEVICE)
+    want = reference.paged_attention(q, cache, 0, meta, dim**-0.5)
+    got = triton_attention.decode_attention(q, cache, 0, meta, dim**-0.5, num_splits=splits)
+    torch.testing.assert_close(got, want, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
 
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")

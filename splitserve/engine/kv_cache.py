@@ -46,13 +46,15 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
     allocate: TensorAllocator | None = None,
+    spare_pages: int = 0,
 ) -> torch.Tensor:
+    """The page tensor: as many pages as `memory_bytes` holds, then `spare_pages` more (outside the budget)."""
     num_pages = memory_bytes // page_bytes(cfg, page_size, dtype)
     if num_pages < 1:
         raise ValueError(
             f"a KV cache budget of {memory_bytes} bytes holds no page of {page_bytes(cfg, page_size, dtype)} bytes"
         )
-    shape = (num_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (num_pages + spare_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
     return allocate(shape, dtype, device) if allocate else torch.zeros(shape, dtype=dtype, device=device)
 
 

@@ -1,5 +1,6 @@
 """`ModelRunner`: owns the weights, the KV cache tensor and the step's input buffers, and turns a list of
-scheduled chunks into one forward pass over pages plus one sampled token per finished chunk."""
+scheduled chunks into one forward pass over pages plus one sampled token per finished chunk. On CUDA a step of
+decode rows only replays a captured graph (`decode_graphs`) unless `--enforce-eager`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
+from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.request import Chunk, Request
 from splitserve.engine.sampling import Sampled, SamplingFailed, sample
@@ -31,10 +33,11 @@ class ModelRunner:
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:
             self.model.quantize(*bits, fused=not config.enforce_eager)
+        # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
-            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator
+            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator, spare_pages=1
         )
-        self.num_pages = self.kv_cache.shape[0]
+        self.num_pages = self.null_page = self.kv_cache.shape[0] - 1
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         # A request running alone must always fit, so the KV cache's capacity also caps the length.
         self.max_model_len = min(limit, self.num_pages * self.page_size)
@@ -50,10 +53,29 @@ class ModelRunner:
         self._decode_page_table = torch.zeros(s, self.max_pages_per_seq, **long)
         self._decode_context_lens = torch.zeros(s, **long)
         self._token_range = torch.arange(self.max_pages_per_seq * self.page_size, **long)
+        self.max_num_seqs = s
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.use_decode_graphs(capture=True)
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode-only steps through `DecodeGraphs`: captured as CUDA graphs (`capture`), or as plain calls
+        of the same bucketed step (the CPU's tests). A capture that fails leaves the eager steps, with a warning."""
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.null_page, self.max_num_seqs, self.max_pages_per_seq)
+        if capture:
+            try:
+                graphs.capture()
+            except Exception as e:  # any failure to capture costs speed, never service
+                log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s", type(e).__name__, e)
+                return
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
         """Run the chunks' tokens through the model; sample for every chunk that completes its request."""
+        if self.decode_graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
+            requests = [c.request for c in chunks]
+            return list(zip(requests, self.decode_graphs.run(requests), strict=True))
         # Decode rows (one query token) first: the attention batches them in one call.
         ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
         meta, sample_rows = self._prepare(ordered)

@@ -108,50 +108,91 @@ def _process(row: torch.Tensor, request: Request) -> None:
         raise InvalidRequestError("no token is allowed next (the constraints exclude every token)")
 
 
+def plain(request: Request) -> bool:
+    """Whether `request`'s next token needs none of `_process`'s logits processors, nor logprobs: then a
+    captured decode step can draw it (`draw`) without the per-row work of `sample`."""
+    p = request.params
+    return (
+        p.logprobs is None
+        and not p.logit_bias
+        and not p.penalized
+        and request.grammar is None
+        and len(request.output_token_ids) >= p.min_tokens
+    )
+
+
+def uniforms(requests: list[Request]) -> torch.Tensor:
+    """One uniform number per request `[rows, 1]` (CPU) for this step's draw: a seeded request's from its own
+    generator, so its tokens are the same in any batch and on any device."""
+    uniform = torch.rand(len(requests), 1)
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            uniform[i] = torch.rand(1, generator=r.generator)
+    return uniform
+
+
+def draw(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """`sample`'s draw for rows that need no processors, as one fixed sequence of tensor operations with no
+    host synchronisation (what a captured decode step runs): the parameters are columns `[rows, 1]`, with
+    top_k 0 and top_p >= 1 (or inf) for none. Sorting the whole vocabulary replaces `_sample_rows`'
+    data-dependent shortcuts; the tokens are the same for the same uniform numbers."""
+    scores = _scaled(logits, temperature)
+    scores = _top_k(scores, top_k, scores.shape[-1])
+    return _pick(_top_p(scores, top_p, shortcut=False), uniform)
+
+
 def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """One token per row of `logits` by each request's temperature, top-k and top-p, batched.
 
-    Inverse transform: a uniform number per row, read against the row's cumulative distribution. A seeded
-    request's number comes from its own CPU generator (one per step, whatever else is in the batch), so its
-    tokens are the same in any batch; the numbers are drawn on the CPU, so also on any device."""
+    Inverse transform: a uniform number per row (`uniforms`), read against the row's cumulative distribution."""
     vocab, device = logits.shape[-1], logits.device
 
     def column(values: list[float], dtype: torch.dtype = logits.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
 
-    # Shift the best logit to 0 before dividing, so no inf - inf (NaN) can appear; a temperature under 1e-6 (which
-    # float32 may round to 0) is 1e-6, where the distribution is already greedy to float precision.
-    temperature = column([max(r.params.temperature, 1e-6) for r in requests])
-    scores = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    scores = _scaled(logits, column([r.params.temperature for r in requests]))
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in requests]
     if any(top_k):
-        kth = torch.topk(scores, max(top_k), dim=-1).values.gather(
-            1, column([max(k, 1) - 1 for k in top_k], torch.long)
-        )
-        kth = kth.masked_fill(column(top_k) == 0, float("-inf"))
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        scores = _top_k(scores, column(top_k, torch.long), max(top_k))
     nucleus = [i for i, r in enumerate(requests) if r.params.top_p < 1]
     if nucleus:
         scores[nucleus] = _top_p(scores[nucleus], column([requests[i].params.top_p for i in nucleus]))
+    return _pick(scores, uniforms(requests).to(device, non_blocking=True))
+
+
+def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Logits over each row's temperature. The best logit is shifted to 0 first, so no inf - inf (NaN) can
+    appear; a temperature under 1e-6 (which float32 may round to 0) is 1e-6, where the distribution is already
+    greedy to float precision."""
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature.clamp(min=1e-6)
+
+
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Each row's scores below its `top_k`-th best dropped (-inf); `top_k` a column, 0 for none, at most
+    `k_max`."""
+    kth = torch.topk(scores, k_max, dim=-1).values.gather(1, (top_k.clamp(min=1) - 1).clamp(max=k_max - 1))
+    kth = kth.masked_fill(top_k == 0, float("-inf"))
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _pick(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Each row's uniform draw (a column) read against its cumulative distribution."""
     cdf = scores.softmax(-1).cumsum(-1)
-    # Each row's uniform draw (one number per row per step), read against its cumulative distribution.
-    uniform = torch.rand(len(requests), 1, dtype=cdf.dtype)
-    for i, r in enumerate(requests):
-        if r.generator is not None:
-            uniform[i] = torch.rand(1, generator=r.generator)
-    picks = torch.searchsorted(cdf, uniform.to(device, non_blocking=True) * cdf[:, -1:], right=True)[:, 0]
+    picks = torch.searchsorted(cdf, uniform.to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0]
     # A draw past the last cumulative value (rounding) takes the last token that has any probability.
     return torch.minimum(picks, (cdf < cdf[:, -1:]).sum(-1))
 
 
-def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor, shortcut: bool = True) -> torch.Tensor:
     """Each row's scores with every token dropped (-inf) once the tokens more likely than it reach `top_p` (a
     column); the first always stays, even when top_p is below the smallest float32 (1e-300 rounds to 0 there).
     The kept tokens lead the row's sorted order, so where the 256 likeliest already reach top_p (the usual case)
-    sorting those is enough; otherwise the whole row is sorted."""
+    sorting those is enough (`shortcut`, which reads back whether they do); otherwise the whole row is sorted."""
     vocab = scores.shape[-1]
     total = scores.logsumexp(-1, keepdim=True)
-    for candidates in dict.fromkeys((min(vocab, 256), vocab)):
+    for candidates in dict.fromkeys((min(vocab, 256) if shortcut else vocab, vocab)):
         best, order = torch.topk(scores, candidates, dim=-1)  # sorted, most likely first
         probs = (best - total).exp()
         mass = probs.cumsum(-1)

@@ -2,11 +2,12 @@
 (flash-decoding: split-K over the context, then a reduction), and prefill attention over ragged chunks
 whose prefix is already in pages.
 
-The cache is `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`; programs read K/V in
-tiles of 64 tokens, looking up each token's page in the page table, so a tile may span pages (and the
-matmul tiles do not shrink with the page size). Softmax runs in fp32. The query heads sharing a KV head are processed
-together, so each K/V page is loaded once per group. On the CPU these run under `TRITON_INTERPRET=1`
-(tests); there, bf16 arithmetic is wrong, so the tests use fp32 and fp16.
+Decode attention's split count is a function of the step's shapes (`decode_splits`), so a captured decode
+step launches a fixed grid. The cache is `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`;
+programs read K/V in tiles of 64 tokens, looking up each token's page in the page table, so a tile may span
+pages (and the matmul tiles do not shrink with the page size). Softmax runs in fp32. The query heads sharing
+a KV head are processed together, so each K/V page is loaded once per group. On the CPU these run under
+`TRITON_INTERPRET=1` (tests); there, bf16 arithmetic is wrong, so the tests use fp32 and fp16.
 """
 
 from __future__ import annotations
@@ -115,15 +116,15 @@ def _decode_partial_kernel(
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     split_start = split * SPLIT_TOKENS
-    for t in range(0, SPLIT_TOKENS, TILE):
-        if split_start + t < context:
-            positions = split_start + t + tl.arange(0, TILE)
-            valid = positions < context
-            k, v = _load_kv_tile(
-                cache_ptr, table_ptr + b * stride_tb, positions, valid, layer, kvh,
-                stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
-            )  # fmt: skip
-            m, denom, acc = _attend_tile(q, k, v, valid[None, :], m, denom, acc, scale, PRECISION)
+    # The loop ends where the context does: a split past it runs no tile (the grid is fixed, the work is not).
+    for t in range(split_start, tl.minimum(context, split_start + SPLIT_TOKENS), TILE):
+        positions = t + tl.arange(0, TILE)
+        valid = positions < context
+        k, v = _load_kv_tile(
+            cache_ptr, table_ptr + b * stride_tb, positions, valid, layer, kvh,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        m, denom, acc = _attend_tile(q, k, v, valid[None, :], m, denom, acc, scale, PRECISION)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out, acc, mask=group_mask[:, None])
     tl.store(m_ptr + b * stride_mb + heads * stride_mh + split, m, mask=group_mask)
@@ -154,18 +155,36 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# Programs a decode step should launch to fill a GPU: about two per SM of an H100/H200 (132 SMs). A constant,
+# not the device's count, so that the split counts (and the tests that cover them) do not depend on the card.
+_TARGET_PROGRAMS = 264
+MAX_SPLITS = 64
+
+
+def decode_splits(batch: int, kv_heads: int, max_pages: int) -> int:
+    """How many parts each sequence's context is split into (flash-decoding): enough (sequence, KV head,
+    split) programs to fill the GPU at small batches, one split at large ones; a power of two, at most
+    `MAX_SPLITS` and at most the page table's width. A function of the step's shapes only, so that a
+    captured step's grid is fixed per batch bucket; splits past a sequence's context run no tile."""
+    want = -(-_TARGET_PROGRAMS // (batch * kv_heads))
+    return min(1 << (want - 1).bit_length(), MAX_SPLITS, 1 << (max(max_pages, 1).bit_length() - 1))
+
+
 def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    pages_per_split: int = 16, tile: int = 64,
+    num_splits: int | None = None, tile: int = 64,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages."""
+    """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages, its context
+    split `num_splits` ways (default `decode_splits`; rounded so that each split is a power of two of pages)."""
     nd = meta.num_decode
     _, num_heads, dim = q.shape
     kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
     _check_tile_sizes(page_size, dim)
     group = num_heads // kv_heads
-    max_pages = meta.decode_page_table.shape[1]
-    splits = triton.cdiv(max(max_pages, 1), pages_per_split)
+    max_pages = max(meta.decode_page_table.shape[1], 1)
+    wanted = num_splits or decode_splits(nd, kv_heads, max_pages)
+    pages_per_split = triton.next_power_of_2(triton.cdiv(max_pages, wanted))
+    splits = triton.cdiv(max_pages, pages_per_split)
     part = torch.empty(nd, num_heads, splits, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(nd, num_heads, splits, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(m)

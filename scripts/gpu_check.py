@@ -1,0 +1,285 @@
+"""The GPU check (run by `scripts/gpu_check.sh`): on one CUDA GPU, in about 8 minutes and with no network,
+
+1. the kernel tests natively (`tests/test_kernels.py`, TRITON_INTERPRET=0);
+2. the engine's greedy tokens against transformers' on two tiny shapes (fp32; captured and eager steps);
+3. one decode step per token of Llama shapes with random bf16 weights (135M, 1B, 8B), eager and captured, at
+   batch 1 and 64 (8B also 256), next to the floor of reading the weights once at the device's copy
+   bandwidth measured in the same run;
+4. KV transfer GB/s between two processes on the GPU (UCX, pages on the device, as `benchmarks/kv_transfer.py
+   --device cuda`).
+
+It prints one table (and writes it to `--out`), and exits 1 when a check fails (a test, a token mismatch, a
+capture that fell back to eager). Speed targets are reported as met or missed, not as failures.
+`--dry-run` needs no GPU: it checks that everything the run needs imports and is where it should be, builds
+the tiny checkpoints and the large shapes' configurations, and prints the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+SHAPES = {  # Llama layouts: SmolLM2-135M, Llama-3.2-1B, Llama-3-8B
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}  # fmt: skip
+TARGET_MS = {"135m": 0.5, "1b": 1.0, "8b": 4.3}  # per token at batch 1, captured
+TARGET_8B_256 = 14_000  # output tok/s at 256 concurrent
+TARGET_KV_GBPS = 200
+PROMPT_TOKENS, TIMED_STEPS = 128, 32
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.failed = False
+
+    def add(self, check: str, value: str, target: str = "", status: str = "ok") -> None:
+        self.rows.append((check, value, target, status))
+        self.failed |= status == "FAIL"
+        print(f"  {check}: {value} {target} [{status}]", flush=True)
+
+    def render(self) -> str:
+        widths = [max(len(r[i]) for r in [("check", "value", "target", "status"), *self.rows]) for i in range(4)]
+        lines = [("check", "value", "target", "status"), tuple("-" * w for w in widths), *self.rows]
+        return "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines)
+
+
+def kernel_tests(table: Table) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    tail = (run.stdout.strip().splitlines() or ["no output"])[-1]
+    table.add("kernel tests (native)", tail, "all pass", "ok" if run.returncode == 0 else "FAIL")
+    if run.returncode:
+        print(run.stdout[-4000:], run.stderr[-2000:], sep="\n")
+
+
+def exactness(table: Table, workdir: Path) -> None:
+    from splitserve.decode.engine import Engine
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.params import SamplingParams
+    from tests import checkpoints
+    from tests.helpers import hf_greedy, run_staggered
+
+    for name in ("tiny_qwen2", "tiny_llama_untied"):  # head_dim 16: what the Triton kernels take
+        folder = getattr(checkpoints, name)(workdir / name)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in (1, 3, 7, 12, 17, 25, 33, 48, 64)]
+        max_tokens = [rng.randrange(6, 24) for _ in prompts]
+        expected = hf_greedy(folder, prompts, max_tokens)
+        for eager in (False, True):
+            engine = Engine(EngineConfig(model=str(folder), dtype="fp32", device="cuda", page_size=16,
+                                         max_num_seqs=16, enforce_eager=eager))  # fmt: skip
+            captured = engine.runner.decode_graphs is not None
+            params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
+            ours, _ = run_staggered(engine, prompts, params, [0, 0, 1, 3, 4, 6, 9, 12, 15])
+            same = sum(a == b for a, b in zip(ours, expected, strict=True))
+            ok = same == len(prompts) and captured != eager
+            mode = "eager" if eager else "captured" if captured else "capture FAILED"
+            table.add(f"greedy = transformers, {name}, {mode}", f"{same}/{len(prompts)} prompts", "all", _ok(ok))
+            del engine
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (the best of 10)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() / min(times)
+
+
+def random_checkpoint(shape: str, folder: Path) -> Path:
+    cfg = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.02, **SHAPES[shape])  # fmt: skip
+    if not folder.exists():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        model.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    return folder
+
+
+def decode_step_ms(engine, batch: int) -> float:
+    """ms per decode step of `batch` requests 128 tokens into their prompts (the best of two timings)."""
+    from splitserve.engine.params import SamplingParams
+
+    params = SamplingParams(max_tokens=4 * TIMED_STEPS + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(PROMPT_TOKENS)], params)
+    while any(r.num_computed_tokens < PROMPT_TOKENS for r in engine._requests.values()):
+        engine.step()
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(TIMED_STEPS):
+            engine.step()
+        best = min(best, (time.perf_counter() - start) / TIMED_STEPS * 1000)
+    for i in range(batch):
+        engine.abort(f"r{i}")
+    return best
+
+
+def decode_speed(table: Table, workdir: Path) -> None:
+    from splitserve.decode.engine import Engine
+    from splitserve.engine.config import EngineConfig
+
+    bandwidth = copy_bandwidth()
+    table.add("device copy bandwidth (read + write)", f"{bandwidth / 1e12:.2f} TB/s")
+    for shape in SHAPES:
+        batches = [1, 64, 256] if shape == "8b" else [1, 64]
+        folder = random_checkpoint(shape, workdir / shape)
+        engine = Engine(EngineConfig(model=str(folder), device="cuda", max_num_seqs=max(batches),
+                                     max_num_batched_tokens=8192, kv_cache_memory="24GiB"))  # fmt: skip
+        weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+        floor = weights / bandwidth * 1000
+        graphs = engine.runner.decode_graphs
+        table.add(f"{shape}: weights {weights / 1e9:.2f} GB", f"floor {floor:.3f} ms per step", "",
+                  "ok" if graphs is not None else "FAIL (capture fell back to eager)")  # fmt: skip
+        for batch in batches:
+            for mode in ("eager", "captured"):
+                engine.runner.decode_graphs = graphs if mode == "captured" else None
+                ms = decode_step_ms(engine, batch)
+                tok_s = batch / ms * 1000
+                target, status = "", "ok"
+                if mode == "captured" and batch == 1:
+                    target, status = f"<= {TARGET_MS[shape]} ms", "met" if ms <= TARGET_MS[shape] else "missed"
+                if mode == "captured" and shape == "8b" and batch == 256:
+                    target, status = f">= {TARGET_8B_256} tok/s", "met" if tok_s >= TARGET_8B_256 else "missed"
+                figures = f"{ms:.2f} ms/step ({ms / floor:.1f}x floor), {tok_s:,.0f} tok/s"
+                table.add(f"{shape} decode, batch {batch}, {mode}", figures, target, status)
+        engine.runner.decode_graphs = graphs
+        del engine, graphs
+        torch.cuda.empty_cache()
+
+
+def _kv_benchmark():
+    """benchmarks/kv_transfer.py as a module (by its path: on sys.path its folder would shadow packages)."""
+    spec = importlib.util.spec_from_file_location("kv_transfer_benchmark", ROOT / "benchmarks/kv_transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kv_transfer(table: Table) -> None:
+    from splitserve.kv_transfer.testing import Peer
+
+    bench = _kv_benchmark()
+    rng = random.Random(0)
+    sender = Peer("sender", bench.KEY, 2100, "auto", fill_seed=1, device="cuda")
+    receiver = Peer("receiver", bench.KEY, 2100, "auto", fill_seed=None, device="cuda")
+    try:
+        bench.transfer_seconds(sender, receiver, 1, 3, rng)
+        best = 0.0
+        for n in (64, 512, 2048):
+            bench.transfer_seconds(sender, receiver, n, 2, rng)  # untimed: the steady state
+            seconds = statistics.median(bench.transfer_seconds(sender, receiver, n, 4, rng))
+            gbps = n * bench.PAGE_BYTES / seconds / 1e9
+            table.add(f"KV GPU -> GPU, {n} scattered pages of 256 KiB", f"{gbps:.1f} GB/s")
+            best = max(best, gbps)
+        table.add("KV GPU -> GPU, best", f"{best:.1f} GB/s", f">= {TARGET_KV_GBPS} GB/s",
+                  "met" if best >= TARGET_KV_GBPS else "missed")  # fmt: skip
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def dry_run(table: Table, workdir: Path) -> None:
+    """What can be checked without a GPU: imports, files, checkpoints and configurations."""
+    from splitserve.engine.decode_graphs import DecodeGraphs  # noqa: F401
+    from splitserve.kernels import triton_attention  # noqa: F401
+    from splitserve.model.config import ModelConfig
+    from tests import checkpoints
+
+    for path in ("tests/test_kernels.py", "tests/helpers.py", "benchmarks/kv_transfer.py"):
+        table.add(f"found {path}", "yes" if (ROOT / path).exists() else "MISSING", "", _ok((ROOT / path).exists()))
+    table.add("benchmarks/kv_transfer.py imports", f"pages of {_kv_benchmark().PAGE_BYTES >> 10} KiB")
+    for name in ("tiny_qwen2", "tiny_llama_untied"):
+        folder = getattr(checkpoints, name)(workdir / name)
+        table.add(f"tiny checkpoint {name}", f"head_dim {ModelConfig.from_pretrained(folder).head_dim}")
+    for shape, fields in SHAPES.items():
+        cfg = LlamaConfig(max_position_embeddings=8192, **fields)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+        table.add(f"shape {shape}", f"{params / 1e9:.2f}B parameters, {2 * params / 1e9:.2f} GB in bf16")
+    table.add("CUDA", str(torch.cuda.is_available()), "", "dry run")
+
+
+def _ok(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="check inputs and imports only (no GPU needed)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to OUT/gpu_check.txt")
+    p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: /dev/shm or tmp)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: kernels,exact,decode,kv")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    base = args.workdir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
+    workdir = Path(tempfile.mkdtemp(prefix="splitserve-gpu-check-", dir=base))
+    try:
+        return _run(args, skip, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
+    table = Table()
+    started = time.monotonic()
+    if args.dry_run:
+        dry_run(table, workdir)
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (use --dry-run to check the script without one)", file=sys.stderr)
+        return 2
+    else:
+        table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
+        sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir),
+                    "decode": lambda t: decode_speed(t, workdir), "kv": kv_transfer}  # fmt: skip
+        for name, section in sections.items():
+            if name in skip:
+                continue
+            print(f"gpu_check: {name} ({time.monotonic() - started:.0f} s)", flush=True)
+            try:
+                section(table)
+            except Exception as e:  # one broken section must not hide the others' figures
+                table.add(f"section {name}", f"{type(e).__name__}: {e}"[:200], "", "FAIL")
+    text = table.render() + f"\n\n{time.monotonic() - started:.0f} s, {'FAILED' if table.failed else 'passed'}\n"
+    print("\n" + text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.txt").write_text(text)
+    return 1 if table.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
