@@ -2,10 +2,12 @@
 
 1. the kernel tests natively (`tests/test_kernels.py`, TRITON_INTERPRET=0);
 2. the engine's greedy tokens against transformers' on two tiny shapes (fp32; captured and eager steps);
-3. one decode step per token of Llama shapes with random bf16 weights (135M, 1B, 8B), eager and captured, at
+3. Triton decode attention against SDPA on the same K/V (`benchmarks/kernels.py`'s cases: 32/8 heads, head_dim
+   128, bf16, batch 1-128, context 512-8k): GB/s as a share of HBM peak, and the ratio to SDPA;
+4. one decode step per token of Llama shapes with random bf16 weights (135M, 1B, 8B), eager and captured, at
    batch 1 and 64 (8B also 256), next to the floor of reading the weights once at the device's copy
    bandwidth measured in the same run;
-4. KV transfer GB/s between two processes on the GPU (UCX, pages on the device, as `benchmarks/kv_transfer.py
+5. KV transfer GB/s between two processes on the GPU (UCX, pages on the device, as `benchmarks/kv_transfer.py
    --device cuda`).
 
 It prints one table (and writes it to `--out`), and exits 1 when a check fails (a test, a token mismatch, a
@@ -45,6 +47,7 @@ SHAPES = {  # Llama layouts: SmolLM2-135M, Llama-3.2-1B, Llama-3-8B
 TARGET_MS = {"135m": 0.5, "1b": 1.0, "8b": 4.3}  # per token at batch 1, captured
 TARGET_8B_256 = 14_000  # output tok/s at 256 concurrent
 TARGET_KV_GBPS = 200
+TARGET_ATTENTION = (0.5, 1.0)  # share of HBM peak at batch 1 and 8k context; worst ratio to SDPA
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
 
 
@@ -181,18 +184,38 @@ def decode_speed(table: Table, workdir: Path) -> None:
         torch.cuda.empty_cache()
 
 
-def _kv_benchmark():
-    """benchmarks/kv_transfer.py as a module (by its path: on sys.path its folder would shadow packages)."""
-    spec = importlib.util.spec_from_file_location("kv_transfer_benchmark", ROOT / "benchmarks/kv_transfer.py")
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (by its path: on sys.path its folder would shadow packages: `kernels`)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def attention(table: Table) -> None:
+    bench = _benchmark("kernels")
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in bench.PEAK_GBPS.items() if k in name), 0.0)
+    shape = dict(heads=32, kv_heads=8, dim=128, page_size=16, dtype=torch.bfloat16, device=torch.device("cuda"))
+    ratios = {}
+    for batch in (1, 8, 32, 128):
+        for context in (512, 2048, 8192):
+            ours, sdpa = bench.decode_case(batch, context, **shape)
+            ratios[batch, context] = ours / sdpa
+            table.add(f"decode attention, batch {batch}, context {context}",
+                      f"{ours:,.0f} GB/s ({ours / peak:.0%} of {peak:.0f}), {ours / sdpa:.2f}x SDPA")  # fmt: skip
+    share = bench.decode_case(1, 8192, **shape)[0] / peak
+    table.add("decode attention at batch 1, 8k context", f"{share:.0%} of HBM peak", f">= {TARGET_ATTENTION[0]:.0%}",
+              "met" if share >= TARGET_ATTENTION[0] else "missed")  # fmt: skip
+    worst = min(ratios, key=ratios.get)
+    table.add("decode attention, worst ratio to SDPA", f"{ratios[worst]:.2f}x at batch {worst[0]}, context {worst[1]}",
+              f">= {TARGET_ATTENTION[1]}x", "met" if ratios[worst] >= TARGET_ATTENTION[1] else "missed")  # fmt: skip
+
+
 def kv_transfer(table: Table) -> None:
     from splitserve.kv_transfer.testing import Peer
 
-    bench = _kv_benchmark()
+    bench = _benchmark("kv_transfer")
     rng = random.Random(0)
     sender = Peer("sender", bench.KEY, 2100, "auto", fill_seed=1, device="cuda")
     receiver = Peer("receiver", bench.KEY, 2100, "auto", fill_seed=None, device="cuda")
@@ -219,9 +242,10 @@ def dry_run(table: Table, workdir: Path) -> None:
     from splitserve.model.config import ModelConfig
     from tests import checkpoints
 
-    for path in ("tests/test_kernels.py", "tests/helpers.py", "benchmarks/kv_transfer.py"):
+    for path in ("tests/test_kernels.py", "tests/helpers.py", "benchmarks/kv_transfer.py", "benchmarks/kernels.py"):
         table.add(f"found {path}", "yes" if (ROOT / path).exists() else "MISSING", "", _ok((ROOT / path).exists()))
-    table.add("benchmarks/kv_transfer.py imports", f"pages of {_kv_benchmark().PAGE_BYTES >> 10} KiB")
+    table.add("benchmarks/kv_transfer.py imports", f"pages of {_benchmark('kv_transfer').PAGE_BYTES >> 10} KiB")
+    table.add("benchmarks/kernels.py imports", f"{len(_benchmark('kernels').PEAK_GBPS)} known GPUs' HBM peaks")
     for name in ("tiny_qwen2", "tiny_llama_untied"):
         folder = getattr(checkpoints, name)(workdir / name)
         table.add(f"tiny checkpoint {name}", f"head_dim {ModelConfig.from_pretrained(folder).head_dim}")
@@ -242,7 +266,7 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="check inputs and imports only (no GPU needed)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to OUT/gpu_check.txt")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: /dev/shm or tmp)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: kernels,exact,decode,kv")
+    p.add_argument("--skip", default="", help="sections to skip, comma-separated: kernels,exact,attention,decode,kv")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     base = args.workdir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
@@ -263,7 +287,7 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
         return 2
     else:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
-        sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir),
+        sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
                     "decode": lambda t: decode_speed(t, workdir), "kv": kv_transfer}  # fmt: skip
         for name, section in sections.items():
             if name in skip:
