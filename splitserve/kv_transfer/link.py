@@ -152,9 +152,15 @@ class StagingBuffers:
         """A `[num_pages, page_bytes]` buffer on the pages' device (contents undefined)."""
         size = 1 << (num_pages - 1).bit_length()
         free = self._free.get(size)
-        buffer = free.pop() if free else self._pages.new_empty((size, self._pages.shape[1]))
+        buffer = free.pop() if free else self._new((size, self._pages.shape[1]))
         self._lent[buffer.data_ptr()] = buffer
         return buffer[:num_pages]
+
+    def _new(self, shape: tuple[int, int]) -> torch.Tensor:
+        if self._pages.is_cuda:
+            return self._pages.new_empty(shape)
+        # numpy asks the kernel for huge pages for large arrays (torch does not): 4x faster to touch first.
+        return torch.from_numpy(np.empty(shape, dtype=np.uint8))
 
     def give(self, view: torch.Tensor) -> None:
         """Hand back a buffer from `take` once nothing reads or writes it any more."""
