@@ -16,8 +16,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.request import Request
-from splitserve.engine.sampling import Sampled, SamplingFailed
+from splitserve.engine.request import Request, Sampled, SamplingFailed
 from splitserve.errors import InvalidRequestError
 
 

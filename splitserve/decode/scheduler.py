@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections import deque
 
 from splitserve.engine.pages import RequestPages
-from splitserve.engine.request import Chunk, Request, RequestStatus
-from splitserve.engine.sampling import Sampled, SamplingFailed
+from splitserve.engine.request import Chunk, Request, RequestStatus, Sampled, SamplingFailed
 
 
 class Scheduler:

@@ -14,9 +14,8 @@ from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.params import SamplingParams, check_params, check_prompt
 from splitserve.engine.prefix_cache import root_hash
-from splitserve.engine.request import Chunk, Request
+from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.sampling import Sampled, SamplingFailed
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import CompatKey

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.request import Request
-from splitserve.engine.sampling import Sampled, SamplingFailed, draw, plain, sample, uniforms
+from splitserve.engine.request import Request, Sampled, SamplingFailed
+from splitserve.engine.sampling import draw, plain, sample, uniforms
 from splitserve.kernels.metadata import PagedAttentionMetadata
 from splitserve.model.llama import CausalLM
 

@@ -1,4 +1,5 @@
-"""A generation request's state as the scheduler and runner see it (the scheduler is its owner)."""
+"""A generation request's state as the scheduler and runner see it (the scheduler is its owner), and what the
+sampler hands it each step (`Sampled`, or `SamplingFailed`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,23 @@ from typing import NamedTuple
 import torch
 
 from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.sampling import Sampled, SamplingFailed
 from splitserve.engine.structured import Grammar
 from splitserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The sampler's token for a request (and its logprobs, where asked)."""
+
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class SamplingFailed:
+    """This row could not be sampled; its request fails with `message`, the others go on."""
+
+    message: str
 
 
 class RequestStatus(enum.Enum):

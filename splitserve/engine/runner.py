@@ -13,8 +13,8 @@ import torch
 from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
-from splitserve.engine.request import Chunk, Request
-from splitserve.engine.sampling import Sampled, SamplingFailed, sample
+from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
+from splitserve.engine.sampling import sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
 from splitserve.model.checkpoint import iter_safetensors
 from splitserve.model.config import ModelConfig

@@ -8,29 +8,11 @@ itself: the sampler reports that row's error and the step goes on for the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from splitserve.engine.params import TokenLogprob
+from splitserve.engine.request import Request, Sampled, SamplingFailed
 from splitserve.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from splitserve.engine.request import Request
-
-
-@dataclass(frozen=True)
-class Sampled:
-    token_id: int
-    logprob: TokenLogprob | None
-
-
-@dataclass(frozen=True)
-class SamplingFailed:
-    """This row could not be sampled; its request fails with `message`, the others go on."""
-
-    message: str
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | SamplingFailed]:

@@ -500,8 +500,8 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t size) {
     }
 }
 
-/* One quantized linear layer (see quant_linear) and one decoder layer's weights for decode_layers. Field order
- * must match QLinear and DecodeLayer in cpu_fused.py. */
+/* One quantized linear layer (see quant_linear) and one decoder layer's weights for decode_layers. Their ctypes
+ * mirror (QLinear and DecodeLayer in cpu_kernels.py) checks itself against struct_layout when the library loads. */
 typedef struct {
     const void* w; const float* scale; const float* offset; const float* bias;
 } QLinear;
@@ -512,6 +512,19 @@ typedef struct {
     const float* post_norm;
     QLinear gate_up, down;
 } DecodeLayer;
+
+/* The structs' sizes and their fields' offsets, each struct's size then its fields' offsets in the order
+ * declared above: QLinear (w, scale, offset, bias), then DecodeLayer (input_norm, qkv, o, post_norm, gate_up,
+ * down). */
+void struct_layout(int64_t* out) {
+    const int64_t layout[] = {
+        sizeof(QLinear), offsetof(QLinear, w), offsetof(QLinear, scale), offsetof(QLinear, offset),
+        offsetof(QLinear, bias),
+        sizeof(DecodeLayer), offsetof(DecodeLayer, input_norm), offsetof(DecodeLayer, qkv), offsetof(DecodeLayer, o),
+        offsetof(DecodeLayer, post_norm), offsetof(DecodeLayer, gate_up), offsetof(DecodeLayer, down),
+    };
+    for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); i++) out[i] = layout[i];
+}
 
 static inline void linear(const QLinear* l, const float* x, float* y, int64_t M, int64_t N, int64_t K, int nthreads,
                           int wbits, int bits) {

@@ -68,7 +68,48 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32]
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
+    check_struct_layout(lib)
     return lib
+
+
+class QLinear(ctypes.Structure):
+    """One quantized linear layer's tensors, as `quant_linear` takes them (C's `QLinear`)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "offset", "bias")]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer's weights, as `decode_layers` takes them (C's `DecodeLayer`)."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("qkv", QLinear), ("o", QLinear), ("post_norm", ctypes.c_void_p),
+                ("gate_up", QLinear), ("down", QLinear)]  # fmt: skip
+
+
+# The fields whose offsets C's `struct_layout` reports, by name, in its order: QLinear's, then DecodeLayer's.
+_C_FIELDS = (("w", "scale", "offset", "bias"), ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"))
+
+
+def struct_layout(*structs: type[ctypes.Structure]) -> list[int]:
+    """Each struct's size, then the offsets of its fields named in `_C_FIELDS` (-1 where it lacks one): what C's
+    `struct_layout` reports for the compiled structs."""
+    return [
+        n
+        for struct, names in zip(structs, _C_FIELDS, strict=True)
+        for n in (ctypes.sizeof(struct), *(getattr(getattr(struct, name, None), "offset", -1) for name in names))
+    ]
+
+
+def check_struct_layout(lib: ctypes.CDLL, structs: tuple[type[ctypes.Structure], ...] = (QLinear, DecodeLayer)) -> None:
+    """Raise when the ctypes mirror and the compiled structs disagree (a call would read the wrong memory)."""
+    expected = struct_layout(*structs)
+    compiled = (ctypes.c_int64 * len(expected))()
+    lib.struct_layout.argtypes, lib.struct_layout.restype = [ctypes.c_void_p], None
+    lib.struct_layout(compiled)
+    if list(compiled) != expected:
+        raise RuntimeError(
+            f"cpu_kernels.c's structs do not match their ctypes mirror: sizes and offsets {list(compiled)} in C, "
+            f"{expected} in cpu_kernels.py"
+        )
 
 
 def native(t: torch.Tensor) -> bool:

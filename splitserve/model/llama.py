@@ -186,7 +186,7 @@ class CausalLM(nn.Module):
         The embedding table stays as it is (a step reads only its tokens' rows). `activation_bits`: 8 or 7
         quantizes a step's activations too. `fused`: decode-only steps run all layers in one native call
         (kernels/cpu_fused.py)."""
-        from splitserve.kernels.cpu_fused import FusedDecoder
+        from splitserve.kernels.cpu_fused import DecoderShape, FusedDecoder, LayerWeights
         from splitserve.kernels.cpu_quant import QuantizedLinear
 
         for module, bits in [*((layer, weight_bits) for layer in self.model.layers), (self, 8)]:
@@ -195,4 +195,10 @@ class CausalLM(nn.Module):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
                     setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
         if fused:
-            self.fused_decode = FusedDecoder(self)
+            cfg, layers = self.cfg, self.model.layers
+            weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                    layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                       for layer in layers]  # fmt: skip
+            shape = DecoderShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                                 cfg.rms_norm_eps, layers[0].self_attn.scale)  # fmt: skip
+            self.fused_decode = FusedDecoder(weights, shape)

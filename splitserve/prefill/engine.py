@@ -8,8 +8,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.request import Request
-from splitserve.engine.sampling import SamplingFailed
+from splitserve.engine.request import Request, SamplingFailed
 from splitserve.errors import InvalidRequestError
 from splitserve.prefill.scheduler import PrefillScheduler
 
