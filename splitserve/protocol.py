@@ -1,6 +1,6 @@
 """The router <-> worker protocol over ZeroMQ: typed msgspec structs, msgpack on the wire, validated on receipt.
 
-A request's life (DESIGN.md), by message:
+A request's life (docs/design.md), by message:
   router -> decode   `Reserve`      the decode worker takes pages for the prompt and posts UCX receives
   decode -> router   `Reserved`     with the KV-transfer ticket, or a refusal
   router -> prefill  `Prefill`      with that ticket

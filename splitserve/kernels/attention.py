@@ -2,7 +2,7 @@
 query over its pages.
 
 The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`
-(see DESIGN.md). A step's tokens form one flat batch: first the decode rows (one query token each),
+(see docs/design.md). A step's tokens form one flat batch: first the decode rows (one query token each),
 then the prefill chunks (several query tokens, possibly after a prefix already in pages).
 
 Dispatch: Triton kernels for CUDA tensors; on the CPU the native decode attention (cpu_kernels.c, fp32) for

@@ -1,1 +1,1 @@
-"""KV page transfer between a prefill and a decode worker over UCX (see DESIGN.md)."""
+"""KV page transfer between a prefill and a decode worker over UCX (see docs/design.md)."""

@@ -1,1 +1,1 @@
-"""The prefill side: prompt batching and the hand-off of KV pages to kv_transfer (see DESIGN.md)."""
+"""The prefill side: prompt batching and the hand-off of KV pages to kv_transfer (see docs/design.md)."""

@@ -1,1 +1,1 @@
-"""The router: OpenAI-compatible HTTP for clients, ZeroMQ to the workers (see DESIGN.md)."""
+"""The router: OpenAI-compatible HTTP for clients, ZeroMQ to the workers (see docs/design.md)."""
