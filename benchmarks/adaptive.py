@@ -79,7 +79,7 @@ def over_time(records: list[Record], slo: metrics.SLO, bin_s: float) -> list[tup
     """Attainment of the requests sent in each `bin_s`-second bin (at the bin's middle)."""
     bins: dict[int, list[bool]] = {}
     for r in records:
-        bins.setdefault(int(r.sent // bin_s), []).append(slo.met(r))
+        bins.setdefault(int(r.sent // bin_s), []).append(metrics.met(slo, r))
     return [((k + 0.5) * bin_s, sum(v) / len(v)) for k, v in sorted(bins.items())]
 
 

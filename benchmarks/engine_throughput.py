@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from splitserve import LLM, SamplingParams
-from splitserve.engine.config import DTYPES
+from splitserve.engine.config import DTYPES, torch_dtype
 
 WORDS = (
     "the model reads a prompt and writes an answer one token at a time while the scheduler keeps many "
@@ -79,7 +79,7 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, device="cpu")
     tok = llm.tokenizer
-    hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=DTYPES[args.dtype]).eval()
+    hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch_dtype(args.dtype)).eval()
     prompts, outputs = make_workload(tok, args.concurrency, args.seed)
     print(f"model {llm.engine.model_path.name}  dtype {args.dtype}  torch threads {torch.get_num_threads()}")
 

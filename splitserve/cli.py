@@ -7,105 +7,25 @@ import logging
 import sys
 import time
 
-from splitserve.engine.config import DTYPES, QUANTIZATIONS, EngineConfig
+from splitserve import options
+from splitserve.engine.config import EngineConfig
 from splitserve.errors import SplitserveError
+from splitserve.router.cluster import RouterOptions
+from splitserve.router.policy import PolicyOptions
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    d = EngineConfig()
-    p.add_argument(
-        "--model",
-        default=None,
-        help="a Hugging Face model folder (config.json + *.safetensors + tokenizer) or a .gguf file; "
-        "default: the embedded SmolLM2-135M-Instruct",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default=d.dtype,
-        help="weights and KV cache dtype; auto = bf16 on CUDA and on CPUs with native bf16 matrix instructions "
-        "(AVX512-BF16/AMX, Arm BF16), else fp32; fp32 for exact comparisons (default auto)",
-    )
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present, else cpu")
-    p.add_argument(
-        "--kv-cache-memory",
-        default=d.kv_cache_memory,
-        help=f"memory for the paged KV cache, e.g. 512MiB or 2GiB; sets the page count (default {d.kv_cache_memory})",
-    )
-    p.add_argument("--page-size", type=int, default=d.page_size, help=f"tokens per KV page (default {d.page_size})")
-    p.add_argument(
-        "--max-num-seqs", type=int, default=d.max_num_seqs, help=f"largest running batch (default {d.max_num_seqs})"
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=d.max_num_batched_tokens,
-        help=f"tokens per forward pass; longer prompts are prefilled in chunks (default {d.max_num_batched_tokens})",
-    )
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
-    p.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=d.quantization,
-        help="CPU modes, with --dtype fp32 or auto: int8 = int8 weights for decode steps (about 3x faster per "
-        "layer, perplexity within 1%%; prefills keep the fp32 weights); w8a8 = the same weights with int8 "
-        "activations per block of 32 (faster still, perplexity within 2%%); w8a7 = 7-bit activations (faster "
-        "again at 16+ rows, coarser: top-1 agreement 91%% on the embedded model against 97%% for w8a8); w4a8 = "
-        "4-bit weights with a scale and a minimum per block of 32 (llama.cpp's Q4_1) and int8 activations, for "
-        "every step: the fastest (1.15-1.3x w8a8 per decode step, 1.1-2x fp32 prefills) and exact for a GGUF "
-        "model whose layers are Q4_1, as the embedded one's (top-1 agreement 98.7%%), coarser for others; auto = "
-        "where --dtype auto chose fp32 on the CPU and the kernels build, w4a8 for a Q4_1 GGUF model and w8a8 for "
-        "others, else none; none = weights as loaded (exactness tests) (default auto)",
-    )
-    p.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="run every step layer by layer in Python: no fused native decode step on the CPU (for comparison "
-        "and debugging; the tokens are the same)",
-    )
-    p.add_argument(
-        "--no-prefix-caching",
-        action="store_true",
-        help="compute every prompt in full; by default the KV pages of a prefix computed before (a system prompt, "
-        "a conversation's earlier turns) are reused",
-    )
-    p.add_argument(
-        "--cache-ttl",
-        type=float,
-        default=d.cache_ttl_s,
-        help="seconds a conversation's KV is kept after each turn for its next one (requests with prompt_cache_key "
-        f"or user); it gives way earlier when pages run short (default {d.cache_ttl_s:g}; 0 keeps nothing)",
-    )
+    options.add_arguments(p, EngineConfig)
 
 
 def _engine_config(args: argparse.Namespace) -> dict:
-    return {
-        "dtype": args.dtype,
-        "device": args.device,
-        "kv_cache_memory": args.kv_cache_memory,
-        "page_size": args.page_size,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": args.max_model_len,
-        "quantization": args.quantization,
-        "prefix_caching": not args.no_prefix_caching,
-        "enforce_eager": args.enforce_eager,
-        "cache_ttl_s": args.cache_ttl,
-    }
+    """The engine options parsed (all but the model): keyword arguments for `EngineConfig`."""
+    return options.values(args, EngineConfig, skip=("model",))
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine options again, as command-line flags for a worker process."""
-    config = _engine_config(args)
-    argv = ["--cache-ttl", str(config.pop("cache_ttl_s"))]
-    if not config.pop("prefix_caching"):
-        argv.append("--no-prefix-caching")
-    if config.pop("enforce_eager"):
-        argv.append("--enforce-eager")
-    for flag, value in [("--model", args.model), *(("--" + k.replace("_", "-"), v) for k, v in config.items())]:
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
+    return options.to_argv({"model": args.model, **_engine_config(args)}, EngineConfig)
 
 
 def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
@@ -124,74 +44,17 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
         default=None,
         help="the model name clients send and /v1/models lists (default: the model's own name)",
     )
-    p.add_argument(
-        "--slo",
-        default=None,
-        help="e.g. ttft=0.5,tpot=0.05 (seconds; or 50ms): the router meets it by itself: decode workers prefill "
-        "short prompts, and prompts the prefill pool could not start in time, themselves (conditional "
-        "disaggregation), and workers move between the pools when one is the bottleneck (see --fixed-roles); "
-        "/health and /metrics show the last minute's attainment and misses",
-    )
-    p.add_argument(
-        "--fixed-roles",
-        action="store_true",
-        help="with --slo: never move workers between the prefill and decode pools (a fixed split)",
-    )
-    p.add_argument(
-        "--role-window",
-        type=float,
-        default=5.0,
-        help="with --slo: seconds of requests the role policy judges at a time (at least 4 requests; default 5); "
-        "a switch needs two windows in a row that agree",
-    )
-    p.add_argument(
-        "--role-dwell",
-        type=float,
-        default=30.0,
-        help="with --slo: at least this many seconds between two role switches (default 30)",
-    )
-    p.add_argument("--max-queue", type=int, default=512, help="requests waiting for room before 429s (default 512)")
-    p.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a request may wait for room, then 503 (default 60)",
-    )
-    p.add_argument(
-        "--local-prefill-tokens",
-        type=int,
-        default=None,
-        help="a decode worker prefills a prompt itself instead of the prefill pool when it lacks at most this many "
-        "of its tokens and that is no more work: without --slo only a prompt it holds partly cached (a "
-        "conversation's next turn; default 256), with --slo any prompt (default: the prompt tokens a worker "
-        "computes in one TPOT budget, as measured); 0: none by length (decode workers still prefill for "
-        "themselves when no prefill worker is left, and with --slo when the prefill pool's queue is too long)",
-    )
-    p.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=2.5,
-        help="seconds without a heartbeat after which a worker is taken for dead (default 2.5)",
-    )
+    options.add_arguments(p, RouterOptions)
+    options.add_arguments(p, PolicyOptions)
 
 
 def _router_options(args: argparse.Namespace, worker_address: str):
-    from splitserve.bench.metrics import SLO
-    from splitserve.router.policy import PolicyOptions
     from splitserve.router.server import ServerOptions
 
     server = ServerOptions(
-        args.model, args.host, args.port, worker_address, args.api_key, args.slo, args.served_model_name, args.verbose
+        args.model, args.host, args.port, worker_address, args.api_key, args.served_model_name, args.verbose
     )
-    cluster = {
-        "max_queue": args.max_queue,
-        "queue_timeout_s": args.queue_timeout,
-        "heartbeat_timeout_s": args.heartbeat_timeout,
-        "local_prefill_tokens": args.local_prefill_tokens,
-        "slo": SLO.parse(args.slo) or None,
-        "role_switching": not args.fixed_roles,
-        "policy": PolicyOptions(window_s=args.role_window, dwell_s=args.role_dwell),
-    }
+    cluster = {**options.values(args, RouterOptions), "policy": PolicyOptions(**options.values(args, PolicyOptions))}
     return server, cluster
 
 
@@ -245,9 +108,9 @@ def _router_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--model", args.model] if args.model else []
     for action in parser._actions:
         value = getattr(args, action.dest)
-        if action.dest in ("worker_host", "worker_port") or value is None or value is False:
+        if action.dest in ("worker_host", "worker_port") or value is None or value == action.default:
             continue
-        argv += [action.option_strings[0]] if value is True else [action.option_strings[0], str(value)]
+        argv += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
     return argv
 
 

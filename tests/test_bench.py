@@ -14,9 +14,9 @@ import pytest
 
 from splitserve.bench import metrics, workloads
 from splitserve.bench.client import Record, Target, run
-from splitserve.bench.metrics import SLO
 from splitserve.bench.workloads import LengthDist
 from splitserve.model.tokenizer import load_tokenizer
+from splitserve.slo import SLO
 
 
 @pytest.fixture(scope="module")

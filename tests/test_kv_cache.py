@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, parse_memory_size
+from splitserve.engine.config import parse_memory_size
+from splitserve.engine.kv_cache import PageAllocator, allocate_kv_cache, page_bytes
 from splitserve.model.config import ModelConfig
 
 

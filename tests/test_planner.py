@@ -7,13 +7,14 @@ import dataclasses
 
 import pytest
 
-from splitserve.bench.metrics import SLO, summarize
+from splitserve.bench.metrics import summarize
 from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
 from splitserve.planner.profile import Profile, measure
 from splitserve.planner.simulator import Hardware, SimRequest, SimRouter, sample_phases, simulate
 from splitserve.router.policy import PolicyOptions
+from splitserve.slo import SLO
 
 # A hand-made profile: prefill 10 ms + 1 ms/token; decode 20 ms + 2 ms per request + 0.01 ms per context token.
 PROFILE = Profile(

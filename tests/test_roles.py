@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from splitserve.bench.metrics import SLO
 from splitserve.engine.params import SamplingParams
 from splitserve.launcher import ServeProcess
 from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role, SwitchRole
@@ -29,6 +28,7 @@ from splitserve.router.policy import (
     local_prefill_threshold,
     prefills_locally,
 )
+from splitserve.slo import SLO
 from tests.helpers import add_fake_worker, fake_worker_info, hf_greedy, recording_cluster
 from tests.test_serving import _metric
 

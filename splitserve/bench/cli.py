@@ -15,8 +15,8 @@ import httpx
 
 from splitserve.bench import metrics, plots, workloads
 from splitserve.bench.client import Record, Target, run
-from splitserve.bench.metrics import SLO
 from splitserve.errors import SplitserveError
+from splitserve.slo import SLO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ contiguous region across all layers, so a page moves between workers as a single
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -15,18 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.model.config import ModelConfig
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_memory_size(text: str | int) -> int:
-    """'2GiB', '512MiB', '1.5GB' or a plain byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:

@@ -16,6 +16,42 @@ MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
+class Range:
+    """A sampling parameter's allowed values: [low, high] (None: unbounded), or (low, high] when `open_low`."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def problem(self, name: str, value: float) -> str | None:
+        """Why `value` is out of range, or None."""
+        if self.open_low and not (self.low < value and (self.high is None or value <= self.high)):
+            return f"{name} must be in ({self.low:g}, {self.high:g}], got {value}"
+        if value < self.low:
+            return f"{name} must be >= {self.low:g}, got {value}"
+        if self.high is not None and value > self.high:
+            return f"{name} must be <= {self.high:g}, got {value}"
+        return None
+
+
+# Every bounded sampling parameter's range: `SamplingParams` checks them, the HTTP schema (router/openai_schema.py)
+# declares them, from here alike.
+RANGES = {
+    "max_tokens": Range(1),
+    "min_tokens": Range(0),  # and at most max_tokens
+    "temperature": Range(0),  # the HTTP API caps it at 2, as OpenAI's does
+    "top_p": Range(0, 1, open_low=True),
+    "top_k": Range(-1),  # -1 (or 0): off
+    "seed": Range(INT64_MIN, INT64_MAX),
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+    "repetition_penalty": Range(0.01, 2),
+    "logit_bias": Range(-100, 100),  # each bias
+    "logprobs": Range(0, MAX_LOGPROBS),
+}
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
     """Constrain the output to JSON: any JSON object (`json_object`) or one matching `schema` (`json_schema`,
     the schema as JSON text)."""
@@ -71,37 +107,23 @@ class SamplingParams:
             object.__setattr__(self, name, as_float)
             return as_float
 
-        check(integer("max_tokens") >= 1, f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
-        check(
-            0 <= integer("min_tokens") <= self.max_tokens,
-            f"min_tokens must be in [0, max_tokens], got {self.min_tokens}",
-            "min_tokens",
-        )
-        check(number("temperature") >= 0, f"temperature must be >= 0, got {self.temperature}", "temperature")
-        check(0 < number("top_p") <= 1, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        check(integer("top_k") >= -1, f"top_k must be -1 (off) or >= 0, got {self.top_k}", "top_k")
-        if self.seed is not None:
-            check(INT64_MIN <= integer("seed") <= INT64_MAX, "seed must be a signed 64-bit integer", "seed")
-        for name in ("presence_penalty", "frequency_penalty"):
-            check(-2 <= number(name) <= 2, f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
-        check(
-            0.01 <= number("repetition_penalty") <= 2,
-            f"repetition_penalty must be in [0.01, 2], got {self.repetition_penalty}",
-            "repetition_penalty",
-        )
+        def bounded(name: str, value: float) -> None:
+            problem = RANGES[name].problem(name, value)
+            check(problem is None, problem or "", name)
+
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            bounded(name, integer(name))
+        check(self.min_tokens <= self.max_tokens, f"min_tokens must be at most max_tokens, got {self.min_tokens}",
+              "min_tokens")  # fmt: skip
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            bounded(name, number(name))
+        for name in ("seed", "logprobs"):
+            if getattr(self, name) is not None:
+                bounded(name, integer(name))
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
-        check(
-            all(-100 <= b <= 100 for _, b in self.logit_bias),
-            "logit_bias values must be in [-100, 100]",
-            "logit_bias",
-        )
+        for _, bias in self.logit_bias:
+            bounded("logit_bias", bias)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if self.logprobs is not None:
-            check(
-                0 <= integer("logprobs") <= MAX_LOGPROBS,
-                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
-                "logprobs",
-            )
 
     @property
     def greedy(self) -> bool:

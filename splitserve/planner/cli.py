@@ -6,11 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
-from splitserve.bench.metrics import SLO
 from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
 from splitserve.planner.profile import Profile, measure
+from splitserve.slo import SLO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.bench.metrics import SLO, summarize
+from splitserve.bench.metrics import summarize
 from splitserve.bench.plots import attainment_chart
 from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.planner.profile import Profile
 from splitserve.planner.simulator import Hardware, SimRouter, sample_phases, sample_workload, simulate
+from splitserve.slo import SLO
 
 
 @dataclass(frozen=True)

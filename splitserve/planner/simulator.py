@@ -28,7 +28,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.bench.client import Record
-from splitserve.bench.metrics import SLO
 from splitserve.bench.workloads import LengthDist, Phase, arrival_times
 from splitserve.planner.profile import Profile
 from splitserve.protocol import Role
@@ -42,6 +41,7 @@ from splitserve.router.policy import (
     local_prefill_threshold,
     prefills_locally,
 )
+from splitserve.slo import SLO
 
 _TICK_S = 0.1  # how often the router samples who is busy (its watch loop)
 

@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.bench.metrics import SLO
 from splitserve.engine.params import (
     INT64_MIN,
     SamplingParams,
@@ -43,6 +42,7 @@ from splitserve.router.cluster import Cluster, ErrorEvent, Job, JobState, Overlo
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat, RoleChange
 from splitserve.router.output import TextStream
+from splitserve.slo import SLO
 
 log = logging.getLogger(__name__)
 

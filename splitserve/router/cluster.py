@@ -35,10 +35,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from splitserve.bench.metrics import SLO
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
 from splitserve.kv_transfer.messages import CompatKey
+from splitserve.options import option
 from splitserve.protocol import (
     Abort,
     CacheEvents,
@@ -76,25 +76,53 @@ from splitserve.router.policy import (
     prefills_locally,
 )
 from splitserve.router.prefix_index import PrefixIndex
+from splitserve.slo import SLO
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 
 
+def _slo(spec: str) -> SLO | None:
+    return SLO.parse(spec) or None
+
+
 @dataclass(frozen=True)
 class RouterOptions:
+    """How the router treats its workers and requests; the fields with help are `splitserve router` options."""
+
     model: str  # the served model's name; workers of another model are refused
-    heartbeat_timeout_s: float = 2.5  # a worker silent this long is taken for dead
+    heartbeat_timeout_s: float = option(
+        2.5, "seconds without a heartbeat after which a worker is taken for dead (default {default})",
+        flag="--heartbeat-timeout",
+    )  # fmt: skip
     stuck_timeout_s: float = 120.0  # a worker whose loop has not turned this long is taken for stuck
-    max_queue: int = 512  # requests waiting for room; more are refused with 429
-    queue_timeout_s: float = 60.0  # a request waiting this long for room fails with 503
-    # A decode worker prefills a prompt itself when it lacks at most this many of its tokens (and that is no
-    # more than the prefill pool would compute): without an SLO only for prompts it holds partly cached (a
-    # conversation's next turn), default 256; with one for any prompt, default: learned (see policy.py).
-    local_prefill_tokens: int | None = None
-    slo: SLO | None = None  # the router meets it: conditional disaggregation, and role switching
-    role_switching: bool = True  # with an SLO: move workers between the pools (False: a fixed split)
+    max_queue: int = option(512, "requests waiting for room before 429s (default {default})")
+    queue_timeout_s: float = option(
+        60.0, "seconds a request may wait for room, then 503 (default {default:g})", flag="--queue-timeout"
+    )
+    local_prefill_tokens: int | None = option(
+        None,
+        "a decode worker prefills a prompt itself instead of the prefill pool when it lacks at most this many "
+        "of its tokens and that is no more work: without --slo only a prompt it holds partly cached (a "
+        "conversation's next turn; default 256), with --slo any prompt (default: the prompt tokens a worker "
+        "computes in one TPOT budget, as measured); 0: none by length (decode workers still prefill for "
+        "themselves when no prefill worker is left, and with --slo when the prefill pool's queue is too long)",
+        type=int,
+    )
+    slo: SLO | None = option(
+        None,
+        "e.g. ttft=0.5,tpot=0.05 (seconds; or 50ms): the router meets it by itself: decode workers prefill "
+        "short prompts, and prompts the prefill pool could not start in time, themselves (conditional "
+        "disaggregation), and workers move between the pools when one is the bottleneck (see --fixed-roles); "
+        "/health and /metrics show the last minute's attainment and misses",
+        type=_slo,
+    )
+    role_switching: bool = option(
+        True,
+        "with --slo: never move workers between the prefill and decode pools (a fixed split)",
+        flag="--fixed-roles",
+    )
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     switch_timeout_s: float = 300.0  # a worker not switched this long after the decision goes back to its pool
 

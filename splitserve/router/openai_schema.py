@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from splitserve.engine.params import INT64_MAX, INT64_MIN, MAX_LOGPROBS
+from splitserve.engine.params import RANGES
 
 MAX_CHOICES = 64  # prompts x n in one request: bounded, like every queue here
 
@@ -60,8 +60,16 @@ class ResponseFormat(_Strict):
         return self
 
 
-Probability = Annotated[float, Field(ge=0, le=2)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
+MAX_TEMPERATURE = 2.0  # OpenAI's API cap (the engine itself takes any temperature >= 0)
+
+
+def _bounded(kind: type, name: str, high: float | None = None):
+    """`kind` limited to the sampler's range for parameter `name` (engine/params.py's `RANGES`), or below `high`
+    where the API caps it lower."""
+    r = RANGES[name]
+    return Annotated[kind, Field(**{"gt" if r.open_low else "ge": r.low}, le=r.high if high is None else high)]
+
+
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -72,18 +80,18 @@ class _Common(_Strict):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: Probability = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1  # -1 or 0 turn it off
-    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    temperature: _bounded(float, "temperature", MAX_TEMPERATURE) = 1.0
+    top_p: _bounded(float, "top_p") = 1.0
+    top_k: _bounded(int, "top_k") = -1  # -1 or 0 turn it off
+    seed: _bounded(int, "seed") | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] = []
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Field(ge=0.01, le=2)] = 1.0
-    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: _bounded(float, "presence_penalty") = 0.0
+    frequency_penalty: _bounded(float, "frequency_penalty") = 0.0
+    repetition_penalty: _bounded(float, "repetition_penalty") = 1.0
+    logit_bias: Annotated[dict[str, _bounded(float, "logit_bias")], Field(max_length=1024)] | None = None
+    min_tokens: _bounded(int, "min_tokens") = 0
     ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
     return_token_ids: bool = False  # each choice also carries its token ids
     response_format: ResponseFormat | None = None
@@ -120,8 +128,8 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: str | Annotated[list[int], Field(max_length=1_000_000)] | list[str] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=0)] = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: _bounded(int, "max_tokens") = 16
+    logprobs: _bounded(int, "logprobs") | None = None
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -168,10 +176,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=0)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: _bounded(int, "max_tokens") | None = None
+    max_completion_tokens: _bounded(int, "max_tokens") | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: _bounded(int, "logprobs") | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # only meaningful with tools, which are refused

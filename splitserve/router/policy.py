@@ -26,8 +26,9 @@ import enum
 import math
 from dataclasses import dataclass
 
-from splitserve.bench.metrics import SLO
+from splitserve.options import option
 from splitserve.protocol import Role
+from splitserve.slo import SLO
 
 MIN_TOKENS_TO_JUDGE_TPOT = 8  # a running request's TPOT so far says something after this many tokens
 
@@ -99,11 +100,19 @@ def judge(slo: SLO, now: float, created: float, first_token_at: float | None, nu
 
 @dataclass(frozen=True)
 class PolicyOptions:
-    window_s: float = 5.0  # requests judged in at least this long make one window...
+    window_s: float = option(  # requests judged in at least this long make one window...
+        5.0,
+        "with --slo: seconds of requests the role policy judges at a time (at least 4 requests; default "
+        "{default:g}); a switch needs two windows in a row that agree",
+        flag="--role-window",
+    )
     miss_share: float = 0.1  # a window with this share of TTFT (or TPOT) misses says that pool is behind
     idle_share: float = 0.5  # a pool busy less than this share of the window can give a worker
     confirm_windows: int = 2  # the same verdict this many windows in a row before a switch
-    dwell_s: float = 30.0  # at least this long between switches
+    dwell_s: float = option(
+        30.0, "with --slo: at least this many seconds between two role switches (default {default:g})",
+        flag="--role-dwell",
+    )  # fmt: skip
     min_requests: int = 4  # ...and at least this many (under light traffic a window lasts until they finish)
 
     def window_over(self, elapsed_s: float, requests: int) -> bool:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import uvicorn
 import zmq
 
-from splitserve.bench.metrics import SLO
 from splitserve.errors import ModelLoadError, SplitserveError
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
@@ -23,14 +22,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """What `splitserve router` was told (its defaults are the command line's)."""
+
     model: str | None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    worker_address: str = "tcp://127.0.0.1:5557"  # where workers connect (ZeroMQ)
-    api_key: str | None = None
-    slo: str | None = None  # e.g. "ttft=0.5,tpot=0.05": attainment over the last minute on /health and /metrics
-    served_model_name: str | None = None  # the name clients use (default: the model's)
-    access_log: bool = False  # log every HTTP request (-v)
+    host: str
+    port: int
+    worker_address: str  # where workers connect (ZeroMQ)
+    api_key: str | None
+    served_model_name: str | None  # the name clients use (None: the model's)
+    access_log: bool  # log every HTTP request (-v)
 
 
 def run_router(
@@ -54,7 +54,7 @@ def run_router(
     if on_bound is not None:
         on_bound(address, cluster)
     vocab = ModelConfig.from_pretrained(path).vocab_size
-    state = RouterState(cluster, tokenizer, vocab, served, options.api_key, SLO.parse(options.slo) or None)
+    state = RouterState(cluster, tokenizer, vocab, served, options.api_key, cluster.options.slo)
     config = uvicorn.Config(
         create_app(state),
         host=options.host,
