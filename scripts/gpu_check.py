@@ -78,7 +78,7 @@ def kernel_tests(table: Table) -> None:
 
 
 def exactness(table: Table, workdir: Path) -> None:
-    from splitserve.decode.engine import Engine
+    from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.params import SamplingParams
     from tests import checkpoints
@@ -91,7 +91,7 @@ def exactness(table: Table, workdir: Path) -> None:
         max_tokens = [rng.randrange(6, 24) for _ in prompts]
         expected = hf_greedy(folder, prompts, max_tokens)
         for eager in (False, True):
-            engine = Engine(EngineConfig(model=str(folder), dtype="fp32", device="cuda", page_size=16,
+            engine = DecodeEngine(EngineConfig(model=str(folder), dtype="fp32", device="cuda", page_size=16,
                                          max_num_seqs=16, enforce_eager=eager))  # fmt: skip
             captured = engine.runner.decode_graphs is not None
             params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
@@ -152,7 +152,7 @@ def decode_step_ms(engine, batch: int) -> float:
 
 
 def decode_speed(table: Table, workdir: Path) -> None:
-    from splitserve.decode.engine import Engine
+    from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig
 
     bandwidth = copy_bandwidth()
@@ -160,7 +160,7 @@ def decode_speed(table: Table, workdir: Path) -> None:
     for shape in SHAPES:
         batches = [1, 64, 256] if shape == "8b" else [1, 64]
         folder = random_checkpoint(shape, workdir / shape)
-        engine = Engine(EngineConfig(model=str(folder), device="cuda", max_num_seqs=max(batches),
+        engine = DecodeEngine(EngineConfig(model=str(folder), device="cuda", max_num_seqs=max(batches),
                                      max_num_batched_tokens=8192, kv_cache_memory="24GiB"))  # fmt: skip
         weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         floor = weights / bandwidth * 1000

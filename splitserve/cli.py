@@ -301,20 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(pln)
     pln.set_defaults(func=_plan)
 
-    for name, role, text in [
-        ("worker", None, "start a worker of any role (--role)"),
-        ("prefill", "prefill", "start a prefill worker"),
-        ("decode", "decode", "start a decode worker (--role both: a colocated one)"),
+    # `worker --role R` starts any role; `prefill` a prefill worker; `decode` a decode worker, or with --role both
+    # a colocated one (the role a decode worker also takes).
+    for name, roles, text in [
+        ("worker", ["prefill", "decode", "both"], "start a worker of any role (--role)"),
+        ("prefill", ["prefill"], "start a prefill worker"),
+        ("decode", ["decode", "both"], "start a decode worker (--role both: a colocated one)"),
     ]:
         w = command(name, help=text, description=f"{text[0].upper()}{text[1:]} that joins a router.")
         w.add_argument("--router", required=True, help="the router's worker socket, tcp://HOST:PORT")
-        w.add_argument(
-            "--role",
-            choices=["prefill", "decode", "both"],
-            default=role,
-            required=role is None,
-            help="prefill: prompts -> KV pages; decode: continuous batching; both: colocated",
-        )
+        if len(roles) > 1:
+            w.add_argument(
+                "--role",
+                choices=roles,
+                default=None if name == "worker" else roles[0],
+                required=name == "worker",
+                help="prefill: prompts -> KV pages; decode: continuous batching; both: colocated",
+            )
+        else:
+            w.set_defaults(role=roles[0])
         w.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
         w.add_argument(
             "--kv-timeout", type=float, default=120.0, help="seconds reserved pages wait for their KV (default 120)"

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.params import SamplingParams, TokenLogprob
@@ -40,7 +40,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any):
-        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.engine = DecodeEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = load_tokenizer(self.engine.model_path)
         self._ids = itertools.count()
 

@@ -89,17 +89,17 @@ def run_worker(options: WorkerOptions) -> None:
 def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None], previous=None):
     """The role's engine and its protocol handler. `previous`: the idle handler of the role this worker is
     leaving; the new one keeps its weights, its KV cache (with its cached pages) and its transfer agent."""
-    from splitserve.decode.engine import Engine
+    from splitserve.decode.engine import DecodeEngine
     from splitserve.decode.worker import DecodeWorker
 
     if role is Role.BOTH:
-        return DecodeWorker(Engine(options.engine), None, send, options.kv_timeout_s)
+        return DecodeWorker(DecodeEngine(options.engine), None, send, options.kv_timeout_s)
 
     from splitserve.kv_transfer.agent import TransferAgent, TransferContext
     from splitserve.prefill.engine import PrefillEngine
     from splitserve.prefill.worker import PrefillWorker
 
-    kind, handler = (PrefillEngine, PrefillWorker) if role is Role.PREFILL else (Engine, DecodeWorker)
+    kind, handler = (PrefillEngine, PrefillWorker) if role is Role.PREFILL else (DecodeEngine, DecodeWorker)
     if previous is not None:
         engine = kind(options.engine, take_over=previous.engine)
         return handler(engine, previous.agent, send, options.kv_timeout_s)

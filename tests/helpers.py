@@ -12,7 +12,7 @@ import msgspec
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import root_hash
 from splitserve.kv_transfer.messages import CompatKey
@@ -39,7 +39,7 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int])
 
 
 def run_staggered(
-    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], arrival_steps: list[int]
+    engine: DecodeEngine, prompts: list[list[int]], params: list[SamplingParams], arrival_steps: list[int]
 ) -> tuple[list[list[int]], int]:
     """Add prompt i just before step `arrival_steps[i]`; run to the end.
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs, batch_buckets
 from splitserve.engine.kv_cache import page_bytes
@@ -23,11 +23,11 @@ from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
 
-def _engine(folder, graphs: bool, page_size: int = 8, **options) -> Engine:
+def _engine(folder, graphs: bool, page_size: int = 8, **options) -> DecodeEngine:
     memory = 64 * page_bytes(ModelConfig.from_pretrained(folder), page_size, torch.float32)
     config = EngineConfig(model=str(folder), dtype="fp32", device="cpu", page_size=page_size, kv_cache_memory=memory,
                           quantization="none", **options)  # fmt: skip
-    engine = Engine(config)
+    engine = DecodeEngine(config)
     if graphs:
         engine.runner.use_decode_graphs(capture=False)
     return engine

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
@@ -26,8 +26,8 @@ def _workload(vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return prompts, max_tokens
 
 
-def _check_against_hf(folder, engine_options: dict, seed: int = 0) -> Engine:
-    engine = Engine(EngineConfig(model=str(folder), dtype="fp32", device="cpu", **engine_options))
+def _check_against_hf(folder, engine_options: dict, seed: int = 0) -> DecodeEngine:
+    engine = DecodeEngine(EngineConfig(model=str(folder), dtype="fp32", device="cpu", **engine_options))
     prompts, max_tokens = _workload(engine.model_config.vocab_size, seed)
     params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
     ours, mixed_steps = run_staggered(engine, prompts, params, ARRIVALS)
@@ -59,7 +59,7 @@ def test_chunked_prefill_equals_unchunked(tiny_llama_gqa):
     params = SamplingParams(max_tokens=20, temperature=0)
     results = {}
     for budget in (16, 37, 512):
-        engine = Engine(
+        engine = DecodeEngine(
             EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=8, max_num_batched_tokens=budget)
         )
         chunk_sizes: list[int] = []
@@ -107,7 +107,9 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     # Once with room to spare, once with 8 pages (the workload peaks near 20): preemption must happen.
     for pages in (None, 8):
         options = {} if pages is None else {"kv_cache_memory": pages * page_bytes(cfg, 16, torch.float32)}
-        engine = Engine(EngineConfig(model=None, dtype="fp32", device="cpu", max_num_batched_tokens=32, **options))
+        engine = DecodeEngine(
+            EngineConfig(model=None, dtype="fp32", device="cpu", max_num_batched_tokens=32, **options)
+        )
         ours, mixed = run_staggered(engine, prompts, params, [0, 0, 1, 2, 4, 5, 7, 9, 11])
         assert mixed > 0
         assert ours == expected

@@ -1,5 +1,5 @@
 """The disaggregated hand-off inside one process: a `PrefillEngine` computes prompts' KV and first tokens,
-the pages are copied into a decode `Engine`'s reserved pages, and decoding continues there. Tokens equal
+the pages are copied into a `DecodeEngine`'s reserved pages, and decoding continues there. Tokens equal
 Hugging Face transformers (greedy) and the colocated engine (seeded sampling); reservations are refused
 when the decode side is full; every page comes back."""
 
@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from splitserve.decode.engine import Engine, NoCapacityError
+from splitserve.decode.engine import DecodeEngine, NoCapacityError
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
@@ -19,7 +19,7 @@ from splitserve.prefill.engine import PrefillEngine
 from tests.helpers import hf_greedy, run_staggered
 
 
-def _disaggregated(prefill: PrefillEngine, decode: Engine, prompts, params) -> list[list[int]]:
+def _disaggregated(prefill: PrefillEngine, decode: DecodeEngine, prompts, params) -> list[list[int]]:
     """Run prompts through prefill, hand the pages to decode (a copy standing in for the transfer)."""
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     reserved = {}
@@ -50,7 +50,7 @@ def _disaggregated(prefill: PrefillEngine, decode: Engine, prompts, params) -> l
 def engines(tiny_llama_gqa):
     # A small token budget: long prompts are prefilled in chunks, several prompts share a pass.
     cfg = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", device="cpu", page_size=8, max_num_batched_tokens=40)
-    return PrefillEngine(cfg), Engine(cfg)
+    return PrefillEngine(cfg), DecodeEngine(cfg)
 
 
 def test_handoff_equals_transformers(engines, tiny_llama_gqa):
@@ -79,7 +79,7 @@ def test_reserve_refused_when_full(tiny_llama_gqa):
     cfg = EngineConfig(
         model=str(tiny_llama_gqa), dtype="fp32", device="cpu", page_size=8, max_num_seqs=2, kv_cache_memory=5 * page
     )
-    decode = Engine(cfg)
+    decode = DecodeEngine(cfg)
     params = SamplingParams(max_tokens=4, temperature=0)
     decode.reserve("a", [9] * 10, params)
     decode.reserve("b", [9] * 10, params)

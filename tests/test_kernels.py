@@ -170,7 +170,7 @@ def test_write_kv_matches_reference(dtype):
 
 
 def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monkeypatch):
-    from splitserve.decode.engine import Engine
+    from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.params import SamplingParams
     from tests.helpers import run_staggered
@@ -184,7 +184,7 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
         config = EngineConfig(
             model=str(tiny_qwen2), dtype="fp32", device=DEVICE.type, page_size=16, max_num_batched_tokens=24
         )
-        engine = Engine(config)
+        engine = DecodeEngine(config)
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])
         assert mixed > 0  # decode rows and prefill chunks (with prefixes) in one step
     assert tokens["triton"] == tokens["reference"] == tokens["auto"]

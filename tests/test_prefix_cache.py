@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, page_bytes
 from splitserve.engine.params import SamplingParams
@@ -22,7 +22,7 @@ from tests.helpers import hf_greedy
 PAGE = 4
 
 
-def _run(engine: Engine, requests: dict[str, tuple[list[int], int]], cache_key: str | None = None):
+def _run(engine: DecodeEngine, requests: dict[str, tuple[list[int], int]], cache_key: str | None = None):
     """Add every request (prompt, max_tokens), greedy; run to the end; returns each one's output tokens."""
     out: dict[str, list[int]] = {}
     for rid, (prompt, n) in requests.items():
@@ -35,8 +35,10 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], int]], cache_key: 
 
 
 @pytest.fixture
-def engine(tiny_llama_gqa) -> Engine:
-    return Engine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, max_num_batched_tokens=64))
+def engine(tiny_llama_gqa) -> DecodeEngine:
+    return DecodeEngine(
+        EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, max_num_batched_tokens=64)
+    )
 
 
 def test_hash_chains_name_prefixes():
@@ -139,7 +141,9 @@ def test_sharers_abort_independently(engine, tiny_llama_gqa):
 
 def test_eviction_under_pressure_never_fails_a_request(tiny_llama_gqa):
     page = page_bytes(ModelConfig.from_pretrained(tiny_llama_gqa), PAGE, torch.float32)
-    engine = Engine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, kv_cache_memory=24 * page))
+    engine = DecodeEngine(
+        EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, kv_cache_memory=24 * page)
+    )
     a = list(range(20, 60))  # 10 pages, all cached once it ends
     _run(engine, {"a": (a, 4)})
     assert engine.allocator.num_cached >= 10
@@ -151,7 +155,7 @@ def test_eviction_under_pressure_never_fails_a_request(tiny_llama_gqa):
 
 def test_conversation_pages_kept_for_the_ttl_then_released(tiny_llama_gqa):
     cfg = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, cache_ttl_s=60)
-    engine = Engine(cfg)
+    engine = DecodeEngine(cfg)
     turn1 = list(range(30, 63))
     out1 = _run(engine, {"t1": (turn1, 9)}, cache_key="conv")
     alloc = engine.allocator
@@ -174,7 +178,7 @@ def test_conversation_pages_kept_for_the_ttl_then_released(tiny_llama_gqa):
 def test_retained_conversations_give_way_to_new_requests(tiny_llama_gqa):
     page = page_bytes(ModelConfig.from_pretrained(tiny_llama_gqa), PAGE, torch.float32)
     cfg = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, kv_cache_memory=16 * page)
-    engine = Engine(cfg)
+    engine = DecodeEngine(cfg)
     for i in range(3):
         _run(engine, {f"c{i}": (list(range(10 + i, 30 + i)), 4)}, cache_key=f"conv{i}")
     assert engine.allocator.num_retained == 3 * 5
@@ -187,7 +191,7 @@ def test_retained_conversations_give_way_to_new_requests(tiny_llama_gqa):
 
 def test_decode_worker_receives_only_the_pages_it_lacks(tiny_llama_gqa):
     cfg = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE)
-    prefill, decode = PrefillEngine(cfg), Engine(cfg)
+    prefill, decode = PrefillEngine(cfg), DecodeEngine(cfg)
     prefix = list(range(40, 80))
     _run(decode, {"warm": ([*prefix, 5, 6], 2)})
     prompt = [*prefix, 9, 9, 9]
@@ -206,7 +210,7 @@ def test_decode_worker_receives_only_the_pages_it_lacks(tiny_llama_gqa):
 
 def test_prefix_caching_off_changes_nothing_but_speed(tiny_llama_gqa):
     cfg = EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=PAGE, prefix_caching=False)
-    engine = Engine(cfg)
+    engine = DecodeEngine(cfg)
     prompt = list(range(60, 90))
     out = [_run(engine, {f"r{i}": (prompt, 4)}, cache_key="conv")[f"r{i}"] for i in range(2)]
     assert out[0] == out[1] == hf_greedy(tiny_llama_gqa, [prompt], [4])[0]

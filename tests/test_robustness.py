@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitserve.decode.engine import Engine
+from splitserve.decode.engine import DecodeEngine
 from splitserve.engine import sampling
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.params import SamplingParams, StructuredOutput, check_params
@@ -60,8 +60,8 @@ def sampling_kwargs(draw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_gqa) -> Engine:
-    return Engine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=4, max_num_seqs=8))
+def engine(tiny_llama_gqa) -> DecodeEngine:
+    return DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=4, max_num_seqs=8))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def greedy_reference(tiny_llama_gqa) -> list[int]:
     return hf_greedy(tiny_llama_gqa, [PROMPT], [8])[0]
 
 
-def _run(engine: Engine, requests: dict[str, SamplingParams]) -> dict[str, tuple[list[int], str]]:
+def _run(engine: DecodeEngine, requests: dict[str, SamplingParams]) -> dict[str, tuple[list[int], str]]:
     for request_id, params in requests.items():
         engine.add_request(request_id, PROMPT, params)
     out: dict[str, list[int]] = {r: [] for r in requests}
@@ -163,7 +163,7 @@ def test_extreme_temperatures_and_top_p_sample_like_greedy(engine, greedy_refere
 def test_bad_schema_is_refused_by_the_engine(engine, tiny_chat_llama):
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         engine.add_request("x", PROMPT, SamplingParams(structured=StructuredOutput("json_object")))
-    chat_engine = Engine(EngineConfig(model=str(tiny_chat_llama), dtype="fp32", page_size=4))
+    chat_engine = DecodeEngine(EngineConfig(model=str(tiny_chat_llama), dtype="fp32", page_size=4))
     for schema in ['{"type": 5}', "[1, 2]", "not json"]:
         with pytest.raises(InvalidRequestError, match="response_format: unusable JSON schema"):
             chat_engine.add_request("x", PROMPT, SamplingParams(structured=StructuredOutput("json_schema", schema)))

@@ -1,4 +1,4 @@
-"""`Engine`: the decode side's continuous-batching loop: requests in, one step at a time, tokens out.
+"""`DecodeEngine`: the decode side's continuous-batching loop: requests in, one step at a time, tokens out.
 
 A request enters in one of two ways: `add_request` (the engine prefills it itself, in chunks mixed into
 decode steps: role `both`, the colocated baseline) or `reserve` + `start_decode` (a prefill worker computes
@@ -35,7 +35,7 @@ class NoCapacityError(RuntimeError):
     """The engine cannot take a reservation now (pages or batch slots); another worker, or later, may."""
 
 
-class Engine(EngineCore):
+class DecodeEngine(EngineCore):
     def __init__(
         self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
     ):

@@ -1,6 +1,6 @@
 """`DecodeWorker`: the decode pool's side of the protocol (and role `both`'s).
 
-Disaggregated: a `Reserve` takes pages in the `Engine` and posts UCX receives into them; when the prefill
+Disaggregated: a `Reserve` takes pages in the `DecodeEngine` and posts UCX receives into them; when the prefill
 worker's transfer lands, its payload carries the first token and the request joins the running batch
 (that token goes to the router at once). Colocated (role `both`), or a prompt this decode worker holds mostly
 cached: a `Generate` enters the engine's own chunked prefill. Every step's tokens go to the router in one
@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from splitserve.decode.engine import Engine, NoCapacityError, RequestUpdate
+from splitserve.decode.engine import DecodeEngine, NoCapacityError, RequestUpdate
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.errors import InvalidRequestError
-from splitserve.kv_transfer.agent import Role as TransferRole
-from splitserve.kv_transfer.agent import TransferAgent
+from splitserve.kv_transfer.agent import Side, TransferAgent
 from splitserve.protocol import (
     Abort,
     Generate,
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class DecodeWorker:
     def __init__(
-        self, engine: Engine, agent: TransferAgent | None, send: Callable[[ToRouter], None], kv_timeout_s: float
+        self, engine: DecodeEngine, agent: TransferAgent | None, send: Callable[[ToRouter], None], kv_timeout_s: float
     ):
         self.engine = engine
         self.agent = agent  # None for role `both`, which prefills its own prompts
@@ -115,7 +114,7 @@ class DecodeWorker:
 
     def _landed(self, c) -> RequestUpdate | None:
         """A reservation's transfer ended: start decoding, or fail the job (fail closed)."""
-        if c.role is not TransferRole.RECV:
+        if c.side is not Side.RECV:
             return None
         job = self._receiving.pop(c.xid)
         error = c.error

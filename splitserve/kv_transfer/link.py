@@ -76,7 +76,9 @@ class IncompatiblePeerError(TransferError):
     pass
 
 
-class Role(enum.Enum):
+class Side(enum.Enum):
+    """Which end of a transfer a `Completion` is from."""
+
     SEND = "send"
     RECV = "recv"
 
@@ -85,7 +87,7 @@ class Role(enum.Enum):
 class Completion:
     """The end of one transfer, as its side saw it. Only now may that side's pages be reused."""
 
-    role: Role
+    side: Side
     receiver_id: str
     xid: int
     ok: bool

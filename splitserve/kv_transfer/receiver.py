@@ -32,7 +32,7 @@ from splitserve.kv_transfer.link import (
     Array,
     Completion,
     Link,
-    Role,
+    Side,
     TransferError,
     done_tag,
     message_sizes,
@@ -231,7 +231,7 @@ class Receiver:
             # staging buffer it may write into) referenced and let the pages go.
             self._orphans.extend([*pending, *res.staged.values()])
             link.metrics.orphaned_receives += len(pending)
-            link.complete(Completion(Role.RECV, link.agent_id, res.xid, False, res.abandoned))
+            link.complete(Completion(Side.RECV, link.agent_id, res.xid, False, res.abandoned))
             return
         payload = res.pulled
         if payload is None:
@@ -240,10 +240,10 @@ class Receiver:
                     r.check_error()
                 done = decode_done(res.done_buffer.tobytes())
             except (ProtocolError, ucx.UCXError) as e:
-                link.complete(Completion(Role.RECV, link.agent_id, res.xid, False, f"transfer failed: {e}"))
+                link.complete(Completion(Side.RECV, link.agent_id, res.xid, False, f"transfer failed: {e}"))
                 return
             if not done.ok:
-                link.complete(Completion(Role.RECV, link.agent_id, res.xid, False, done.reason))
+                link.complete(Completion(Side.RECV, link.agent_id, res.xid, False, done.reason))
                 return
             payload = done.payload
             for i, staged in res.staged.items():  # the transfer is whole: its staged pages go into place
@@ -252,7 +252,7 @@ class Receiver:
         link.metrics.transfers_pulled += res.pulled is not None
         link.metrics.bytes_received += len(res.pages) * link.page_bytes
         link.metrics.seconds_receiving += now - res.started
-        link.complete(Completion(Role.RECV, link.agent_id, res.xid, True, payload=payload))
+        link.complete(Completion(Side.RECV, link.agent_id, res.xid, True, payload=payload))
 
     def _complete_own_receives(self, res: _Reservation) -> None:
         """Complete the reservation's pending receives with empty messages from our own endpoint (they

@@ -29,7 +29,7 @@ from splitserve.kv_transfer.link import (
     Completion,
     IncompatiblePeerError,
     Link,
-    Role,
+    Side,
     TransferError,
     done_tag,
     page_region,
@@ -256,7 +256,7 @@ class Sender:
         link.metrics.transfers_sent += 1
         link.metrics.bytes_sent += len(out.pages) * link.page_bytes
         link.metrics.seconds_sending += time.monotonic() - out.started
-        link.complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, True))
+        link.complete(Completion(Side.SEND, out.ticket.receiver_id, out.ticket.xid, True))
 
     def _fail_receiver(self, receiver_id: str, reason: str) -> None:
         """Close our endpoint to a receiver taken for dead, which cancels our sends to it (they could otherwise
@@ -271,4 +271,4 @@ class Sender:
 
     def _fail(self, out: _Outgoing, reason: str) -> None:
         self._outgoing.pop(out.slot, None)
-        self._link.complete(Completion(Role.SEND, out.ticket.receiver_id, out.ticket.xid, False, reason))
+        self._link.complete(Completion(Side.SEND, out.ticket.receiver_id, out.ticket.xid, False, reason))

@@ -62,7 +62,7 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
     def poll() -> None:
         completions.extend(
             {
-                "role": c.role.value,
+                "side": c.side.value,
                 "receiver_id": c.receiver_id,
                 "xid": c.xid,
                 "ok": c.ok,

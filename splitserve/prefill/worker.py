@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.errors import InvalidRequestError
-from splitserve.kv_transfer.agent import Role as TransferRole
-from splitserve.kv_transfer.agent import TransferAgent, TransferError
+from splitserve.kv_transfer.agent import Side, TransferAgent, TransferError
 from splitserve.kv_transfer.messages import Ticket
 from splitserve.prefill.engine import PrefillEngine
 from splitserve.protocol import Abort, FirstToken, Load, Prefill, PrefillDone, ToRouter, ToWorker, encode
@@ -68,7 +67,7 @@ class PrefillWorker:
 
     def step(self) -> None:
         for c in self.agent.poll():
-            if c.role is not TransferRole.SEND:
+            if c.side is not Side.SEND:
                 continue
             job = self._transfers.pop((c.receiver_id, c.xid))
             self.engine.release(str(job))
