@@ -129,6 +129,7 @@ class Reserved(msgspec.Struct, tag=True, frozen=True):
     ticket: Ticket | None  # None: refused, see error
     load: Load
     error: str = ""
+    invalid: bool = False  # refused because the request itself is invalid here (the client's 400), not for room
     version: int = PROTOCOL_VERSION
 
 
@@ -138,6 +139,7 @@ class PrefillDone(msgspec.Struct, tag=True, frozen=True):
     load: Load
     error: str = ""
     retryable: bool = True  # False: the request itself failed (e.g. its sampling); another attempt would too
+    invalid: bool = False  # the worker refused the request as invalid (e.g. a schema it cannot follow): a 400
     version: int = PROTOCOL_VERSION
 
 
@@ -153,6 +155,7 @@ class JobFailed(msgspec.Struct, tag=True, frozen=True):
     job: int
     error: str
     retryable: bool
+    invalid: bool = False  # the worker refused the request as invalid (e.g. a schema it cannot follow): a 400
     version: int = PROTOCOL_VERSION
 
 

@@ -50,3 +50,29 @@ def test_the_structs_ctypes_mirror_is_checked_against_the_compiled_ones():
     for wrong in (Reordered, Short):
         with pytest.raises(RuntimeError, match="do not match their ctypes mirror"):
             cpu_kernels.check_struct_layout(lib, (wrong, cpu_kernels.DecodeLayer))
+
+
+def test_the_router_imports_no_torch(smollm2):
+    """Neither the router's module nor a running router process loads torch (nor the grammar engine, which
+    imports it): it tokenizes with transformers' fast tokenizer class and checks schemas with jsonschema."""
+    import subprocess
+    import sys
+    import time
+
+    from splitserve.launcher import free_port
+
+    code = "import sys, splitserve.router.server, splitserve.cli; print(sorted({'torch', 'xgrammar'} & {*sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    cmd = [sys.executable, "-m", "splitserve", "router", "--model", str(smollm2), "--port", str(free_port()),
+           "--worker-port", str(free_port())]  # fmt: skip
+    router = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = router.stdout.readline()  # printed once the tokenizer is loaded and the workers' socket is bound
+        assert line.startswith("splitserve router: model"), line
+        time.sleep(1)  # uvicorn starts serving
+        maps = Path(f"/proc/{router.pid}/maps").read_text()
+        assert "libtorch" not in maps and "xgrammar" not in maps, "the router process loaded torch"
+    finally:
+        router.terminate()
+        router.wait(10)

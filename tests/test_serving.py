@@ -276,6 +276,16 @@ BAD_REQUESTS = [
         },
         400,
     ),
+    (  # a JSON Schema the router accepts, whose grammar the decode worker cannot build: the client's 400 still
+        "schema the grammar engine refuses",
+        "/v1/completions",
+        {
+            "model": "M",
+            "prompt": "hi",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x"}}},
+        },
+        400,
+    ),
     (
         "schema missing",
         "/v1/completions",

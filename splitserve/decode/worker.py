@@ -72,7 +72,7 @@ class DecodeWorker:
             try:
                 self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
             except InvalidRequestError as e:
-                self._send(JobFailed(message.job, str(e), retryable=False))
+                self._send(JobFailed(message.job, str(e), retryable=False, invalid=True))
         elif isinstance(message, Abort):
             for xid, job in self._receiving.items():
                 if job == message.job:  # pages still being filled: free them when the transfer has ended
@@ -106,7 +106,7 @@ class DecodeWorker:
         try:
             pages = self.engine.reserve(job, message.prompt_token_ids, message.params, message.cache_key)
         except (NoCapacityError, InvalidRequestError) as e:
-            self._send(Reserved(message.job, None, self.load(), str(e)))
+            self._send(Reserved(message.job, None, self.load(), str(e), invalid=isinstance(e, InvalidRequestError)))
             return
         ticket = self.agent.reserve(pages, self._kv_timeout_s)
         self._receiving[ticket.xid] = message.job

@@ -5,6 +5,7 @@ the router, which builds, checks and relays them, never loads the engine."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -64,6 +65,23 @@ class StructuredOutput:
             raise InvalidRequestError(f"structured output kind must be json_object or json_schema, got {self.kind!r}")
         if (self.kind == "json_schema") != (self.schema is not None):
             raise InvalidRequestError("a json_schema structured output needs its schema (and json_object none)")
+
+    def check(self) -> None:
+        """Refuse a schema that is not a JSON Schema (InvalidRequestError), without compiling its grammar: what
+        the router checks (the grammar engine imports torch; a worker compiles the grammar, and refuses a
+        schema it cannot follow as invalid too)."""
+        if self.schema is None:
+            return
+        import jsonschema
+
+        try:
+            schema = json.loads(self.schema)
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("a JSON schema is an object")
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except (ValueError, jsonschema.SchemaError) as e:
+            reason = e.message if isinstance(e, jsonschema.SchemaError) else str(e)
+            raise InvalidRequestError(f"response_format: unusable JSON schema: {reason}", "response_format") from e
 
 
 @dataclass(frozen=True)

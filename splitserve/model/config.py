@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig
 
 from splitserve.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Rope types whose frequencies do not depend on the sequence length at run time.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def vocab_size(folder: str | Path) -> int:
+    """The model's vocabulary size from its `config.json` alone (what the router needs of the config)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot read the vocabulary size from {folder}/config.json: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ModelConfig:
+        from transformers import AutoConfig  # here only: it imports torch, which the router never loads
+
         try:
             hf = AutoConfig.from_pretrained(folder)
         except (OSError, ValueError) as e:

@@ -6,15 +6,21 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from splitserve.errors import InvalidRequestError
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
-    """The folder's tokenizer, or None when it has none (prompts must then be token ids)."""
-    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    """The folder's tokenizer, or None when it has none (prompts must then be token ids). A `tokenizer.json`
+    loads as transformers' fast tokenizer class directly: `AutoTokenizer` (for the rest) imports torch, which
+    the router never loads."""
+    if (folder / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    if not any((folder / name).exists() for name in ("tokenizer_config.json", "tokenizer.model")):
         return None
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
-from splitserve.planner import plan as planner
-from splitserve.planner.profile import Profile, measure
 from splitserve.slo import SLO
+
+if TYPE_CHECKING:
+    from splitserve.planner.profile import Profile
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, engine: EngineConfig) -> int:
+    # Here, not at the top: the profiler imports torch, and every command's parser (the router's too) imports
+    # this module for `add_arguments`.
+    from splitserve.planner import plan as planner
+    from splitserve.planner.profile import Profile, measure
+
     slo = SLO.parse(args.slo)
     if not slo:
         raise ValueError("--slo needs at least one limit, e.g. ttft=1,tpot=0.1")

@@ -51,7 +51,7 @@ class PrefillWorker:
             try:
                 self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
             except InvalidRequestError as e:
-                self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False))
+                self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False, invalid=True))
                 return
             self._tickets[message.job] = message.ticket
         elif isinstance(message, Abort):

@@ -34,7 +34,6 @@ from splitserve.engine.params import (
     check_params,
     check_prompt,
 )
-from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.protocol import Role
@@ -70,17 +69,9 @@ class RouterState:
     api_key: str | None = None
     slo: SLO | None = None  # judged over a recent window, for operators (/health, /metrics)
     metrics: RouterMetrics = field(init=False)
-    _grammars: GrammarCompiler | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics(self.cluster, self.slo)
-
-    def grammars(self) -> GrammarCompiler:
-        """Compiles response_format schemas, so that an unusable one is refused before any worker sees it."""
-        if self._grammars is None:
-            eos = self.tokenizer.eos_token_id
-            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, [] if eos is None else [eos])
-        return self._grammars
 
 
 def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -211,7 +202,7 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
             if isinstance(first, ErrorEvent):
                 answer.count_error()
                 headers = {"Retry-After": str(first.retry_after_s or 1)} if first.status in (429, 503) else None
-                raise APIError(first.status, first.message, "server_error", headers=headers)
+                raise APIError(first.status, first.message, _error_type(first.status), headers=headers)
             firsts.append(first)
         if body.stream:
             return StreamingResponse(answer.stream(firsts), media_type="text/event-stream",
@@ -275,8 +266,13 @@ def _structured(state: RouterState, response_format: ResponseFormat | None) -> S
         spec = StructuredOutput("json_object")
     else:
         spec = StructuredOutput("json_schema", json.dumps(response_format.json_schema.schema_))
-    state.grammars().compile(spec)  # an unusable schema is the client's 400 here, not a worker's failure
+    spec.check()  # a schema that is no JSON Schema is the client's 400 here; a worker compiles the grammar
     return spec
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's error type for a job's error event: the request's own fault (a worker found it invalid), or ours."""
+    return "invalid_request_error" if status == 400 else "server_error"
 
 
 async def _next_event(job: Job, request: Request) -> TokenEvent | ErrorEvent | None:
@@ -378,7 +374,7 @@ class _Answer:
                     return None
                 if isinstance(event, ErrorEvent):
                     self.count_error()
-                    raise APIError(event.status, event.message, "server_error")
+                    raise APIError(event.status, event.message, _error_type(event.status))
                 text, lps = self._take(choice, event)
                 texts[choice.index].append(text)
                 logprobs[choice.index].extend(lps)

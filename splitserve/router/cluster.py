@@ -627,6 +627,9 @@ class Cluster:
             d.settle(message.job)
         if job is None or job.state is not JobState.RESERVING or d is None:
             return
+        if message.ticket is None and message.invalid:  # the request itself: no worker would take it
+            self._fail(job, message.error, 400)
+            return
         if message.ticket is None:  # refused: it is fuller than we knew; back to the head of the queue
             d.refused_reserve = True
             d.drop(job.wire_id)
@@ -656,7 +659,7 @@ class Cluster:
                 if message.retryable:
                     self._retry(job, f"prefill failed: {message.error}")
                 else:
-                    self._fail(job, message.error, 500)
+                    self._fail(job, message.error, 400 if message.invalid else 500)
 
     def _tokens(self, message: Tokens, worker_id: str | None) -> None:
         d = self.workers.get(worker_id) if worker_id else None
@@ -693,7 +696,7 @@ class Cluster:
         if message.retryable and job.num_tokens == 0:
             self._retry(job, message.error)
         else:
-            self._fail(job, message.error, 500)
+            self._fail(job, message.error, 400 if message.invalid else 500)
 
     # --- endings -------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import zmq
 
 from splitserve.errors import ModelLoadError, SplitserveError
 from splitserve.model.checkpoint import model_name, resolve_model
-from splitserve.model.config import ModelConfig
+from splitserve.model.config import vocab_size
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.router.app import RouterState, create_app
 from splitserve.router.cluster import Cluster, RouterOptions
@@ -53,8 +53,7 @@ def run_router(
           + f", HTTP on http://{options.host}:{options.port}, workers join at {address}", flush=True)  # fmt: skip
     if on_bound is not None:
         on_bound(address, cluster)
-    vocab = ModelConfig.from_pretrained(path).vocab_size
-    state = RouterState(cluster, tokenizer, vocab, served, options.api_key, cluster.options.slo)
+    state = RouterState(cluster, tokenizer, vocab_size(path), served, options.api_key, cluster.options.slo)
     config = uvicorn.Config(
         create_app(state),
         host=options.host,
