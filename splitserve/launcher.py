@@ -112,7 +112,7 @@ class Supervisor:
     def _watch(self) -> None:
         ready = False
         while not self._stopping.wait(0.2):
-            if not ready and len(self.cluster.workers) >= len(self.slots):
+            if not ready and self.cluster.num_joined >= len(self.slots):
                 ready = True
                 print(f"splitserve: serving {self.cluster.options.model} on http://{self.server.host}:"
                       f"{self.server.port} with {len(self.slots)} workers (Ctrl-C stops)", flush=True)  # fmt: skip
@@ -146,8 +146,7 @@ class Supervisor:
         delay = min(self.MAX_BACKOFF_S, 2.0 ** len(slot.recent_restarts))
         slot.recent_restarts.append(now)
         slot.restart_at = now + delay
-        restarts = self.cluster.stats.worker_restarts
-        restarts[slot.role] = restarts.get(slot.role, 0) + 1
+        self.cluster.report_restart(slot.role)
         log.warning("%s worker (pid %d) exited with status %s; restarting it in %.0fs", slot.role, slot.process.pid,
                     status, delay)  # fmt: skip
 

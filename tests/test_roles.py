@@ -192,7 +192,7 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     cluster._heartbeat(Heartbeat(fake_worker_info("p", Role.DECODE), Load(100, 0, 0, 0), KvStats(), 0.0))
     assert p.role is Role.DECODE and p.switch is None and "50% in decode" in p.role_reason
     assert dict(cluster.stats.role_switches) == {("prefill", "decode"): 1}
-    assert {w["id"]: w["role"] for w in cluster.snapshot()["workers"]} == {"p": "decode", "d": "decode"}
+    assert {w.id: w.role for w in cluster.snapshot().workers} == {"p": "decode", "d": "decode"}
 
 
 def test_an_operator_cannot_remove_the_last_decode_worker(router):

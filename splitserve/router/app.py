@@ -156,9 +156,9 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
 
     @app.get("/health")
     async def health():
-        snap = state.cluster.snapshot()
+        snap = msgspec.to_builtins(state.cluster.snapshot())
         if state.metrics.window is not None:
-            snap["slo"] = state.metrics.window.snapshot()
+            snap["slo"] = msgspec.to_builtins(state.metrics.window.snapshot())
         ok = state.cluster.can_serve()
         return JSONResponse({"status": "ok" if ok else "unavailable", **snap}, 200 if ok else 503)
 

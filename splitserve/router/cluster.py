@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
 import itertools
 import logging
 import math
+import queue
 import secrets
 import time
 from collections import Counter, deque
@@ -76,6 +76,7 @@ from splitserve.router.policy import (
     prefills_locally,
 )
 from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.snapshot import ClusterView, PoolView, RoleSwitches, RoutingView, WorkerView
 from splitserve.slo import SLO
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,10 @@ class Cluster:
         self._window = WindowCounts(time.monotonic())
         self.last_window: Window | None = None
         self.last_verdict = ""
+        # What other threads may touch: restarts reported by `serve`'s supervisor (drained on the loop), and
+        # how many workers have joined (written on the loop, read anywhere).
+        self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.num_joined = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -488,6 +493,10 @@ class Cluster:
             raise ValueError("it is the last decode worker: nothing could serve requests without it")
         self._drain(w, Decision(w.role, role, reason), time.monotonic())
 
+    def report_restart(self, role: str) -> None:
+        """A dead worker of `role` was started again (thread-safe: `serve`'s supervisor calls it)."""
+        self._restarts.put(role)
+
     def drain(self, worker_id: str) -> None:
         """Send a worker no new work, so that it can be stopped once it holds none (`/health` shows its
         jobs); KeyError for an unknown worker."""
@@ -601,6 +610,7 @@ class Cluster:
             worker = Worker(info, hb.load, hb.kv, time.monotonic())
             worker.root_hash = root_hash(msgspec.msgpack.encode(info.kv_key))
             self.workers[info.worker_id] = worker
+            self.num_joined += 1
             self.prefix_index.add_worker(info.worker_id, info.num_pages)
             log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
                      info.num_pages, info.pid, info.host)  # fmt: skip
@@ -779,13 +789,16 @@ class Cluster:
                     self._remove_worker(w.worker_id, f"no heartbeat for {silent:.1f}s")
                 elif w.loop_age_s > self.options.stuck_timeout_s:
                     self._remove_worker(w.worker_id, f"its loop has not turned for {w.loop_age_s:.0f}s")
+            while not self._restarts.empty():
+                role = self._restarts.get()
+                self.stats.worker_restarts[role] = self.stats.worker_restarts.get(role, 0) + 1
             for job in [j for j in self.queue if now - j.queued_at > self.options.queue_timeout_s]:
                 self.queue.remove(job)
                 self._fail(job, f"no worker had room for this request within {self.options.queue_timeout_s:.0f}s", 503)
             self._balance(now)
             self._dispatch()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> ClusterView:
         """Live state for /health and /metrics."""
         states = {s.value: 0 for s in JobState if s is not JobState.DONE}
         for job in self.jobs.values():
@@ -794,49 +807,46 @@ class Cluster:
         workers = [_describe(w) for w in self.workers.values()]
         pools = {}
         for role in Role:
-            members = [w for w in workers if w["role"] == role.value]
+            members = [w for w in workers if w.role == role.value]
             if members:
-                keys = ("jobs", "running", "waiting", "pending_prefill_tokens", "free_pages", "num_pages")
-                pools[role.value] = {"workers": len(members), **{k: sum(w[k] for w in members) for k in keys}}
-        routing = {"prefix_routed": self.stats.prefix_routed, "prefix_routed_tokens": self.stats.prefix_routed_tokens,
-                   "local_prefills": self.stats.local_prefills,
-                   "local_prefill_tokens": self.local_prefill_rule().max_tokens,
-                   "prefill_tokens_per_s": round(self.prefill_tokens_per_s(), 1),
-                   "role_switches": [{"from": a, "to": b, "count": n}
-                                     for (a, b), n in sorted(self.stats.role_switches.items())]}  # fmt: skip
+                totals = {k: sum(getattr(w, k) for w in members) for k in PoolView.__struct_fields__ if k != "workers"}
+                pools[role.value] = PoolView(workers=len(members), **totals)
+        switches = [RoleSwitches(a, b, n) for (a, b), n in sorted(self.stats.role_switches.items())]
+        policy = {}
         if self.policy is not None:
-            routing["last_window"] = None if self.last_window is None else dataclasses.asdict(self.last_window)
-            routing["last_verdict"] = self.last_verdict
             behind = self.policy.last_behind
-            routing["behind"] = None if behind is None else behind.value
-        return {"queue": len(self.queue), "jobs": states, "pools": pools, "workers": workers,
-                "worker_restarts": dict(self.stats.worker_restarts), "routing": routing}  # fmt: skip
+            policy = dict(last_window=self.last_window, last_verdict=self.last_verdict,
+                          behind=None if behind is None else behind.value)  # fmt: skip
+        routing = RoutingView(self.stats.prefix_routed, self.stats.prefix_routed_tokens, self.stats.local_prefills,
+                              self.local_prefill_rule().max_tokens, round(self.prefill_tokens_per_s(), 1), switches,
+                              **policy)  # fmt: skip
+        return ClusterView(len(self.queue), states, pools, workers, dict(self.stats.worker_restarts), routing)
 
 
-def _describe(w: Worker) -> dict:
-    return {
-        "id": w.worker_id,
-        "role": w.role.value,
-        "role_reason": w.role_reason,
-        "switching_to": w.switch.target.value if w.switch is not None else None,
-        "leaving": w.leaving,
-        "pid": w.info.pid,
-        "host": w.info.host,
-        "num_pages": w.info.num_pages,
-        "free_pages": w.load.free_pages,
-        "running": w.load.num_running,
-        "waiting": w.load.num_waiting,
-        "pending_prefill_tokens": w.load.pending_prefill_tokens,
-        "jobs": len(w.jobs),
-        "kv_bytes_sent": w.kv.bytes_sent,
-        "kv_bytes_received": w.kv.bytes_received,
-        "kv_seconds_sending": w.kv.seconds_sending,
-        "kv_seconds_receiving": w.kv.seconds_receiving,
-        "kv_failures": w.kv.failures,
-        "kv_transfers_pulled": w.kv.transfers_pulled,
-        "prefix_cache_queries": w.cache.queries,
-        "prefix_cache_hits": w.cache.hits,
-        "prefix_cache_evictions": w.cache.evictions,
-        "cached_pages": w.cache.cached_pages,
-        "retained_pages": w.cache.retained_pages,
-    }
+def _describe(w: Worker) -> WorkerView:
+    return WorkerView(
+        id=w.worker_id,
+        role=w.role.value,
+        role_reason=w.role_reason,
+        switching_to=w.switch.target.value if w.switch is not None else None,
+        leaving=w.leaving,
+        pid=w.info.pid,
+        host=w.info.host,
+        num_pages=w.info.num_pages,
+        free_pages=w.load.free_pages,
+        running=w.load.num_running,
+        waiting=w.load.num_waiting,
+        pending_prefill_tokens=w.load.pending_prefill_tokens,
+        jobs=len(w.jobs),
+        kv_bytes_sent=w.kv.bytes_sent,
+        kv_bytes_received=w.kv.bytes_received,
+        kv_seconds_sending=w.kv.seconds_sending,
+        kv_seconds_receiving=w.kv.seconds_receiving,
+        kv_failures=w.kv.failures,
+        kv_transfers_pulled=w.kv.transfers_pulled,
+        prefix_cache_queries=w.cache.queries,
+        prefix_cache_hits=w.cache.hits,
+        prefix_cache_evictions=w.cache.evictions,
+        cached_pages=w.cache.cached_pages,
+        retained_pages=w.cache.retained_pages,
+    )

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from splitserve.router.cluster import Cluster
+from splitserve.router.snapshot import SloView
 from splitserve.slo import SLO, percentile
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
@@ -34,7 +35,7 @@ class SloWindow:
     def add(self, ttft_s: float, tpot_s: float | None, e2e_s: float) -> None:
         self._finished.append((time.monotonic(), ttft_s, tpot_s, e2e_s))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> SloView:
         cutoff = time.monotonic() - self.window_s
         while self._finished and self._finished[0][0] < cutoff:
             self._finished.popleft()
@@ -42,15 +43,15 @@ class SloWindow:
         missed = [self.slo.missed(*r[1:]) for r in rows]
         misses = {name: sum(name in m for m in missed) for name in ("ttft", "tpot", "e2el")}
         met = sum(not m for m in missed)
-        return {
-            "slo": self.slo.describe(),
-            "window_s": self.window_s,
-            "requests": len(rows),
-            "attainment": met / len(rows) if rows else None,
-            "misses": misses,
-            "p90_ttft": percentile([r[1] for r in rows], 90) if rows else None,
-            "p90_tpot": percentile([r[2] for r in rows if r[2] is not None], 90) if rows else None,
-        }
+        return SloView(
+            slo=self.slo.describe(),
+            window_s=self.window_s,
+            requests=len(rows),
+            attainment=met / len(rows) if rows else None,
+            misses=misses,
+            p90_ttft=percentile([r[1] for r in rows], 90) if rows else None,
+            p90_tpot=percentile([r[2] for r in rows if r[2] is not None], 90) if rows else None,
+        )
 
 
 class RouterMetrics:
@@ -94,9 +95,9 @@ class _ClusterCollector(Collector):
 
     def collect(self):
         snap = self.cluster.snapshot()
-        yield GaugeMetricFamily("splitserve_queue_depth", "Requests waiting in the router for room", snap["queue"])
+        yield GaugeMetricFamily("splitserve_queue_depth", "Requests waiting in the router for room", snap.queue)
         jobs = GaugeMetricFamily("splitserve_requests_in_flight", "Requests by state", labels=["state"])
-        for state, n in snap["jobs"].items():
+        for state, n in snap.jobs.items():
             jobs.add_metric([state], n)
         yield jobs
         stats = self.cluster.stats
@@ -104,7 +105,7 @@ class _ClusterCollector(Collector):
         yield CounterMetricFamily("splitserve_workers_lost", "Workers removed as dead or stuck", stats.workers_lost)
         restarts = CounterMetricFamily("splitserve_worker_restarts", "Workers serve restarted after they exited",
                                        labels=["role"])  # fmt: skip
-        for role, count in dict(stats.worker_restarts).items():
+        for role, count in snap.worker_restarts.items():
             restarts.add_metric([role], count)
         yield restarts
         yield CounterMetricFamily(
@@ -154,10 +155,10 @@ class _ClusterCollector(Collector):
                 ("prefix_cache_evictions", "Cached KV pages overwritten for new requests"),
             ]
         }
-        for w in snap["workers"]:
-            labels = [w["id"], w["role"]]
+        for w in snap.workers:
+            labels = [w.id, w.role]
             for key, family in (*gauges.items(), *counters.items()):
-                family.add_metric(labels, w[key])
+                family.add_metric(labels, getattr(w, key))
         yield from gauges.values()
         yield from counters.values()
         pools = {
@@ -169,19 +170,19 @@ class _ClusterCollector(Collector):
                 ("free_pages", "KV pages free in the pool"),
             ]
         }
-        for pool, state in snap["pools"].items():
+        for pool, state in snap.pools.items():
             for key, family in pools.items():
-                family.add_metric([pool], state[key])
+                family.add_metric([pool], getattr(state, key))
         yield from pools.values()
         if self.window is not None:
             w = self.window.snapshot()
             yield GaugeMetricFamily("splitserve_slo_window_requests", "Requests finished in the SLO window",
-                                    w["requests"])  # fmt: skip
-            if w["attainment"] is not None:
-                yield GaugeMetricFamily("splitserve_slo_attainment", f"Share meeting the SLO ({w['slo']})",
-                                        w["attainment"])  # fmt: skip
+                                    w.requests)  # fmt: skip
+            if w.attainment is not None:
+                yield GaugeMetricFamily("splitserve_slo_attainment", f"Share meeting the SLO ({w.slo})",
+                                        w.attainment)  # fmt: skip
             misses = GaugeMetricFamily("splitserve_slo_misses", "Requests in the window missing each limit",
                                        labels=["limit"])  # fmt: skip
-            for limit, n in w["misses"].items():
+            for limit, n in w.misses.items():
                 misses.add_metric([limit], n)
             yield misses
