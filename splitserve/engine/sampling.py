@@ -99,7 +99,7 @@ def plain(request: Request) -> bool:
         and not p.logit_bias
         and not p.penalized
         and request.grammar is None
-        and len(request.output_token_ids) >= p.min_tokens
+        and request.num_tokens - request.num_prompt_tokens >= p.min_tokens
     )
 
 
@@ -118,8 +118,9 @@ def draw(
 ) -> torch.Tensor:
     """`sample`'s draw for rows that need no processors, as one fixed sequence of tensor operations with no
     host synchronisation (what a captured decode step runs): the parameters are columns `[rows, 1]`, with
-    top_k 0 and top_p >= 1 (or inf) for none. Sorting the whole vocabulary replaces `_sample_rows`'
-    data-dependent shortcuts; the tokens are the same for the same uniform numbers."""
+    top_k 0 and top_p inf for none (1.0 could drop a tail token whose cumulative mass rounds to 1). Sorting the
+    whole vocabulary replaces `_sample_rows`' data-dependent shortcuts; the tokens are the same for the same
+    uniform numbers."""
     scores = _scaled(logits, temperature)
     scores = _top_k(scores, top_k, scores.shape[-1])
     return _pick(_top_p(scores, top_p, shortcut=False), uniform)
