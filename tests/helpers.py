@@ -17,7 +17,8 @@ from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import root_hash
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.protocol import KvStats, Load, Role, WorkerInfo
-from splitserve.router.cluster import Cluster, RouterOptions, Worker
+from splitserve.router.cluster import Cluster, RouterOptions
+from splitserve.router.membership import Worker
 
 
 def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:

@@ -21,7 +21,9 @@ from splitserve.kv_transfer.messages import CompatKey
 from splitserve.launcher import ServeProcess
 from splitserve.prefill.engine import PrefillEngine
 from splitserve.protocol import KvStats, Load, Role, WorkerInfo
-from splitserve.router.cluster import Cluster, ErrorEvent, RouterOptions, Worker
+from splitserve.router.cluster import Cluster, RouterOptions
+from splitserve.router.jobs import ErrorEvent
+from splitserve.router.membership import Worker
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE
 

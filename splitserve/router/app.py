@@ -37,7 +37,8 @@ from splitserve.engine.params import (
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.protocol import Role
-from splitserve.router.cluster import Cluster, ErrorEvent, Job, JobState, Overloaded, TokenEvent
+from splitserve.router.cluster import Cluster
+from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat, RoleChange
 from splitserve.router.output import TextStream

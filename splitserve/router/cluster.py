@@ -1,8 +1,9 @@
-"""`Cluster`: the router's view of its workers and of every request in flight, and the ZeroMQ socket to them.
+"""`Cluster`: every request in flight and the ZeroMQ socket to the workers.
 
-It owns worker membership (a worker joins with its first heartbeat and leaves with a goodbye, or when its
-heartbeats stop), the bounded queue of requests waiting for room, and each request's placement:
-reserve pages on a decode worker first, then send the prefill, then relay the decode worker's tokens.
+It owns the bounded queue of requests waiting for room, each request's attempts (`jobs.Job`) and their
+placement: reserve pages on a decode worker first, then send the prefill, then relay the decode worker's
+tokens. Which workers there are, and what each holds, is `membership.Membership`'s (a worker joins with its
+first heartbeat and leaves with a goodbye, or when its heartbeats stop); the cluster reads it to place work.
 
 Placement is KV-aware: the `PrefixIndex` says how much of a prompt each worker holds cached, and a worker's
 cost is the prompt pages it would have to compute plus the pages and prompt tokens it already has in work.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import math
@@ -31,24 +31,18 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 import zmq.asyncio
 
-from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
-from splitserve.kv_transfer.messages import CompatKey
+from splitserve.engine.params import SamplingParams
 from splitserve.options import option
 from splitserve.protocol import (
     Abort,
     CacheEvents,
-    CacheStats,
     Generate,
     Goodbye,
     Heartbeat,
     JobFailed,
-    KvStats,
-    Load,
     Prefill,
     PrefillDone,
     ProtocolError,
@@ -63,6 +57,8 @@ from splitserve.protocol import (
     decode_to_router,
     encode,
 )
+from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
+from splitserve.router.membership import Membership, Worker
 from splitserve.router.policy import (
     Decision,
     LocalPrefill,
@@ -128,136 +124,6 @@ class RouterOptions:
     switch_timeout_s: float = 300.0  # a worker not switched this long after the decision goes back to its pool
 
 
-class Overloaded(Exception):
-    """The request cannot be queued now (HTTP 429 or 503, with Retry-After)."""
-
-    def __init__(self, message: str, status: int, retry_after_s: int = 1):
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: TokenLogprob | None
-    finish_reason: str | None
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    message: str
-    status: int  # the HTTP status this error maps to, when no byte of the answer was sent yet
-    retry_after_s: int | None = None
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    RESERVING = "reserving"  # Reserve sent to a decode worker
-    PREFILLING = "prefilling"  # pages reserved, Prefill sent
-    GENERATING = "generating"  # tokens flowing (or a colocated worker prefilling)
-    DONE = "done"
-
-
-@dataclass(eq=False)
-class Job:
-    """One client request, across its attempts. `wire_id` names the current attempt on the wire."""
-
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    created: float
-    pages_needed: int
-    wire_id: int = 0
-    attempts: int = 0
-    state: JobState = JobState.QUEUED
-    queued_at: float = 0.0
-    waited_s: float = 0.0  # time spent in the router's queue, waiting for room on a worker
-    enqueued_at: float = 0.0  # when it last entered that queue
-    judged: bool = False  # counted in an SLO window already
-    prefill: str | None = None  # worker ids holding state for the current attempt
-    decode: str | None = None
-    num_tokens: int = 0
-    first_token_at: float | None = None
-    cache_key: str | None = None  # the conversation it belongs to
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    _hashes: dict[int, list[int]] = field(default_factory=dict)  # its prompt's reusable page hashes, by root
-
-    def page_hashes(self, root: int, page_size: int) -> list[int]:
-        if root not in self._hashes:
-            limit = reusable_pages(len(self.prompt_token_ids), page_size)
-            self._hashes[root] = page_hashes(self.prompt_token_ids, page_size, root, limit)
-        return self._hashes[root]
-
-    async def next_event(self) -> TokenEvent | ErrorEvent:
-        return await self.events.get()
-
-
-@dataclass
-class _Hold:
-    """What one attempt has asked of a worker that its load reports do not show yet."""
-
-    reserving_pages: int = 0  # pages of a Reserve not answered yet
-    prefill_tokens: int = 0  # prompt tokens of a Prefill not reported done
-
-
-@dataclass(eq=False)
-class Worker:
-    info: WorkerInfo
-    load: Load
-    kv: KvStats
-    last_heartbeat: float
-    loop_age_s: float = 0.0
-    # The attempts it holds state for, by wire id: the one record of what the router gave it (`take`,
-    # `settle`, `drop`); the counters below are derived from it, so they cannot drift.
-    jobs: dict[int, _Hold] = field(default_factory=dict)
-    refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
-    cache: CacheStats = field(default_factory=CacheStats)
-    root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
-    role_reason: str = "started with it"  # why it has its role
-    switch: Decision | None = None  # it is being drained to switch roles
-    leaving: bool = False  # it is being drained to be stopped (a pool made smaller)
-    switch_started: float = 0.0
-    switch_sent: bool = False  # SwitchRole sent (once it held no work)
-    busy_ticks: int = 0  # watch-loop ticks of the current window in which it had work
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
-
-    def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0) -> None:
-        self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens)
-
-    def settle(self, wire_id: int) -> None:
-        """Its answer to the attempt's Reserve arrived: the pages show in its load from now on."""
-        if wire_id in self.jobs:
-            self.jobs[wire_id].reserving_pages = 0
-
-    def drop(self, wire_id: int) -> bool:
-        """It holds nothing of the attempt any more; False when it held nothing already."""
-        return self.jobs.pop(wire_id, None) is not None
-
-    @property
-    def reserving_pages(self) -> int:
-        return sum(h.reserving_pages for h in self.jobs.values())
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(h.prefill_tokens for h in self.jobs.values())
-
-    @property
-    def role(self) -> Role:
-        return self.info.role
-
-    def free_pages(self) -> int:
-        return self.load.free_pages - self.reserving_pages
-
-    def pages_in_use(self) -> float:
-        """Pages it holds, or its share of batch slots taken in pages, whichever is more: the slots count at
-        once, while its page count only changes with its next message."""
-        slots = len(self.jobs) / self.info.max_num_seqs * self.info.num_pages
-        return max(self.info.num_pages - self.free_pages(), slots)
-
-
 @dataclass
 class ClusterStats:
     malformed_messages: int = 0
@@ -273,12 +139,10 @@ class ClusterStats:
 class Cluster:
     def __init__(self, options: RouterOptions):
         self.options = options
-        self.workers: dict[str, Worker] = {}
+        self.members = Membership(options.model)
         self.jobs: dict[int, Job] = {}  # by wire id of the current attempt
         self.queue: deque[Job] = deque()
         self.stats = ClusterStats()
-        self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
-        self.prefix_index = PrefixIndex()
         # Job ids start at a random point: a worker that outlived an earlier router never sees one reused.
         self._wire_ids = itertools.count(secrets.randbits(62))
         self._context = zmq.asyncio.Context()
@@ -291,10 +155,7 @@ class Cluster:
         self._window = WindowCounts(time.monotonic())
         self.last_window: Window | None = None
         self.last_verdict = ""
-        # What other threads may touch: restarts reported by `serve`'s supervisor (drained on the loop), and
-        # how many workers have joined (written on the loop, read anywhere).
-        self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.num_joined = 0
+        self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()  # reported by `serve`'s supervisor thread
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -320,12 +181,23 @@ class Cluster:
     # --- what the HTTP layer calls -------------------------------------------------------------------
 
     @property
+    def workers(self) -> dict[str, Worker]:
+        return self.members.workers
+
+    @property
+    def prefix_index(self) -> PrefixIndex:
+        return self.members.prefix_index
+
+    @property
+    def num_joined(self) -> int:
+        return self.members.num_joined
+
+    @property
     def max_model_len(self) -> int | None:
-        lens = [w.info.max_model_len for w in self.workers.values()]
-        return min(lens) if lens else None
+        return self.members.max_model_len
 
     def can_serve(self) -> bool:
-        return any(w.role is not Role.PREFILL for w in self.workers.values())
+        return self.members.can_serve()
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> Job:
         """Queue a request; its events (tokens, or an error) arrive on `job.events`. Requests of one
@@ -462,8 +334,7 @@ class Cluster:
             self.stats.prefix_routed_tokens += cached
 
     def _pool(self, role: Role) -> list[Worker]:
-        """The workers taking new work of this role (not those draining to switch roles or to leave)."""
-        return [w for w in self.workers.values() if w.role is role and w.switch is None and not w.leaving]
+        return self.members.pool(role)
 
     # --- the SLO loop: windows of finished requests, and role switches ---------------------------------
 
@@ -599,19 +470,13 @@ class Cluster:
         info = hb.info
         worker = self.workers.get(info.worker_id)
         if worker is None:
-            problem = self._admission_problem(info)
+            problem = self.members.admission_problem(info)
             if problem:
                 log.warning("refused worker %s: %s", info.worker_id, problem)
                 with contextlib.suppress(zmq.ZMQError):
                     self._socket.send_multipart([info.worker_id.encode(), encode(Refused(problem))], zmq.NOBLOCK)
                 return
-            if info.role is not Role.BOTH:
-                self.kv_key = self.kv_key or info.kv_key
-            worker = Worker(info, hb.load, hb.kv, time.monotonic())
-            worker.root_hash = root_hash(msgspec.msgpack.encode(info.kv_key))
-            self.workers[info.worker_id] = worker
-            self.num_joined += 1
-            self.prefix_index.add_worker(info.worker_id, info.num_pages)
+            worker = self.members.join(hb)
             log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
                      info.num_pages, info.pid, info.host)  # fmt: skip
         if info.role is not worker.role:
@@ -619,15 +484,6 @@ class Cluster:
         worker.load, worker.kv, worker.loop_age_s, worker.cache = hb.load, hb.kv, hb.loop_age_s, hb.cache
         worker.last_heartbeat = time.monotonic()
         worker.refused_reserve = False
-
-    def _admission_problem(self, info: WorkerInfo) -> str | None:
-        if info.model != self.options.model:
-            return f"it serves model {info.model!r}, this router serves {self.options.model!r}"
-        if info.role is not Role.BOTH and self.kv_key is not None:
-            mismatch = self.kv_key.mismatch(info.kv_key)
-            if mismatch:
-                return f"its KV cache is incompatible with the cluster's: {mismatch}"
-        return None
 
     def _reserved(self, message: Reserved, worker_id: str | None) -> None:
         job = self.jobs.get(message.job)
@@ -746,8 +602,7 @@ class Cluster:
         job.prefill = job.decode = None
 
     def _remove_worker(self, worker_id: str, why: str) -> None:
-        worker = self.workers.pop(worker_id)
-        self.prefix_index.remove_worker(worker_id)
+        worker = self.members.remove(worker_id)
         self.stats.workers_lost += why != "it shut down"
         level = logging.INFO if why == "it shut down" else logging.WARNING
         log.log(level, "worker %s (%s) removed: %s", worker_id, worker.role.value, why)

@@ -1,0 +1,134 @@
+"""The workers the router knows (`Membership`): who joined, with a compatible model and KV cache, what each
+reports and holds, and which of them each pool's new work may go to.
+
+A worker joins with its first heartbeat (or is refused, with the reason) and leaves with a goodbye or when the
+router takes it for dead. Each `Worker` keeps what the router gave it (`take`, `settle`, `drop`), so its
+counters are derived and cannot drift. Only the router's event loop touches this state, except `num_joined`,
+which other threads may read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from splitserve.engine.prefix_cache import root_hash
+from splitserve.kv_transfer.messages import CompatKey
+from splitserve.protocol import CacheStats, Heartbeat, KvStats, Load, Role, WorkerInfo
+from splitserve.router.policy import Decision
+from splitserve.router.prefix_index import PrefixIndex
+
+
+@dataclass
+class _Hold:
+    """What one attempt has asked of a worker that its load reports do not show yet."""
+
+    reserving_pages: int = 0  # pages of a Reserve not answered yet
+    prefill_tokens: int = 0  # prompt tokens of a Prefill not reported done
+
+
+@dataclass(eq=False)
+class Worker:
+    info: WorkerInfo
+    load: Load
+    kv: KvStats
+    last_heartbeat: float
+    loop_age_s: float = 0.0
+    # The attempts it holds state for, by wire id: the one record of what the router gave it (`take`,
+    # `settle`, `drop`); the counters below are derived from it, so they cannot drift.
+    jobs: dict[int, _Hold] = field(default_factory=dict)
+    refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
+    cache: CacheStats = field(default_factory=CacheStats)
+    root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
+    role_reason: str = "started with it"  # why it has its role
+    switch: Decision | None = None  # it is being drained to switch roles
+    leaving: bool = False  # it is being drained to be stopped (a pool made smaller)
+    switch_started: float = 0.0
+    switch_sent: bool = False  # SwitchRole sent (once it held no work)
+    busy_ticks: int = 0  # watch-loop ticks of the current window in which it had work
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0) -> None:
+        self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens)
+
+    def settle(self, wire_id: int) -> None:
+        """Its answer to the attempt's Reserve arrived: the pages show in its load from now on."""
+        if wire_id in self.jobs:
+            self.jobs[wire_id].reserving_pages = 0
+
+    def drop(self, wire_id: int) -> bool:
+        """It holds nothing of the attempt any more; False when it held nothing already."""
+        return self.jobs.pop(wire_id, None) is not None
+
+    @property
+    def reserving_pages(self) -> int:
+        return sum(h.reserving_pages for h in self.jobs.values())
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(h.prefill_tokens for h in self.jobs.values())
+
+    @property
+    def role(self) -> Role:
+        return self.info.role
+
+    def free_pages(self) -> int:
+        return self.load.free_pages - self.reserving_pages
+
+    def pages_in_use(self) -> float:
+        """Pages it holds, or its share of batch slots taken in pages, whichever is more: the slots count at
+        once, while its page count only changes with its next message."""
+        slots = len(self.jobs) / self.info.max_num_seqs * self.info.num_pages
+        return max(self.info.num_pages - self.free_pages(), slots)
+
+
+class Membership:
+    def __init__(self, model: str):
+        self.model = model  # the served model's name: workers of another are refused
+        self.workers: dict[str, Worker] = {}
+        self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
+        self.prefix_index = PrefixIndex()  # which worker caches which page hash
+        self.num_joined = 0  # workers that ever joined (written on the loop, read by any thread)
+
+    def admission_problem(self, info: WorkerInfo) -> str | None:
+        """Why a worker may not join, or None."""
+        if info.model != self.model:
+            return f"it serves model {info.model!r}, this router serves {self.model!r}"
+        if info.role is not Role.BOTH and self.kv_key is not None:
+            mismatch = self.kv_key.mismatch(info.kv_key)
+            if mismatch:
+                return f"its KV cache is incompatible with the cluster's: {mismatch}"
+        return None
+
+    def join(self, hb: Heartbeat) -> Worker:
+        """Admit the worker of a first heartbeat (its `admission_problem` is None)."""
+        info = hb.info
+        if info.role is not Role.BOTH:
+            self.kv_key = self.kv_key or info.kv_key
+        worker = Worker(info, hb.load, hb.kv, time.monotonic())
+        worker.root_hash = root_hash(msgspec.msgpack.encode(info.kv_key))
+        self.workers[info.worker_id] = worker
+        self.num_joined += 1
+        self.prefix_index.add_worker(info.worker_id, info.num_pages)
+        return worker
+
+    def remove(self, worker_id: str) -> Worker:
+        self.prefix_index.remove_worker(worker_id)
+        return self.workers.pop(worker_id)
+
+    def pool(self, role: Role) -> list[Worker]:
+        """The workers taking new work of this role (not those draining to switch roles or to leave)."""
+        return [w for w in self.workers.values() if w.role is role and w.switch is None and not w.leaving]
+
+    @property
+    def max_model_len(self) -> int | None:
+        lens = [w.info.max_model_len for w in self.workers.values()]
+        return min(lens) if lens else None
+
+    def can_serve(self) -> bool:
+        return any(w.role is not Role.PREFILL for w in self.workers.values())
