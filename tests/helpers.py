@@ -114,7 +114,7 @@ def recording_cluster(options: RouterOptions) -> Iterator[tuple[Cluster, list[tu
     """A router whose messages to workers are recorded as (worker id, message) instead of sent."""
     cluster = Cluster(options)
     sent: list[tuple[str, object]] = []
-    cluster._send = lambda w, m: sent.append((w.worker_id, m))
+    cluster._send = cluster.roles._send = lambda w, m: sent.append((w.worker_id, m))
     try:
         yield cluster, sent
     finally:

@@ -170,16 +170,16 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     p.take(1, prefill_tokens=100)  # still busy with a prompt
 
     def window_of_tpot_misses() -> None:  # the prefill pool idles: busy 1 tick of 10
-        cluster._window.start -= 10
-        cluster._window.requests, cluster._window.decode_misses, cluster._window.ticks = 10, 5, 9
+        cluster.roles.window.start -= 10
+        cluster.roles.window.requests, cluster.roles.window.decode_misses, cluster.roles.window.ticks = 10, 5, 9
         cluster._balance(time.monotonic())
 
-    cluster._window.start -= 10
-    cluster._window.requests = 3
+    cluster.roles.window.start -= 10
+    cluster.roles.window.requests = 3
     cluster._balance(time.monotonic())
-    assert cluster.last_window is None  # 3 requests finished: the window goes on until there are 4
+    assert cluster.roles.last_window is None  # 3 requests finished: the window goes on until there are 4
     window_of_tpot_misses()
-    assert p.switch is None and "50% in decode" in cluster.last_verdict  # one window is not enough
+    assert p.switch is None and "50% in decode" in cluster.roles.last_verdict  # one window is not enough
     window_of_tpot_misses()
     assert p.switch is not None and p.switch.target is Role.DECODE
     assert cluster._pool(Role.PREFILL) == []  # no new prompts for it...
@@ -191,7 +191,7 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     assert sent[-1] == ("p", SwitchRole(Role.DECODE, p.switch.reason))
     cluster._heartbeat(Heartbeat(fake_worker_info("p", Role.DECODE), Load(100, 0, 0, 0), KvStats(), 0.0))
     assert p.role is Role.DECODE and p.switch is None and "50% in decode" in p.role_reason
-    assert dict(cluster.stats.role_switches) == {("prefill", "decode"): 1}
+    assert dict(cluster.roles.switches) == {("prefill", "decode"): 1}
     assert {w.id: w.role for w in cluster.snapshot().workers} == {"p": "decode", "d": "decode"}
 
 

@@ -28,7 +28,7 @@ import math
 import queue
 import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -50,28 +50,22 @@ from splitserve.protocol import (
     Reserve,
     Reserved,
     Role,
-    SwitchRole,
     Tokens,
     ToWorker,
-    WorkerInfo,
     decode_to_router,
     encode,
 )
 from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.membership import Membership, Worker
 from splitserve.router.policy import (
-    Decision,
     LocalPrefill,
     PolicyOptions,
-    RolePolicy,
-    Window,
-    WindowCounts,
     has_decode_room,
-    judge,
     local_prefill_threshold,
     prefills_locally,
 )
 from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.roles import RoleController
 from splitserve.router.snapshot import ClusterView, PoolView, RoleSwitches, RoutingView, WorkerView
 from splitserve.slo import SLO
 
@@ -133,7 +127,6 @@ class ClusterStats:
     prefix_routed: int = 0  # requests placed on a worker holding part of their prompt (by the index)
     prefix_routed_tokens: int = 0  # prompt tokens those workers held
     local_prefills: int = 0  # prompts a decode worker prefilled itself (conditional disaggregation)
-    role_switches: Counter = field(default_factory=Counter)  # by (old role, new role)
 
 
 class Cluster:
@@ -151,10 +144,7 @@ class Cluster:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
         self._tasks: list[asyncio.Task] = []
-        self.policy = RolePolicy(options.policy) if options.slo and options.role_switching else None
-        self._window = WindowCounts(time.monotonic())
-        self.last_window: Window | None = None
-        self.last_verdict = ""
+        self.roles = RoleController(options, self.members, self._send)
         self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()  # reported by `serve`'s supervisor thread
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -222,7 +212,7 @@ class Cluster:
             return
         if job in self.queue:
             self.queue.remove(job)
-        self._observe(job, time.monotonic())
+        self.roles.observe(job, time.monotonic())
         self._release(job)
         job.state = JobState.DONE
 
@@ -336,33 +326,12 @@ class Cluster:
     def _pool(self, role: Role) -> list[Worker]:
         return self.members.pool(role)
 
-    # --- the SLO loop: windows of finished requests, and role switches ---------------------------------
-
-    def _observe(self, job: Job, now: float, final: bool = True) -> None:
-        """Count a request in the current window: when it ends, or while it runs once it has plainly missed
-        the SLO (`policy.judge`); each request once."""
-        if self.options.slo is None or job.judged:
-            return
-        waited = job.waited_s + (now - job.enqueued_at if job.state is JobState.QUEUED else 0.0)
-        verdict = judge(self.options.slo, now, job.created, job.first_token_at, job.num_tokens, waited, final)
-        if verdict is None:
-            return
-        job.judged = True
-        self._window.count(verdict)
+    # --- the SLO loop (roles.RoleController) and operators' requests -----------------------------------
 
     def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
         """Move a worker to the other pool (an operator's request): KeyError for an unknown worker,
         ValueError when it cannot move (the last decode worker: nothing could serve)."""
-        w = self.workers.get(worker_id)
-        if w is None:
-            raise KeyError(worker_id)
-        if Role.BOTH in (role, w.role):
-            raise ValueError("only prefill and decode workers switch roles, between those two")
-        if w.role is role or w.switch is not None:
-            raise ValueError(f"it is a {w.role.value} worker" + (" switching already" if w.switch else " already"))
-        if w.role is Role.DECODE and len(self._pool(Role.DECODE)) == 1:
-            raise ValueError("it is the last decode worker: nothing could serve requests without it")
-        self._drain(w, Decision(w.role, role, reason), time.monotonic())
+        self.roles.switch_role(worker_id, role, reason)
 
     def report_restart(self, role: str) -> None:
         """A dead worker of `role` was started again (thread-safe: `serve`'s supervisor calls it)."""
@@ -375,56 +344,8 @@ class Cluster:
         log.info("draining worker %s: it gets no new work", worker_id)
 
     def _balance(self, now: float) -> None:
-        """Each watch tick: count who is busy; at each window's end ask the policy; move switches along."""
-        if self.policy is not None:
-            self._window.ticks += 1
-            for w in self.workers.values():
-                w.busy_ticks += bool(w.jobs)
-            for job in self.jobs.values():
-                self._observe(job, now, final=False)
-            if self.options.policy.window_over(now - self._window.start, self._window.requests):
-                window = self._close_window(now)
-                decision = self.policy.decide(window, now)
-                self.last_window, self.last_verdict = window, self.policy.last_reason
-                log.info("SLO window: %s", self.last_verdict)
-                candidates = self._pool(decision.source) if decision is not None else []
-                if candidates:  # the least busy worker of the source pool
-                    self._drain(min(candidates, key=lambda w: len(w.jobs)), decision, now)
-        for w in list(self.workers.values()):
-            if w.switch is not None:
-                self._advance_switch(w, now)
-
-    def _drain(self, w: Worker, decision: Decision, now: float) -> None:
-        """Stop giving `w` new work; it gets `SwitchRole` once it holds none."""
-        w.switch, w.switch_started, w.switch_sent = decision, now, False
-        log.warning("moving worker %s from the %s pool to the %s pool: %s", w.worker_id, decision.source.value,
-                    decision.target.value, decision.reason)  # fmt: skip
-        self._advance_switch(w, now)
-
-    def _advance_switch(self, w: Worker, now: float) -> None:
-        if not w.switch_sent and not w.jobs:
-            w.switch_sent = True
-            self._send(w, SwitchRole(w.switch.target, w.switch.reason))
-        elif now - w.switch_started > self.options.switch_timeout_s:
-            log.warning("worker %s did not switch to %s within %.0fs: back to its pool", w.worker_id,
-                        w.switch.target.value, self.options.switch_timeout_s)  # fmt: skip
-            w.switch, w.switch_sent = None, False
-
-    def _close_window(self, now: float) -> Window:
-        counts, self._window = self._window, WindowCounts(now)
-        window = counts.window(*([w.busy_ticks for w in self._pool(role)] for role in (Role.PREFILL, Role.DECODE)))
-        for w in self.workers.values():
-            w.busy_ticks = 0
-        return window
-
-    def _role_changed(self, w: Worker, info: WorkerInfo) -> None:
-        """A worker's heartbeat shows a new role: the switch is done; it takes work of that role now."""
-        old = w.role
-        why = w.switch.reason if w.switch is not None and w.switch.target is info.role else "switched by itself"
-        w.info, w.switch, w.switch_sent = info, None, False
-        w.role_reason = f"switched from {old.value} {time.strftime('%H:%M:%S')}: {why}"
-        self.stats.role_switches[(old.value, info.role.value)] += 1
-        log.warning("worker %s is now a %s worker", w.worker_id, info.role.value)
+        """Each watch tick: the SLO loop judges running requests, closes windows and moves switches along."""
+        self.roles.tick(now, self.jobs.values())
 
     # --- messages from workers -----------------------------------------------------------------------
 
@@ -480,7 +401,7 @@ class Cluster:
             log.info("worker %s joined (%s, %d pages, pid %d on %s)", info.worker_id, info.role.value,
                      info.num_pages, info.pid, info.host)  # fmt: skip
         if info.role is not worker.role:
-            self._role_changed(worker, info)
+            self.roles.role_changed(worker, info)
         worker.load, worker.kv, worker.loop_age_s, worker.cache = hb.load, hb.kv, hb.loop_age_s, hb.cache
         worker.last_heartbeat = time.monotonic()
         worker.refused_reserve = False
@@ -584,7 +505,7 @@ class Cluster:
         job.events.put_nowait(ErrorEvent(message, status))
 
     def _finish(self, job: Job) -> None:
-        self._observe(job, time.monotonic())
+        self.roles.observe(job, time.monotonic())
         self.jobs.pop(job.wire_id, None)
         for worker_id in (job.prefill, job.decode):
             w = self.workers.get(worker_id) if worker_id else None
@@ -666,11 +587,11 @@ class Cluster:
             if members:
                 totals = {k: sum(getattr(w, k) for w in members) for k in PoolView.__struct_fields__ if k != "workers"}
                 pools[role.value] = PoolView(workers=len(members), **totals)
-        switches = [RoleSwitches(a, b, n) for (a, b), n in sorted(self.stats.role_switches.items())]
+        switches = [RoleSwitches(a, b, n) for (a, b), n in sorted(self.roles.switches.items())]
         policy = {}
-        if self.policy is not None:
-            behind = self.policy.last_behind
-            policy = dict(last_window=self.last_window, last_verdict=self.last_verdict,
+        if self.roles.policy is not None:
+            behind = self.roles.policy.last_behind
+            policy = dict(last_window=self.roles.last_window, last_verdict=self.roles.last_verdict,
                           behind=None if behind is None else behind.value)  # fmt: skip
         routing = RoutingView(self.stats.prefix_routed, self.stats.prefix_routed_tokens, self.stats.local_prefills,
                               self.local_prefill_rule().max_tokens, round(self.prefill_tokens_per_s(), 1), switches,

@@ -126,7 +126,7 @@ class _ClusterCollector(Collector):
                                   stats.local_prefills)  # fmt: skip
         switches = CounterMetricFamily("splitserve_role_switches", "Workers moved between the prefill and decode "
                                        "pools, by old and new role", labels=["from", "to"])  # fmt: skip
-        for (old, new), count in stats.role_switches.items():
+        for (old, new), count in self.cluster.roles.switches.items():
             switches.add_metric([old, new], count)
         yield switches
         gauges = {
