@@ -139,7 +139,7 @@ def test_under_an_slo_short_prompts_are_prefilled_by_their_decode_worker(router)
     cluster, sent = router
     add_fake_worker(cluster, "p", Role.PREFILL, prefill_tokens_per_s=500.0)
     add_fake_worker(cluster, "d", Role.DECODE, prefill_tokens_per_s=500.0)
-    assert cluster.local_prefill_rule().max_tokens == 50  # 500 tokens/s x 100 ms
+    assert cluster.placement.local_prefill_rule().max_tokens == 50  # 500 tokens/s x 100 ms
     cluster.submit(list(range(40)), SamplingParams())
     assert sent[-1][0] == "d" and isinstance(sent[-1][1], Generate)
     cluster.submit(list(range(100)), SamplingParams())

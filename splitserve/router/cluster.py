@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import queue
 import secrets
 import time
@@ -57,12 +56,9 @@ from splitserve.protocol import (
 )
 from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.membership import Membership, Worker
+from splitserve.router.placement import Placement
 from splitserve.router.policy import (
-    LocalPrefill,
     PolicyOptions,
-    has_decode_room,
-    local_prefill_threshold,
-    prefills_locally,
 )
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.roles import RoleController
@@ -144,6 +140,7 @@ class Cluster:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
         self._tasks: list[asyncio.Task] = []
+        self.placement = Placement(options, self.members)
         self.roles = RoleController(options, self.members, self._send)
         self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()  # reported by `serve`'s supervisor thread
 
@@ -244,34 +241,18 @@ class Cluster:
             job.waited_s += time.monotonic() - job.enqueued_at
 
     def _place(self, job: Job) -> bool:
-        prefill = self._pool(Role.PREFILL)
-        decode_pool = self._pool(Role.DECODE)
-        tpot = self.options.slo.tpot if self.options.slo is not None else None
-        if decode_pool:
-            decode = [
-                w
-                for w in decode_pool
-                if not w.refused_reserve
-                and has_decode_room(w.load.decode_step_s, tpot, len(w.jobs))
-                and w.free_pages() >= job.pages_needed
-                and len(w.jobs) < w.info.max_num_seqs
-                and len(job.prompt_token_ids) < w.info.max_model_len
-            ]
-            if not decode:
-                return False
-            d = min(decode, key=lambda w: self._cost(w, job))
-            if self._prefills_locally(d, job, prefill):
-                self.stats.local_prefills += 1
-                self._generate(d, job)
-                return True
-            job.state, job.decode, job.attempts = JobState.RESERVING, d.worker_id, job.attempts + 1
-            d.take(job.wire_id, reserving_pages=job.pages_needed)
-            self._send(d, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
-            return True
-        both = [w for w in self._pool(Role.BOTH) if len(w.jobs) < w.info.max_num_seqs]
-        if not both:
+        """Give the job to the worker `Placement` chooses; False when none has room now."""
+        choice = self.placement.choose(job, self.jobs)
+        if choice is None:
             return False
-        self._generate(min(both, key=lambda w: self._cost(w, job)), job)
+        w = choice.worker
+        if choice.local:
+            self.stats.local_prefills += w.role is Role.DECODE
+            self._generate(w, job)
+            return True
+        job.state, job.decode, job.attempts = JobState.RESERVING, w.worker_id, job.attempts + 1
+        w.take(job.wire_id, reserving_pages=job.pages_needed)
+        self._send(w, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
         return True
 
     def _generate(self, w: Worker, job: Job) -> None:
@@ -281,44 +262,9 @@ class Cluster:
         w.take(job.wire_id)
         self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
 
-    def _cached_tokens(self, w: Worker, job: Job) -> int:
-        """Prompt tokens `w` holds in its prefix cache, by the index."""
-        ps = w.info.page_size
-        return self.prefix_index.matched_pages(w.worker_id, job.page_hashes(w.root_hash, ps)) * ps
-
-    def _cost(self, w: Worker, job: Job) -> float:
-        """Pages of work: the prompt's pages it lacks, the pages it has in use, and its queued prompt tokens."""
-        uncached = len(job.prompt_token_ids) - self._cached_tokens(w, job)
-        return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / w.info.page_size + w.pages_in_use()
-
-    def _prefills_locally(self, d: Worker, job: Job, prefill: list[Worker]) -> bool:
-        """Whether decode worker `d` should prefill the prompt itself (`policy.prefills_locally`): always when
-        no prefill worker is left; without an SLO only a prompt it holds partly cached."""
-        cached = self._cached_tokens(d, job)
-        if self.options.slo is None and not cached and prefill:
-            return False
-        pool = min((len(job.prompt_token_ids) - self._cached_tokens(p, job) + p.prefill_tokens for p in prefill),
-                   default=math.inf)  # fmt: skip
-        suffix = len(job.prompt_token_ids) - cached
-        # What it runs itself: requests whose KV is still being prefilled elsewhere cost it nothing yet.
-        running = sum(self.jobs[i].state is JobState.GENERATING for i in d.jobs if i in self.jobs)
-        return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.local_prefill_rule(), running)
-
-    def prefill_tokens_per_s(self) -> float:
-        """The workers' measured prompt throughput (their mean; 0 before any measured one)."""
-        rates = [w.load.prefill_tokens_per_s for w in self.workers.values() if w.load.prefill_tokens_per_s > 0]
-        return sum(rates) / len(rates) if rates else 0.0
-
-    def local_prefill_rule(self) -> LocalPrefill:
-        slo, configured = self.options.slo, self.options.local_prefill_tokens
-        if slo is None:
-            return LocalPrefill(256 if configured is None else configured)
-        threshold = local_prefill_threshold(self.prefill_tokens_per_s(), slo.tpot, configured)
-        return LocalPrefill(threshold, conditional=True)
-
     def _note_routing(self, w: Worker, job: Job) -> None:
         """Count a placement on the worker that will compute the prompt, when it holds part of it."""
-        cached = self._cached_tokens(w, job)
+        cached = self.placement.cached_tokens(w, job)
         if cached:
             self.stats.prefix_routed += 1
             self.stats.prefix_routed_tokens += cached
@@ -424,11 +370,10 @@ class Cluster:
             job.attempts -= 1  # a refusal is not a failed attempt
             self._enqueue(job, front=True)
             return
-        prefill = self._pool(Role.PREFILL)
-        if not prefill:
+        p = self.placement.prefill_worker(job)
+        if p is None:
             self._retry(job, "no prefill worker is left")
             return
-        p = min(prefill, key=lambda w: self._cost(w, job))
         self._note_routing(p, job)
         job.state, job.prefill = JobState.PREFILLING, p.worker_id
         p.take(job.wire_id, prefill_tokens=len(job.prompt_token_ids))
@@ -594,7 +539,8 @@ class Cluster:
             policy = dict(last_window=self.roles.last_window, last_verdict=self.roles.last_verdict,
                           behind=None if behind is None else behind.value)  # fmt: skip
         routing = RoutingView(self.stats.prefix_routed, self.stats.prefix_routed_tokens, self.stats.local_prefills,
-                              self.local_prefill_rule().max_tokens, round(self.prefill_tokens_per_s(), 1), switches,
+                              self.placement.local_prefill_rule().max_tokens,
+                              round(self.placement.prefill_tokens_per_s(), 1), switches,
                               **policy)  # fmt: skip
         return ClusterView(len(self.queue), states, pools, workers, dict(self.stats.worker_restarts), routing)
 
