@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +37,7 @@ from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.protocol import Role
 from splitserve.router.cluster import Cluster
+from splitserve.router.formats import ChatShape, CompletionShape, sse
 from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat, RoleChange
@@ -299,13 +299,15 @@ class _Choice:
 
 
 class _Answer:
-    """Turns the jobs' token events into the OpenAI response, whole or as a stream of chunks."""
+    """Collects the jobs' token events into each choice's text, logprobs and token ids (stop strings, metrics,
+    aborts) and hands them to the response's shape (`formats`), whole or as a stream of chunks."""
 
     def __init__(self, state: RouterState, body, choices: list[_Choice], prompts: list[list[int]]):
         self.state, self.body, self.choices = state, body, choices
-        self.chat = isinstance(body, ChatCompletionRequest)
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        chat = isinstance(body, ChatCompletionRequest)
+        wants_logprobs = (body.num_logprobs if chat else body.logprobs) is not None
+        shape = ChatShape if chat else CompletionShape
+        self.shape = shape(state.served_model, state.tokenizer.decode, wants_logprobs, body.return_token_ids)
         self.num_prompt = sum(len(p) for p in prompts)
 
     def abort(self) -> None:
@@ -379,98 +381,44 @@ class _Answer:
                 text, lps = self._take(choice, event)
                 texts[choice.index].append(text)
                 logprobs[choice.index].extend(lps)
-        out = []
-        for c in self.choices:
-            text = "".join(texts[c.index])
-            entry: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason}
-            if self.chat:
-                entry["message"] = {"role": "assistant", "content": text}
-            else:
-                entry["text"] = text
-            entry["logprobs"] = self._logprobs(c, logprobs[c.index]) if self._wants_logprobs else None
-            if self.body.return_token_ids:
-                entry["token_ids"] = c.token_ids
-            out.append(entry)
-        return {**self._envelope(whole=True), "choices": out, "usage": self._usage()}
+        out = [self.shape.whole_choice(c.index, "".join(texts[c.index]), c.finish_reason,
+                                       self._logprobs(c, logprobs[c.index]), c.token_ids)
+               for c in self.choices]  # fmt: skip
+        return {**self.shape.envelope(whole=True), "choices": out, "usage": self._usage()}
 
     async def stream(self, firsts: list[TokenEvent]) -> AsyncIterator[bytes]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         try:
             for c in self.choices:
-                if self.chat:
-                    yield self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}}, include_usage)
-                elif c.echo:
-                    yield self._chunk({"index": c.index, "text": c.echo}, include_usage)
+                opening = self.shape.opening(c.index, c.echo)
+                if opening is not None:
+                    yield self.shape.chunk(opening, include_usage)
             async with contextlib.aclosing(self._events(firsts, None)) as events:
                 async for choice, event in events:
                     if isinstance(event, ErrorEvent):
                         self.count_error()
-                        yield _sse(_error_body(event.message, "server_error"))
+                        yield sse(_error_body(event.message, "server_error"))
                         break
                     text, lps = self._take(choice, event)
                     if text or lps or choice.finish_reason or self.body.return_token_ids:
-                        entry: dict[str, Any] = (
-                            {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
-                        )
-                        entry["index"] = choice.index
-                        entry["logprobs"] = self._logprobs(choice, lps) if self._wants_logprobs else None
-                        entry["finish_reason"] = choice.finish_reason
-                        if self.body.return_token_ids:
-                            entry["token_ids"] = [event.token_id]
-                        yield self._chunk(entry, include_usage)
+                        entry = self.shape.piece(choice.index, text, self._logprobs(choice, lps),
+                                                 choice.finish_reason, event.token_id)  # fmt: skip
+                        yield self.shape.chunk(entry, include_usage)
             if self.finished and include_usage:
-                yield _sse({**self._envelope(), "choices": [], "usage": self._usage()})
+                yield self.shape.usage_chunk(self._usage())
             yield b"data: [DONE]\n\n"
         finally:
             self.abort()  # the client left mid-stream (or an error ended it): free the requests everywhere
 
-    @property
-    def _wants_logprobs(self) -> bool:
-        return (self.body.num_logprobs if self.chat else self.body.logprobs) is not None
-
-    def _envelope(self, whole: bool = False) -> dict[str, Any]:
-        kind = ("chat.completion" if whole else "chat.completion.chunk") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.state.served_model}
-
-    def _chunk(self, choice: dict[str, Any], include_usage: bool) -> bytes:
-        choice = {"logprobs": None, "finish_reason": None, **choice}
-        payload = {**self._envelope(), "choices": [choice]}
-        if include_usage:
-            payload["usage"] = None
-        return _sse(payload)
+    def _logprobs(self, choice: _Choice, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.shape.wants_logprobs:
+            return None
+        out, choice.text_offset = self.shape.logprobs(logprobs, choice.text_offset)
+        return out
 
     def _usage(self) -> dict[str, int]:
         n = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": self.num_prompt, "completion_tokens": n, "total_tokens": self.num_prompt + n}
-
-    def _logprobs(self, choice: _Choice, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        decode = self.state.tokenizer.decode
-
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            token = decode([token_id])
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-        if self.chat:
-            return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                                for lp in logprobs]}  # fmt: skip
-        tokens = [decode([lp.token_id]) for lp in logprobs]
-        offsets = []
-        for token in tokens:
-            offsets.append(choice.text_offset)
-            choice.text_offset += len(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{decode([t]): v for t, v in lp.top} for lp in logprobs],
-            "text_offset": offsets,
-        }
-
-
-_json = msgspec.json.Encoder()
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
 
 
 class _BodyLimit:
@@ -504,7 +452,7 @@ class _BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        body = _json.encode(_error_body(f"the request body exceeds {self.limit} bytes", "invalid_request_error"))
+        body = msgspec.json.encode(_error_body(f"the request body exceeds {self.limit} bytes", "invalid_request_error"))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
