@@ -60,22 +60,6 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
 
 
 @triton.jit
-def _load_kv_tile(
-    cache_ptr, table_row_ptr, positions, valid, layer, kvh,
-    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
-    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-):  # fmt: skip
-    """K and V `[tokens, HEAD_DIM]` of KV head `kvh` at `positions` (a tile that may span pages)."""
-    d = tl.arange(0, HEAD_DIM)
-    page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-    rows = page * stride_cp + (positions % PAGE_SIZE) * stride_cs
-    addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
-    k = tl.load(addr, mask=valid[:, None], other=0.0)
-    v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
 def _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION: tl.constexpr):
     """One online-softmax step: fold a tile of keys (where `allowed`) into the running max `m`,
     denominator and accumulator of each query row."""
@@ -88,6 +72,30 @@ def _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION: tl.constexpr
     denom = denom * alpha + tl.sum(probs, 1)
     acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
     return m_new, denom, acc
+
+
+@triton.jit
+def _attend_keys(
+    q, q_pos, m, denom, acc, cache_ptr, table_row_ptr, first, context, layer, kvh, scale,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """Fold the context's keys at positions [first, first + TILE) into the queries' online softmax: K and V of
+    KV head `kvh`, read from the sequence's pages (a tile may span pages). With CAUSAL, query row i sees only
+    keys at or before its position `q_pos[i]`."""
+    positions = first + tl.arange(0, TILE)
+    valid = positions < context
+    d = tl.arange(0, HEAD_DIM)
+    page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    rows = page * stride_cp + (positions % PAGE_SIZE) * stride_cs
+    addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
+    k = tl.load(addr, mask=valid[:, None], other=0.0)
+    v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
+    allowed = valid[None, :]
+    if CAUSAL:
+        allowed = allowed & (positions[None, :] <= q_pos[:, None])
+    return _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION)
 
 
 @triton.jit
@@ -118,13 +126,10 @@ def _decode_partial_kernel(
     split_start = split * SPLIT_TOKENS
     # The loop ends where the context does: a split past it runs no tile (the grid is fixed, the work is not).
     for t in range(split_start, tl.minimum(context, split_start + SPLIT_TOKENS), TILE):
-        positions = t + tl.arange(0, TILE)
-        valid = positions < context
-        k, v = _load_kv_tile(
-            cache_ptr, table_ptr + b * stride_tb, positions, valid, layer, kvh,
-            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
+        m, denom, acc = _attend_keys(
+            q, 0, m, denom, acc, cache_ptr, table_ptr + b * stride_tb, t, context, layer, kvh, scale,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, TILE, PAGE_SIZE, HEAD_DIM, PRECISION, False,
         )  # fmt: skip
-        m, denom, acc = _attend_tile(q, k, v, valid[None, :], m, denom, acc, scale, PRECISION)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out, acc, mask=group_mask[:, None])
     tl.store(m_ptr + b * stride_mb + heads * stride_mh + split, m, mask=group_mask)
@@ -236,14 +241,10 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     last = tl.minimum(context, context - q_len + (block + 1) * BLOCK_M)  # keys past the block's last query
     for t in range(0, last, BLOCK_N):
-        positions = t + tl.arange(0, BLOCK_N)
-        valid = positions < context
-        k, v = _load_kv_tile(
-            cache_ptr, table_ptr + span * stride_tb, positions, valid, layer, kvh,
-            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, PAGE_SIZE, HEAD_DIM,
+        m, denom, acc = _attend_keys(
+            q, q_pos, m, denom, acc, cache_ptr, table_ptr + span * stride_tb, t, context, layer, kvh, scale,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, BLOCK_N, PAGE_SIZE, HEAD_DIM, PRECISION, True,
         )  # fmt: skip
-        allowed = (positions[None, :] <= q_pos[:, None]) & valid[None, :]  # causal
-        m, denom, acc = _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     dst = out_ptr + (start + rows)[:, None] * stride_on + h * stride_oh + d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -546,6 +547,7 @@ class Cluster:
 
 
 def _describe(w: Worker) -> WorkerView:
+    cache = w.cache
     return WorkerView(
         id=w.worker_id,
         role=w.role.value,
@@ -560,15 +562,10 @@ def _describe(w: Worker) -> WorkerView:
         waiting=w.load.num_waiting,
         pending_prefill_tokens=w.load.pending_prefill_tokens,
         jobs=len(w.jobs),
-        kv_bytes_sent=w.kv.bytes_sent,
-        kv_bytes_received=w.kv.bytes_received,
-        kv_seconds_sending=w.kv.seconds_sending,
-        kv_seconds_receiving=w.kv.seconds_receiving,
-        kv_failures=w.kv.failures,
-        kv_transfers_pulled=w.kv.transfers_pulled,
-        prefix_cache_queries=w.cache.queries,
-        prefix_cache_hits=w.cache.hits,
-        prefix_cache_evictions=w.cache.evictions,
-        cached_pages=w.cache.cached_pages,
-        retained_pages=w.cache.retained_pages,
+        **{f"kv_{name}": value for name, value in msgspec.structs.asdict(w.kv).items()},
+        prefix_cache_queries=cache.queries,
+        prefix_cache_hits=cache.hits,
+        prefix_cache_evictions=cache.evictions,
+        cached_pages=cache.cached_pages,
+        retained_pages=cache.retained_pages,
     )
