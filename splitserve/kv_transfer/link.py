@@ -131,6 +131,13 @@ def message_sizes(num_pages: int, page_bytes: int) -> list[int]:
     return [min(per, num_pages - start) for start in range(0, num_pages, per)]
 
 
+def copies_done(pages: torch.Tensor) -> None:
+    """Wait for the page copies queued on the pages' device (GPU kernels run asynchronously; UCX reads and writes
+    buffers without regard to torch's stream): before a staged buffer is sent, or reused after a scatter."""
+    if pages.is_cuda:
+        torch.cuda.current_stream(pages.device).synchronize()
+
+
 def page_region(pages: torch.Tensor, ids: list[int]) -> torch.Tensor | None:
     """Rows `ids` of `pages` as one view when they are consecutive (a message sent from or received into
     them in place), else None (the message goes through a staging buffer)."""

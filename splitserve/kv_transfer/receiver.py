@@ -34,6 +34,7 @@ from splitserve.kv_transfer.link import (
     Link,
     Side,
     TransferError,
+    copies_done,
     done_tag,
     message_sizes,
     page_region,
@@ -248,6 +249,8 @@ class Receiver:
             payload = done.payload
             for i, staged in res.staged.items():  # the transfer is whole: its staged pages go into place
                 copy_pages(staged, list(range(len(staged))), link.pages, res.messages[i])
+            if res.staged:
+                copies_done(link.pages)  # read out before the buffers are reused
         link.metrics.transfers_received += 1
         link.metrics.transfers_pulled += res.pulled is not None
         link.metrics.bytes_received += len(res.pages) * link.page_bytes

@@ -31,6 +31,7 @@ from splitserve.kv_transfer.link import (
     Link,
     Side,
     TransferError,
+    copies_done,
     done_tag,
     page_region,
     page_tag,
@@ -205,8 +206,8 @@ class Sender:
             except ProtocolError:  # too many pages for one control message: send them tagged
                 pass
         ep = link.endpoint(out.ticket.address)
-        start = 0
-        for i, length in enumerate(out.ticket.message_pages):
+        regions, start = [], 0
+        for length in out.ticket.message_pages:
             pages = out.pages[start : start + length]
             start += length
             region = page_region(link.pages, pages)
@@ -214,6 +215,10 @@ class Sender:
                 region = link.staging.take(length)
                 copy_pages(link.pages, pages, region, list(range(length)))
                 out.staging.append(region)
+            regions.append(region)
+        if out.staging:
+            copies_done(link.pages)  # the gathers are written before UCX reads them
+        for i, region in enumerate(regions):
             out.sends.append(ep.tag_send(link.array(region), tag=page_tag(xid, i)))
         link.metrics.messages_sent += len(out.sends)
 
