@@ -182,7 +182,7 @@ def test_the_slo_loop_drains_a_worker_then_switches_it_and_counts_the_switch(rou
     assert p.switch is None and "50% in decode" in cluster.roles.last_verdict  # one window is not enough
     window_of_tpot_misses()
     assert p.switch is not None and p.switch.target is Role.DECODE
-    assert cluster._pool(Role.PREFILL) == []  # no new prompts for it...
+    assert cluster.members.pool(Role.PREFILL) == []  # no new prompts for it...
     assert not any(isinstance(m, SwitchRole) for _, m in sent)  # ...and no switch while it holds work
     cluster.submit(list(range(300)), SamplingParams())  # meanwhile the decode worker prefills for itself
     assert sent[-1][0] == "d" and isinstance(sent[-1][1], Generate)

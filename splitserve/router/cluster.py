@@ -270,9 +270,6 @@ class Cluster:
             self.stats.prefix_routed += 1
             self.stats.prefix_routed_tokens += cached
 
-    def _pool(self, role: Role) -> list[Worker]:
-        return self.members.pool(role)
-
     # --- the SLO loop (roles.RoleController) and operators' requests -----------------------------------
 
     def switch_role(self, worker_id: str, role: Role, reason: str) -> None:
