@@ -7,6 +7,7 @@ the prompt's KV into the reserved pages and hands over the first token: the disa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,20 +45,32 @@ class DecodeEngine(EngineCore):
         self._requests: dict[str, Request] = {}
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
-        self.scheduler.add(self._create(request_id, prompt_token_ids, params, cache_key))
+        """A request this engine prefills itself (`output_token_ids`: see `EngineCore.new_request`)."""
+        self.scheduler.add(self._create(request_id, prompt_token_ids, params, cache_key, output_token_ids))
 
     def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> list[int]:
-        """Take pages for a prompt whose KV another worker will write; returns those that need it, in prompt
-        order: the pages after the prompt's prefix that this engine has cached (the last page always)."""
-        request = self._create(request_id, prompt_token_ids, params, cache_key)
+        """Take pages for a prompt (and the outputs it resumes after) whose KV another worker will write;
+        returns those that need it, in order: the pages after the prefix that this engine has cached (the last
+        page always)."""
+        request = self._create(request_id, prompt_token_ids, params, cache_key, output_token_ids)
         if not self.scheduler.reserve(request):
             del self._requests[request_id]
             raise NoCapacityError(
-                f"no room for {len(prompt_token_ids)} prompt tokens: {self.allocator.num_available} pages free, "
+                f"no room for {request.num_tokens} prompt tokens: {self.allocator.num_available} pages free, "
                 f"{self.scheduler.num_requests} of {self.scheduler.max_num_seqs} batch slots taken"
             )
         return request.pages[request.num_cached_tokens // self.config.page_size :]
@@ -90,11 +103,16 @@ class DecodeEngine(EngineCore):
         return [self._update(request, outcome) for request, outcome in sampled]
 
     def _create(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None,
+        output_token_ids: Sequence[int],
     ) -> Request:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params, cache_key)
+        request = self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids)
         self._requests[request_id] = request
         return request
 

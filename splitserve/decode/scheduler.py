@@ -62,7 +62,7 @@ class Scheduler:
     def admit_prefilled(self, request: Request, first: Sampled) -> None:
         """A reserved request's pages hold its prompt's KV and `first` is its first output: run it."""
         self.receiving.remove(request)
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens
         self.pages.cache_computed(request)
         request.take(first, self.max_model_len)
         if request.finish_reason is not None:

@@ -70,7 +70,8 @@ class DecodeWorker:
             self._reserve(message)
         elif isinstance(message, Generate):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
+                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key,
+                                        message.output_token_ids)  # fmt: skip
             except InvalidRequestError as e:
                 self._send(JobFailed(message.job, str(e), retryable=False, invalid=True))
         elif isinstance(message, Abort):
@@ -104,7 +105,8 @@ class DecodeWorker:
     def _reserve(self, message: Reserve) -> None:
         job = str(message.job)
         try:
-            pages = self.engine.reserve(job, message.prompt_token_ids, message.params, message.cache_key)
+            pages = self.engine.reserve(job, message.prompt_token_ids, message.params, message.cache_key,
+                                        message.output_token_ids)  # fmt: skip
         except (NoCapacityError, InvalidRequestError) as e:
             self._send(Reserved(message.job, None, self.load(), str(e), invalid=isinstance(e, InvalidRequestError)))
             return

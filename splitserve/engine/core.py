@@ -5,6 +5,7 @@ against the model's limits (with its structured-output grammar, compiled on firs
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import msgspec
 import torch
@@ -84,15 +85,24 @@ class EngineCore:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
     def new_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
         """A request for this engine; InvalidRequestError when the model cannot serve it as given. Requests
-        of one conversation share a `cache_key`: its pages are kept for its next turn."""
-        self.validate_prompt(prompt_token_ids)
+        of one conversation share a `cache_key`: its pages are kept for its next turn. `output_token_ids`:
+        what an earlier attempt at the request generated (it resumes after them; `Request.create`)."""
+        self.validate_prompt([*prompt_token_ids, *output_token_ids])
+        if len(output_token_ids) >= params.max_tokens:
+            done, limit = len(output_token_ids), params.max_tokens
+            raise InvalidRequestError(f"a request resumed after {done} tokens has none left of max_tokens {limit}")
         check_params(params, self.model_config.vocab_size)
         eos = frozenset(self.model_config.eos_token_ids)
         grammar = self.grammars.grammar(params.structured) if params.structured is not None else None
-        return Request.create(request_id, prompt_token_ids, params, eos, grammar, cache_key)
+        return Request.create(request_id, prompt_token_ids, params, eos, grammar, cache_key, output_token_ids)
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits `[len(token_ids), vocab]` predicting each next token (for quality checks and prompt

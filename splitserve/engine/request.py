@@ -4,6 +4,7 @@ sampler hands it each step (`Sampled`, or `SamplingFailed`)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -65,13 +66,18 @@ class Request:
         eos_token_ids: frozenset[int],
         grammar: Grammar | None = None,
         cache_key: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
+        """`output_token_ids`: tokens an earlier attempt generated (a request migrated to this worker): they
+        are computed with the prompt, count as output (max_tokens, min_tokens, penalties, the grammar), and a
+        seeded generator continues after their draws, so that the next token is the one that attempt would have
+        sampled. InvalidRequestError when the grammar refuses them."""
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator().manual_seed(params.seed)
-        return cls(
+        request = cls(
             request_id,
-            list(prompt_token_ids),
+            [*prompt_token_ids, *output_token_ids],
             len(prompt_token_ids),
             params,
             eos_token_ids,
@@ -79,6 +85,17 @@ class Request:
             grammar=grammar,
             cache_key=cache_key,
         )
+        for token_id in output_token_ids:
+            if grammar is not None:
+                grammar.accept(token_id)
+            if generator is not None:
+                request.draw()
+        return request
+
+    def draw(self) -> torch.Tensor:
+        """The next uniform number of this request's seeded generator, `[1]`: one per sampled token, so that
+        a generator that drew once per output token is where the request's sampling left it."""
+        return torch.rand(1, generator=self.generator)
 
     @property
     def num_tokens(self) -> int:

@@ -109,7 +109,7 @@ def uniforms(requests: list[Request]) -> torch.Tensor:
     uniform = torch.rand(len(requests), 1)
     for i, r in enumerate(requests):
         if r.generator is not None:
-            uniform[i] = torch.rand(1, generator=r.generator)
+            uniform[i] = r.draw()
     return uniform
 
 

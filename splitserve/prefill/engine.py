@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig
@@ -39,11 +40,17 @@ class PrefillEngine(EngineCore):
         self._ids: set[str] = set()
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
+        """Queue a prompt (and the outputs it resumes after: `EngineCore.new_request`) for prefill."""
         if request_id in self._ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params, cache_key)
+        request = self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids)
         self._ids.add(request_id)
         self.scheduler.add(request)
 

@@ -30,7 +30,7 @@ class PrefillScheduler:
     @property
     def pending_tokens(self) -> int:
         """Prompt tokens not yet computed: how far behind this worker is."""
-        return sum(r.num_prompt_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
+        return sum(r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -58,7 +58,7 @@ class PrefillScheduler:
         for request in self.running:
             if budget == 0:
                 break
-            n = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
             chunks.append(Chunk(request, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -49,7 +49,8 @@ class PrefillWorker:
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Prefill):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key)
+                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key,
+                                        message.output_token_ids)  # fmt: skip
             except InvalidRequestError as e:
                 self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False, invalid=True))
                 return
