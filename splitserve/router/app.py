@@ -340,6 +340,10 @@ class _Answer:
             now = time.monotonic()
             ttft = (job.first_token_at or now) - job.created
             self.state.metrics.record(ttft, now - job.created, len(choice.token_ids))
+            log.info("request %s choice %d finished (%s): %d prompt + %d output tokens, TTFT %.3fs, %.3fs in all, "
+                     "%d attempt(s), %d migration(s)%s", self.shape.id, choice.index, finish, len(job.prompt_token_ids),
+                     len(choice.token_ids), ttft, now - job.created, job.attempts, len(job.migrations),
+                     f" ({', '.join(job.migrations)})" if job.migrations else "")  # fmt: skip
             if self.finished:
                 self.state.metrics.requests.labels("ok").inc()
         return text, [event.logprob] if event.logprob is not None else []

@@ -15,7 +15,10 @@ and when a window's misses say one pool is the bottleneck while the other idles,
 is drained (no new work) and switched in place to the other role (`SwitchRole`; its heartbeats then show
 the new role). Decode workers prefill for themselves whenever no prefill worker is left.
 A request that fails before its first token is retried from the start (new job id) on the workers left;
-one that fails later ends with an error event. Everything runs on the router's asyncio loop.
+one that fails later (its decode worker died, a transfer failed, or its worker was drained for a role switch
+and did not finish in time) is *migrated*: the next attempt prefills the prompt and the tokens already sent
+and resumes after them (a seeded request's sampler too), so the client's stream goes on without a gap; after
+`--migration-limit` migrations it ends with an error event. Everything runs on the router's asyncio loop.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import queue
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import msgspec
@@ -113,6 +116,18 @@ class RouterOptions:
     )
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     switch_timeout_s: float = 300.0  # a worker not switched this long after the decision goes back to its pool
+    drain_timeout_s: float = option(
+        30.0,
+        "seconds a decode worker drained for a role switch may take to finish its requests; then they migrate to "
+        "other decode workers (default {default:g})",
+        flag="--drain-timeout",
+    )
+    migration_limit: int = option(
+        3,
+        "times a request whose decode worker fails mid-stream moves to another one (its prompt and the tokens "
+        "already sent prefilled again, the stream going on); beyond it the client gets an error event; 0: never "
+        "(default {default})",
+    )
 
 
 @dataclass
@@ -124,6 +139,7 @@ class ClusterStats:
     prefix_routed: int = 0  # requests placed on a worker holding part of their prompt (by the index)
     prefix_routed_tokens: int = 0  # prompt tokens those workers held
     local_prefills: int = 0  # prompts a decode worker prefilled itself (conditional disaggregation)
+    migrations: Counter[str] = field(default_factory=Counter)  # requests moved mid-stream, by reason
 
 
 class Cluster:
@@ -142,7 +158,7 @@ class Cluster:
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
         self._tasks: list[asyncio.Task] = []
         self.placement = Placement(options, self.members)
-        self.roles = RoleController(options, self.members, self._send)
+        self.roles = RoleController(options, self.members, self._send, self._evacuate)
         self._restarts: queue.SimpleQueue[str] = queue.SimpleQueue()  # reported by `serve`'s supervisor thread
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -196,10 +212,7 @@ class Cluster:
             raise Overloaded(f"too many requests waiting ({len(self.queue)}); retry later", 429)
         page_size = min(w.info.page_size for w in self.workers.values())
         now = time.monotonic()
-        job = Job(
-            list(prompt_token_ids), params, now, -(-len(prompt_token_ids) // page_size), queued_at=now,
-            cache_key=cache_key,
-        )  # fmt: skip
+        job = Job(list(prompt_token_ids), params, now, page_size, queued_at=now, cache_key=cache_key)
         self._enqueue(job, front=False)
         self._dispatch()
         return job
@@ -253,7 +266,7 @@ class Cluster:
             return True
         job.state, job.decode, job.attempts = JobState.RESERVING, w.worker_id, job.attempts + 1
         w.take(job.wire_id, reserving_pages=job.pages_needed)
-        self._send(w, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
+        self._send(w, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key, job.resumed_token_ids))
         return True
 
     def _generate(self, w: Worker, job: Job) -> None:
@@ -261,7 +274,7 @@ class Cluster:
         self._note_routing(w, job)
         job.state, job.decode, job.attempts = JobState.GENERATING, w.worker_id, job.attempts + 1
         w.take(job.wire_id)
-        self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key))
+        self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key, job.resumed_token_ids))
 
     def _note_routing(self, w: Worker, job: Job) -> None:
         """Count a placement on the worker that will compute the prompt, when it holds part of it."""
@@ -370,12 +383,14 @@ class Cluster:
             return
         p = self.placement.prefill_worker(job)
         if p is None:
-            self._retry(job, "no prefill worker is left")
+            self._recover(job, "no prefill worker is left", "no_prefill_worker")
             return
         self._note_routing(p, job)
         job.state, job.prefill = JobState.PREFILLING, p.worker_id
-        p.take(job.wire_id, prefill_tokens=len(job.prompt_token_ids))
-        self._send(p, Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key))
+        p.take(job.wire_id, prefill_tokens=job.num_prefill_tokens)
+        prefill = Prefill(job.wire_id, job.prompt_token_ids, job.params, message.ticket, job.cache_key,
+                          job.resumed_token_ids)  # fmt: skip
+        self._send(p, prefill)
 
     def _prefill_done(self, message: PrefillDone, worker_id: str | None) -> None:
         job = self.jobs.get(message.job)
@@ -385,9 +400,9 @@ class Cluster:
             p.drop(message.job)
         if job is not None and job.prefill == worker_id:
             job.prefill = None
-            if not message.ok and job.num_tokens == 0:
+            if not message.ok and not job.attempt_started:
                 if message.retryable:
-                    self._retry(job, f"prefill failed: {message.error}")
+                    self._recover(job, f"prefill failed: {message.error}", "prefill_failed")
                 else:
                     self._fail(job, message.error, 400 if message.invalid else 500)
 
@@ -406,7 +421,7 @@ class Cluster:
             if job.first_token_at is None:
                 job.first_token_at = now
             job.state = JobState.GENERATING
-            job.num_tokens += 1
+            job.output_token_ids.append(item.token_id)
             job.events.put_nowait(TokenEvent(item.token_id, item.logprob, item.finish_reason))
             if item.finish_reason is not None:
                 self._finish(job)
@@ -423,12 +438,35 @@ class Cluster:
             return
         if job.decode == worker_id:
             job.decode = None
-        if message.retryable and job.num_tokens == 0:
-            self._retry(job, message.error)
+        if message.retryable:  # the worker, not the request, failed (a KV transfer, say)
+            self._recover(job, message.error, "transfer_failed")
         else:
             self._fail(job, message.error, 400 if message.invalid else 500)
 
     # --- endings -------------------------------------------------------------------------------------
+
+    def _recover(self, job: Job, why: str, reason: str) -> None:
+        """The current attempt failed through no fault of the request: start it over if no token reached the
+        client yet, else migrate it (`reason`: the label it is counted under)."""
+        if job.num_tokens == 0:
+            self._retry(job, why)
+        else:
+            self._migrate(job, why, reason)
+
+    def _migrate(self, job: Job, why: str, reason: str) -> None:
+        """Continue a request whose tokens were flowing on other workers: the next attempt prefills its prompt and
+        the tokens sent so far and resumes after them. Beyond `migration_limit` the client gets an error event."""
+        done = len(job.migrations)
+        if done >= self.options.migration_limit:
+            after = f"; it had moved {done} times already" if done else ""
+            self._fail(job, f"the worker generating this request stopped ({why}){after}", 502)
+            return
+        log.warning("migrating a request after %d tokens (%s)", job.num_tokens, why)
+        job.migrations.append(reason)
+        self.stats.migrations[reason] += 1
+        self._release(job)
+        job.resumed, job.queued_at = job.num_tokens, time.monotonic()
+        self._enqueue(job, front=True)
 
     def _retry(self, job: Job, reason: str) -> None:
         """Start the request over (before any token reached the client), or fail it after MAX_ATTEMPTS."""
@@ -470,21 +508,24 @@ class Cluster:
         self.stats.workers_lost += why != "it shut down"
         level = logging.INFO if why == "it shut down" else logging.WARNING
         log.log(level, "worker %s (%s) removed: %s", worker_id, worker.role.value, why)
+        self._evacuate(worker, f"stopped: {why}", "worker_lost")
+        if not self.workers:
+            while self.queue:
+                self._fail(self.queue.popleft(), "no workers are left to serve this request", 503)
+
+    def _evacuate(self, worker: Worker, why: str, reason: str) -> None:
+        """Move every request `worker` holds elsewhere (it died, or it is drained and out of time): requests it
+        decodes, or that have no token from this attempt yet, are retried or migrated (`_recover`); one whose
+        prompt it computed but whose tokens flow from a decode worker already needs nothing of it."""
         for wire_id in list(worker.jobs):
             job = self.jobs.get(wire_id)
             if job is None or job.state is JobState.DONE:
                 continue
-            if job.prefill == worker_id:
-                job.prefill = None
-            if job.decode == worker_id:
-                job.decode = None
-            if job.num_tokens == 0:
-                self._retry(job, f"{worker.role.value} worker {worker_id} stopped: {why}")
+            if job.decode == worker.worker_id or not job.attempt_started:
+                self._recover(job, f"{worker.role.value} worker {worker.worker_id} {why}", reason)
             else:
-                self._fail(job, f"the worker generating this request stopped ({why})", 502)
-        if not self.workers:
-            while self.queue:
-                self._fail(self.queue.popleft(), "no workers are left to serve this request", 503)
+                job.prefill = None
+                worker.drop(wire_id)
 
     def _send(self, worker: Worker, message: ToWorker) -> None:
         try:
@@ -540,7 +581,8 @@ class Cluster:
                               self.placement.local_prefill_rule().max_tokens,
                               round(self.placement.prefill_tokens_per_s(), 1), switches,
                               **policy)  # fmt: skip
-        return ClusterView(len(self.queue), states, pools, workers, dict(self.stats.worker_restarts), routing)
+        return ClusterView(len(self.queue), states, pools, workers, dict(self.stats.worker_restarts), routing,
+                           dict(self.stats.migrations))  # fmt: skip
 
 
 def _describe(w: Worker) -> WorkerView:

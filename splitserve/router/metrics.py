@@ -108,6 +108,12 @@ class _ClusterCollector(Collector):
         for role, count in snap.worker_restarts.items():
             restarts.add_metric([role], count)
         yield restarts
+        migrations = CounterMetricFamily("splitserve_migrations", "Requests moved to other workers mid-stream "
+                                         "(prompt and sent tokens prefilled again), by reason",
+                                         labels=["reason"])  # fmt: skip
+        for reason, count in snap.migrations.items():
+            migrations.add_metric([reason], count)
+        yield migrations
         yield CounterMetricFamily(
             "splitserve_malformed_messages", "Worker messages dropped as malformed", stats.malformed_messages
         )

@@ -47,7 +47,7 @@ class Placement:
                 and has_decode_room(w.load.decode_step_s, tpot, len(w.jobs))
                 and w.free_pages() >= job.pages_needed
                 and len(w.jobs) < w.info.max_num_seqs
-                and len(job.prompt_token_ids) < w.info.max_model_len
+                and job.num_prefill_tokens < w.info.max_model_len
             ]
             if not decode:
                 return None
@@ -67,7 +67,7 @@ class Placement:
 
     def cost(self, w: Worker, job: Job) -> float:
         """Pages of work: the prompt's pages it lacks, the pages it has in use, and its queued prompt tokens."""
-        uncached = len(job.prompt_token_ids) - self.cached_tokens(w, job)
+        uncached = job.num_prefill_tokens - self.cached_tokens(w, job)
         return (uncached + w.load.pending_prefill_tokens + w.prefill_tokens) / w.info.page_size + w.pages_in_use()
 
     def prefill_tokens_per_s(self) -> float:
@@ -89,9 +89,9 @@ class Placement:
         cached = self.cached_tokens(d, job)
         if self.options.slo is None and not cached and prefill:
             return False
-        pool = min((len(job.prompt_token_ids) - self.cached_tokens(p, job) + p.prefill_tokens for p in prefill),
+        pool = min((job.num_prefill_tokens - self.cached_tokens(p, job) + p.prefill_tokens for p in prefill),
                    default=math.inf)  # fmt: skip
-        suffix = len(job.prompt_token_ids) - cached
+        suffix = job.num_prefill_tokens - cached
         # What it runs itself: requests whose KV is still being prefilled elsewhere cost it nothing yet.
         running = sum(jobs[i].state is JobState.GENERATING for i in d.jobs if i in jobs)
         return prefills_locally(suffix, d.load.pending_prefill_tokens, pool, self.local_prefill_rule(), running)

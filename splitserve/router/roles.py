@@ -1,8 +1,10 @@
 """`RoleController`: the router's SLO loop. It judges requests against the SLO in windows (each request once:
 when it ends, or while it runs once it has plainly missed), asks the `RolePolicy` at each window's end which
 pool is the bottleneck, and moves a worker of the other pool: drained first (no new work), sent `SwitchRole`
-once it holds none, back to its pool if it has not switched in time. It owns the window, the policy's state and
-the count of switches; the workers' switch fields are its to set. Runs on the router's event loop.
+once it holds none, back to its pool if it has not switched in time. A decode worker whose requests outlast
+the drain timeout has them migrated to other decode workers (`evacuate`), so that its switch goes on. It owns
+the window, the policy's state and the count of switches; the workers' switch fields are its to set. Runs on
+the router's event loop.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class RoleController:
-    def __init__(self, options: RouterOptions, members: Membership, send: Callable[[Worker, ToWorker], None]):
-        self.options, self.members, self._send = options, members, send
+    def __init__(
+        self,
+        options: RouterOptions,
+        members: Membership,
+        send: Callable[[Worker, ToWorker], None],
+        evacuate: Callable[[Worker, str, str], None],
+    ):
+        """`evacuate(worker, why, reason)`: move the worker's requests to others (the cluster's)."""
+        self.options, self.members, self._send, self._evacuate = options, members, send, evacuate
         self.policy = RolePolicy(options.policy) if options.slo and options.role_switching else None
         self.window = WindowCounts(time.monotonic())  # the one under way
         self.last_window: Window | None = None
@@ -96,10 +105,15 @@ class RoleController:
         self._advance_switch(w, now)
 
     def _advance_switch(self, w: Worker, now: float) -> None:
+        waited = now - w.switch_started
+        if w.jobs and w.role is Role.DECODE and waited > self.options.drain_timeout_s:
+            log.warning("worker %s still holds %d requests %.0fs after it was drained for a switch: they migrate",
+                        w.worker_id, len(w.jobs), waited)  # fmt: skip
+            self._evacuate(w, f"was drained to switch roles and did not finish within {waited:.0f}s", "drain_timeout")
         if not w.switch_sent and not w.jobs:
             w.switch_sent = True
             self._send(w, SwitchRole(w.switch.target, w.switch.reason))
-        elif now - w.switch_started > self.options.switch_timeout_s:
+        elif waited > self.options.switch_timeout_s:
             log.warning("worker %s did not switch to %s within %.0fs: back to its pool", w.worker_id,
                         w.switch.target.value, self.options.switch_timeout_s)  # fmt: skip
             w.switch, w.switch_sent = None, False

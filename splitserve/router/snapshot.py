@@ -73,6 +73,7 @@ class ClusterView(msgspec.Struct, frozen=True):
     workers: list[WorkerView]
     worker_restarts: dict[str, int]  # by role
     routing: RoutingView
+    migrations: dict[str, int] = {}  # requests moved to other workers mid-stream, by reason
 
 
 class SloView(msgspec.Struct, frozen=True):
