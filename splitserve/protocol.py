@@ -81,6 +81,7 @@ class KvStats(msgspec.Struct, frozen=True):
     seconds_receiving: float = 0.0
     failures: int = 0
     transfers_pulled: int = 0  # received by copying the sender's pages out of shared memory (same host)
+    checksum_failures: int = 0  # received transfers whose pages did not match the sender's checksum
 
 
 class TokenOut(msgspec.Struct, frozen=True, array_like=True):

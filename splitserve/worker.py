@@ -242,6 +242,7 @@ class _Loop:
                         m.seconds_receiving,
                         m.failures,
                         m.transfers_pulled,
+                        m.checksum_failures,
                     )
                 )
                 age = time.monotonic() - self.loop_time

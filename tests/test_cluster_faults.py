@@ -327,3 +327,29 @@ def test_workers_join_and_leave_a_running_router(tiny_chat_llama):
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.mark.parametrize("fault", ["truncate", "corrupt"])
+def test_kv_that_did_not_arrive_whole_is_prefilled_again_and_the_answer_stays_exact(tiny_chat_llama, fault):
+    """The decode worker's first two transfers are damaged on arrival (SPLITSERVE_KV_FAULT): it never decodes
+    from them; their requests are prefilled again and answer exactly as transformers does."""
+    server = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "1", *ENGINE], num_workers=2,
+                          env={"SPLITSERVE_KV_FAULT": f"{fault}:2"})  # fmt: skip
+    try:
+        model = _model(server)
+        rng = random.Random(7)
+        prompts = [[rng.randrange(100, 49152) for _ in range(n)] for n in (9, 40, 100)]
+        expected = hf_greedy(tiny_chat_llama, prompts, [12] * 3)
+        for i, prompt in enumerate(prompts):
+            body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": i == 1}
+            assert complete(server.http, "/v1/completions", body)[1] == expected[i]
+        deadline = time.monotonic() + 10  # until a heartbeat brings the worker's counters
+        while server.workers("decode")[0]["kv_transfers_pulled"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (decode,) = server.workers("decode")
+        assert decode["kv_checksum_failures"] == 2 and decode["kv_transfers_pulled"] == 3, decode
+        metrics = server.http.get("/metrics").text
+        assert "splitserve_request_retries_total 2.0" in metrics
+        server.wait_idle(timeout=10)
+    finally:
+        server.stop()

@@ -350,3 +350,30 @@ def test_malformed_control_frames_are_dropped_and_the_agent_keeps_working(peers)
     assert ours[4:6] == theirs[1:3]
     assert receiver.call("state")["metrics"]["malformed_messages"] == 4
     _assert_idle(sender, receiver)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "corrupt"])
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_pages_that_did_not_arrive_whole_fail_the_transfer(transport, fault):
+    """A transfer damaged on arrival (SPLITSERVE_KV_FAULT: its last page missing, or a byte of it changed) fails
+    its checksum and is reported failed, never complete; the next one arrives byte-exact."""
+    sender = Peer("sender", KEY, 64, transport, fill_seed=3)
+    receiver = Peer("receiver", KEY, 64, transport, None, env={"SPLITSERVE_KV_FAULT": fault})
+    try:
+        src, dst = [4, 5, 6, 30, 9], [10, 11, 12, 13, 50]
+        for attempt in range(2):
+            ticket = receiver.call("reserve", pages=dst, timeout=10)["ticket"]
+            assert sender.call("send", ticket=ticket, pages=src, timeout=10, payload=b"t") == {}
+            [received] = _completions(receiver, 1)
+            _completions(sender, 1)
+            if attempt == 0:
+                assert not received["ok"] and "checksum" in received["error"], received
+            else:
+                assert received["ok"], received
+        theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
+        assert [ours[d] for d in dst] == [theirs[s] for s in src]
+        assert receiver.call("state")["metrics"]["checksum_failures"] == 1
+        _assert_idle(sender, receiver)
+    finally:
+        sender.stop()
+        receiver.stop()

@@ -15,11 +15,18 @@ of one after the transfer (receiver): one copy each, on the pages' device.
 
 Tags: `xid << 20 | i + 1` for message i of transfer `xid` (numbered by the receiver, never reused),
 `xid << 20` for its `Done`, and `CONTROL_TAG` for handshakes, offers and cancels.
+
+Pages that did not fully arrive are never used: the sender's `Done` (or `Offer`) carries the transfer's byte
+count and a digest of its pages (`page_digest`: the first and last bytes of every page's every layer, where a
+message that stopped short or landed in the wrong place shows), and the receiver checks both once the pages are
+in place; a mismatch fails the transfer (`TransferMetrics.checksum_failures`). `FaultInjector` damages received
+pages on purpose, for tests (`SPLITSERVE_KV_FAULT`).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -66,6 +73,9 @@ ZOMBIE_GRACE_S = 60.0
 # all), each of at least this many bytes unless the transfer is smaller (`message_sizes`).
 MAX_MESSAGES = int(os.environ.get("SPLITSERVE_KV_MAX_MESSAGES", 8))
 MIN_MESSAGE_BYTES = int(os.environ.get("SPLITSERVE_KV_MIN_MESSAGE_BYTES", 4 << 20))
+# `page_digest` reads this many bytes at each end of every page's every layer: the K of its first token and
+# the V of its last slot, a few hundred bytes per page where the page holds tens or hundreds of kilobytes.
+DIGEST_EDGE_BYTES = 16
 
 
 class TransferError(RuntimeError):
@@ -104,6 +114,7 @@ class TransferMetrics:
     transfers_pulled: int = 0  # of those received, copied out of the sender's shared memory
     messages_sent: int = 0  # tagged messages of pages (a few per transfer, none for pulled ones)
     failures: int = 0
+    checksum_failures: int = 0  # received transfers whose bytes or digest did not match the sender's
     orphaned_receives: int = 0
     malformed_messages: int = 0  # control frames dropped as undecodable
     seconds_sending: float = 0.0
@@ -129,6 +140,44 @@ def message_sizes(num_pages: int, page_bytes: int) -> list[int]:
     count = max(1, min(MAX_MESSAGES, num_pages * page_bytes // MIN_MESSAGE_BYTES, num_pages))
     per = -(-num_pages // count)
     return [min(per, num_pages - start) for start in range(0, num_pages, per)]
+
+
+def page_digest(pages: torch.Tensor, ids: list[int], num_layers: int) -> bytes:
+    """A cheap checksum of pages `ids` of `pages` (`[num_pages, page_bytes]` bytes, on any device): a hash of
+    the first and last `DIGEST_EDGE_BYTES` of each page's every layer, in order. A message that stopped short
+    leaves the ends of its last pages unwritten, and a page written to the wrong place moves its ends: both
+    change it. (Flipped bits inside a page are the transports' to catch: UCX's TCP and shared memory do not
+    flip them.) One small gather and one copy to the host."""
+    layers = pages.view(pages.shape[0], num_layers, -1)
+    edge = min(DIGEST_EDGE_BYTES, layers.shape[-1] // 2)
+    index = torch.tensor(ids, device=pages.device)
+    edges = torch.cat((layers[index, :, :edge], layers[index, :, -edge:]), dim=-1)
+    return hashlib.blake2b(edges.cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+class FaultInjector:
+    """A test hook: `SPLITSERVE_KV_FAULT=truncate` (or `corrupt`, optionally `:N` for the first N, default 1)
+    damages the first transfers this process receives, once their pages are in place and before they are
+    checked: `truncate` zeroes the last page (the end of the transfer never arrived), `corrupt` flips the first
+    byte of the first page. Unset: nothing is damaged."""
+
+    KINDS = ("truncate", "corrupt")
+
+    def __init__(self, spec: str | None):
+        kind, _, count = (spec or "").partition(":")
+        if kind and kind not in self.KINDS:
+            raise ValueError(f"SPLITSERVE_KV_FAULT: {kind!r} is not one of {', '.join(self.KINDS)}")
+        self.kind, self.remaining = kind, (int(count) if count else 1) if kind else 0
+
+    def damage(self, pages: torch.Tensor, ids: list[int]) -> None:
+        if not self.remaining:
+            return
+        self.remaining -= 1
+        log.warning("SPLITSERVE_KV_FAULT: damaging a received transfer (%s)", self.kind)
+        if self.kind == "truncate":
+            pages[ids[-1]] = 0
+        else:
+            pages[ids[0], 0] ^= 0xFF
 
 
 def copies_done(pages: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 KV_LAYOUT = "page-major:[pages,layers,2,page_size,kv_heads,head_dim]"
 MAX_CONTROL_BYTES = 64 * 1024
 _FRAME = struct.Struct("<I")
@@ -109,6 +109,7 @@ class Offer(msgspec.Struct, tag=True, frozen=True):
     pages: list[int]
     deadline: float
     payload: bytes = b""
+    digest: bytes = b""  # `link.page_digest` of the pages, which the copy must match
     version: int = PROTOCOL_VERSION
 
 
@@ -129,6 +130,8 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     ok: bool
     reason: str = ""
     payload: bytes = b""  # opaque to kv_transfer: what the sender's user hands the receiver's with the pages
+    nbytes: int = 0  # the pages' bytes sent, and `link.page_digest` of them: the received pages must match
+    digest: bytes = b""
     version: int = PROTOCOL_VERSION
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,12 +32,14 @@ from splitserve.kv_transfer.link import (
     ZOMBIE_GRACE_S,
     Array,
     Completion,
+    FaultInjector,
     Link,
     Side,
     TransferError,
     copies_done,
     done_tag,
     message_sizes,
+    page_digest,
     page_region,
     page_tag,
     page_tag_value,
@@ -98,6 +101,7 @@ class Receiver:
         self._watched: dict[int, _Reservation] = {}  # abandoned: late messages for them are drained
         self._orphans: list = []  # receives given up on (see `_poll_reservation`); kept alive, never reused
         self._scratch = np.empty(0, dtype=np.uint8)  # grows to the largest run drained
+        self._faults = FaultInjector(os.environ.get("SPLITSERVE_KV_FAULT"))
 
     def reserve(self, pages: list[int], timeout_s: float) -> Ticket:
         """Post receives into `pages` (in order) and return the ticket a sender needs to fill them."""
@@ -192,12 +196,13 @@ class Receiver:
         elif len(offer.pages) != len(res.pages) or not all(0 <= p < source.shape[0] for p in offer.pages):
             reason = f"the offer's {len(offer.pages)} pages do not fit the {len(res.pages)} reserved ones"
         else:
+            reason = ""
             if time.monotonic() < offer.deadline:
                 copy_pages(source, offer.pages, link.pages, res.pages)
+                reason = self._verify(res, None, offer.digest)
             # The sender may reuse its pages once the deadline passes: a copy that ends later may hold them.
-            reason = (
-                "the sender's offer expired before its pages were copied" if time.monotonic() >= offer.deadline else ""
-            )
+            if time.monotonic() >= offer.deadline:
+                reason = "the sender's offer expired before its pages were copied"
         link.send_control(address, Taken(link.agent_id, offer.xid, ok=not reason, reason=reason))
         if res is None or not res.waiting:
             return
@@ -251,11 +256,29 @@ class Receiver:
                 copy_pages(staged, list(range(len(staged))), link.pages, res.messages[i])
             if res.staged:
                 copies_done(link.pages)  # read out before the buffers are reused
+            problem = self._verify(res, done.nbytes, done.digest)
+            if problem:
+                link.complete(Completion(Side.RECV, link.agent_id, res.xid, False, problem))
+                return
         link.metrics.transfers_received += 1
         link.metrics.transfers_pulled += res.pulled is not None
         link.metrics.bytes_received += len(res.pages) * link.page_bytes
         link.metrics.seconds_receiving += now - res.started
         link.complete(Completion(Side.RECV, link.agent_id, res.xid, True, payload=payload))
+
+    def _verify(self, res: _Reservation, nbytes: int | None, digest: bytes) -> str:
+        """Why the reservation's pages, now in place, are not what the sender sent (its byte count, where it
+        says, and its `page_digest`), or "" when they are."""
+        link = self._link
+        self._faults.damage(link.pages, res.pages)
+        expected = len(res.pages) * link.page_bytes
+        problem = ""
+        if nbytes is not None and nbytes != expected:
+            problem = f"the sender sent {nbytes} bytes into {expected} reserved"
+        elif digest != page_digest(link.pages, res.pages, link.key.num_layers):
+            problem = "the KV pages that arrived do not match the sender's checksum"
+        link.metrics.checksum_failures += bool(problem)
+        return problem
 
     def _complete_own_receives(self, res: _Reservation) -> None:
         """Complete the reservation's pending receives with empty messages from our own endpoint (they

@@ -33,6 +33,7 @@ from splitserve.kv_transfer.link import (
     TransferError,
     copies_done,
     done_tag,
+    page_digest,
     page_region,
     page_tag,
     ucx,
@@ -198,7 +199,8 @@ class Sender:
         link = self._link
         xid = out.ticket.xid
         if self._receivers[out.ticket.receiver_id].pulls:
-            offer = Offer(link.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload)
+            offer = Offer(link.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload,
+                          page_digest(link.pages, out.pages, link.key.num_layers))  # fmt: skip
             try:
                 link.send_control(out.ticket.address, offer)
                 out.offered = True
@@ -241,7 +243,7 @@ class Sender:
                 except ucx.UCXError as e:
                     errors.append(str(e))
             reason = out.canceled or (f"send failed: {errors[0]}" if errors else "")
-            done = Done(ok=not reason, reason=reason, payload=b"" if reason else out.payload)
+            done = Done(ok=False, reason=reason) if reason else Done(ok=True, payload=out.payload, **self._check(out))
             out.done_payload = np.frombuffer(frame(done, MAX_DONE_BYTES), dtype=np.uint8).copy()
             ep = self._link.endpoint(out.ticket.address)
             out.done_send = ep.tag_send(Array(out.done_payload), tag=done_tag(out.ticket.xid))
@@ -252,6 +254,15 @@ class Sender:
                 self._fail(out, out.canceled)
             else:
                 self._sent(out)
+
+    def _check(self, out: _Outgoing) -> dict:
+        """What the receiver checks the pages against: their byte count and digest (as they are in our pages,
+        which stay untouched until the transfer ends)."""
+        link = self._link
+        return {
+            "nbytes": len(out.pages) * link.page_bytes,
+            "digest": page_digest(link.pages, out.pages, link.key.num_layers),
+        }
 
     def _sent(self, out: _Outgoing) -> None:
         link = self._link

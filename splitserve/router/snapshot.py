@@ -28,6 +28,7 @@ class WorkerView(msgspec.Struct, frozen=True):
     kv_seconds_receiving: float
     kv_failures: int
     kv_transfers_pulled: int
+    kv_checksum_failures: int
     prefix_cache_queries: int
     prefix_cache_hits: int
     prefix_cache_evictions: int
