@@ -156,8 +156,11 @@ class _ClusterCollector(Collector):
                 ("kv_seconds_receiving", "Seconds from reservation to arrival, summed over transfers"),
                 ("kv_failures", "KV transfers that failed"),
                 ("kv_transfers_pulled", "KV transfers received by copying the sender's shared-memory pages"),
-                ("kv_checksum_failures", "KV transfers received whose pages did not match the sender's checksum "
-                 "(their requests are prefilled again)"),
+                (
+                    "kv_checksum_failures",
+                    "KV transfers received whose pages did not match the sender's checksum "
+                    "(their requests are prefilled again)",
+                ),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)"),
                 ("prefix_cache_evictions", "Cached KV pages overwritten for new requests"),
