@@ -264,6 +264,24 @@ def test_receiver_killed_mid_transfer_fails_the_send_within_its_deadline(peers, 
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_ticket_from_a_receiver_that_died_before_first_contact_fails_the_send_not_the_sender(peers, transport):
+    """A restarted prefill worker may be handed a ticket of a decode worker that has died since: UCX cannot
+    connect to it (on one host it says so at once); the send fails, and the sender goes on serving others."""
+    sender = peers("sender", transport=transport, fill_seed=2)
+    dead, alive = peers("dead", transport=transport), peers("alive", transport=transport)
+    ticket = dead.call("reserve", pages=[1, 2], timeout=30)["ticket"]
+    dead.kill()
+    started = time.monotonic()
+    assert sender.call("send", ticket=ticket, pages=[3, 4], timeout=3) == {}
+    [failed] = _completions(sender, 1, timeout=10)
+    assert not failed["ok"] and time.monotonic() - started < 3 + 2, failed
+    ticket = alive.call("reserve", pages=[1, 2], timeout=10)["ticket"]
+    assert sender.call("send", ticket=ticket, pages=[3, 4], timeout=10) == {}
+    assert _completions(sender, 1)[0]["ok"] and _completions(alive, 1)[0]["ok"]
+    _assert_idle(sender, alive)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_receiver_cancel_frees_both_sides(peers, transport):
     sender, receiver = _big_transfer(peers, transport)
     ticket = receiver.call("reserve", pages=list(range(32)), timeout=30)["ticket"]

@@ -292,10 +292,18 @@ class Link:
         if ep is not None:
             ep.close()
 
-    def send_control(self, address: bytes, message: Control) -> None:
-        """Send a control message (`ProtocolError` when it does not fit one frame)."""
+    def send_control(self, address: bytes, message: Control) -> bool:
+        """Send a control message (`ProtocolError` when it does not fit one frame). False, logged, when UCX cannot
+        reach the peer (a process that died since it gave its address): what waits on it ends by its deadline,
+        or at once where the caller knows better (`Sender.send`)."""
         payload = np.frombuffer(frame(message), dtype=np.uint8).copy()
-        self._sends.append((self.endpoint(address).tag_send(Array(payload), tag=ucx.UCXXTag(CONTROL_TAG)), payload))
+        try:
+            endpoint = self.endpoint(address)
+        except ucx.UCXError as e:
+            log.warning("cannot reach a peer to send it a %s: %s", type(message).__name__, e)
+            return False
+        self._sends.append((endpoint.tag_send(Array(payload), tag=ucx.UCXXTag(CONTROL_TAG)), payload))
+        return True
 
     def send_empty_to_self(self, tag: ucx.UCXXTag) -> None:
         """Match our own receive posted on `tag` with an empty message (it writes nothing)."""

@@ -122,8 +122,10 @@ class Sender:
         peer = self._receivers.get(ticket.receiver_id)
         if peer is None:
             peer = _Peer(ticket.receiver_id, ticket.address, _PeerState.HELLO_SENT)
+            if not link.send_control(ticket.address, Hello(link.agent_id, link.address, link.key, link.shared)):
+                self._fail(out, f"receiver {ticket.receiver_id} is unreachable (it may have died)")
+                return
             self._receivers[peer.agent_id] = peer
-            link.send_control(ticket.address, Hello(link.agent_id, link.address, link.key, link.shared))
         if peer.state is _PeerState.READY:
             self._issue(out)
         elif peer.state is _PeerState.FAILED:
