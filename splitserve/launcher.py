@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +57,14 @@ def serve(
                 for role in pools}  # fmt: skip
         print(f"splitserve serve: starting {', '.join(f'{n} {role}' for role, n in pools.items() if n)} worker(s), "
               f"{per_worker} thread(s) each", flush=True)  # fmt: skip
-        supervisor = Supervisor(server, cluster, [(role, argv[role]) for role, n in pools.items() for _ in range(n)],
-                                env)  # fmt: skip
+        slots = [(role, argv[role]) for role, n in pools.items() for _ in range(n)]
+
+        def ready() -> None:
+            print(f"splitserve: serving {cluster.options.model} on http://{server.host}:{server.port} with "
+                  f"{len(slots)} workers (Ctrl-C stops)", flush=True)  # fmt: skip
+
+        supervisor = Supervisor(slots, env, joined=lambda: cluster.num_joined, on_ready=ready,
+                                on_restart=cluster.report_restart)  # fmt: skip
         supervisor.start()
 
     try:
@@ -83,14 +90,25 @@ class _Slot:
 class Supervisor:
     """Starts `serve`'s workers and restarts any that exits: after 1, 2, 4 ... 30 s (the delay resets once a
     worker has run for a minute), at most `max_restarts` times in 10 minutes per worker place, then gives that
-    place up (the cluster goes on with the others). Each restart is logged and counted on /metrics."""
+    place up (the cluster goes on with the others). Each restart is logged and reported (`on_restart(role)`:
+    `serve` counts it on /metrics). A worker that exits before all have joined (`joined()`, then `on_ready()`)
+    cannot start: everything stops."""
 
     MAX_BACKOFF_S = 30.0
     WINDOW_S = 600.0
 
-    def __init__(self, server: ServerOptions, cluster: Cluster, workers: list[tuple[str, list[str]]],
-                 env: dict[str, str], max_restarts: int = 5):  # fmt: skip
-        self.server, self.cluster, self.env, self.max_restarts = server, cluster, env, max_restarts
+    def __init__(
+        self,
+        workers: list[tuple[str, list[str]]],
+        env: dict[str, str],
+        joined: Callable[[], int],
+        on_ready: Callable[[], None],
+        on_restart: Callable[[str], None],
+        max_restarts: int = 5,
+    ):
+        """`workers`: (role, command) of each worker place."""
+        self.env, self.max_restarts = env, max_restarts
+        self._joined, self._on_ready, self._on_restart = joined, on_ready, on_restart
         self.slots = [_Slot(role, argv) for role, argv in workers]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
@@ -112,10 +130,9 @@ class Supervisor:
     def _watch(self) -> None:
         ready = False
         while not self._stopping.wait(0.2):
-            if not ready and self.cluster.num_joined >= len(self.slots):
+            if not ready and self._joined() >= len(self.slots):
                 ready = True
-                print(f"splitserve: serving {self.cluster.options.model} on http://{self.server.host}:"
-                      f"{self.server.port} with {len(self.slots)} workers (Ctrl-C stops)", flush=True)  # fmt: skip
+                self._on_ready()
             now = time.monotonic()
             for slot in self.slots:
                 if slot.given_up or slot.process is None:
@@ -146,7 +163,7 @@ class Supervisor:
         delay = min(self.MAX_BACKOFF_S, 2.0 ** len(slot.recent_restarts))
         slot.recent_restarts.append(now)
         slot.restart_at = now + delay
-        self.cluster.report_restart(slot.role)
+        self._on_restart(slot.role)
         log.warning("%s worker (pid %d) exited with status %s; restarting it in %.0fs", slot.role, slot.process.pid,
                     status, delay)  # fmt: skip
 
