@@ -46,3 +46,16 @@ def test_stopping_a_stream_early_frees_its_request(smol_llm):
     stream.close()
     assert not smol_llm.engine.has_unfinished()
     # (the autouse fixture then checks that every page is free)
+
+
+def test_a_server_sent_event_stays_on_one_line_for_line_splitting_clients():
+    """Text with U+2028, U+2029 or NEL (JSON leaves them raw) arrives whole through httpx's aiter_lines, which
+    splits where str.splitlines() does (the load benchmark met one in a sampled answer)."""
+    import json
+
+    from splitserve.router.formats import sse
+
+    payload = {"choices": [{"text": "a\u2028b\x85c\u2029d\u00e9\u2027"}]}
+    event = sse(payload).decode()
+    (line,) = [x for x in event.splitlines() if x]
+    assert json.loads(line.removeprefix("data: ")) == payload and event.endswith("\n\n")

@@ -16,9 +16,18 @@ from splitserve.engine.params import TokenLogprob
 _json = msgspec.json.Encoder()
 
 
+# Characters JSON leaves raw that line readers built on str.splitlines() (httpx's, Python's) take for line ends:
+# escaped, an event's data stays on one line for every client (SSE itself splits only at CR and LF).
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse(payload: dict[str, Any]) -> bytes:
-    """One server-sent event carrying `payload` as JSON."""
-    return b"data: " + _json.encode(payload) + b"\n\n"
+    """One server-sent event carrying `payload` as JSON, on one line."""
+    data = _json.encode(payload)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 class _Shape:
