@@ -82,7 +82,8 @@ def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
         await state.cluster.stop()
 
     app = FastAPI(title="splitserve router", lifespan=lifespan)
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_Admission, state=state)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)  # outside: it limits the bodies _Admission reads
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -186,6 +187,7 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
     try:
         for _, ids, params in choices:
             jobs.append(state.cluster.submit(ids, params, body.cache_key))
+        request.scope.get("state", {}).get("admitted", lambda: None)()  # the next request may enter (_Admission)
     except Overloaded as e:
         for job in jobs:
             state.cluster.abort(job)
@@ -193,10 +195,11 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
         raise APIError(e.status, str(e), type_, headers={"Retry-After": str(e.retry_after_s)}) from e
     answer = _Answer(state, body, [_Choice(state, body, k, job, prompts[i]) for k, (job, (i, _, _))
                                    in enumerate(zip(jobs, choices, strict=True))], prompts)  # fmt: skip
+    gone = _ClientGone(request)
     try:
         firsts: list[TokenEvent] = []
         for job in jobs:  # the status is decided before the first byte: every choice has started, or failed
-            first = await _next_event(job, request)
+            first = await _next_event(job, gone)
             if first is None:  # the client left while the request waited
                 answer.abort()
                 return Response(status_code=499)
@@ -205,14 +208,17 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
                 headers = {"Retry-After": str(first.retry_after_s or 1)} if first.status in (429, 503) else None
                 raise APIError(first.status, first.message, _error_type(first.status), headers=headers)
             firsts.append(first)
-        if body.stream:
+        if body.stream:  # from here the streaming response watches for the client leaving
+            gone.stop()
             return StreamingResponse(answer.stream(firsts), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
-        whole = await answer.whole(firsts, request)
+        whole = await answer.whole(firsts, gone)
         return Response(status_code=499) if whole is None else JSONResponse(whole)
     except BaseException:
         answer.abort()
         raise
+    finally:
+        gone.stop()
 
 
 def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
@@ -276,14 +282,30 @@ def _error_type(status: int) -> str:
     return "invalid_request_error" if status == 400 else "server_error"
 
 
-async def _next_event(job: Job, request: Request) -> TokenEvent | ErrorEvent | None:
+class _ClientGone:
+    """Done when the client disconnects: one task waits on the request's ASGI channel (after the body, the next
+    message there is the disconnect), so that waiting requests poll nothing (a thousand of them would)."""
+
+    def __init__(self, request: Request):
+        self.future = asyncio.ensure_future(self._watch(request))
+
+    @staticmethod
+    async def _watch(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    def stop(self) -> None:
+        self.future.cancel()
+
+
+async def _next_event(job: Job, gone: _ClientGone) -> TokenEvent | ErrorEvent | None:
     """The job's next event; None when the client disconnected while waiting."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.next_event(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+    event = asyncio.ensure_future(job.next_event())
+    await asyncio.wait((event, gone.future), return_when=asyncio.FIRST_COMPLETED)
+    if event.done():
+        return event.result()
+    event.cancel()
+    return None
 
 
 class _Choice:
@@ -348,9 +370,9 @@ class _Answer:
                 self.state.metrics.requests.labels("ok").inc()
         return text, [event.logprob] if event.logprob is not None else []
 
-    async def _events(self, firsts: list[TokenEvent], request: Request | None):
+    async def _events(self, firsts: list[TokenEvent], gone: _ClientGone | None):
         """(choice, event) pairs as they come, each choice's in order, until every choice has finished;
-        (None, None) when the client disconnected while waiting."""
+        (None, None) when the client disconnected while waiting (`gone`; a streaming response watches itself)."""
         for choice, event in zip(self.choices, firsts, strict=True):
             yield choice, event
         waiting: dict[asyncio.Future, _Choice] = {}
@@ -361,8 +383,9 @@ class _Answer:
                         waiting[asyncio.ensure_future(choice.job.next_event())] = choice
                 if not waiting:
                     return
-                done, _ = await asyncio.wait(waiting, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-                if not done and request is not None and await request.is_disconnected():
+                watched = (*waiting, gone.future) if gone is not None else tuple(waiting)
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if gone is not None and gone.future in done:
                     yield None, None
                     return
                 for future in sorted(done, key=lambda f: waiting[f].index):
@@ -371,11 +394,11 @@ class _Answer:
             for future in waiting:
                 future.cancel()
 
-    async def whole(self, firsts: list[TokenEvent], request: Request) -> dict[str, Any] | None:
+    async def whole(self, firsts: list[TokenEvent], gone: _ClientGone) -> dict[str, Any] | None:
         """The complete answer; None when the client left before it was ready."""
         texts: dict[int, list[str]] = {c.index: [c.echo] for c in self.choices}
         logprobs: dict[int, list[TokenLogprob]] = {c.index: [] for c in self.choices}
-        async with contextlib.aclosing(self._events(firsts, request)) as events:
+        async with contextlib.aclosing(self._events(firsts, gone)) as events:
             async for choice, event in events:
                 if choice is None:
                     return None
@@ -425,6 +448,82 @@ class _Answer:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": n, "total_tokens": self.num_prompt + n}
 
 
+class _Admission:
+    """Completion requests enter the router one at a time: each one's body is read first (however slowly its
+    client sends it), then, in turn, it is refused at once when it could not be queued anyway (429, 503), or
+    validated, tokenized and queued (`_serve` calls `admitted`); then the next one enters. So a flood of
+    clients costs the event loop one request's work per turn, and what else runs on it (`/health`, the
+    streams of admitted requests) waits for one request at most, never for the whole flood."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, state: RouterState):
+        self.app, self.state = app, state
+        self._turn = asyncio.Lock()  # granted in arrival order
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        body, message = bytearray(), {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replaying_receive():
+            return replay.pop() if replay else await receive()
+
+        await self._turn.acquire()
+        held = True
+
+        def admitted() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._turn.release()
+
+        async def releasing_send(message):
+            if message["type"] == "http.response.start":
+                admitted()
+            await send(message)
+
+        scope.setdefault("state", {})["admitted"] = admitted
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                admitted()
+                await _send_json(send, *refusal)
+                return
+            await self.app(scope, replaying_receive, releasing_send)
+        finally:
+            admitted()
+
+    def _refusal(self, scope) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        """The 429 or 503 a request would get anyway, or None (a request without the API key goes on, to
+        get its 401)."""
+        key = self.state.api_key
+        if key and dict(scope["headers"]).get(b"authorization") != f"Bearer {key}".encode():
+            return None
+        try:
+            self.state.cluster.check_admission()
+        except Overloaded as e:
+            self.state.metrics.requests.labels("rejected").inc()
+            type_ = "rate_limit_error" if e.status == 429 else "server_error"
+            return e.status, _error_body(str(e), type_), {"retry-after": str(e.retry_after_s)}
+        return None
+
+
+async def _send_json(send, status: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    body = msgspec.json.encode(content)
+    fields = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+              *((k.encode(), v.encode()) for k, v in (headers or {}).items())]  # fmt: skip
+    await send({"type": "http.response.start", "status": status, "headers": fields})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _BodyLimit:
     """Refuses request bodies over `limit` bytes with 413, by Content-Length or as they stream in."""
 
@@ -456,10 +555,9 @@ class _BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        body = msgspec.json.encode(_error_body(f"the request body exceeds {self.limit} bytes", "invalid_request_error"))
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(
+            send, 413, _error_body(f"the request body exceeds {self.limit} bytes", "invalid_request_error")
+        )
 
 
 class _TooLarge(Exception):

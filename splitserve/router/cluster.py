@@ -206,16 +206,21 @@ class Cluster:
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> Job:
         """Queue a request; its events (tokens, or an error) arrive on `job.events`. Requests of one
         conversation share a `cache_key`: the workers keep its pages for its next turn."""
-        if not self.can_serve():
-            raise Overloaded("no workers can serve requests right now", 503, retry_after_s=5)
-        if len(self.queue) >= self.options.max_queue:
-            raise Overloaded(f"too many requests waiting ({len(self.queue)}); retry later", 429)
+        self.check_admission()
         page_size = min(w.info.page_size for w in self.workers.values())
         now = time.monotonic()
         job = Job(list(prompt_token_ids), params, now, page_size, queued_at=now, cache_key=cache_key)
         self._enqueue(job, front=False)
         self._dispatch()
         return job
+
+    def check_admission(self) -> None:
+        """Raise Overloaded when a new request could not be queued now (no worker can serve, or the queue is
+        full): what `submit` checks, and the HTTP layer before it reads a request's body."""
+        if not self.can_serve():
+            raise Overloaded("no workers can serve requests right now", 503, retry_after_s=5)
+        if len(self.queue) >= self.options.max_queue:
+            raise Overloaded(f"too many requests waiting ({len(self.queue)}); retry later", 429)
 
     def abort(self, job: Job) -> None:
         """The client is gone (or a stop string ended the request): free it everywhere."""
