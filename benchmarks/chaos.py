@@ -66,8 +66,9 @@ class Outcome:
         return self.error is None
 
 
-def workload(count: int, seed: int, vocab: int, max_prompt: int, max_output: int) -> list[Spec]:
-    """Prompts of 8 to `max_prompt` tokens and answers of 8 to `max_output` (log-uniform), half of them sampled."""
+def workload(count: int, seed: int, vocab: int, max_prompt: int, max_output: int, sampled: dict) -> list[Spec]:
+    """Prompts of 8 to `max_prompt` tokens and answers of 8 to `max_output` (log-uniform); every other request
+    is sampled with `sampled`'s parameters and a seed of its own, the rest greedy."""
     rng = random.Random(seed)
 
     def log_uniform(low: int, high: int) -> int:
@@ -76,7 +77,7 @@ def workload(count: int, seed: int, vocab: int, max_prompt: int, max_output: int
     specs = []
     for i in range(count):
         prompt = [rng.randrange(100, vocab) for _ in range(log_uniform(8, max_prompt))]
-        sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": i}
+        sampling = {"temperature": 0} if i % 2 == 0 else {**sampled, "seed": i}
         specs.append(Spec(i, prompt, log_uniform(8, max_output), sampling))
     return specs
 
@@ -313,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-output", type=int, default=128)
     p.add_argument("--vocab", type=int, default=49152, help="prompt token ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampling",
+        type=json.loads,
+        default={"temperature": 0.8, "top_k": 40, "top_p": 0.95},
+        help="parameters of the sampled half of the requests, as JSON (each gets a seed of its own)",
+    )
     p.add_argument("--worker-args", default="--dtype fp32", help="engine options for every worker")
     p.add_argument("--logs", type=Path, help="where the processes' logs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args.kill_every = tuple(float(x) for x in args.kill_every.split("-"))
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="splitserve-chaos-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    specs = workload(100_000, args.seed, args.vocab, args.max_prompt, args.max_output)
+    specs = workload(100_000, args.seed, args.vocab, args.max_prompt, args.max_output, args.sampling)
     cluster = ChaosCluster(args.model, {"prefill": args.prefill, "decode": args.decode}, args.worker_args.split(),
                            log_dir)  # fmt: skip
     try:
