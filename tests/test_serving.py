@@ -337,6 +337,23 @@ def test_client_disconnect_frees_pages_within_2s(server, model_name):
     server.wait_idle(timeout=2)
 
 
+def test_a_client_that_sends_its_body_slowly_holds_up_no_one(server, model_name):
+    """Requests enter the router one at a time, but only once their body is in: a client that stalls halfway
+    through its body (or leaves then) delays no other request."""
+    import socket
+
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(head + b'{"model": "' + model_name.encode())
+        time.sleep(0.2)
+        body = {"model": model_name, "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True, "temperature": 0}
+        for stream in (False, True):
+            started = time.monotonic()
+            assert len(complete(server.http, "/v1/completions", {**body, "stream": stream})[1]) == 3
+            assert time.monotonic() - started < 10
+    time.sleep(0.2)  # the stalled client left: nothing of it is left anywhere (idle_after checks)
+
+
 def test_garbage_frames_are_dropped(server, model_name):
     before = server.http.get("/metrics").text
     ctx = zmq.Context()

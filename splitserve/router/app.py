@@ -492,6 +492,9 @@ class _Admission:
 
         scope.setdefault("state", {})["admitted"] = admitted
         try:
+            # A free lock is granted without yielding: yield once while holding it, so that the requests that
+            # arrived in this same turn of the loop line up behind this one instead of all running in this turn.
+            await asyncio.sleep(0)
             refusal = self._refusal(scope)
             if refusal is not None:
                 admitted()
