@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
@@ -56,7 +57,8 @@ def _name(cmd: str) -> str:
 
 
 def poll_health(url: str, seconds: float, conn) -> None:
-    """In its own process (so that the clients' work does not delay it): GET /health every 50 ms."""
+    """In its own process (so that the clients' work does not delay it): GET /health every 50 ms; sends back
+    (wall-clock time, seconds) of each poll and the failures."""
     latencies, failures = [], 0
     end = time.monotonic() + seconds
     with httpx.Client(timeout=10) as client:
@@ -66,7 +68,7 @@ def poll_health(url: str, seconds: float, conn) -> None:
                 client.get(f"{url}/health")
             except httpx.HTTPError:
                 failures += 1
-            latencies.append(time.perf_counter() - started)
+            latencies.append((time.time(), time.perf_counter() - started))
             time.sleep(max(0.0, 0.05 - (time.perf_counter() - started)))
     conn.send((latencies, failures))
 
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--serve-args", default="--prefill 1 --decode 1 --dtype fp32", help="options for `serve`")
     p.add_argument("--queue-timeout", type=float, default=60.0, help="the router's (a 503's deadline)")
+    p.add_argument("--client-nice", type=int, default=10,
+                   help="the clients' niceness: they share this machine's cores with the server, where real clients "
+                        "would be elsewhere (0: compete as equals; default 10)")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     args = p.parse_args(argv)
     serve_args = [*args.serve_args.split(), "--queue-timeout", str(args.queue_timeout)]
@@ -132,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         poller.start()
         time.sleep(1)
         print(f"{args.clients} streaming clients at once, {args.max_tokens} tokens each", flush=True)
+        storm_started = time.time()
+        os.nice(args.client_nice)
         results = asyncio.run(storm(server.url, model, args.clients, args.max_tokens))
         time.sleep(1)
         ours.send("stop")
-        health, health_failures = ours.recv()
+        polls, health_failures = ours.recv()
+        health = [seconds for _, seconds in polls]
+        slow = [(round(at - storm_started, 2), round(1000 * seconds)) for at, seconds in polls if seconds > 0.1]
         poller.join(10)
         stop.set()
         sampler.join()
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     report = summarize(args, results, health, health_failures, idle, peak, idle_after)
+    report["health"]["slow_polls"] = slow  # (seconds into the storm when it was sent, its milliseconds)
     print(render(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
@@ -200,7 +210,7 @@ def render(r: dict) -> str:
         f"  answers: {r['statuses']}; slowest status by code: {r['slowest_status_s']} s; "
         f"incomplete 200 streams: {r['incomplete_streams']}; last stream done at {r['last_stream_end_s']} s",
         f"  /health: {h['samples']} polls, median {h['median_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms, "
-        f"{h['over_100ms']} over 100 ms, {h['failures']} failed",
+        f"{h['over_100ms']} over 100 ms {h.get('slow_polls', '')}, {h['failures']} failed",
         "  RSS: "
         + "; ".join(f"{p['process']} {p['idle_mib']} -> {p['peak_mib']} MiB ({p['ratio']}x)" for p in r["processes"]),
         f"  every page free afterwards: {r['idle_after']}",
