@@ -53,7 +53,9 @@ class DecodeEngine(EngineCore):
         output_token_ids: Sequence[int] = (),
     ) -> None:
         """A request this engine prefills itself (`output_token_ids`: see `EngineCore.new_request`)."""
-        self.scheduler.add(self._create(request_id, prompt_token_ids, params, cache_key, output_token_ids))
+        self.scheduler.add(
+            self._register(self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids))
+        )
 
     def reserve(
         self,
@@ -66,7 +68,7 @@ class DecodeEngine(EngineCore):
         """Take pages for a prompt (and the outputs it resumes after) whose KV another worker will write;
         returns those that need it, in order: the pages after the prefix that this engine has cached (the last
         page always)."""
-        request = self._create(request_id, prompt_token_ids, params, cache_key, output_token_ids)
+        request = self._register(self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids))
         if not self.scheduler.reserve(request):
             del self._requests[request_id]
             raise NoCapacityError(
@@ -102,18 +104,10 @@ class DecodeEngine(EngineCore):
         self.scheduler.update(chunks, sampled)
         return [self._update(request, outcome) for request, outcome in sampled]
 
-    def _create(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_key: str | None,
-        output_token_ids: Sequence[int],
-    ) -> Request:
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids)
-        self._requests[request_id] = request
+    def _register(self, request: Request) -> Request:
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
         return request
 
     def _update(self, request: Request, outcome: Sampled | SamplingFailed) -> RequestUpdate:
