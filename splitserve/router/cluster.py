@@ -216,7 +216,7 @@ class Cluster:
 
     def check_admission(self) -> None:
         """Raise Overloaded when a new request could not be queued now (no worker can serve, or the queue is
-        full): what `submit` checks, and the HTTP layer before it reads a request's body."""
+        full): what `submit` checks, and the HTTP layer before it parses a request's body."""
         if not self.can_serve():
             raise Overloaded("no workers can serve requests right now", 503, retry_after_s=5)
         if len(self.queue) >= self.options.max_queue:
