@@ -23,6 +23,7 @@ import importlib.util
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,9 @@ TARGET_8B_256 = 14_000  # output tok/s at 256 concurrent
 TARGET_KV_GBPS = 200
 TARGET_ATTENTION = (0.5, 1.0)  # share of HBM peak at batch 1 and 8k context; worst ratio to SDPA
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
+# Seconds each section may take before it is stopped and reported as failed, so that one hang (a transfer that
+# never completes, say) cannot take the whole lease: the device time is short (about 8 minutes for the lot).
+SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "decode": 300}
 
 
 class Table:
@@ -70,7 +74,8 @@ class Table:
 def kernel_tests(table: Table) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+                         cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=SECTION_LIMIT_S["kernels"] - 10)  # fmt: skip
     tail = (run.stdout.strip().splitlines() or ["no output"])[-1]
     table.add("kernel tests (native)", tail, "all pass", "ok" if run.returncode == 0 else "FAIL")
     if run.returncode:
@@ -257,6 +262,14 @@ def dry_run(table: Table, workdir: Path) -> None:
     table.add("CUDA", str(torch.cuda.is_available()), "", "dry run")
 
 
+class SectionOverran(Exception):
+    pass
+
+
+def _section_overran(signum: int, frame: object) -> None:
+    raise SectionOverran("stopped at its time limit (SECTION_LIMIT_S)")
+
+
 def _ok(ok: bool) -> str:
     return "ok" if ok else "FAIL"
 
@@ -266,7 +279,7 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="check inputs and imports only (no GPU needed)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to OUT/gpu_check.txt")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: /dev/shm or tmp)")
-    p.add_argument("--skip", default="", help="sections to skip, comma-separated: kernels,exact,attention,decode,kv")
+    p.add_argument("--skip", default="", help="sections to skip, comma-separated: kernels,exact,attention,kv,decode")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     base = args.workdir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
@@ -287,16 +300,21 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
         return 2
     else:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
+        # The longest section last: if the lease runs out, only its last rows are lost.
         sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
-                    "decode": lambda t: decode_speed(t, workdir), "kv": kv_transfer}  # fmt: skip
+                    "kv": kv_transfer, "decode": lambda t: decode_speed(t, workdir)}  # fmt: skip
+        signal.signal(signal.SIGALRM, _section_overran)
         for name, section in sections.items():
             if name in skip:
                 continue
             print(f"gpu_check: {name} ({time.monotonic() - started:.0f} s)", flush=True)
+            signal.alarm(SECTION_LIMIT_S[name])
             try:
                 section(table)
             except Exception as e:  # one broken section must not hide the others' figures
                 table.add(f"section {name}", f"{type(e).__name__}: {e}"[:200], "", "FAIL")
+            finally:
+                signal.alarm(0)
     text = table.render() + f"\n\n{time.monotonic() - started:.0f} s, {'FAILED' if table.failed else 'passed'}\n"
     print("\n" + text)
     if args.out is not None:
