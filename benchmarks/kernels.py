@@ -4,7 +4,9 @@ attention, next to PyTorch's scaled_dot_product_attention on the same data laid 
     python benchmarks/kernels.py [--peak-gbps 3350] [--batches 1,8,32,128] [--contexts 512,...,8192]
 
 Decode: bytes of K/V read per second (every sequence reads its whole context once), as a fraction of
-the device's peak HBM bandwidth (guessed from its name, or --peak-gbps), and the speed-up over SDPA.
+the device's peak HBM bandwidth (guessed from its name, or --peak-gbps), and the speed-up over SDPA; both
+timed as replays of a CUDA graph, as the engine's captured decode step runs them (launched from Python, a
+small case times the launches: 0.11x SDPA at batch 1 and 512 tokens on an H200, 2026-12-04).
 Prefill: causal attention over a ragged batch, FLOP/s counted as 4 * head_dim * heads * (visible keys).
 Without CUDA it refuses, unless --cpu-smoke (tiny shapes under TRITON_INTERPRET=1, to check the script).
 """
@@ -23,11 +25,14 @@ import torch.nn.functional as F
 PEAK_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "H200": 4800, "A100": 2039}
 
 
-def timed(fn, device: torch.device) -> float:
-    """Median seconds per call."""
+def timed(fn, device: torch.device, graphed: bool = False) -> float:
+    """Seconds per call: on CUDA the median of launches from Python, or with `graphed` the mean of replays of
+    a CUDA graph of the call (what a captured decode step pays: no Python, no launch latency)."""
     if device.type == "cuda":
         import triton.testing
 
+        if graphed:
+            return triton.testing.do_bench_cudagraph(fn, rep=50) / 1000
         return triton.testing.do_bench(fn, warmup=10, rep=50) / 1000
     fn()
     start = time.perf_counter()
@@ -51,11 +56,13 @@ def decode_case(batch, context, heads, kv_heads, dim, page_size, dtype, device):
     )  # fmt: skip
     q = torch.randn(batch, heads, dim, dtype=dtype, device=device)
     scale = dim**-0.5
-    t_triton = timed(lambda: triton_attention.decode_attention(q, cache, 0, meta, scale), device)
+    # Graphed, both: the engine runs decode attention inside its captured step (engine/decode_graphs.py).
+    t_triton = timed(lambda: triton_attention.decode_attention(q, cache, 0, meta, scale), device, graphed=True)
     # The same K/V, gathered once into contiguous [batch, kv_heads, context, dim] tensors.
     k = cache[table, 0, 0].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
     v = cache[table, 0, 1].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-    t_sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True), device)
+    t_sdpa = timed(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True), device,
+                   graphed=True)  # fmt: skip
     kv_bytes = 2 * batch * context * kv_heads * dim * cache.element_size()
     return kv_bytes / t_triton / 1e9, kv_bytes / t_sdpa / 1e9
 

@@ -49,12 +49,20 @@ def copy_seconds(src: torch.Tensor, dst: torch.Tensor, reps: int) -> list[float]
     return times
 
 
-def transfer_seconds(sender: Peer, receiver: Peer, num_pages: int, reps: int, rng: random.Random) -> list[float]:
-    src = rng.sample(range(sender.num_pages), num_pages)
-    tickets = [
-        receiver.call("reserve", pages=rng.sample(range(receiver.num_pages), num_pages), timeout=300)["ticket"]
-        for _ in range(reps)
-    ]
+def transfer_seconds(
+    sender: Peer, receiver: Peer, num_pages: int, reps: int, rng: random.Random, consecutive: bool = False
+) -> list[float]:
+    """Seconds of each of `reps` transfers of `num_pages` pages: scattered at random on both sides, or with
+    `consecutive` one stretch on each side (sent in place, without the gather and scatter copies)."""
+
+    def pick(total: int) -> list[int]:
+        if consecutive:
+            first = rng.randrange(total - num_pages + 1)
+            return list(range(first, first + num_pages))
+        return rng.sample(range(total), num_pages)
+
+    src = pick(sender.num_pages)
+    tickets = [receiver.call("reserve", pages=pick(receiver.num_pages), timeout=300)["ticket"] for _ in range(reps)]
     answer = sender.call("timed_sends", tickets=tickets, pages=src, timeout=300)
     if "error" in answer:
         raise RuntimeError(answer["error"])

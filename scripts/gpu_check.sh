@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-if compgen -G ".whl/*.whl" >/dev/null; then
+# (Not for --dry-run: that runs in this project's own environment, CI's, which has them all.)
+if compgen -G ".whl/*.whl" >/dev/null && [[ " $* " != *" --dry-run "* ]]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

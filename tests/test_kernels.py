@@ -158,15 +158,40 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_write_kv_matches_reference(dtype):
-    spans = [(1, 9), (7, 7), (12, 40)]
-    cache, meta, n = _step(spans, 16, 3, 64, dtype, seed=2)
-    k, v = torch.randn(n, 3, 64).to(DEVICE, dtype), torch.randn(n, 3, 64).to(DEVICE, dtype)
+def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, monkeypatch):
+    """The fused kernel against the reference path (rotary embedding, then the K/V write) on a step with decode
+    rows and prefill chunks: the same queries, and the same cache, byte for byte outside the rotated keys."""
+    from splitserve.kernels import attention
+
+    heads, kv_heads = 6, 2
+    cache, meta, n = _step([(1, 9), (7, 7), (12, 40)], 16, kv_heads, dim, dtype, seed=2)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    angles = torch.rand(n, dim // 2, generator=g) * 6.3
+    cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
     want = cache.clone()
-    reference.write_kv(want, 1, k, v, meta)
-    triton_attention.write_kv(cache, 1, k, v, meta)
-    assert torch.equal(cache, want)
+    want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads)
+    got = cache.clone()
+    got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got_q, want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(got[:, 1, 0], want[:, 1, 0], atol=tol, rtol=tol)  # keys: rotated
+    assert torch.equal(got[:, 1, 1], want[:, 1, 1])  # values: copied
+    assert torch.equal(got[:, 0], cache[:, 0])  # the other layer: untouched
+    assert not torch.equal(got[:, 1, 1], cache[:, 1, 1])  # the slots were written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_matches_reference(dtype):
+    from splitserve.kernels import triton_layers
+
+    gate_up = (torch.randn(5, 2 * 1536) * 4).to(DEVICE, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(triton_layers.silu_mul(gate_up), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monkeypatch):
@@ -201,18 +226,6 @@ def test_add_rms_norm_matches_reference(dtype, with_residual):
     got_out, got_h = triton_layers.add_rms_norm(x, residual, w, 1e-5)
     assert torch.equal(got_h, want_h)
     torch.testing.assert_close(got_out, want_out, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_matches_reference(dim, dtype):
-    from splitserve.kernels import layers, triton_layers
-
-    x = torch.randn(5, 12, dim).to(DEVICE, dtype)[:, 1:9]  # a strided view, as the model passes q and k heads
-    cos, sin = torch.randn(5, dim).to(DEVICE, dtype), torch.randn(5, dim).to(DEVICE, dtype)
-    torch.testing.assert_close(
-        triton_layers.rope(x, cos, sin), layers.rope_reference(x, cos, sin), atol=TOLERANCE[dtype], rtol=1e-3
-    )
 
 
 @pytest.mark.parametrize("kernels", ["triton", "auto"])

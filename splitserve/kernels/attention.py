@@ -1,55 +1,47 @@
-"""Paged attention, the one place the model calls: write a step's new K/V into pages, and attend each
-query over its pages.
+"""Paged attention, the one place the model calls: rotate a step's new queries and keys and write its K/V into
+pages, and attend each query over its pages.
 
 The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`
 (see docs/design.md). A step's tokens form one flat batch: first the decode rows (one query token each),
 then the prefill chunks (several query tokens, possibly after a prefix already in pages).
 
-Dispatch: Triton kernels for CUDA tensors; on the CPU the native decode attention (cpu_kernels.c, fp32) for
-decode rows where it builds, and the PyTorch reference for the rest. `SPLITSERVE_KERNELS` overrides it:
-`reference` (PyTorch only, also on CUDA, for comparison) or `triton` (also on the CPU, for tests under
-`TRITON_INTERPRET=1`).
+Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the native decode attention
+(cpu_kernels.c, fp32) for decode rows where it builds, and the PyTorch reference for the rest.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from splitserve.kernels import cpu_kernels, reference
+from splitserve.kernels.dispatch import use_native, use_triton
+from splitserve.kernels.layers import rope
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
-__all__ = ["PagedAttentionMetadata", "PrefillSpan", "paged_attention", "use_triton", "write_kv"]
+__all__ = ["PagedAttentionMetadata", "PrefillSpan", "paged_attention", "rotate_and_store"]
 
 
-def _mode() -> str:
-    mode = os.environ.get("SPLITSERVE_KERNELS", "auto")
-    if mode not in ("auto", "reference", "triton"):
-        raise ValueError(f"SPLITSERVE_KERNELS must be auto, reference or triton, got {mode!r}")
-    return mode
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    mode = _mode()
-    return mode == "triton" or (mode == "auto" and t.is_cuda)
-
-
-def use_native(t: torch.Tensor) -> bool:
-    """The native CPU kernels (cpu_kernels.c) for fp32 CPU tensors, unless SPLITSERVE_KERNELS says otherwise."""
-    return _mode() == "auto" and cpu_kernels.native(t)
-
-
-def write_kv(
-    kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
-) -> None:
-    """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots."""
+def rotate_and_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    meta: PagedAttentionMetadata,
+    num_heads: int,
+) -> torch.Tensor:
+    """Split a `qkv` projection (`[tokens, (num_heads + 2 * kv_heads) * head_dim]`), rotate its query and key
+    heads by the tokens' `cos`/`sin`, and store the keys and values in the tokens' slots of `layer`; returns the
+    queries, `[tokens, num_heads, head_dim]`. On CUDA one kernel does it all."""
     if use_triton(kv_cache):
         from splitserve.kernels import triton_attention
 
-        triton_attention.write_kv(kv_cache, layer, k, v, meta)
-    else:
-        reference.write_kv(kv_cache, layer, k, v, meta)
+        return triton_attention.rotate_and_store(qkv, cos, sin, kv_cache, layer, meta, num_heads)
+    n, kv_heads, dim = qkv.shape[0], kv_cache.shape[4], kv_cache.shape[5]
+    qk = rope(qkv[:, : (num_heads + kv_heads) * dim].view(n, -1, dim), cos, sin)
+    q, k = qk.split([num_heads, kv_heads], dim=1)
+    reference.write_kv(kv_cache, layer, k, qkv[:, (num_heads + kv_heads) * dim :].view(n, kv_heads, dim), meta)
+    return q
 
 
 def paged_attention(
@@ -57,7 +49,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages.
 
-    The K/V of the batch's own tokens must already be written (`write_kv`).
+    The K/V of the batch's own tokens must already be written (`rotate_and_store`).
     """
     if not use_triton(q):
         nd = meta.num_decode
@@ -71,6 +63,6 @@ def paged_attention(
 
     out = torch.empty_like(q)
     if meta.num_decode:
-        out[: meta.num_decode] = triton_attention.decode_attention(q, kv_cache, layer, meta, scale)
+        triton_attention.decode_attention(q, kv_cache, layer, meta, scale, out=out)
     triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out)
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.kernels import cpu_kernels
-from splitserve.kernels.attention import use_native, use_triton
+from splitserve.kernels.dispatch import use_native, use_triton
 
 
 def add_rms_norm(
@@ -57,6 +57,10 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for `gate_up` = [..., 2 * size], gate first."""
+    if use_triton(gate_up):
+        from splitserve.kernels import triton_layers
+
+        return triton_layers.silu_mul(gate_up)
     if use_native(gate_up):
         return cpu_kernels.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)

@@ -27,36 +27,55 @@ def _check_tile_sizes(page_size: int, head_dim: int) -> None:
 
 
 @triton.jit
-def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, pages_ptr, offsets_ptr, layer,
-    stride_kn, stride_kh, stride_vn, stride_vh,
+def _rotate_store_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, pages_ptr, offsets_ptr, layer,
+    stride_n, stride_cn, stride_qn, stride_qh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
-    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
+    """One (token, head) of a `qkv` projection row: a query head rotated into `q`, or a KV head's key rotated
+    and its value copied into the token's slot of the cache (one launch for the rotary embedding and the
+    K/V write, which a decode step repeats in every layer)."""
     n = tl.program_id(0)
-    h = tl.arange(0, HEADS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    mask = (h < NUM_KV_HEADS)[:, None]
-    page = tl.load(pages_ptr + n).to(tl.int64)
-    offset = tl.load(offsets_ptr + n).to(tl.int64)
-    dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
-    k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_ckv, v, mask=mask)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    src = qkv_ptr + n * stride_n + h * 2 * HALF
+    lo, hi = tl.load(src + i), tl.load(src + HALF + i)
+    cos_lo, cos_hi = tl.load(cos_ptr + n * stride_cn + i), tl.load(cos_ptr + n * stride_cn + HALF + i)
+    sin_lo, sin_hi = tl.load(sin_ptr + n * stride_cn + i), tl.load(sin_ptr + n * stride_cn + HALF + i)
+    rot_lo, rot_hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+    if h < NUM_HEADS:
+        dst = q_ptr + n * stride_qn + h * stride_qh
+    else:
+        page = tl.load(pages_ptr + n).to(tl.int64)
+        offset = tl.load(offsets_ptr + n).to(tl.int64)
+        kvh = h - NUM_HEADS
+        dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + kvh * stride_ch
+        v = src + NUM_KV_HEADS * 2 * HALF  # the value head sits kv_heads heads after its key head
+        tl.store(dst + stride_ckv + i, tl.load(v + i))
+        tl.store(dst + stride_ckv + HALF + i, tl.load(v + HALF + i))
+    tl.store(dst + i, rot_lo)
+    tl.store(dst + HALF + i, rot_hi)
 
 
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata):
-    n, kv_heads, dim = k.shape
-    if n == 0:
-        return
-    c = kv_cache.stride()
-    _write_kv_kernel[(n,)](
-        k, v, kv_cache, meta.slot_pages, meta.slot_offsets, layer,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        c[0], c[1], c[2], c[3], c[4],
-        NUM_KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=dim,
-    )  # fmt: skip
+def rotate_and_store(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+    meta: PagedAttentionMetadata, num_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """The rotated queries `[tokens, num_heads, head_dim]` of `qkv` (`[tokens, (heads + 2 kv_heads) *
+    head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`."""
+    n = qkv.shape[0]
+    kv_heads, dim = kv_cache.shape[4], kv_cache.shape[5]
+    q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
+    if n:
+        c = kv_cache.stride()
+        _rotate_store_kernel[(n, num_heads + kv_heads)](
+            qkv, cos, sin, q, kv_cache, meta.slot_pages, meta.slot_offsets, layer,
+            qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+            c[0], c[1], c[2], c[3], c[4],
+            NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2,
+        )  # fmt: skip
+    return q
 
 
 @triton.jit
@@ -177,10 +196,11 @@ def decode_splits(batch: int, kv_heads: int, max_pages: int) -> int:
 
 def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    num_splits: int | None = None, tile: int = 64,
+    out: torch.Tensor | None = None, num_splits: int | None = None, tile: int = 64,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages, its context
-    split `num_splits` ways (default `decode_splits`; rounded so that each split is a power of two of pages)."""
+    split `num_splits` ways (default `decode_splits`; rounded so that each split is a power of two of pages).
+    Written into rows [0, num_decode) of `out` when given (no copy after), else into a new tensor."""
     nd = meta.num_decode
     _, num_heads, dim = q.shape
     kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
@@ -193,7 +213,8 @@ def decode_attention(
     part = torch.empty(nd, num_heads, splits, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(nd, num_heads, splits, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(m)
-    out = torch.empty(nd, num_heads, dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(nd, num_heads, dim, dtype=q.dtype, device=q.device)
     c, t = kv_cache.stride(), meta.decode_page_table
     _decode_partial_kernel[(nd, kv_heads, splits)](
         q, kv_cache, t, meta.decode_context_lens, part, m, denom, layer, scale,

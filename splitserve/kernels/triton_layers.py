@@ -1,4 +1,4 @@
-"""Triton kernels for residual add + RMSNorm, rotary embedding, and page copies between page tensors."""
+"""Triton kernels for residual add + RMSNorm, the gated MLP's activation, and page copies between page tensors."""
 
 from __future__ import annotations
 
@@ -41,29 +41,25 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rope_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
-    stride_xn, stride_xh, stride_cn, stride_on, stride_oh,
-    HALF: tl.constexpr,
-):  # fmt: skip
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    i = tl.arange(0, HALF)
-    x = x_ptr + n * stride_xn + h * stride_xh
-    lo, hi = tl.load(x + i), tl.load(x + HALF + i)
-    cos_lo, cos_hi = tl.load(cos_ptr + n * stride_cn + i), tl.load(cos_ptr + n * stride_cn + HALF + i)
-    sin_lo, sin_hi = tl.load(sin_ptr + n * stride_cn + i), tl.load(sin_ptr + n * stride_cn + HALF + i)
-    out = out_ptr + n * stride_on + h * stride_oh
-    tl.store(out + i, lo * cos_lo - hi * sin_lo)
-    tl.store(out + HALF + i, hi * cos_hi + lo * sin_hi)
+def _silu_mul_kernel(x_ptr, out_ptr, size, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + size + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded to the model dtype, as F.silu's output is
+    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    n, heads, dim = x.shape
-    out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
-    if n:
-        _rope_kernel[(n, heads)](
-            x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), HALF=dim // 2
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` in one launch (PyTorch takes two and a round trip of the activation through memory)."""
+    rows, size = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, size, dtype=gate_up.dtype, device=gate_up.device)
+    if rows:
+        block = min(1024, triton.next_power_of_2(size))
+        _silu_mul_kernel[(rows, triton.cdiv(size, block))](
+            gate_up, out, size, gate_up.stride(0), out.stride(0), BLOCK=block
         )
     return out
 
@@ -81,10 +77,12 @@ def _copy_pages_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, page_elems, B
 
 
 def copy_pages(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
-    page_elems = src[0].numel()
+    # Moved as the widest integers a page's bytes divide into (pages of bytes would move a byte per lane).
+    page_bytes = src[0].numel() * src.element_size()
+    word = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8) if page_bytes % t.itemsize == 0)
+    src, dst = src.contiguous().view(len(src), -1).view(word), dst.view(len(dst), -1).view(word)
+    page_elems = src.shape[1]
     block = min(4096, triton.next_power_of_2(page_elems))
-    s = torch.tensor(src_ids, dtype=torch.int64).to(src.device, non_blocking=True)
-    d = torch.tensor(dst_ids, dtype=torch.int64).to(src.device, non_blocking=True)
-    _copy_pages_kernel[(len(src_ids), triton.cdiv(page_elems, block))](
-        src.contiguous(), dst, s, d, page_elems, BLOCK=block
-    )
+    ids = torch.tensor([src_ids, dst_ids], dtype=torch.int64).to(src.device, non_blocking=True)
+    grid = (len(src_ids), triton.cdiv(page_elems, block))
+    _copy_pages_kernel[grid](src, dst, ids[0], ids[1], page_elems, BLOCK=block)

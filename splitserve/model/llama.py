@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from splitserve.errors import ModelLoadError
-from splitserve.kernels.attention import PagedAttentionMetadata, paged_attention, write_kv
-from splitserve.kernels.layers import add_rms_norm, rope, silu_mul
+from splitserve.kernels.attention import PagedAttentionMetadata, paged_attention, rotate_and_store
+from splitserve.kernels.layers import add_rms_norm, silu_mul
 from splitserve.model.config import ModelConfig
 from splitserve.model.rope import rope_tables
 
@@ -49,15 +49,9 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: PagedAttentionMetadata,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        # Rotate the query and key heads in one pass: [tokens, heads + kv_heads, head_dim].
-        qk = rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, self.layer, k, v, meta)
+        q = rotate_and_store(self.qkv_proj(x), cos, sin, kv_cache, self.layer, meta, self.num_heads)
         o = paged_attention(q, kv_cache, self.layer, meta, self.scale)
-        return self.o_proj(o.view(n, self.q_size))
+        return self.o_proj(o.view(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
