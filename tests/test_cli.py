@@ -110,3 +110,16 @@ def test_plan_quick_recommends_a_split(tiny_llama_gqa):
                "50", "--dtype", "fp32")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "quick" in out.stdout and "recommend" in out.stdout.lower(), out.stdout
+
+
+def test_serve_refuses_an_unsupported_architecture_before_starting_workers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from splitserve.model.config import SUPPORTED_ARCHITECTURES
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    out = _run("serve", "--model", str(tmp_path), "--port", "0", "--worker-port", "0")
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr and "starting" not in out.stdout
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    assert out.stderr.strip() == f"splitserve: error: unsupported architecture GPT2LMHeadModel; supported: {supported}"

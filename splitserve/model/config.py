@@ -19,13 +19,35 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def _raw_config(folder: str | Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
+
+
 def vocab_size(folder: str | Path) -> int:
     """The model's vocabulary size from its `config.json` alone (what the router needs of the config)."""
+    config = _raw_config(folder)
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
         return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot read the vocabulary size from {folder}/config.json: {e}") from e
+
+
+def architecture(folder: str | Path) -> str:
+    """The model's architecture from its `config.json` alone, if splitserve runs it; else a `ModelLoadError`
+    naming it and the supported ones (what `serve` checks before it starts anything)."""
+    config = _raw_config(folder)
+    return _supported(config.get("architectures") or [], config.get("model_type"))
+
+
+def _supported(archs: list[str], model_type: str | None) -> str:
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        named = ", ".join(archs) if archs else f"model_type {model_type!r}"
+        raise ModelLoadError(f"unsupported architecture {named}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
 
 
 @dataclass(frozen=True)
@@ -55,12 +77,7 @@ class ModelConfig:
             hf = AutoConfig.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot read the model config in {folder}: {e}") from e
-        archs = getattr(hf, "architectures", None) or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ModelLoadError(
-                f"unsupported architecture {archs or hf.model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = _supported(getattr(hf, "architectures", None) or [], hf.model_type)
         if hf.hidden_act != "silu":
             raise ModelLoadError(f"unsupported activation {hf.hidden_act!r} (only silu)")
         rope_type = hf.rope_parameters.get("rope_type", "default")

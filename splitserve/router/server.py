@@ -13,7 +13,7 @@ import zmq
 
 from splitserve.errors import ModelLoadError, SplitserveError
 from splitserve.model.checkpoint import model_name, resolve_model
-from splitserve.model.config import vocab_size
+from splitserve.model.config import architecture, vocab_size
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.router.app import RouterState, create_app
 from splitserve.router.cluster import Cluster, RouterOptions
@@ -40,6 +40,7 @@ def run_router(
     """Serve until SIGINT/SIGTERM. `on_bound` gets the worker socket's address once it is bound (before HTTP)."""
     _check_port_free(options.host, options.port)
     path = resolve_model(options.model)
+    architecture(path)  # an unsupported model fails here, before any worker starts, with the supported ones named
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise ModelLoadError(f"{path} has no tokenizer; the router needs one to serve text")
