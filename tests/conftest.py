@@ -49,6 +49,11 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return checkpoints.tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_untied(tmp_path_factory) -> Path:
     return checkpoints.tiny_llama_untied(tmp_path_factory.mktemp("tiny-llama-untied"))
 

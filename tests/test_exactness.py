@@ -38,12 +38,12 @@ def _check_against_hf(folder, engine_options: dict, seed: int = 0) -> DecodeEngi
     return engine
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied"])
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3"])
 def test_greedy_matches_transformers(model, request):
     _check_against_hf(request.getfixturevalue(model), dict(page_size=8, max_num_batched_tokens=64))
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied"])
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3"])
 def test_greedy_matches_transformers_with_preemption(model, request):
     folder = request.getfixturevalue(model)
     cfg = ModelConfig.from_pretrained(folder)

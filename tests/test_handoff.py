@@ -53,15 +53,18 @@ def engines(tiny_llama_gqa):
     return PrefillEngine(cfg), DecodeEngine(cfg)
 
 
-def test_handoff_equals_transformers(engines, tiny_llama_gqa):
-    prefill, decode = engines
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3"])
+def test_handoff_equals_transformers(model, request):
+    folder = request.getfixturevalue(model)
+    cfg = EngineConfig(model=str(folder), dtype="fp32", device="cpu", page_size=8, max_num_batched_tokens=40)
+    prefill, decode = PrefillEngine(cfg), DecodeEngine(cfg)
     rng = random.Random(3)
     lens = [1, 5, 8, 9, 16, 31, 64, 100]
     prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in lens]
     max_tokens = [1, 2, 9, 17, 12, 20, 8, 15]
     params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
     got = _disaggregated(prefill, decode, prompts, params)
-    assert got == hf_greedy(tiny_llama_gqa, prompts, max_tokens)
+    assert got == hf_greedy(folder, prompts, max_tokens)
 
 
 def test_seeded_sampling_continues_the_same_sequence(engines, tiny_llama_gqa):

@@ -158,11 +158,13 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, monkeypatch):
-    """The fused kernel against the reference path (rotary embedding, then the K/V write) on a step with decode
-    rows and prefill chunks: the same queries, and the same cache, byte for byte outside the rotated keys."""
+def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, qk_norm, monkeypatch):
+    """The fused kernel against the reference path (per-head norms where asked, the rotary embedding, then the
+    K/V write) on a step with decode rows and prefill chunks: the same queries, and the same cache, byte for
+    byte outside the rotated keys."""
     from splitserve.kernels import attention
 
     heads, kv_heads = 6, 2
@@ -171,11 +173,15 @@ def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, monkeypatch):
     qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
     angles = torch.rand(n, dim // 2, generator=g) * 6.3
     cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    norm = None
+    if qk_norm:
+        weights = (torch.rand(dim, generator=g) + 0.5).to(DEVICE, dtype), (torch.rand(dim, generator=g) + 0.5)
+        norm = attention.QKNorm(weights[0], weights[1].to(DEVICE, dtype), 1e-6)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
     want = cache.clone()
-    want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads)
+    want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads, norm)
     got = cache.clone()
-    got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads)
+    got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads, norm)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_q, want_q, atol=tol, rtol=tol)
     torch.testing.assert_close(got[:, 1, 0], want[:, 1, 0], atol=tol, rtol=tol)  # keys: rotated
@@ -194,7 +200,8 @@ def test_silu_mul_matches_reference(dtype):
     torch.testing.assert_close(triton_layers.silu_mul(gate_up), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_qwen3"])
+def test_engine_with_triton_kernels_gives_the_reference_tokens(model, request, monkeypatch):
     from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.params import SamplingParams
@@ -207,7 +214,11 @@ def test_engine_with_triton_kernels_gives_the_reference_tokens(tiny_qwen2, monke
     for mode in ("reference", "triton", "auto"):  # auto on the CPU: the native decode attention
         monkeypatch.setenv("SPLITSERVE_KERNELS", mode)
         config = EngineConfig(
-            model=str(tiny_qwen2), dtype="fp32", device=DEVICE.type, page_size=16, max_num_batched_tokens=24
+            model=str(request.getfixturevalue(model)),
+            dtype="fp32",
+            device=DEVICE.type,
+            page_size=16,
+            max_num_batched_tokens=24,
         )
         engine = DecodeEngine(config)
         tokens[mode], mixed = run_staggered(engine, prompts, params, [0, 1, 2, 4])

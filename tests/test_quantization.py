@@ -115,13 +115,16 @@ def test_auto_quantization_is_4_bit_for_a_q4_1_gguf_model_and_int8_for_others(sm
     assert "w4a8 weights (auto)" in EngineConfig(device="cpu").describe_dtype()
 
 
-def test_int8_engine_equals_transformers_on_the_same_weights(tiny_llama_gqa):
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3"])
+def test_int8_engine_equals_transformers_on_the_same_weights(model, request):
     """Quantization changes the weights, nothing else: transformers' model with every linear layer's weight
     replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose steps here all have
-    at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights)."""
-    llm = LLM(str(tiny_llama_gqa), dtype="fp32", quantization="int8", page_size=8)
+    at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights). Qwen 3's per-head norms keep the
+    layer-by-layer path (the fused native step has none)."""
+    folder = request.getfixturevalue(model)
+    llm = LLM(str(folder), dtype="fp32", quantization="int8", page_size=8)
     assert isinstance(llm.engine.runner.model.lm_head, cpu_quant.QuantizedLinear)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         for module in list(hf.modules()):
             if isinstance(module, nn.Linear):

@@ -11,14 +11,24 @@ Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from splitserve.kernels import cpu_kernels, reference
 from splitserve.kernels.dispatch import use_native, use_triton
-from splitserve.kernels.layers import rope
+from splitserve.kernels.layers import add_rms_norm, rope
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
-__all__ = ["PagedAttentionMetadata", "PrefillSpan", "paged_attention", "rotate_and_store"]
+__all__ = ["PagedAttentionMetadata", "PrefillSpan", "QKNorm", "paged_attention", "rotate_and_store"]
+
+
+class QKNorm(NamedTuple):
+    """RMS norms applied to each query and each key head before the rotary embedding (Qwen 3)."""
+
+    q_weight: torch.Tensor  # [head_dim]
+    k_weight: torch.Tensor
+    eps: float
 
 
 def rotate_and_store(
@@ -29,16 +39,22 @@ def rotate_and_store(
     layer: int,
     meta: PagedAttentionMetadata,
     num_heads: int,
+    qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
-    """Split a `qkv` projection (`[tokens, (num_heads + 2 * kv_heads) * head_dim]`), rotate its query and key
-    heads by the tokens' `cos`/`sin`, and store the keys and values in the tokens' slots of `layer`; returns the
-    queries, `[tokens, num_heads, head_dim]`. On CUDA one kernel does it all."""
+    """Split a `qkv` projection (`[tokens, (num_heads + 2 * kv_heads) * head_dim]`), normalise its query and key
+    heads (`qk_norm`, when given), rotate them by the tokens' `cos`/`sin`, and store the keys and values in the
+    tokens' slots of `layer`; returns the queries, `[tokens, num_heads, head_dim]`. On CUDA one kernel does it."""
     if use_triton(kv_cache):
         from splitserve.kernels import triton_attention
 
-        return triton_attention.rotate_and_store(qkv, cos, sin, kv_cache, layer, meta, num_heads)
+        return triton_attention.rotate_and_store(qkv, cos, sin, kv_cache, layer, meta, num_heads, qk_norm)
     n, kv_heads, dim = qkv.shape[0], kv_cache.shape[4], kv_cache.shape[5]
-    qk = rope(qkv[:, : (num_heads + kv_heads) * dim].view(n, -1, dim), cos, sin)
+    qk = qkv[:, : (num_heads + kv_heads) * dim].view(n, -1, dim)
+    if qk_norm is not None:
+        q = add_rms_norm(qk[:, :num_heads].reshape(-1, dim), None, qk_norm.q_weight, qk_norm.eps)[0]
+        k = add_rms_norm(qk[:, num_heads:].reshape(-1, dim), None, qk_norm.k_weight, qk_norm.eps)[0]
+        qk = torch.cat((q.view(n, num_heads, dim), k.view(n, kv_heads, dim)), dim=1)
+    qk = rope(qk, cos, sin)
     q, k = qk.split([num_heads, kv_heads], dim=1)
     reference.write_kv(kv_cache, layer, k, qkv[:, (num_heads + kv_heads) * dim :].view(n, kv_heads, dim), meta)
     return q

@@ -28,19 +28,26 @@ def _check_tile_sizes(page_size: int, head_dim: int) -> None:
 
 @triton.jit
 def _rotate_store_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, pages_ptr, offsets_ptr, layer,
+    qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, pages_ptr, offsets_ptr, q_norm_ptr, k_norm_ptr, layer, eps,
     stride_n, stride_cn, stride_qn, stride_qh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
 ):  # fmt: skip
     """One (token, head) of a `qkv` projection row: a query head rotated into `q`, or a KV head's key rotated
     and its value copied into the token's slot of the cache (one launch for the rotary embedding and the
-    K/V write, which a decode step repeats in every layer)."""
+    K/V write, which a decode step repeats in every layer). With QK_NORM each query and key head is
+    RMS-normalised first (in fp32, scaled in the model dtype, as transformers does)."""
     n = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
     src = qkv_ptr + n * stride_n + h * 2 * HALF
     lo, hi = tl.load(src + i), tl.load(src + HALF + i)
+    if QK_NORM:
+        w = q_norm_ptr if h < NUM_HEADS else k_norm_ptr
+        lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+        inv = tl.rsqrt((tl.sum(lo_f * lo_f, 0) + tl.sum(hi_f * hi_f, 0)) / (2 * HALF) + eps)
+        lo = tl.load(w + i) * (lo_f * inv).to(lo.dtype)
+        hi = tl.load(w + HALF + i) * (hi_f * inv).to(hi.dtype)
     cos_lo, cos_hi = tl.load(cos_ptr + n * stride_cn + i), tl.load(cos_ptr + n * stride_cn + HALF + i)
     sin_lo, sin_hi = tl.load(sin_ptr + n * stride_cn + i), tl.load(sin_ptr + n * stride_cn + HALF + i)
     rot_lo, rot_hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
@@ -60,20 +67,22 @@ def _rotate_store_kernel(
 
 def rotate_and_store(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-    meta: PagedAttentionMetadata, num_heads: int,
+    meta: PagedAttentionMetadata, num_heads: int, qk_norm=None,
 ) -> torch.Tensor:  # fmt: skip
     """The rotated queries `[tokens, num_heads, head_dim]` of `qkv` (`[tokens, (heads + 2 kv_heads) *
-    head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`."""
+    head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`.
+    `qk_norm`: an `attention.QKNorm`, or None."""
     n = qkv.shape[0]
     kv_heads, dim = kv_cache.shape[4], kv_cache.shape[5]
     q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
     if n:
         c = kv_cache.stride()
+        q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
         _rotate_store_kernel[(n, num_heads + kv_heads)](
-            qkv, cos, sin, q, kv_cache, meta.slot_pages, meta.slot_offsets, layer,
+            qkv, cos, sin, q, kv_cache, meta.slot_pages, meta.slot_offsets, q_norm, k_norm, layer, eps,
             qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
             c[0], c[1], c[2], c[3], c[4],
-            NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=qk_norm is not None,
         )  # fmt: skip
     return q
 

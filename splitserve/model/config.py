@@ -14,7 +14,7 @@ from splitserve.errors import ModelLoadError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Rope types whose frequencies do not depend on the sequence length at run time.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -66,6 +66,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # each query and key head RMS-normalised before the rotary embedding (Qwen 3)
     eos_token_ids: tuple[int, ...]
     hf_config: PretrainedConfig
 
@@ -108,6 +109,7 @@ class ModelConfig:
             qkv_bias=is_qwen2 or attention_bias,  # Qwen2 always has q/k/v bias, never o bias
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             eos_token_ids=_eos_token_ids(folder, hf),
             hf_config=hf,
         )

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen 2 and 3, SmolLM2) over a paged KV cache.
 
 Weights load straight from Hugging Face safetensors; q/k/v and gate/up are fused into one matmul each.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from splitserve.errors import ModelLoadError
-from splitserve.kernels.attention import PagedAttentionMetadata, paged_attention, rotate_and_store
+from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, paged_attention, rotate_and_store
 from splitserve.kernels.layers import add_rms_norm, silu_mul
 from splitserve.model.config import ModelConfig
 from splitserve.model.rope import rope_tables
@@ -40,6 +40,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(
         self,
@@ -49,7 +52,8 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: PagedAttentionMetadata,
     ) -> torch.Tensor:
-        q = rotate_and_store(self.qkv_proj(x), cos, sin, kv_cache, self.layer, meta, self.num_heads)
+        qk_norm = None if self.q_norm is None else QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q = rotate_and_store(self.qkv_proj(x), cos, sin, kv_cache, self.layer, meta, self.num_heads, qk_norm)
         o = paged_attention(q, kv_cache, self.layer, meta, self.scale)
         return self.o_proj(o.view(x.shape[0], self.q_size))
 
@@ -188,7 +192,7 @@ class CausalLM(nn.Module):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
                     setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
-        if fused:
+        if fused and not self.cfg.qk_norm:  # the native all-layers call has no per-head norms
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                     layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
