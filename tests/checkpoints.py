@@ -1,12 +1,27 @@
-"""Tiny random checkpoints (Llama, Qwen 2 and Qwen 3 shapes) written with transformers: the test suite's fixtures and
-`scripts/gpu_check.py` build their models here."""
+"""Tiny random checkpoints (Llama, Qwen 2 and 3, mixtures of experts) written with transformers: the test
+suite's fixtures and `scripts/gpu_check.py` build their models here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 
 def save(model_cls, config, folder: Path, seed: int, random_norms: bool = False) -> Path:
@@ -70,3 +85,33 @@ def tiny_llama_untied(folder: Path) -> Path:
         **COMMON, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rope_parameters=rope
     )
     return save(LlamaForCausalLM, cfg, folder, seed=3)
+
+
+# Mixtures of experts: 4 experts, 2 per token (the router's choices differ between tokens and layers).
+EXPERTS = dict(num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, tie_word_embeddings=False)
+
+
+def tiny_mixtral(folder: Path) -> Path:
+    """Mixtral: every layer's MLP a mixture, the chosen experts' weights renormalised."""
+    cfg = MixtralConfig(**COMMON, **EXPERTS, num_local_experts=4)
+    return save(MixtralForCausalLM, cfg, folder, seed=5, random_norms=True)
+
+
+def tiny_qwen2_moe(folder: Path) -> Path:
+    """Qwen 2 MoE: q/k/v bias, a gated shared expert beside the routed ones, weights not renormalised."""
+    cfg = Qwen2MoeConfig(**COMMON, **EXPERTS, num_experts=4, moe_intermediate_size=48,
+                         shared_expert_intermediate_size=80, norm_topk_prob=False)  # fmt: skip
+    return save(Qwen2MoeForCausalLM, cfg, folder, seed=16, random_norms=True)
+
+
+def tiny_qwen3_moe(folder: Path) -> Path:
+    """Qwen 3 MoE: per-head q/k norms, layer 1 a dense MLP (`mlp_only_layers`), weights renormalised."""
+    cfg = Qwen3MoeConfig(**COMMON, **EXPERTS, num_experts=4, moe_intermediate_size=48, head_dim=32,
+                         norm_topk_prob=True, mlp_only_layers=[1])  # fmt: skip
+    return save(Qwen3MoeForCausalLM, cfg, folder, seed=7, random_norms=True)
+
+
+def tiny_olmoe(folder: Path) -> Path:
+    """OLMoE: q and k each RMS-normalised across all their heads, weights not renormalised."""
+    cfg = OlmoeConfig(**COMMON, **EXPERTS, num_experts=4, norm_topk_prob=False)
+    return save(OlmoeForCausalLM, cfg, folder, seed=28, random_norms=True)

@@ -54,6 +54,26 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    return checkpoints.tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory) -> Path:
+    return checkpoints.tiny_qwen2_moe(tmp_path_factory.mktemp("tiny-qwen2-moe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    return checkpoints.tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_olmoe(tmp_path_factory) -> Path:
+    return checkpoints.tiny_olmoe(tmp_path_factory.mktemp("tiny-olmoe"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_untied(tmp_path_factory) -> Path:
     return checkpoints.tiny_llama_untied(tmp_path_factory.mktemp("tiny-llama-untied"))
 

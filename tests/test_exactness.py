@@ -15,6 +15,8 @@ from splitserve.engine.params import SamplingParams
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
+MODELS = ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3",
+          "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe"]  # fmt: skip
 PROMPT_LENS = [1, 3, 7, 12, 17, 25, 33, 48, 64]
 ARRIVALS = [0, 0, 1, 3, 4, 6, 9, 12, 15]
 
@@ -38,12 +40,12 @@ def _check_against_hf(folder, engine_options: dict, seed: int = 0) -> DecodeEngi
     return engine
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3"])
+@pytest.mark.parametrize("model", MODELS)
 def test_greedy_matches_transformers(model, request):
     _check_against_hf(request.getfixturevalue(model), dict(page_size=8, max_num_batched_tokens=64))
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3"])
+@pytest.mark.parametrize("model", MODELS)
 def test_greedy_matches_transformers_with_preemption(model, request):
     folder = request.getfixturevalue(model)
     cfg = ModelConfig.from_pretrained(folder)

@@ -14,7 +14,17 @@ from splitserve.errors import ModelLoadError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+)
+_QK_NORMS = {"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "all"}
 # Rope types whose frequencies do not depend on the sequence length at run time.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -66,9 +76,20 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # each query and key head RMS-normalised before the rotary embedding (Qwen 3)
+    # Query and key RMS norms before the rotary embedding: "" none, "head" each head's (Qwen 3), "all" all
+    # heads' together (OLMoE).
+    qk_norm: str
     eos_token_ids: tuple[int, ...]
     hf_config: PretrainedConfig
+    # Mixture of experts (0 experts: none): the layers whose MLP is one (the others are dense, of
+    # `intermediate_size`), each token's number of experts, an expert's size, whether the chosen experts'
+    # weights are renormalised to sum to 1, and the shared expert's size (0: none).
+    num_experts: int = 0
+    moe_layers: tuple[int, ...] = ()
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ModelConfig:
@@ -86,14 +107,21 @@ class ModelConfig:
             raise ModelLoadError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if getattr(hf, "use_sliding_window", False):
             raise ModelLoadError("sliding-window attention is not supported")
+        if getattr(hf, "clip_qkv", None) is not None:
+            raise ModelLoadError("clip_qkv is not supported")
 
         max_positions = hf.max_position_embeddings
         # Mistral's sliding window only matters past its length: serving shorter contexts is exact.
-        if arch == "MistralForCausalLM" and getattr(hf, "sliding_window", None):
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM") and getattr(hf, "sliding_window", None):
             max_positions = min(max_positions, hf.sliding_window)
         num_heads = hf.num_attention_heads
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
+        num_experts = getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None) or 0
+        sparse_step = getattr(hf, "decoder_sparse_step", None) or 1
+        dense_layers = set(getattr(hf, "mlp_only_layers", None) or [])
+        moe_layers = tuple(i for i in range(hf.num_hidden_layers) if num_experts and i not in dense_layers
+                           and (i + 1) % sparse_step == 0)  # fmt: skip
         return cls(
             architecture=arch,
             vocab_size=hf.vocab_size,
@@ -109,9 +137,16 @@ class ModelConfig:
             qkv_bias=is_qwen2 or attention_bias,  # Qwen2 always has q/k/v bias, never o bias
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=_QK_NORMS.get(arch, ""),
             eos_token_ids=_eos_token_ids(folder, hf),
             hf_config=hf,
+            num_experts=num_experts,
+            moe_layers=moe_layers,
+            experts_per_token=getattr(hf, "num_experts_per_tok", 0) if num_experts else 0,
+            expert_intermediate_size=getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size,
+            # Mixtral always renormalises (its config has no such field)
+            norm_topk_prob=arch == "MixtralForCausalLM" or bool(getattr(hf, "norm_topk_prob", False)),
+            shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", None) or 0,
         )
 
 

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen 2 and 3, SmolLM2) over a paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen 2 and 3, SmolLM2, and the mixtures of experts Mixtral,
+Qwen 2/3 MoE and OLMoE) over a paged KV cache.
 
 Weights load straight from Hugging Face safetensors; q/k/v and gate/up are fused into one matmul each.
 """
@@ -12,8 +13,9 @@ from torch import nn
 
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, paged_attention, rotate_and_store
-from splitserve.kernels.layers import add_rms_norm, silu_mul
+from splitserve.kernels.layers import add_rms_norm
 from splitserve.model.config import ModelConfig
+from splitserve.model.mlp import MLP, SparseMoE
 from splitserve.model.rope import rope_tables
 
 
@@ -40,9 +42,12 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # Query and key norms before the rotary embedding: each head's (Qwen 3), or all heads' together (OLMoE).
+        self.qk_norm = cfg.qk_norm
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            q, k = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (self.q_size, self.kv_size)
+            self.q_norm, self.k_norm = RMSNorm(q, cfg.rms_norm_eps), RMSNorm(k, cfg.rms_norm_eps)
 
     def forward(
         self,
@@ -52,21 +57,15 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: PagedAttentionMetadata,
     ) -> torch.Tensor:
-        qk_norm = None if self.q_norm is None else QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        q = rotate_and_store(self.qkv_proj(x), cos, sin, kv_cache, self.layer, meta, self.num_heads, qk_norm)
+        qkv, qk_norm = self.qkv_proj(x), None
+        if self.qk_norm == "head":
+            qk_norm = QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        elif self.qk_norm == "all":
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qkv = torch.cat((self.q_norm(q.contiguous())[0], self.k_norm(k.contiguous())[0], v), dim=-1)
+        q = rotate_and_store(qkv, cos, sin, kv_cache, self.layer, meta, self.num_heads, qk_norm)
         o = paged_attention(q, kv_cache, self.layer, meta, self.scale)
         return self.o_proj(o.view(x.shape[0], self.q_size))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -75,7 +74,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if layer in cfg.moe_layers:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size,
+                                 cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)  # fmt: skip
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, h, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """`h` is the previous layer's output, not yet added to the `residual` stream (None at layer 0)."""
@@ -93,14 +96,27 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-# Checkpoint names that load into a slice of one of our fused weights: suffix -> (our name, shard index).
+# Checkpoint names spelled another way by some architectures (Mixtral's experts), as our modules call them.
+_ALIASES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+# Checkpoint modules that load into a slice of one of our fused weights: name -> (our name, shard index).
 _FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
+
+
+def _our_name(name: str) -> tuple[str, int]:
+    """The parameter (and the shard of it) that checkpoint tensor `name` loads into."""
+    for theirs, ours in _ALIASES.items():
+        name = name.replace(theirs, ours)
+    module, leaf, param = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", name)
+    if leaf in _FUSED:
+        fused, shard = _FUSED[leaf]
+        return f"{module}.{fused}.{param}", shard
+    return name, 0
 
 
 class CausalLM(nn.Module):
@@ -136,11 +152,7 @@ class CausalLM(nn.Module):
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq") or (self.cfg.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            target, shard = name, 0
-            for suffix, (fused, index) in _FUSED.items():
-                if f".{suffix}." in name:
-                    target, shard = name.replace(suffix, fused), index
-                    break
+            target, shard = _our_name(name)
             if target not in params:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.cfg.architecture}")
             dest = params[target].data.split(self._shard_sizes(target), dim=0)[shard]
@@ -159,7 +171,7 @@ class CausalLM(nn.Module):
             kv = cfg.num_kv_heads * cfg.head_dim
             return [cfg.num_heads * cfg.head_dim, kv, kv]
         if ".gate_up_proj." in name:
-            return [cfg.intermediate_size] * 2
+            return [self.get_parameter(name).shape[0] // 2] * 2
         return [self.get_parameter(name).shape[0]]
 
     def forward(
@@ -192,7 +204,7 @@ class CausalLM(nn.Module):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
                     setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
-        if fused and not self.cfg.qk_norm:  # the native all-layers call has no per-head norms
+        if fused and not self.cfg.qk_norm and not self.cfg.num_experts:  # the native all-layers call has neither
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                     layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
