@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -115,3 +117,18 @@ def tiny_olmoe(folder: Path) -> Path:
     """OLMoE: q and k each RMS-normalised across all their heads, weights not renormalised."""
     cfg = OlmoeConfig(**COMMON, **EXPERTS, num_experts=4, norm_topk_prob=False)
     return save(OlmoeForCausalLM, cfg, folder, seed=28, random_norms=True)
+
+
+def tiny_gemma3(folder: Path) -> Path:
+    """Gemma 3: sliding-window layers (window 8, far shorter than the prompts) around a global one, each kind
+    with its own rotary embedding (the global one linearly scaled), per-head q/k norms, sandwich norms (all
+    stored as offsets from 1), scaled embeddings, a query scale apart from head_dim's, gelu-tanh, and soft-capped
+    final logits."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}  # fmt: skip
+    cfg = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           query_pre_attn_scalar=24, rope_parameters=rope, final_logit_softcapping=30.0,
+                           tie_word_embeddings=True)  # fmt: skip
+    return save(Gemma3ForCausalLM, cfg, folder, seed=39, random_norms=True)

@@ -74,6 +74,11 @@ def tiny_olmoe(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    return checkpoints.tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_untied(tmp_path_factory) -> Path:
     return checkpoints.tiny_llama_untied(tmp_path_factory.mktemp("tiny-llama-untied"))
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
@@ -16,7 +17,7 @@ from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
 MODELS = ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3",
-          "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe"]  # fmt: skip
+          "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3"]  # fmt: skip
 PROMPT_LENS = [1, 3, 7, 12, 17, 25, 33, 48, 64]
 ARRIVALS = [0, 0, 1, 3, 4, 6, 9, 12, 15]
 
@@ -116,3 +117,18 @@ def test_smollm2_gguf_matches_transformers(smollm2):
         assert mixed > 0
         assert ours == expected
         assert (engine.scheduler.num_preemptions > 0) == (pages is not None)
+
+
+@pytest.mark.parametrize("model", ["tiny_gemma3", "tiny_qwen2_moe"])
+def test_logits_match_transformers(model, request):
+    """fp32 logits of every prompt position equal transformers' (Gemma 3's soft cap, which greedy tokens cannot
+    see, included), for a prompt far longer than Gemma's sliding window."""
+    folder = request.getfixturevalue(model)
+    engine = DecodeEngine(EngineConfig(model=str(folder), dtype="fp32", device="cpu", page_size=8))
+    ids = [random.Random(6).randrange(8, 384) for _ in range(50)]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0]
+    if model == "tiny_gemma3":
+        assert want.abs().max() < 30  # capped at 30
+    torch.testing.assert_close(engine.score(ids), want, atol=1e-4, rtol=1e-4)

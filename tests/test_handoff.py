@@ -53,7 +53,9 @@ def engines(tiny_llama_gqa):
     return PrefillEngine(cfg), DecodeEngine(cfg)
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_mixtral", "tiny_qwen2_moe", "tiny_olmoe"])
+@pytest.mark.parametrize(
+    "model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_mixtral", "tiny_qwen2_moe", "tiny_olmoe", "tiny_gemma3"]
+)
 def test_handoff_equals_transformers(model, request):
     folder = request.getfixturevalue(model)
     cfg = EngineConfig(model=str(folder), dtype="fp32", device="cpu", page_size=8, max_num_batched_tokens=40)

@@ -158,6 +158,42 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("window", [1, 7, 16, 33, 100])
+def test_sliding_window_attention_matches_reference(window):
+    """Gemma 3's local layers: each query sees its last `window` positions. The reference is checked against
+    attention over exactly those keys, gathered by hand; the Triton kernels (decode over several splits, some
+    wholly before the window; prefill chunks after a prefix) against the reference."""
+    page_size, kv_heads, group, dim = 16, 2, 2, 64
+    scale = dim**-0.5
+    spans = [(1, 2), (1, 40), (1, 5 * page_size + 3), (9, 9), (20, 57), (16, 2 * page_size + 7)]
+    cache, meta, n = _step(spans, page_size, kv_heads, dim, torch.float32, seed=4)
+    q = torch.randn(n, kv_heads * group, dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = reference.paged_attention(q, cache, 1, meta, scale, window)
+
+    def by_hand(row: int, pages: torch.Tensor, position: int) -> torch.Tensor:
+        keys = range(max(0, position - window + 1), position + 1)
+        kv = torch.stack([cache[pages[p // page_size], 1, :, p % page_size] for p in keys], dim=1)  # [2, n, h, d]
+        k, v = kv[0].repeat_interleave(group, dim=1), kv[1].repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[row], k) * scale, dim=-1)
+        return torch.einsum("hn,nhd->hd", weights, v)
+
+    context = int(meta.decode_context_lens[2])
+    torch.testing.assert_close(want[2], by_hand(2, meta.decode_page_table[2], context - 1), atol=1e-5, rtol=1e-5)
+    last = meta.prefills[-1]  # a chunk after a prefix: its last query
+    row = last.query_start + last.query_len - 1
+    torch.testing.assert_close(want[row], by_hand(row, last.page_ids, last.context_len - 1), atol=1e-5, rtol=1e-5)
+    unwindowed = reference.paged_attention(q, cache, 1, meta, scale)
+    # A window shorter than some context changes its rows; one longer than every context (100) changes none.
+    assert torch.allclose(want, unwindowed) == (window >= max(ctx for _, ctx in spans))
+
+    nd = meta.num_decode
+    got = triton_attention.decode_attention(q, cache, 1, meta, scale, num_splits=3, window=window)
+    torch.testing.assert_close(got, want[:nd], atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    got = torch.zeros_like(q)
+    triton_attention.prefill_attention(q, cache, 1, meta, scale, got, window=window)
+    torch.testing.assert_close(got[nd:], want[nd:], atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -200,7 +236,7 @@ def test_silu_mul_matches_reference(dtype):
     torch.testing.assert_close(triton_layers.silu_mul(gate_up), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_olmoe"])
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3"])
 def test_engine_with_triton_kernels_gives_the_reference_tokens(model, request, monkeypatch):
     from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig

@@ -115,7 +115,7 @@ def test_auto_quantization_is_4_bit_for_a_q4_1_gguf_model_and_int8_for_others(sm
     assert "w4a8 weights (auto)" in EngineConfig(device="cpu").describe_dtype()
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3"])
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_gemma3"])
 def test_int8_engine_equals_transformers_on_the_same_weights(model, request):
     """Quantization changes the weights, nothing else: transformers' model with every linear layer's weight
     replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose steps here all have

@@ -61,24 +61,25 @@ def rotate_and_store(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, window: int = 0
 ) -> torch.Tensor:
-    """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages.
+    """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages; with a
+    sliding `window` (> 0), over its last `window` positions only (Gemma 3's local layers).
 
     The K/V of the batch's own tokens must already be written (`rotate_and_store`).
     """
     if not use_triton(q):
         nd = meta.num_decode
-        if nd and use_native(q) and cpu_kernels.decode_attention_supported(q, kv_cache):
+        if nd and not window and use_native(q) and cpu_kernels.decode_attention_supported(q, kv_cache):
             out = torch.empty_like(q)
             cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale, out=out[:nd])
             reference.prefill_attention(q, kv_cache, layer, meta, scale, out)
             return out
-        return reference.paged_attention(q, kv_cache, layer, meta, scale)
+        return reference.paged_attention(q, kv_cache, layer, meta, scale, window)
     from splitserve.kernels import triton_attention
 
     out = torch.empty_like(q)
     if meta.num_decode:
-        triton_attention.decode_attention(q, kv_cache, layer, meta, scale, out=out)
-    triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out)
+        triton_attention.decode_attention(q, kv_cache, layer, meta, scale, out=out, window=window)
+    triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out, window=window)
     return out

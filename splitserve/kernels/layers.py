@@ -67,6 +67,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`gelu(gate) * up` (tanh approximation, Gemma's MLP) for `gate_up` = [..., 2 * size], gate first."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def copy_pages(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int]) -> None:
     """Copy pages `src_ids` of `src` into pages `dst_ids` of `dst` (both `[pages, ...]`, pages of one shape):
     kv_transfer's gathers into and scatters out of staging buffers, and its pulls. On the CPU one memcpy per

@@ -17,35 +17,48 @@ def write_kv(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, window: int = 0
 ) -> torch.Tensor:
-    """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages.
+    """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages; with a
+    sliding `window`, over its last `window` positions only (its own included).
 
     The K/V of the batch's own tokens must already be written (`write_kv`).
     """
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale)
-    prefill_attention(q, kv_cache, layer, meta, scale, out)
+        out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale, window)
+    prefill_attention(q, kv_cache, layer, meta, scale, out, window)
     return out
 
 
 def prefill_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, out: torch.Tensor
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    meta: PagedAttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    window: int = 0,
 ) -> None:
-    """The prefill spans' rows of `out`: each span's queries over its context (causal within the chunk)."""
+    """The prefill spans' rows of `out`: each span's queries over its context (causal within the chunk; within
+    the sliding `window` where one is given)."""
     k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         k = k_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
         v = v_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
+        mask = span.causal_mask
+        if window:
+            q_pos = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)[:, None]
+            keys = torch.arange(span.context_len, device=q.device)[None, :]
+            mask = (keys <= q_pos) & (keys > q_pos - window)
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
             k,
             v,
-            attn_mask=span.causal_mask,
-            is_causal=span.causal_mask is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=True,
         )
@@ -53,17 +66,22 @@ def prefill_attention(
 
 
 def _decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float
+    q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float, window: int
 ) -> torch.Tensor:
     """One query token per sequence: gather every sequence's pages into one padded batch (each page is one
     contiguous block of the page-major cache, so the gather is a block copy) and attend with SDPA, the query
-    heads sharing a KV head together (GQA); padding past each context length is masked."""
+    heads sharing a KV head together (GQA); padding past each context length (and keys before a sliding
+    window) is masked."""
     nd, _, dim = q.shape
     kv = layer_cache[meta.decode_page_table]  # [nd, max_pages, 2, page_size, kv_heads, dim]
     kv_heads, span = kv.shape[4], kv.shape[1] * kv.shape[3]
     k = kv[:, :, 0].reshape(nd, span, kv_heads, dim).transpose(1, 2)
     v = kv[:, :, 1].reshape(nd, span, kv_heads, dim).transpose(1, 2)
+    mask = meta.decode_mask
+    if window:
+        keys = torch.arange(span, device=q.device)[None, :]
+        mask = mask & (keys >= (meta.decode_context_lens[:, None] - window)).view(nd, 1, 1, span)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [nd, heads, 1, dim]
     return out.squeeze(2)

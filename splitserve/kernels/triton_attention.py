@@ -104,14 +104,15 @@ def _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION: tl.constexpr
 
 @triton.jit
 def _attend_keys(
-    q, q_pos, m, denom, acc, cache_ptr, table_row_ptr, first, context, layer, kvh, scale,
+    q, q_pos, lowest, m, denom, acc, cache_ptr, table_row_ptr, first, context, layer, kvh, scale,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):  # fmt: skip
     """Fold the context's keys at positions [first, first + TILE) into the queries' online softmax: K and V of
-    KV head `kvh`, read from the sequence's pages (a tile may span pages). With CAUSAL, query row i sees only
-    keys at or before its position `q_pos[i]`."""
+    KV head `kvh`, read from the sequence's pages (a tile may span pages). Keys before `lowest` (a sliding
+    window's start: one for all queries, or a column of one per query) are not seen. With CAUSAL, query row i
+    sees only keys at or before its position `q_pos[i]`."""
     positions = first + tl.arange(0, TILE)
     valid = positions < context
     d = tl.arange(0, HEAD_DIM)
@@ -120,7 +121,7 @@ def _attend_keys(
     addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
     k = tl.load(addr, mask=valid[:, None], other=0.0)
     v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
-    allowed = valid[None, :]
+    allowed = valid[None, :] & (positions[None, :] >= lowest)
     if CAUSAL:
         allowed = allowed & (positions[None, :] <= q_pos[:, None])
     return _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION)
@@ -128,7 +129,7 @@ def _attend_keys(
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, layer, scale,
+    q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, layer, scale, window,
     stride_qb, stride_qh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     stride_tb,
@@ -152,10 +153,14 @@ def _decode_partial_kernel(
     denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     split_start = split * SPLIT_TOKENS
-    # The loop ends where the context does: a split past it runs no tile (the grid is fixed, the work is not).
-    for t in range(split_start, tl.minimum(context, split_start + SPLIT_TOKENS), TILE):
+    # Keys a sliding window (window > 0) still sees: from `lowest` on.
+    lowest = tl.where(window > 0, tl.maximum(context - window, 0), 0)
+    # The loop ends where the context does, and starts where the window does: a split outside both runs no
+    # tile (the grid is fixed, the work is not). Splits and tiles are aligned, so the start stays on a tile.
+    start = tl.maximum(split_start, (lowest // TILE) * TILE)
+    for t in range(start, tl.minimum(context, split_start + SPLIT_TOKENS), TILE):
         m, denom, acc = _attend_keys(
-            q, 0, m, denom, acc, cache_ptr, table_ptr + b * stride_tb, t, context, layer, kvh, scale,
+            q, 0, lowest, m, denom, acc, cache_ptr, table_ptr + b * stride_tb, t, context, layer, kvh, scale,
             stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, TILE, PAGE_SIZE, HEAD_DIM, PRECISION, False,
         )  # fmt: skip
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
@@ -205,11 +210,12 @@ def decode_splits(batch: int, kv_heads: int, max_pages: int) -> int:
 
 def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    out: torch.Tensor | None = None, num_splits: int | None = None, tile: int = 64,
+    out: torch.Tensor | None = None, num_splits: int | None = None, tile: int = 64, window: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages, its context
-    split `num_splits` ways (default `decode_splits`; rounded so that each split is a power of two of pages).
-    Written into rows [0, num_decode) of `out` when given (no copy after), else into a new tensor."""
+    """Attention of one query token per sequence (rows [0, num_decode) of `q`) over its pages (its last
+    `window` positions where window > 0), its context split `num_splits` ways (default `decode_splits`;
+    rounded so that each split is a power of two of pages). Written into rows [0, num_decode) of `out` when
+    given (no copy after), else into a new tensor."""
     nd = meta.num_decode
     _, num_heads, dim = q.shape
     kv_heads, page_size = kv_cache.shape[4], kv_cache.shape[3]
@@ -226,7 +232,7 @@ def decode_attention(
         out = torch.empty(nd, num_heads, dim, dtype=q.dtype, device=q.device)
     c, t = kv_cache.stride(), meta.decode_page_table
     _decode_partial_kernel[(nd, kv_heads, splits)](
-        q, kv_cache, t, meta.decode_context_lens, part, m, denom, layer, scale,
+        q, kv_cache, t, meta.decode_context_lens, part, m, denom, layer, scale, window,
         q.stride(0), q.stride(1),
         c[0], c[1], c[2], c[3], c[4],
         t.stride(0),
@@ -246,7 +252,7 @@ def decode_attention(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, starts_ptr, qlens_ptr, ctx_ptr, table_ptr, layer, scale,
+    q_ptr, cache_ptr, out_ptr, starts_ptr, qlens_ptr, ctx_ptr, table_ptr, layer, scale, window,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     stride_tb,
@@ -270,9 +276,14 @@ def _prefill_kernel(
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     last = tl.minimum(context, context - q_len + (block + 1) * BLOCK_M)  # keys past the block's last query
-    for t in range(0, last, BLOCK_N):
+    # A sliding window (window > 0): each query sees its last `window` positions; the block's first query
+    # sees the lowest of them, where the loop starts.
+    lowest = tl.where(window > 0, tl.maximum(q_pos - window + 1, 0), 0)
+    first = tl.where(window > 0, tl.maximum(context - q_len + block * BLOCK_M - window + 1, 0), 0)
+    for t in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
         m, denom, acc = _attend_keys(
-            q, q_pos, m, denom, acc, cache_ptr, table_ptr + span * stride_tb, t, context, layer, kvh, scale,
+            q, q_pos, lowest[:, None], m, denom, acc, cache_ptr, table_ptr + span * stride_tb, t, context, layer,
+            kvh, scale,
             stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, BLOCK_N, PAGE_SIZE, HEAD_DIM, PRECISION, True,
         )  # fmt: skip
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
@@ -282,9 +293,10 @@ def _prefill_kernel(
 
 def prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    out: torch.Tensor, block_m: int = 16, block_n: int = 64,
+    out: torch.Tensor, block_m: int = 16, block_n: int = 64, window: int = 0,
 ) -> None:  # fmt: skip
-    """Causal attention for every prefill span of `meta` (ragged, with prefixes in pages), into `out`."""
+    """Causal attention for every prefill span of `meta` (ragged, with prefixes in pages; within a sliding
+    `window` where window > 0), into `out`."""
     if not meta.prefills:
         return
     _, num_heads, dim = q.shape
@@ -295,7 +307,7 @@ def prefill_attention(
     c = kv_cache.stride()
     grid = (len(spans), triton.cdiv(max(sp.query_len for sp in spans), block_m), num_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, starts, q_lens, contexts, table, layer, scale,
+        q, kv_cache, out, starts, q_lens, contexts, table, layer, scale, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         c[0], c[1], c[2], c[3], c[4],
         table.stride(0),

@@ -23,8 +23,15 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
+    "Gemma3ForCausalLM",
 )
-_QK_NORMS = {"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "all"}
+_QK_NORMS = {
+    "Qwen3ForCausalLM": "head",
+    "Qwen3MoeForCausalLM": "head",
+    "Gemma3ForCausalLM": "head",
+    "OlmoeForCausalLM": "all",
+}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> ours
 # Rope types whose frequencies do not depend on the sequence length at run time.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -90,6 +97,27 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0
+    # Gemma 3: each layer's sliding window (0: it sees the whole context), the attention's scale (0: head_dim's),
+    # the embeddings' scale, norm weights stored as an offset from 1 ("1 + w"), a norm after attention and
+    # around the MLP as well ("sandwich"), the MLP's activation ("silu" or "gelu_tanh"), and a soft cap on the
+    # final logits (0: none).
+    layer_windows: tuple[int, ...] = ()
+    attention_scale: float = 0.0
+    embed_scale: float = 1.0
+    norm_offset: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    final_logit_softcap: float = 0.0
+
+    @property
+    def fused_decode_supported(self) -> bool:
+        """Whether the CPU's native all-layers decode step (kernels/cpu_fused.py) runs this model: Llama-shaped
+        layers only."""
+        return not (self.qk_norm or self.num_experts or self.sandwich_norms or any(self.layer_windows)
+                    or self.activation != "silu" or self.embed_scale != 1.0)  # fmt: skip
+
+    def window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ModelConfig:
@@ -100,15 +128,24 @@ class ModelConfig:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot read the model config in {folder}: {e}") from e
         arch = _supported(getattr(hf, "architectures", None) or [], hf.model_type)
-        if hf.hidden_act != "silu":
-            raise ModelLoadError(f"unsupported activation {hf.hidden_act!r} (only silu)")
-        rope_type = hf.rope_parameters.get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelLoadError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        act = getattr(hf, "hidden_activation", None) or hf.hidden_act
+        if act not in _ACTIVATIONS:
+            raise ModelLoadError(f"unsupported activation {act!r}; supported: {', '.join(_ACTIVATIONS)}")
+        for rope in rope_parameter_sets(hf).values():
+            if rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
+                supported = ", ".join(SUPPORTED_ROPE_TYPES)
+                raise ModelLoadError(f"unsupported rope type {rope.get('rope_type')!r}; supported: {supported}")
         if getattr(hf, "use_sliding_window", False):
             raise ModelLoadError("sliding-window attention is not supported")
-        if getattr(hf, "clip_qkv", None) is not None:
-            raise ModelLoadError("clip_qkv is not supported")
+        for unsupported in ("clip_qkv", "attn_logit_softcapping"):
+            if getattr(hf, unsupported, None) is not None:
+                raise ModelLoadError(f"{unsupported} is not supported")
+        if getattr(hf, "use_bidirectional_attention", False):
+            raise ModelLoadError("bidirectional attention (an embedding model) is not supported")
+        gemma = arch == "Gemma3ForCausalLM"
+        windows = ()
+        if gemma:  # its sliding layers' window; the others see everything
+            windows = tuple(hf.sliding_window if t == "sliding_attention" else 0 for t in hf.layer_types)
 
         max_positions = hf.max_position_embeddings
         # Mistral's sliding window only matters past its length: serving shorter contexts is exact.
@@ -147,7 +184,23 @@ class ModelConfig:
             # Mixtral always renormalises (its config has no such field)
             norm_topk_prob=arch == "MixtralForCausalLM" or bool(getattr(hf, "norm_topk_prob", False)),
             shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", None) or 0,
+            layer_windows=windows,
+            attention_scale=hf.query_pre_attn_scalar**-0.5 if gemma else 0.0,
+            embed_scale=hf.hidden_size**0.5 if gemma else 1.0,
+            norm_offset=gemma,
+            sandwich_norms=gemma,
+            activation=_ACTIVATIONS[act],
+            final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         )
+
+
+def rope_parameter_sets(hf: PretrainedConfig) -> dict[str | None, dict]:
+    """The rotary embedding's parameters by layer type: one set (key None) for most models; Gemma 3 has one for
+    its sliding layers and one for the others."""
+    params = hf.rope_parameters
+    if "rope_type" in params or "rope_theta" in params:
+        return {None: params}
+    return dict(params)
 
 
 def _eos_token_ids(folder: str | Path, hf: PretrainedConfig) -> tuple[int, ...]:

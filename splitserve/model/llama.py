@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen 2 and 3, SmolLM2, and the mixtures of experts Mixtral,
-Qwen 2/3 MoE and OLMoE) over a paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen 2 and 3, SmolLM2, Gemma 3, and the mixtures of experts
+Mixtral, Qwen 2/3 MoE and OLMoE) over a paged KV cache.
 
 Weights load straight from Hugging Face safetensors; q/k/v and gate/up are fused into one matmul each.
 """
@@ -39,7 +39,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attention_scale or cfg.head_dim**-0.5
+        self.window = cfg.window(layer)  # a sliding window (Gemma 3's local layers), or 0
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         # Query and key norms before the rotary embedding: each head's (Qwen 3), or all heads' together (OLMoE).
@@ -64,7 +65,7 @@ class Attention(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qkv = torch.cat((self.q_norm(q.contiguous())[0], self.k_norm(k.contiguous())[0], v), dim=-1)
         q = rotate_and_store(qkv, cos, sin, kv_cache, self.layer, meta, self.num_heads, qk_norm)
-        o = paged_attention(q, kv_cache, self.layer, meta, self.scale)
+        o = paged_attention(q, kv_cache, self.layer, meta, self.scale, self.window)
         return self.o_proj(o.view(x.shape[0], self.q_size))
 
 
@@ -78,7 +79,7 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size,
                                  cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)  # fmt: skip
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.activation)
 
     def forward(self, h, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """`h` is the previous layer's output, not yet added to the `residual` stream (None at layer 0)."""
@@ -88,11 +89,27 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class SandwichDecoderLayer(DecoderLayer):
+    """Gemma 3's layer: norms after attention and after the MLP too, before each joins the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(h, residual)
+        attended = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta))[0]
+        x, residual = self.pre_feedforward_layernorm(attended, residual)
+        return self.post_feedforward_layernorm(self.mlp(x))[0], residual
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        layer = SandwichDecoderLayer if cfg.sandwich_norms else DecoderLayer
+        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -129,6 +146,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3's sliding layers' own tables
         self.fused_decode = None  # a FusedDecoder once quantize(fused=True) built one
 
     @classmethod
@@ -139,7 +157,11 @@ class CausalLM(nn.Module):
             model = cls(cfg)
         model = model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
-        model.cos, model.sin = rope_tables(cfg, dtype, device)
+        if cfg.layer_windows:
+            model.cos, model.sin = rope_tables(cfg, dtype, device, "full_attention")
+            model.local_rope = rope_tables(cfg, dtype, device, "sliding_attention")
+        else:
+            model.cos, model.sin = rope_tables(cfg, dtype, device)
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -158,6 +180,8 @@ class CausalLM(nn.Module):
             dest = params[target].data.split(self._shard_sizes(target), dim=0)[shard]
             if dest.shape != tensor.shape:
                 raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
+            if self.cfg.norm_offset and target.endswith("norm.weight"):
+                tensor = tensor.float() + 1  # stored as an offset from 1: Gemma's norms scale by (1 + w)
             dest.copy_(tensor)
             missing.discard((target, shard))
         if missing:
@@ -180,15 +204,23 @@ class CausalLM(nn.Module):
         """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot."""
         cos, sin = self.cos[positions], self.sin[positions]
         h, residual = self.model.embed_tokens(input_ids), None
+        if self.cfg.embed_scale != 1.0:  # scaled in the model's dtype, as transformers does
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         if self.fused_decode is not None and self.fused_decode.takes(h, kv_cache, meta):
             h, residual = self.fused_decode(h, cos, sin, kv_cache, meta)
         else:
+            local = cos, sin
+            if self.local_rope is not None:
+                local = self.local_rope[0][positions], self.local_rope[1][positions]
             for layer in self.model.layers:
-                h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+                h, residual = layer(h, residual, *(local if layer.self_attn.window else (cos, sin)), kv_cache, meta)
         return self.model.norm(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.cfg.final_logit_softcap:
+            logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
+        return logits
 
     def quantize(self, weight_bits: int = 8, activation_bits: int = 32, fused: bool = True) -> None:
         """Every linear layer to quantized weights for the CPU's decode steps (kernels/cpu_quant.py): int8, or
@@ -204,7 +236,7 @@ class CausalLM(nn.Module):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
                     setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
-        if fused and not self.cfg.qk_norm and not self.cfg.num_experts:  # the native all-layers call has neither
+        if fused and self.cfg.fused_decode_supported:
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                     layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)

@@ -7,19 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels.layers import silu_mul
+from splitserve.kernels.layers import gelu_tanh_mul, silu_mul
+
+_ACTIVATION_MUL = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
 
 
 class MLP(nn.Module):
-    """`down(silu(gate(x)) * up(x))`, gate and up fused into one matmul."""
+    """`down(act(gate(x)) * up(x))`, gate and up fused into one matmul; `act` silu or (Gemma) gelu_tanh."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_mul = _ACTIVATION_MUL[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_mul(self.gate_up_proj(x)))
 
 
 class Router(nn.Module):
