@@ -1,14 +1,15 @@
 """splitserve against llama.cpp's `llama-server` on the same GGUF file (the embedded SmolLM2-135M-Instruct
-Q4_1), the same streamed workload, in one run: 1 stream and 16 concurrent, 128-token prompts and 128 forced
-output tokens; TTFT, TPOT and output tokens/s of each server, printed as ratios to llama-server's and judged
-against issue 13's targets.
+Q4_1, or --model's), the same streamed workload, in one run: 1 stream and 16 concurrent, 128-token prompts and
+128 forced output tokens; TTFT, TPOT and output tokens/s of each server, printed as ratios to llama-server's and
+judged against issue 13's targets.
 
 llama-server is found with --llama-server, $LLAMA_SERVER or on PATH (benchmarks/README.md says how to build
 it, about 15 minutes on 2 cores). It runs with every core and 16 slots; splitserve runs as `splitserve serve`
 (colocated, and 1 prefill + 1 decode), each server alone on the machine in turn. Check that nothing else
 runs: the load average is printed before each server.
 
-    .venv/bin/python benchmarks/vs_llamacpp.py [--llama-server PATH] [--serve-args "--quantization none"]
+    .venv/bin/python benchmarks/vs_llamacpp.py [--llama-server PATH] [--model FILE.gguf]
+        [--serve-args "--quantization none"]
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def judge(results: dict[str, dict], base: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-server", default=None, help="path of the llama-server binary")
+    p.add_argument("--model", type=Path, default=None, help="the GGUF file both serve (default: the embedded one)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--serve-args", default="", help="extra `splitserve serve` flags (e.g. --quantization none)")
@@ -117,8 +119,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     binary = find_llama_server(args.llama_server)
-    gguf = default_model_path()
-    tokenizer = tokenizer_for(None)
+    gguf = args.model or default_model_path()
+    tokenizer = tokenizer_for(str(gguf))
     fixed = workloads.LengthDist(f"fixed:{args.input_len}"), workloads.LengthDist(f"fixed:{args.output_len}")
     total = 2 + sum(n for _, n in SCENARIOS.values())
     requests = workloads.synthetic(tokenizer, total, *fixed, random.Random(args.seed))
@@ -131,7 +133,7 @@ def main() -> None:
     for label, (flags, workers) in SPLITSERVE.items():
         time.sleep(2)
         print(f"{label}, load average {os.getloadavg()[0]:.2f}")
-        server = ServeProcess(None, [*flags, *args.serve_args.split()], num_workers=workers)
+        server = ServeProcess(args.model, [*flags, *args.serve_args.split()], num_workers=workers)
         try:
             model = server.http.get("/v1/models").json()["data"][0]["id"]
             results[label] = measure(Target(server.url, model), requests)

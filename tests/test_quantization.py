@@ -14,10 +14,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from splitserve import LLM, SamplingParams
+from splitserve.bench import quality
 from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
-from splitserve.engine.core import EngineCore
 from splitserve.kernels import cpu_quant
-from splitserve.model.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
 
@@ -175,37 +174,11 @@ def test_fused_decode_step_equals_layer_by_layer(model, quantization, request):
     assert counting.calls >= 19  # every step after the prompts' was fused
 
 
-TEXT = (
-    "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
-    "million square kilometres, of which five and a half million are covered by the rainforest. The region "
-    "includes territory belonging to nine nations and 3,344 formally acknowledged indigenous territories. "
-    "The majority of the forest is contained within Brazil, with 60% of the rainforest, followed by Peru with "
-    "13%, Colombia with 10%, and with minor amounts in Bolivia, Ecuador, French Guiana, Guyana, Suriname, and "
-    "Venezuela. The rainforest likely formed during the Eocene era, following the extinction event which wiped "
-    "out the dinosaurs. It appeared following a global reduction of tropical temperatures when the Atlantic "
-    "Ocean had widened sufficiently to provide a warm, moist climate to the Amazon basin."
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", MODES)
-def test_quantization_keeps_the_embedded_models_quality(smollm2, monkeypatch, quantization):
-    # Every row through the int8 weights, as decode steps run (a prefill's rows would take the fp32 ones).
-    monkeypatch.setattr(cpu_quant, "KERNEL_MAX_ROWS", 10**9)
-    monkeypatch.setattr(cpu_quant, "W8A8_MAX_ROWS", 10**9)
-    ids = load_tokenizer(smollm2)(TEXT).input_ids
-    logits = {}
-    for q in ("none", quantization):
-        core = EngineCore(EngineConfig(dtype="fp32", quantization=q, kv_cache_memory="64MiB"))
-        logits[q] = core.score(ids)
-    target = torch.tensor(ids[1:])
-
-    def perplexity(x: torch.Tensor) -> float:
-        return math.exp(torch.nn.functional.cross_entropy(x[:-1], target).item())
-
-    agreement = (logits[quantization].argmax(-1) == logits["none"].argmax(-1)).float().mean().item()
-    ppl = {q: perplexity(x) for q, x in logits.items()}
-    print(f"{quantization}, {len(ids)} tokens: top-1 agreement {agreement:.1%}, "
-          f"perplexity {ppl['none']:.3f} -> {ppl[quantization]:.3f}")  # fmt: skip
-    assert agreement >= 0.9
-    assert abs(ppl[quantization] / ppl["none"] - 1) <= 0.05
+def test_quantization_keeps_the_embedded_models_quality(smollm2, quantization):
+    (q,) = quality.compare(None, [quantization])
+    print(f"{quantization}, {q.tokens} tokens: top-1 agreement {q.agreement:.1%}, "
+          f"perplexity {q.reference_perplexity:.3f} -> {q.perplexity:.3f}")  # fmt: skip
+    assert q.agreement >= 0.9
+    assert abs(q.perplexity_change) <= 0.05

@@ -1,0 +1,37 @@
+"""Quality of the CPU's quantized modes against a model's own weights in fp32: top-1 agreement (the share of
+positions whose most likely next token is unchanged) and perplexity, over a fixed English text scored in one
+pass with every row through the quantized kernels (as decode steps run).
+
+    .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8]
+
+--model: a Hugging Face folder or GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1); a GGUF file's
+"fp32 weights" are its own, dequantized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from splitserve.bench.quality import compare
+from splitserve.engine.config import CPU_QUANTIZATIONS
+from splitserve.model.checkpoint import model_name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or .gguf file (default: the embedded model)")
+    p.add_argument("--modes", default=",".join(CPU_QUANTIZATIONS), help="quantization modes to compare")
+    args = p.parse_args()
+    started = time.monotonic()
+    results = compare(args.model, args.modes.split(","))
+    first = results[0]
+    print(f"{model_name(args.model)}: {first.tokens} tokens, fp32 perplexity {first.reference_perplexity:.3f}")
+    print(f"{'mode':>8} {'top-1 agreement':>16} {'perplexity':>11} {'change':>8}")
+    for q in results:
+        print(f"{q.mode:>8} {q.agreement:>16.1%} {q.perplexity:>11.3f} {q.perplexity_change:>+8.1%}")
+    print(f"({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

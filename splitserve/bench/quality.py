@@ -1,0 +1,77 @@
+"""How much a quantized mode changes a model's predictions: top-1 agreement and perplexity against the model's
+own weights in fp32, over a fixed English text scored in one pass (what `benchmarks/quality.py` prints, and what
+the tests hold the embedded model to)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+REFERENCE_TEXT = (
+    "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
+    "million square kilometres, of which five and a half million are covered by the rainforest. The region "
+    "includes territory belonging to nine nations and 3,344 formally acknowledged indigenous territories. "
+    "The majority of the forest is contained within Brazil, with 60% of the rainforest, followed by Peru with "
+    "13%, Colombia with 10%, and with minor amounts in Bolivia, Ecuador, French Guiana, Guyana, Suriname, and "
+    "Venezuela. The rainforest likely formed during the Eocene era, following the extinction event which wiped "
+    "out the dinosaurs. It appeared following a global reduction of tropical temperatures when the Atlantic "
+    "Ocean had widened sufficiently to provide a warm, moist climate to the Amazon basin."
+)
+
+
+@dataclass(frozen=True)
+class Quality:
+    mode: str
+    tokens: int
+    agreement: float  # share of positions whose most likely next token is the fp32 weights' one
+    perplexity: float
+    reference_perplexity: float  # of the fp32 weights, on the same text
+
+    @property
+    def perplexity_change(self) -> float:
+        return self.perplexity / self.reference_perplexity - 1
+
+
+@contextlib.contextmanager
+def every_row_quantized() -> Iterator[None]:
+    """Every row of a pass through the quantized kernels, as decode steps run (a long prefill's rows would take
+    the fp32 weights that int8 modes keep), so that one scoring pass measures what decoding sees."""
+    from splitserve.kernels import cpu_quant
+
+    saved = cpu_quant.KERNEL_MAX_ROWS, cpu_quant.W8A8_MAX_ROWS
+    cpu_quant.KERNEL_MAX_ROWS = cpu_quant.W8A8_MAX_ROWS = 10**9
+    try:
+        yield
+    finally:
+        cpu_quant.KERNEL_MAX_ROWS, cpu_quant.W8A8_MAX_ROWS = saved
+
+
+def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> list[Quality]:
+    """Each quantization mode of `model` (None: the embedded default) against its fp32 weights."""
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.core import EngineCore
+    from splitserve.model.checkpoint import resolve_model
+    from splitserve.model.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(resolve_model(model))(text).input_ids
+    target = torch.tensor(ids[1:])
+
+    def scored(mode: str) -> torch.Tensor:
+        with every_row_quantized():
+            core = EngineCore(EngineConfig(model=model, dtype="fp32", quantization=mode, kv_cache_memory="64MiB"))
+            return core.score(ids)[:-1]
+
+    def perplexity(logits: torch.Tensor) -> float:
+        return math.exp(torch.nn.functional.cross_entropy(logits, target).item())
+
+    reference = scored("none")
+    results = []
+    for mode in modes:
+        logits = scored(mode)
+        agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        results.append(Quality(mode, len(ids), agreement, perplexity(logits), perplexity(reference)))
+    return results
