@@ -132,3 +132,8 @@ def tiny_gemma3(folder: Path) -> Path:
                            query_pre_attn_scalar=24, rope_parameters=rope, final_logit_softcapping=30.0,
                            tie_word_embeddings=True)  # fmt: skip
     return save(Gemma3ForCausalLM, cfg, folder, seed=39, random_norms=True)
+
+
+# Every builder above: the suite has a session fixture of each name (tests/conftest.py).
+TINY_MODELS = ("tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3", "tiny_mixtral", "tiny_qwen2_moe",
+               "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3")  # fmt: skip

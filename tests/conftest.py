@@ -38,49 +38,17 @@ def no_leaked_pages():
     assert not leaks, f"KV pages leaked (capacity, free): {leaks}"
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_gqa(tmp_path_factory) -> Path:
-    return checkpoints.tiny_llama_gqa(tmp_path_factory.mktemp("tiny-llama-gqa"))
+def _tiny_checkpoint(name: str):
+    def fixture(tmp_path_factory) -> Path:
+        return getattr(checkpoints, name)(tmp_path_factory.mktemp(name.replace("_", "-")))
+
+    fixture.__doc__ = getattr(checkpoints, name).__doc__
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:
-    return checkpoints.tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory) -> Path:
-    return checkpoints.tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_mixtral(tmp_path_factory) -> Path:
-    return checkpoints.tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_moe(tmp_path_factory) -> Path:
-    return checkpoints.tiny_qwen2_moe(tmp_path_factory.mktemp("tiny-qwen2-moe"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_moe(tmp_path_factory) -> Path:
-    return checkpoints.tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
-
-
-@pytest.fixture(scope="session")
-def tiny_olmoe(tmp_path_factory) -> Path:
-    return checkpoints.tiny_olmoe(tmp_path_factory.mktemp("tiny-olmoe"))
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3(tmp_path_factory) -> Path:
-    return checkpoints.tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_untied(tmp_path_factory) -> Path:
-    return checkpoints.tiny_llama_untied(tmp_path_factory.mktemp("tiny-llama-untied"))
+# A session fixture per tiny random checkpoint (tests/checkpoints.py): tiny_llama_gqa, tiny_qwen2, ...
+for _name in checkpoints.TINY_MODELS:
+    globals()[_name] = _tiny_checkpoint(_name)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,12 @@
-"""Mixtures of experts (Mixtral, Qwen 2/3 MoE, OLMoE) beyond the greedy checks of test_exactness.py: the
-capturable dense path equals the sparse one and traces as one graph, and quantized experts change nothing but
-the weights."""
+"""Mixtures of experts (Mixtral, Qwen 2/3 MoE, OLMoE) beyond the greedy checks of test_exactness.py (and the
+int8 one of test_quantization.py): the capturable dense path equals the sparse one and traces as one graph."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-from transformers import AutoModelForCausalLM
 
-from splitserve.engine.params import SamplingParams
-from splitserve.kernels import cpu_quant
 from splitserve.llm import LLM
 from splitserve.model.config import ModelConfig
 from splitserve.model.mlp import SparseMoE
@@ -54,36 +49,3 @@ def test_the_dense_path_traces_with_no_graph_break_or_host_sync(tiny_qwen2_moe, 
         torch._dynamo.reset()
         torch.compile(lambda x: moe.sparse(x, *moe.route(x)), fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("model", ["tiny_mixtral", "tiny_qwen2_moe"])
-def test_int8_experts_equal_transformers_on_the_same_weights(model, request):
-    """The CPU's int8 path quantizes every expert (and the shared expert and its gate) but not the router:
-    transformers' model with those weights replaced by their int8 round trips makes the same greedy tokens."""
-    folder = request.getfixturevalue(model)
-    llm = LLM(str(folder), dtype="fp32", quantization="int8", page_size=8)
-    moe = llm.engine.runner.model.model.layers[0].mlp
-    assert isinstance(moe.experts[0].gate_up_proj, cpu_quant.QuantizedLinear)
-    assert isinstance(moe.gate.weight, nn.Parameter)  # the router stays exact
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def round_trip(w: torch.Tensor) -> torch.Tensor:
-        q, s = cpu_quant.quantize(w)
-        return q.float() * s[:, None]
-
-    with torch.no_grad():
-        for name, module in list(hf.named_modules()):
-            if isinstance(module, nn.Linear):
-                module.weight = nn.Parameter(round_trip(module.weight))
-            elif name.endswith(".experts"):  # [experts, out, in] tensors: each expert's matrix row by row
-                for p in (module.gate_up_proj, module.down_proj):
-                    p.copy_(torch.stack([round_trip(w) for w in p]))
-    prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 5]
-    assert sum(map(len, prompts)) <= cpu_quant.KERNEL_MAX_ROWS
-    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-    for prompt, out in zip(prompts, outs, strict=True):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert out.token_ids == ids[len(prompt) :]

@@ -114,21 +114,34 @@ def test_auto_quantization_is_4_bit_for_a_q4_1_gguf_model_and_int8_for_others(sm
     assert "w4a8 weights (auto)" in EngineConfig(device="cpu").describe_dtype()
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_gemma3"])
+@pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_gemma3", "tiny_mixtral", "tiny_qwen2_moe"])
 def test_int8_engine_equals_transformers_on_the_same_weights(model, request):
     """Quantization changes the weights, nothing else: transformers' model with every linear layer's weight
-    replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose steps here all have
-    at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights). Qwen 3's per-head norms keep the
-    layer-by-layer path (the fused native step has none)."""
+    (and every expert's) replaced by its int8 round trip makes the same greedy tokens as the int8 engine (whose
+    steps here all have at most KERNEL_MAX_ROWS rows, so every one runs on the int8 weights). Qwen 3's and
+    Gemma 3's layers keep the layer-by-layer path (the fused native step has neither); a mixture's router stays
+    exact (a changed score would change which experts run)."""
     folder = request.getfixturevalue(model)
     llm = LLM(str(folder), dtype="fp32", quantization="int8", page_size=8)
-    assert isinstance(llm.engine.runner.model.lm_head, cpu_quant.QuantizedLinear)
+    runner_model = llm.engine.runner.model
+    assert isinstance(runner_model.lm_head, cpu_quant.QuantizedLinear)
+    if runner_model.cfg.num_experts:
+        moe = runner_model.model.layers[0].mlp
+        assert isinstance(moe.experts[0].gate_up_proj, cpu_quant.QuantizedLinear)
+        assert isinstance(moe.gate.weight, nn.Parameter)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def round_trip(w: torch.Tensor) -> torch.Tensor:
+        q, s = cpu_quant.quantize(w)
+        return q.float() * s[:, None]
+
     with torch.no_grad():
-        for module in list(hf.modules()):
+        for name, module in list(hf.named_modules()):
             if isinstance(module, nn.Linear):
-                q, s = cpu_quant.quantize(module.weight)
-                module.weight = nn.Parameter(q.float() * s[:, None])  # also unties the LM head from the embedding
+                module.weight = nn.Parameter(round_trip(module.weight))  # also unties the LM head from the embedding
+            elif name.endswith(".experts"):  # [experts, out, in] tensors: each expert's matrix row by row
+                for p in (module.gate_up_proj, module.down_proj):
+                    p.copy_(torch.stack([round_trip(w) for w in p]))
     prompts = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22] * 5]
     assert sum(map(len, prompts)) <= cpu_quant.KERNEL_MAX_ROWS
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
