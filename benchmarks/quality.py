@@ -1,6 +1,7 @@
 """Quality of the CPU's quantized modes against a model's own weights in fp32: top-1 agreement (the share of
 positions whose most likely next token is unchanged) and perplexity, over a fixed English text scored in one
-pass with every row through the quantized kernels (as decode steps run).
+pass with every row through the quantized kernels (as decode steps run); then the engine's fp32 greedy tokens
+against transformers' on three prompts (the same weights: exactness on a real model).
 
     .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8]
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from splitserve.bench.quality import compare
+from splitserve.bench.quality import compare, greedy_matches
 from splitserve.engine.config import CPU_QUANTIZATIONS
 from splitserve.model.checkpoint import model_name
 
@@ -30,6 +31,9 @@ def main() -> None:
     print(f"{'mode':>8} {'top-1 agreement':>16} {'perplexity':>11} {'change':>8}")
     for q in results:
         print(f"{q.mode:>8} {q.agreement:>16.1%} {q.perplexity:>11.3f} {q.perplexity_change:>+8.1%}")
+    print("fp32 greedy tokens against transformers' generate on the same weights:")
+    for prompt, same, text in greedy_matches(args.model):
+        print(f"  {'same' if same else 'DIFFERENT'}: {prompt!r} -> {text!r}")
     print(f"({time.monotonic() - started:.0f} s)")
 
 

@@ -2,7 +2,7 @@
 
 1. the kernel tests natively (`tests/test_kernels.py`, TRITON_INTERPRET=0);
 2. the engine's greedy tokens against transformers' on two tiny shapes (fp32; captured and eager steps);
-3. Triton decode attention against SDPA on the same K/V (`benchmarks/kernels.py`'s cases: 32/8 heads, head_dim
+3. Triton decode attention against SDPA on the same K/V (`benchmarks/attention_kernels.py`'s cases: 32/8 heads, head_dim
    128, bf16, batch 1-128, context 512-8k): GB/s as a share of HBM peak, and the ratio to SDPA;
 4. one decode step per token of Llama shapes with random bf16 weights (135M, 1B, 8B), eager and captured, at
    batch 1 and 64 (8B also 256), next to the floor of reading the weights once at the device's copy
@@ -214,7 +214,7 @@ def decode_speed(table: Table, workdir: Path) -> None:
 
 
 def _benchmark(name: str):
-    """benchmarks/NAME.py as a module (by its path: on sys.path its folder would shadow packages: `kernels`)."""
+    """benchmarks/NAME.py as a module (by its path: the folder stays off sys.path)."""
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -222,7 +222,7 @@ def _benchmark(name: str):
 
 
 def attention(table: Table) -> None:
-    bench = _benchmark("kernels")
+    bench = _benchmark("attention_kernels")
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in bench.PEAK_GBPS.items() if k in name), 0.0)
     shape = dict(heads=32, kv_heads=8, dim=128, page_size=16, dtype=torch.bfloat16, device=torch.device("cuda"))
@@ -273,10 +273,12 @@ def dry_run(table: Table, workdir: Path) -> None:
     from splitserve.model.config import ModelConfig
     from tests import checkpoints
 
-    for path in ("tests/test_kernels.py", "tests/helpers.py", "benchmarks/kv_transfer.py", "benchmarks/kernels.py"):
+    for path in ("tests/test_kernels.py", "tests/helpers.py", "benchmarks/kv_transfer.py",
+                 "benchmarks/attention_kernels.py"):  # fmt: skip
         table.add(f"found {path}", "yes" if (ROOT / path).exists() else "MISSING", "", _ok((ROOT / path).exists()))
     table.add("benchmarks/kv_transfer.py imports", f"pages of {_benchmark('kv_transfer').PAGE_BYTES >> 10} KiB")
-    table.add("benchmarks/kernels.py imports", f"{len(_benchmark('kernels').PEAK_GBPS)} known GPUs' HBM peaks")
+    peaks = _benchmark("attention_kernels").PEAK_GBPS
+    table.add("benchmarks/attention_kernels.py imports", f"{len(peaks)} known GPUs' HBM peaks")
     for name in EXACT_MODELS:
         folder = getattr(checkpoints, name)(workdir / name)
         table.add(f"tiny checkpoint {name}", f"head_dim {ModelConfig.from_pretrained(folder).head_dim}")

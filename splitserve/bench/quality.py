@@ -1,6 +1,7 @@
 """How much a quantized mode changes a model's predictions: top-1 agreement and perplexity against the model's
 own weights in fp32, over a fixed English text scored in one pass (what `benchmarks/quality.py` prints, and what
-the tests hold the embedded model to)."""
+the tests hold the embedded model to); and whether the engine's fp32 greedy tokens are transformers' on a real
+model's weights."""
 
 from __future__ import annotations
 
@@ -74,4 +75,34 @@ def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> 
         logits = scored(mode)
         agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         results.append(Quality(mode, len(ids), agreement, perplexity(logits), perplexity(reference)))
+    return results
+
+
+GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+
+
+def greedy_matches(model: str | None, max_tokens: int = 24) -> list[tuple[str, bool, str]]:
+    """For each of `GREEDY_PROMPTS`: (prompt, whether the engine's fp32 greedy tokens, the prompts batched
+    together, equal transformers' `generate` on the same weights, the engine's text)."""
+    from transformers import AutoModelForCausalLM
+
+    from splitserve.engine.params import SamplingParams
+    from splitserve.llm import LLM
+    from splitserve.model.checkpoint import resolve_model
+    from splitserve.model.tokenizer import load_tokenizer
+
+    folder = resolve_model(model)
+    tokenizer = load_tokenizer(folder)
+    prompts = [tokenizer(p).input_ids for p in GREEDY_PROMPTS]
+    llm = LLM(model, dtype="fp32", quantization="none", kv_cache_memory="64MiB")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ours = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    results = []
+    for prompt, ids, got in zip(GREEDY_PROMPTS, prompts, ours, strict=True):
+        with torch.inference_mode():
+            x = torch.tensor([ids])
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+        results.append((prompt, got == out[0, len(ids) :].tolist(), tokenizer.decode(got)))
     return results

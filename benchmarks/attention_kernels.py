@@ -1,7 +1,7 @@
 """Attention kernels on CUDA: achieved bandwidth of paged decode attention and TFLOP/s of prefill
 attention, next to PyTorch's scaled_dot_product_attention on the same data laid out contiguously.
 
-    python benchmarks/kernels.py [--peak-gbps 3350] [--batches 1,8,32,128] [--contexts 512,...,8192]
+    python benchmarks/attention_kernels.py [--peak-gbps 3350] [--batches 1,8,32,128] [--contexts 512,...,8192]
 
 Decode: bytes of K/V read per second (every sequence reads its whole context once), as a fraction of
 the device's peak HBM bandwidth (guessed from its name, or --peak-gbps), and the speed-up over SDPA; both
@@ -116,7 +116,7 @@ def main() -> None:
         peak = args.peak_gbps or 1.0
     else:
         if not torch.cuda.is_available():
-            sys.exit("benchmarks/kernels.py measures CUDA kernels and needs a CUDA device (or --cpu-smoke)")
+            sys.exit("benchmarks/attention_kernels.py measures CUDA kernels and needs a CUDA device (or --cpu-smoke)")
         device, dtype = torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         batches = [int(b) for b in args.batches.split(",")]
         contexts = [int(c) for c in args.contexts.split(",")]
