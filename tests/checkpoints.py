@@ -11,6 +11,8 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -89,6 +91,19 @@ def tiny_llama_untied(folder: Path) -> Path:
     return save(LlamaForCausalLM, cfg, folder, seed=3)
 
 
+def tiny_mistral(folder: Path) -> Path:
+    """Mistral with a sliding window (8 positions, far shorter than the prompts) in every layer."""
+    cfg = MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    return save(MistralForCausalLM, cfg, folder, seed=10)
+
+
+def tiny_qwen2_sliding(folder: Path) -> Path:
+    """Qwen2 with `use_sliding_window`: layer 0 global, layer 1 sliding (window 8; `max_window_layers` 1)."""
+    cfg = Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=8, max_window_layers=1)  # fmt: skip
+    return save(Qwen2ForCausalLM, cfg, folder, seed=11)
+
+
 # Mixtures of experts: 4 experts, 2 per token (the router's choices differ between tokens and layers).
 EXPERTS = dict(num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, tie_word_embeddings=False)
 
@@ -135,5 +150,5 @@ def tiny_gemma3(folder: Path) -> Path:
 
 
 # Every builder above: the suite has a session fixture of each name (tests/conftest.py).
-TINY_MODELS = ("tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3", "tiny_mixtral", "tiny_qwen2_moe",
-               "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3")  # fmt: skip
+TINY_MODELS = ("tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3", "tiny_mistral", "tiny_qwen2_sliding",
+               "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3")  # fmt: skip

@@ -16,7 +16,7 @@ from splitserve.engine.params import SamplingParams
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
-MODELS = ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3",
+MODELS = ["tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3", "tiny_mistral", "tiny_qwen2_sliding",
           "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3"]  # fmt: skip
 PROMPT_LENS = [1, 3, 7, 12, 17, 25, 33, 48, 64]
 ARRIVALS = [0, 0, 1, 3, 4, 6, 9, 12, 15]

@@ -236,7 +236,9 @@ def test_silu_mul_matches_reference(dtype):
     torch.testing.assert_close(triton_layers.silu_mul(gate_up), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3"])
+@pytest.mark.parametrize(
+    "model", ["tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3"]
+)
 def test_engine_with_triton_kernels_gives_the_reference_tokens(model, request, monkeypatch):
     from splitserve.decode.engine import DecodeEngine
     from splitserve.engine.config import EngineConfig

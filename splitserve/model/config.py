@@ -97,7 +97,8 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0
-    # Gemma 3: each layer's sliding window (0: it sees the whole context), the attention's scale (0: head_dim's),
+    # Each layer's sliding window (0: it sees the whole context; Gemma 3, Mistral, ...), and Gemma 3's: the
+    # attention's scale (0: head_dim's),
     # the embeddings' scale, norm weights stored as an offset from 1 ("1 + w"), a norm after attention and
     # around the MLP as well ("sandwich"), the MLP's activation ("silu" or "gelu_tanh"), and a soft cap on the
     # final logits (0: none).
@@ -135,22 +136,14 @@ class ModelConfig:
             if rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
                 supported = ", ".join(SUPPORTED_ROPE_TYPES)
                 raise ModelLoadError(f"unsupported rope type {rope.get('rope_type')!r}; supported: {supported}")
-        if getattr(hf, "use_sliding_window", False):
-            raise ModelLoadError("sliding-window attention is not supported")
         for unsupported in ("clip_qkv", "attn_logit_softcapping"):
             if getattr(hf, unsupported, None) is not None:
                 raise ModelLoadError(f"{unsupported} is not supported")
         if getattr(hf, "use_bidirectional_attention", False):
             raise ModelLoadError("bidirectional attention (an embedding model) is not supported")
         gemma = arch == "Gemma3ForCausalLM"
-        windows = ()
-        if gemma:  # its sliding layers' window; the others see everything
-            windows = tuple(hf.sliding_window if t == "sliding_attention" else 0 for t in hf.layer_types)
-
+        windows = _layer_windows(arch, hf)
         max_positions = hf.max_position_embeddings
-        # Mistral's sliding window only matters past its length: serving shorter contexts is exact.
-        if arch in ("MistralForCausalLM", "MixtralForCausalLM") and getattr(hf, "sliding_window", None):
-            max_positions = min(max_positions, hf.sliding_window)
         num_heads = hf.num_attention_heads
         is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
@@ -192,6 +185,19 @@ class ModelConfig:
             activation=_ACTIVATIONS[act],
             final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         )
+
+
+def _layer_windows(arch: str, hf: PretrainedConfig) -> tuple[int, ...]:
+    """Each layer's sliding window (0: it sees the whole context), or () when no layer has one: the layers that
+    `layer_types` calls sliding (Gemma 3; Qwen 2/3 with `use_sliding_window`), or every layer of a Mistral or
+    Mixtral whose config sets `sliding_window`."""
+    window = getattr(hf, "sliding_window", None) or 0
+    types = getattr(hf, "layer_types", None)
+    if types and "sliding_attention" in types:
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM") and window:
+        return (window,) * hf.num_hidden_layers
+    return ()
 
 
 def rope_parameter_sets(hf: PretrainedConfig) -> dict[str | None, dict]:

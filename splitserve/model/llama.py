@@ -14,7 +14,7 @@ from torch import nn
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, paged_attention, rotate_and_store
 from splitserve.kernels.layers import add_rms_norm
-from splitserve.model.config import ModelConfig
+from splitserve.model.config import ModelConfig, rope_parameter_sets
 from splitserve.model.mlp import MLP, SparseMoE
 from splitserve.model.rope import rope_tables
 
@@ -157,11 +157,11 @@ class CausalLM(nn.Module):
             model = cls(cfg)
         model = model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
-        if cfg.layer_windows:
+        if None in rope_parameter_sets(cfg.hf_config):  # one rotary embedding for every layer
+            model.cos, model.sin = rope_tables(cfg, dtype, device)
+        else:  # Gemma 3: the global layers' and the sliding ones'
             model.cos, model.sin = rope_tables(cfg, dtype, device, "full_attention")
             model.local_rope = rope_tables(cfg, dtype, device, "sliding_attention")
-        else:
-            model.cos, model.sin = rope_tables(cfg, dtype, device)
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
