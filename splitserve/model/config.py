@@ -98,10 +98,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     shared_expert_intermediate_size: int = 0
     # Each layer's sliding window (0: it sees the whole context; Gemma 3, Mistral, ...), and Gemma 3's: the
-    # attention's scale (0: head_dim's),
-    # the embeddings' scale, norm weights stored as an offset from 1 ("1 + w"), a norm after attention and
-    # around the MLP as well ("sandwich"), the MLP's activation ("silu" or "gelu_tanh"), and a soft cap on the
-    # final logits (0: none).
+    # attention's scale (0: head_dim's), the embeddings' scale, norm weights stored as an offset from 1 ("1 + w"),
+    # a norm after attention and around the MLP as well ("sandwich"), the MLP's activation ("silu" or
+    # "gelu_tanh"), and a soft cap on the final logits (0: none).
     layer_windows: tuple[int, ...] = ()
     attention_scale: float = 0.0
     embed_scale: float = 1.0

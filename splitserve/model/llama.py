@@ -147,6 +147,7 @@ class CausalLM(nn.Module):
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3's sliding layers' own tables
+        self.embed_scale = 1.0  # Gemma 3's, rounded to the model's dtype as transformers rounds it
         self.fused_decode = None  # a FusedDecoder once quantize(fused=True) built one
 
     @classmethod
@@ -162,6 +163,7 @@ class CausalLM(nn.Module):
         else:  # Gemma 3: the global layers' and the sliding ones'
             model.cos, model.sin = rope_tables(cfg, dtype, device, "full_attention")
             model.local_rope = rope_tables(cfg, dtype, device, "sliding_attention")
+        model.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).item()
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -204,8 +206,8 @@ class CausalLM(nn.Module):
         """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot."""
         cos, sin = self.cos[positions], self.sin[positions]
         h, residual = self.model.embed_tokens(input_ids), None
-        if self.cfg.embed_scale != 1.0:  # scaled in the model's dtype, as transformers does
-            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        if self.embed_scale != 1.0:
+            h = h * self.embed_scale
         if self.fused_decode is not None and self.fused_decode.takes(h, kv_cache, meta):
             h, residual = self.fused_decode(h, cos, sin, kv_cache, meta)
         else:
