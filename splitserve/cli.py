@@ -44,6 +44,14 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
         default=None,
         help="the model name clients send and /v1/models lists (default: the model's own name)",
     )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "llama3_json"),
+        default="auto",
+        help="how tool calls are found in the model's text (tool_choice auto): hermes, <tool_call>{...}</tool_call> "
+        "(Qwen, Hermes); llama3_json, JSON objects with name and parameters (Llama 3.1+); auto (default) picks "
+        "from the chat template",
+    )
     options.add_arguments(p, RouterOptions)
     options.add_arguments(p, PolicyOptions)
 
@@ -52,7 +60,14 @@ def _router_options(args: argparse.Namespace, worker_address: str):
     from splitserve.router.server import ServerOptions
 
     server = ServerOptions(
-        args.model, args.host, args.port, worker_address, args.api_key, args.served_model_name, args.verbose
+        args.model,
+        args.host,
+        args.port,
+        worker_address,
+        args.api_key,
+        args.served_model_name,
+        args.verbose,
+        args.tool_call_parser,
     )
     cluster = {**options.values(args, RouterOptions), "policy": PolicyOptions(**options.values(args, PolicyOptions))}
     return server, cluster

@@ -194,6 +194,34 @@ def server(tiny_chat_llama):
     s.stop()
 
 
+schemas = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(
+        st.text(max_size=6), st.one_of(json_values, st.sampled_from([
+            {"type": "string", "maxLength": 4}, {"type": "integer", "minimum": 3}, {"$ref": "#/nope"},
+            {"enum": [1, "a", None]}, {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}])),
+        max_size=3)}, optional={"required": st.lists(st.text(max_size=6), max_size=2)}),
+)  # fmt: skip
+
+
+@st.composite
+def tool_fields(draw) -> dict:
+    names = draw(st.lists(st.sampled_from(["f", "get_weather", "a-b", "x y", ""]), min_size=0, max_size=3))
+    tools = [{"type": "function", "function": {"name": n, **({"parameters": draw(schemas)} if draw(st.booleans())
+                                                              else {})}} for n in names]  # fmt: skip
+    choice = draw(st.one_of(st.sampled_from(["auto", "none", "required"]), st.builds(
+        lambda n: {"type": "function", "function": {"name": n}}, st.sampled_from(["f", "g"]))))  # fmt: skip
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": draw(st.sampled_from(
+        ['{"x": 1}', "{}", "not json", "[1]"]))}}  # fmt: skip
+    history = draw(st.sampled_from([
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
+         {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+        [{"role": "tool", "content": "no id"}]]))  # fmt: skip
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": draw(st.booleans()), "messages": history,
+            "max_tokens": 12}  # fmt: skip
+
+
 @st.composite
 def request_bodies(draw, model: str) -> tuple[str, bytes]:
     chat = draw(st.booleans())
@@ -201,6 +229,8 @@ def request_bodies(draw, model: str) -> tuple[str, bytes]:
     base |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
     for name in draw(st.lists(st.sampled_from([*FIELDS, "surprise"]), max_size=4)):
         base[name] = draw(json_values)
+    if chat and draw(st.booleans()):  # tool calling: well-formed requests around odd schemas, names and history
+        base |= draw(tool_fields())
     if draw(st.integers(0, 9)) == 0:  # now and then not a request object at all
         return chat, json.dumps(draw(json_values)).encode()
     return chat, json.dumps(base).encode()

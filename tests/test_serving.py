@@ -238,7 +238,7 @@ BAD_REQUESTS = [
         {
             "model": "M",
             "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
         },
         400,
     ),
@@ -303,7 +303,8 @@ BAD_REQUESTS = [
 ]
 
 
-NAMED = {"tools": "tools", "unknown field": "min_p", "seed beyond int64": "seed", "max_tokens a string": "max_tokens",
+NAMED = {"tools": "tools.0.function.parameters", "tool_choice required": "tool_choice",
+        "unknown field": "min_p", "seed beyond int64": "seed", "max_tokens a string": "max_tokens",
          "lone surrogate": "messages.0.content", "bad schema": "response_format", "suffix": "suffix",
          "logit_bias out of vocab": "logit_bias"}  # fmt: skip
 

@@ -72,16 +72,25 @@ class StructuredOutput:
         schema it cannot follow as invalid too)."""
         if self.schema is None:
             return
-        import jsonschema
-
         try:
-            schema = json.loads(self.schema)
-            if not isinstance(schema, (dict, bool)):
-                raise ValueError("a JSON schema is an object")
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except (ValueError, jsonschema.SchemaError) as e:
-            reason = e.message if isinstance(e, jsonschema.SchemaError) else str(e)
-            raise InvalidRequestError(f"response_format: unusable JSON schema: {reason}", "response_format") from e
+            problem = schema_problem(json.loads(self.schema))
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            raise InvalidRequestError(f"response_format: unusable JSON schema: {problem}", "response_format")
+
+
+def schema_problem(schema: object) -> str | None:
+    """Why `schema` (parsed JSON) is not a JSON Schema, or None."""
+    import jsonschema
+
+    if not isinstance(schema, (dict, bool)):
+        return "a JSON schema is an object"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        return e.message
+    return None
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]) -> tuple[str, list[int]]:
-    """The conversation through the chat template, ready for the assistant's turn: (text, token ids)."""
+def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:  # fmt: skip
+    """The conversation (and the tools it may call, for a template that takes them) through the chat template,
+    ready for the assistant's turn: (text, token ids)."""
     if tokenizer.chat_template is None:
         raise InvalidRequestError("this model has no chat template")
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
     except TemplateError as e:  # the template itself refuses the conversation (e.g. roles out of order)
         raise InvalidRequestError(f"messages: the model's chat template refused them: {e}", param="messages") from e
     # The template already holds the special tokens: do not let the tokenizer add another BOS.

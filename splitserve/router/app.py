@@ -36,12 +36,14 @@ from splitserve.engine.params import (
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.protocol import Role
+from splitserve.router import tool_calls
 from splitserve.router.cluster import Cluster
 from splitserve.router.formats import ChatShape, CompletionShape, sse
 from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseFormat, RoleChange
+from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, RoleChange
 from splitserve.router.output import TextStream
+from splitserve.router.tool_calls import CallDelta
 from splitserve.slo import SLO
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,14 @@ class RouterState:
     served_model: str
     api_key: str | None = None
     slo: SLO | None = None  # judged over a recent window, for operators (/health, /metrics)
+    tool_call_parser: str = "auto"  # how calls are found in the model's text (`--tool-call-parser`)
     metrics: RouterMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics(self.cluster, self.slo)
+        template = self.tokenizer.chat_template
+        self.native_tools = tool_calls.template_takes_tools(template)
+        self.tool_call_parser = tool_calls.parser_name(template, self.tool_call_parser)
 
 
 def create_app(state: RouterState, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -223,7 +229,9 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
 
 def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
     if isinstance(body, ChatCompletionRequest):
-        return [encode_chat(state.tokenizer, [m.as_template_input() for m in body.messages])[1]]
+        tools = body.tools if body.tool_mode is not None else None
+        conversation, specs = tool_calls.template_input(body.messages, tools, state.native_tools)
+        return [encode_chat(state.tokenizer, conversation, specs)[1]]
     return [list(p) if not isinstance(p, str) else state.tokenizer(p).input_ids if p else [] for p in body.prompts()]
 
 
@@ -258,7 +266,7 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[Sa
         stop_token_ids=tuple(body.stop_token_ids),
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs if chat else body.logprobs,
-        structured=_structured(state, body.response_format),
+        structured=_structured(body),
     )
     check_params(params, state.vocab_size)
     if params.seed is None:
@@ -266,7 +274,11 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[Sa
     return [replace(params, seed=(params.seed + i - INT64_MIN) % 2**64 + INT64_MIN) for i in range(body.n)]
 
 
-def _structured(state: RouterState, response_format: ResponseFormat | None) -> StructuredOutput | None:
+def _structured(body: CompletionRequest | ChatCompletionRequest) -> StructuredOutput | None:
+    if isinstance(body, ChatCompletionRequest) and body.forced_tool_call:
+        schema = tool_calls.forced_schema(body.tools, body.tool_mode, body.parallel_tool_calls)
+        return StructuredOutput("json_schema", json.dumps(schema))  # the tools' schemas were checked on arrival
+    response_format = body.response_format
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
@@ -318,6 +330,9 @@ class _Choice:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.text_offset = 0
+        mode = body.tool_mode if isinstance(body, ChatCompletionRequest) else None
+        self.calls = None if mode is None else tool_calls.extractor(body.tools, mode, body.parallel_tool_calls,
+                                                                    state.tool_call_parser)  # fmt: skip
 
 
 class _Answer:
@@ -346,8 +361,9 @@ class _Answer:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    def _take(self, choice: _Choice, event: TokenEvent) -> tuple[str, list[TokenLogprob]]:
-        """Account for one token of `choice`; returns the text it releases and its logprobs (if asked for)."""
+    def _take(self, choice: _Choice, event: TokenEvent) -> tuple[str, list[TokenLogprob], list[CallDelta]]:
+        """Account for one token of `choice`; returns the text it releases, its logprobs (if asked for) and the
+        pieces of tool calls it completes."""
         choice.token_ids.append(event.token_id)
         text = choice.text.push(event.token_id)
         finish = event.finish_reason
@@ -356,6 +372,16 @@ class _Answer:
             self.state.cluster.abort(choice.job)  # the workers stop generating; no-op if it had finished anyway
         elif finish is not None:
             text += choice.text.flush()
+        deltas: list[CallDelta] = []
+        if choice.calls is not None:
+            text, deltas = choice.calls.feed(text)
+            if finish is not None:
+                rest, more = choice.calls.finish()
+                text, deltas = text + rest, deltas + more
+                self.state.metrics.tool_calls.labels("parsed").inc(len(choice.calls.calls))
+                self.state.metrics.tool_calls.labels("unparsed").inc(choice.calls.unparsed)
+                if choice.calls.calls and finish == "stop":
+                    finish = "tool_calls"
         if finish is not None:
             choice.finish_reason = finish
             job = choice.job
@@ -368,7 +394,7 @@ class _Answer:
                      f" ({', '.join(job.migrations)})" if job.migrations else "")  # fmt: skip
             if self.finished:
                 self.state.metrics.requests.labels("ok").inc()
-        return text, [event.logprob] if event.logprob is not None else []
+        return text, [event.logprob] if event.logprob is not None else [], deltas
 
     async def _events(self, firsts: list[TokenEvent], gone: _ClientGone | None):
         """(choice, event) pairs as they come, each choice's in order, until every choice has finished;
@@ -405,11 +431,12 @@ class _Answer:
                 if isinstance(event, ErrorEvent):
                     self.count_error()
                     raise APIError(event.status, event.message, _error_type(event.status))
-                text, lps = self._take(choice, event)
+                text, lps, _ = self._take(choice, event)
                 texts[choice.index].append(text)
                 logprobs[choice.index].extend(lps)
         out = [self.shape.whole_choice(c.index, "".join(texts[c.index]), c.finish_reason,
-                                       self._logprobs(c, logprobs[c.index]), c.token_ids)
+                                       self._logprobs(c, logprobs[c.index]), c.token_ids,
+                                       [call.as_openai() for call in c.calls.calls] if c.calls else [])
                for c in self.choices]  # fmt: skip
         return {**self.shape.envelope(whole=True), "choices": out, "usage": self._usage()}
 
@@ -426,10 +453,10 @@ class _Answer:
                         self.count_error()
                         yield sse(_error_body(event.message, "server_error"))
                         break
-                    text, lps = self._take(choice, event)
-                    if text or lps or choice.finish_reason or self.body.return_token_ids:
-                        entry = self.shape.piece(choice.index, text, self._logprobs(choice, lps),
-                                                 choice.finish_reason, event.token_id)  # fmt: skip
+                    text, lps, deltas = self._take(choice, event)
+                    if text or lps or deltas or choice.finish_reason or self.body.return_token_ids:
+                        entry = self.shape.piece(choice.index, text, self._logprobs(choice, lps), choice.finish_reason,
+                                                 event.token_id, [d.as_openai() for d in deltas])  # fmt: skip
                         yield self.shape.chunk(entry, include_usage)
             if self.finished and include_usage:
                 yield self.shape.usage_chunk(self._usage())

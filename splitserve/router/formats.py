@@ -58,16 +58,17 @@ class _Shape:
         return sse({**self.envelope(), "choices": [], "usage": usage})
 
     def whole_choice(self, index: int, text: str, finish: str | None, logprobs: dict | None,
-                     token_ids: list[int]) -> dict[str, Any]:  # fmt: skip
-        entry: dict[str, Any] = {"index": index, "finish_reason": finish, **self._content(text), "logprobs": logprobs}
+                     token_ids: list[int], tool_calls: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        entry: dict[str, Any] = {"index": index, "finish_reason": finish, **self._content(text, tool_calls),
+                                 "logprobs": logprobs}  # fmt: skip
         if self.token_ids:
             entry["token_ids"] = token_ids
         return entry
 
-    def piece(self, index: int, text: str, logprobs: dict | None, finish: str | None,
-              token_id: int) -> dict[str, Any]:  # fmt: skip
-        """A stream chunk's choice: the text one token released."""
-        entry = {**self._delta(text), "index": index, "logprobs": logprobs, "finish_reason": finish}
+    def piece(self, index: int, text: str, logprobs: dict | None, finish: str | None, token_id: int,
+              tool_calls: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        """A stream chunk's choice: the text (and pieces of tool calls) one token released."""
+        entry = {**self._delta(text, tool_calls), "index": index, "logprobs": logprobs, "finish_reason": finish}
         if self.token_ids:
             entry["token_ids"] = [token_id]
         return entry
@@ -76,10 +77,10 @@ class _Shape:
         token = self.decode([token_id])
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    def _content(self, text: str) -> dict[str, Any]:
+    def _content(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _delta(self, text: str) -> dict[str, Any]:
+    def _delta(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -102,10 +103,10 @@ class CompletionShape(_Shape):
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
                 "text_offset": offsets}, text_offset  # fmt: skip
 
-    def _content(self, text: str) -> dict[str, Any]:
+    def _content(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
         return {"text": text}
 
-    def _delta(self, text: str) -> dict[str, Any]:
+    def _delta(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
         return {"text": text}
 
 
@@ -121,8 +122,10 @@ class ChatShape(_Shape):
                    for lp in logprobs]  # fmt: skip
         return {"content": content}, text_offset
 
-    def _content(self, text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}}
+    def _content(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text if text or not tool_calls else None}
+        return {"message": {**message, "tool_calls": tool_calls} if tool_calls else message}
 
-    def _delta(self, text: str) -> dict[str, Any]:
-        return {"delta": {"content": text} if text else {}}
+    def _delta(self, text: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        delta = {"content": text} if text else {}
+        return {"delta": {**delta, "tool_calls": tool_calls} if tool_calls else delta}

@@ -74,6 +74,10 @@ class RouterMetrics:
             "splitserve_requests", "Requests by outcome (ok, error, aborted, rejected)", ["outcome"],
             registry=self.registry,
         )  # fmt: skip
+        self.tool_calls = Counter(
+            "splitserve_tool_calls", "Tool calls found in answers (parsed), and text that looked like one but was "
+            "not (unparsed)", ["outcome"], registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_ClusterCollector(cluster, self.window))
 
     def record(self, ttft_s: float, e2e_s: float, num_tokens: int) -> None:

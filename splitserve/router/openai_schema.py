@@ -4,11 +4,12 @@ does not implement is refused by name, never ignored. `null` means the field's d
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from splitserve.engine.params import RANGES
+from splitserve.engine.params import RANGES, schema_problem
 
 MAX_CHOICES = 64  # prompts x n in one request: bounded, like every queue here
 
@@ -159,19 +160,77 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object (absent: no arguments)
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            problem = schema_problem(v)
+            if problem:
+                raise ValueError(f"not a usable JSON Schema: {problem}")
+        return v
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    """A call the assistant made, as a client sends it back in the conversation's history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @field_validator("function")
+    @classmethod
+    def _json_arguments(cls, v: FunctionCall) -> FunctionCall:
+        try:
+            json.loads(v.arguments)
+        except ValueError:
+            raise ValueError("function.arguments must be JSON text") from None
+        return v
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None  # a participant's name: the chat template decides whether it shows
     tool_call_id: str | None = None  # a tool message's call: shown to the model as the template does
+    tool_calls: list[ToolCall] | None = None  # an assistant message's calls
 
-    def as_template_input(self) -> dict[str, Any]:
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
+
+    @property
+    def text(self) -> str:
         content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
-        extra = {"name": self.name, "tool_call_id": self.tool_call_id}
-        return {**message, **{k: v for k, v in extra.items() if v is not None}}
+        return "".join(part.text for part in content) if isinstance(content, list) else content or ""
 
 
 class ChatCompletionRequest(_Common):
@@ -180,17 +239,37 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: _bounded(int, "max_tokens") | None = None
     logprobs: bool = False
     top_logprobs: _bounded(int, "logprobs") | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # only meaningful with tools, which are refused
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice: tool calling is not supported")
+    def _tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tools: function names must be unique ({', '.join(twice)} more than once)")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: required needs tools")
+        if self.forced_tool_call and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a forced tool call (tool_choice) already decides the output's form")
         return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """How this request's output may hold tool calls: None (no tools, or tool_choice none), "auto",
+        "required", or the name of the function it must call."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return None
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto"
+
+    @property
+    def forced_tool_call(self) -> bool:
+        return self.tool_mode not in (None, "auto")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -35,7 +35,7 @@ class TextStream:
             self.stopped = True
             text, self._held = self._held[: min(hits)], ""
             return text
-        keep = max((_overlap(self._held, s) for s in self._stop), default=0)
+        keep = max((overlap(self._held, s) for s in self._stop), default=0)
         cut = len(self._held) - keep
         text, self._held = self._held[:cut], self._held[cut:]
         return text
@@ -48,7 +48,7 @@ class TextStream:
         return text
 
 
-def _overlap(text: str, stop: str) -> int:
+def overlap(text: str, stop: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `stop`."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
         if text.endswith(stop[:n]):

@@ -32,6 +32,7 @@ class ServerOptions:
     api_key: str | None
     served_model_name: str | None  # the name clients use (None: the model's)
     access_log: bool  # log every HTTP request (-v)
+    tool_call_parser: str = "auto"  # the format of the model's tool calls (auto: its chat template's)
 
 
 def run_router(
@@ -55,7 +56,8 @@ def run_router(
           + f", HTTP on http://{options.host}:{options.port}, workers join at {address}", flush=True)  # fmt: skip
     if on_bound is not None:
         on_bound(address, cluster)
-    state = RouterState(cluster, tokenizer, vocab_size(path), served, options.api_key, cluster.options.slo)
+    state = RouterState(cluster, tokenizer, vocab_size(path), served, options.api_key, cluster.options.slo,
+                        options.tool_call_parser)  # fmt: skip
     config = uvicorn.Config(
         create_app(state),
         host=options.host,
