@@ -72,6 +72,13 @@ class CacheStats(msgspec.Struct, frozen=True):
     evictions: int = 0
     cached_pages: int = 0
     retained_pages: int = 0  # kept for conversations' next turns
+    offloaded_pages: int = 0  # in the offload tier (host memory and disk)
+    offload_pages_stored: int = 0
+    offload_pages_loaded: int = 0
+    offload_bytes_written: int = 0
+    offload_bytes_read: int = 0
+    offload_seconds_writing: float = 0.0
+    offload_seconds_reading: float = 0.0
 
 
 class KvStats(msgspec.Struct, frozen=True):

@@ -187,8 +187,14 @@ class _Loop:
         if stored or removed:
             self.outbox.append(CacheEvents(stored, removed))
         stats = allocator.stats
+        offload = self.role.engine.pages.offload
+        tier = {} if offload is None else dict(
+            offloaded_pages=offload.num_pages, offload_pages_stored=offload.stats.stored,
+            offload_pages_loaded=offload.stats.loaded, offload_bytes_written=offload.stats.bytes_written,
+            offload_bytes_read=offload.stats.bytes_read, offload_seconds_writing=offload.stats.seconds_writing,
+            offload_seconds_reading=offload.stats.seconds_reading)  # fmt: skip
         self.cache = CacheStats(stats.queries, stats.hits, stats.evictions, allocator.num_cached,
-                                allocator.num_retained)  # fmt: skip
+                                allocator.num_retained, **tier)  # fmt: skip
 
     def _flush(self) -> None:
         dropped = 0

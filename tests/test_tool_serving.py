@@ -25,7 +25,7 @@ from splitserve.model.tokenizer import encode_chat, load_tokenizer
 from splitserve.router import tool_calls
 from splitserve.router.openai_schema import ChatMessage, Tool
 from tests import checkpoints
-from tests.test_serving import ENGINE
+from tests.test_serving import ENGINE, idle_after  # noqa: F401 (every test leaves the cluster idle)
 from tests.test_tool_calls import ADD, HISTORY, QWEN_TEMPLATE, WEATHER
 
 TOOLS = [WEATHER, ADD]
@@ -85,13 +85,6 @@ def server(tool_model):
     s = ServeProcess(tool_model, ["--prefill", "1", "--decode", "1", *ENGINE], 2)
     yield s
     s.stop()
-
-
-@pytest.fixture(autouse=True)
-def idle_after(request):
-    yield
-    if "server" in request.fixturenames:
-        request.getfixturevalue("server").wait_idle(timeout=5)
 
 
 def _client(server: ServeProcess) -> openai.OpenAI:

@@ -14,6 +14,7 @@ Percentiles interpolate linearly between closest ranks (numpy's default, as vLLM
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 from splitserve.bench.client import Record
@@ -70,3 +71,8 @@ def summarize(records: list[Record], duration_s: float, slo: SLO | None = None) 
         out["goodput"] = good / duration_s
         out["slo_attainment"] = good / len(records) if records else math.nan
     return out
+
+
+def prometheus_total(text: str, name: str, labels: str = "") -> float:
+    """The sum of metric `name` over its series in a /metrics page `text` (those whose labels hold `labels`)."""
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*{labels}[^}}]*}})? (\S+)$", text, re.M))

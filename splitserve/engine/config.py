@@ -75,6 +75,16 @@ class EngineConfig:
         "user); it gives way earlier when pages run short (default {default:g}; 0 keeps nothing)",
         flag="--cache-ttl",
     )
+    kv_offload_memory: str | int = option(
+        "0",
+        "host memory for a second KV tier: cached pages (conversations kept between turns, shared prefixes) that "
+        "the cache overwrites for new work are copied here, and back when a prompt continues them, instead of "
+        "being computed again; e.g. 4GiB (default {default}: off)",
+    )
+    kv_offload_dir: str | None = option(
+        None, "a folder for a third KV tier: pages the offload memory has no room for go to files here", type=str
+    )
+    kv_offload_size: str | int = option("8GiB", "disk space the --kv-offload-dir tier may use (default {default})")
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -82,7 +92,8 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        parse_memory_size(self.kv_cache_memory)  # fail at start-up, not after loading the weights
+        for size in (self.kv_cache_memory, self.kv_offload_memory, self.kv_offload_size):
+            parse_memory_size(size)  # fail at start-up, not after loading the weights
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         cpu_only = self.quantization in CPU_QUANTIZATIONS

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import msgspec
 import torch
 
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import EngineConfig, parse_memory_size
 from splitserve.engine.kv_cache import PageAllocator, TensorAllocator
+from splitserve.engine.kv_offload import OffloadTier
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.params import SamplingParams, check_params, check_prompt
 from splitserve.engine.prefix_cache import root_hash
@@ -49,7 +50,11 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages, config.prefix_caching)
         root = root_hash(msgspec.msgpack.encode(self.compat_key))
-        self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s)
+        offload = None
+        memory, disk = parse_memory_size(config.kv_offload_memory), parse_memory_size(config.kv_offload_size)
+        if config.prefix_caching and (memory or config.kv_offload_dir):
+            offload = OffloadTier(self.runner.kv_cache, memory, config.kv_offload_dir, disk)
+        self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s, offload)
         self._grammars: GrammarCompiler | None = None
         self.prefill_tokens_per_s = 0.0  # measured prompt throughput (moving average); 0 until measured
         self.decode_step_s = 0.0  # measured time of a step of decode rows only (moving average)

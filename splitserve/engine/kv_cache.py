@@ -66,6 +66,9 @@ class PageAllocator:
         self._retain_counts: Counter[int] = Counter()  # page -> how many conversations retain it
         self.stats = PrefixCacheStats()
         self.events = CacheEvents()
+        # Called with (hash, page) for a cached page about to be overwritten: True when the offload tier kept a
+        # copy (the worker still holds that content, so the router is not told it went).
+        self.on_evict: Callable[[int, int], bool] | None = None
 
     @property
     def num_free(self) -> int:
@@ -154,8 +157,15 @@ class PageAllocator:
     def _forget(self, page: int) -> None:
         page_hash = self._hash_of.pop(page, None)
         if page_hash is not None:
+            kept = self.on_evict is not None and self.on_evict(page_hash, page)
             del self._page_of[page_hash]
             self.stats.evictions += 1
+            if not kept:
+                self.events.removed.append(page_hash)
+
+    def offload_dropped(self, page_hash: int) -> None:
+        """The offload tier let go of `page_hash`: unless the pool holds that content again, it is gone."""
+        if page_hash not in self._page_of:
             self.events.removed.append(page_hash)
 
     # --- conversations kept between turns ------------------------------------------------------------

@@ -8,37 +8,54 @@ The schedulers decide when; this decides how, so the prefill and the decode pool
 from __future__ import annotations
 
 from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.kv_offload import OffloadTier
 from splitserve.engine.prefix_cache import extend_hashes, reusable_pages
 from splitserve.engine.request import Request
 
 
 class RequestPages:
-    def __init__(self, allocator: PageAllocator, page_size: int, root_hash: int, cache_ttl_s: float):
+    def __init__(self, allocator: PageAllocator, page_size: int, root_hash: int, cache_ttl_s: float,
+                 offload: OffloadTier | None = None):  # fmt: skip
+        """`offload`: the tier cached pages go to when the pool overwrites them, and come back from."""
         self.allocator = allocator
         self.page_size = page_size
         self.root_hash = root_hash
         self.cache_ttl_s = cache_ttl_s
+        self.offload = offload
+        if offload is not None:
+            allocator.on_evict = offload.store
+            offload.on_drop = allocator.offload_dropped
 
     def admit(self, request: Request, max_tokens: int, whole_prompt: bool = False) -> int | None:
-        """First pages for a request that holds none: its cached prefix, then new pages for its next
-        `max_tokens` tokens (for all its tokens when `whole_prompt`). Returns how many tokens are left to
-        compute in this step (at most `max_tokens`), or None (and no change) when too few pages are free."""
+        """First pages for a request that holds none: its cached prefix (pages in the pool, then pages the
+        offload tier copies back), then new pages for its next `max_tokens` tokens (for all its tokens when
+        `whole_prompt`). Returns how many tokens are left to compute in this step (at most `max_tokens`), or
+        None (and no change) when too few pages are free."""
         assert not request.pages and request.num_computed_tokens == 0
         ps = self.page_size
         hits: list[int] = []
+        offloaded = 0
         if self.allocator.prefix_caching:
             limit = reusable_pages(request.num_tokens, ps)
             extend_hashes(request.page_hashes, request.token_ids, ps, self.root_hash, limit)
             hits = self.allocator.cached_prefix(request.page_hashes[:limit])
-        cached = len(hits) * ps
-        n = min(request.num_tokens - cached, max_tokens)
-        end = request.num_tokens if whole_prompt else cached + n
+            if self.offload is not None:
+                offloaded = self.offload.prefix(request.page_hashes[len(hits) : limit])
+        n = min(request.num_tokens - (len(hits) + offloaded) * ps, max_tokens)
+        end = request.num_tokens if whole_prompt else (len(hits) + offloaded) * ps + n
         needed = -(-end // ps) - len(hits)
         if not self.allocator.can_allocate(needed, hits):
             return None
         request.pages = self.allocator.allocate(needed, reuse=hits)
+        # Copy the offloaded pages back (the allocation may have pushed some of them out: those are computed).
+        loaded = len(hits)
+        while loaded < len(hits) + offloaded and self.offload.load(request.page_hashes[loaded], request.pages[loaded]):
+            self.allocator.register(request.pages[loaded], request.page_hashes[loaded])
+            loaded += 1
+        cached = loaded * ps
+        n = min(request.num_tokens - cached, max_tokens)
         request.num_computed_tokens = request.num_cached_tokens = cached
-        request.num_registered_pages = len(hits)
+        request.num_registered_pages = loaded
         stats = self.allocator.stats
         stats.queries += request.num_tokens
         stats.hits += cached

@@ -610,6 +610,5 @@ def _describe(w: Worker) -> WorkerView:
         prefix_cache_queries=cache.queries,
         prefix_cache_hits=cache.hits,
         prefix_cache_evictions=cache.evictions,
-        cached_pages=cache.cached_pages,
-        retained_pages=cache.retained_pages,
+        **{k: v for k, v in msgspec.structs.asdict(cache).items() if k.endswith("_pages") or k.startswith("offload")},
     )

@@ -149,6 +149,7 @@ class _ClusterCollector(Collector):
                 ("pending_prefill_tokens", "Prompt tokens queued or in progress"),
                 ("cached_pages", "KV pages in the prefix cache (reusable by a request with the same prefix)"),
                 ("retained_pages", "KV pages kept for conversations' next turns (prompt_cache_key)"),
+                ("offloaded_pages", "KV pages in the offload tier (--kv-offload-memory, --kv-offload-dir)"),
             ]
         }
         counters = {
@@ -168,6 +169,12 @@ class _ClusterCollector(Collector):
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)"),
                 ("prefix_cache_evictions", "Cached KV pages overwritten for new requests"),
+                ("offload_pages_stored", "Cached KV pages copied to the offload tier before the pool overwrote them"),
+                ("offload_pages_loaded", "KV pages copied back from the offload tier instead of being computed"),
+                ("offload_bytes_written", "Bytes written to the offload tier (memory, and disk)"),
+                ("offload_bytes_read", "Bytes read back from the offload tier"),
+                ("offload_seconds_writing", "Seconds spent copying pages to the offload tier"),
+                ("offload_seconds_reading", "Seconds spent copying pages back from the offload tier"),
             ]
         }
         for w in snap.workers:

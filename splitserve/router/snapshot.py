@@ -34,6 +34,13 @@ class WorkerView(msgspec.Struct, frozen=True):
     prefix_cache_evictions: int
     cached_pages: int
     retained_pages: int
+    offloaded_pages: int
+    offload_pages_stored: int
+    offload_pages_loaded: int
+    offload_bytes_written: int
+    offload_bytes_read: int
+    offload_seconds_writing: float
+    offload_seconds_reading: float
 
 
 class PoolView(msgspec.Struct, frozen=True):
