@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 
-from splitserve.bench import workloads
+from splitserve.bench import metrics, workloads
 from splitserve.bench.cli import tokenizer_for
 from splitserve.launcher import ServeProcess
 
@@ -58,10 +57,6 @@ SYSTEM = ("You are a coding agent. Use the tools to find out what you need, one 
 def _span(text: str) -> tuple[float, float]:
     low, high = (float(x) for x in text.split(","))
     return low, high
-
-
-def _counter(text: str, name: str, labels: str = "") -> float:
-    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*{labels}[^}}]*}})? (\S+)$", text, re.M))
 
 
 async def _turn(client: httpx.AsyncClient, body: dict) -> tuple[float | None, list[dict], str, int]:
@@ -158,8 +153,8 @@ def run_variant(args, tokenizer, variant: str) -> dict:
         text = server.http.get("/metrics").text
     finally:
         server.stop()
-    queries, hits = (_counter(text, "splitserve_prefix_cache_queries_total"),
-                     _counter(text, "splitserve_prefix_cache_hits_total"))  # fmt: skip
+    queries, hits = (metrics.prometheus_total(text, "splitserve_prefix_cache_queries_total"),
+                     metrics.prometheus_total(text, "splitserve_prefix_cache_hits_total"))  # fmt: skip
     by_turn: dict[int, list[float]] = {}
     for r in rows:
         if r["ttft_s"] is not None:
@@ -173,8 +168,8 @@ def run_variant(args, tokenizer, variant: str) -> dict:
         "median_ttft_turn3plus_s": statistics.median([r["ttft_s"] for r in rows if r["turn"] >= 2 and r["ttft_s"]]),
         "hit_rate": hits / queries if queries else 0.0,
         "parse_rate": sum(r["parsed"] for r in tool_turns) / len(tool_turns) if tool_turns else float("nan"),
-        "tool_calls_parsed": _counter(text, "splitserve_tool_calls_total", 'outcome="parsed"'),
-        "tool_calls_unparsed": _counter(text, "splitserve_tool_calls_total", 'outcome="unparsed"'),
+        "tool_calls_parsed": metrics.prometheus_total(text, "splitserve_tool_calls_total", 'outcome="parsed"'),
+        "tool_calls_unparsed": metrics.prometheus_total(text, "splitserve_tool_calls_total", 'outcome="unparsed"'),
         "rows": rows,
     }
     turns = " ".join(f"{t + 1}:{v * 1000:.0f}" for t, v in result["median_ttft_by_turn_s"].items())
