@@ -3,10 +3,13 @@
 answers in text. The same agents (seeded) run on a fresh server per variant:
 
   retention     each agent's id as its prompt_cache_key: its KV is kept between turns (`--cache-ttl`)
+  offload       the same, with a KV offload tier (`--kv-offload-memory 4GiB`): pages the pool gives up while
+                an agent waits are copied out, and back for its next turn
   no retention  `--cache-ttl 0`, no key: a turn finds the history's pages only if nothing overwrote them
   no cache      `--no-prefix-caching`: every turn prefills the whole conversation
 
-(The offload tier of issue 27 point 2 is not built yet: no variant for it.)
+Retention and offload matter when the pool cannot hold every agent's history: size it with --serve-args
+(`--kv-cache-memory`), as in the README's run.
 
 Reported per variant: median TTFT per turn (first content or tool-call chunk), the workers' prefix cache hit
 rate, and the tool-call parse rate: the share of tool turns whose answer holds a call that names a tool and
@@ -36,6 +39,7 @@ from splitserve.launcher import ServeProcess
 
 VARIANTS = {  # name: (extra serve flags, prompt_cache_key per agent)
     "retention": ([], True),
+    "offload": (["--kv-offload-memory", "4GiB"], True),
     "no retention": (["--cache-ttl", "0"], False),
     "no cache": (["--no-prefix-caching"], False),
 }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
@@ -94,6 +96,7 @@ def test_hermes_several_calls_and_a_list_in_one_block(parallel):
             '<tool_call>{"name": "add", "arguments": [1]}</tool_call>',
             1,
         ),
+        ('<tool_call>{"name": ["add"]}</tool_call>', '<tool_call>{"name": ["add"]}</tool_call>', 1),
         ("ends inside <tool_call>{", "ends inside <tool_call>{", 1),
         ("ends with <tool_c", "ends with <tool_c", 0),
     ],
@@ -290,3 +293,24 @@ def test_templates_without_tools_get_them_in_the_system_message(smollm2):
     conversation, _ = tool_calls.template_input([ChatMessage(role="system", content="Be brief."), *messages[:1]],
                                                 TOOLS, native=False)  # fmt: skip
     assert conversation[0]["content"].startswith("Be brief.\n\n# Tools")
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_", '{"name": "add", "arguments": {"a": 1, "b": 2}}', '"name"',
+             "[", "]", "{", "}", ", ", "\n", "text", "<|python_tag|>", ";", '{"name": ["add"]}', "ü"]  # fmt: skip
+
+
+PARSERS = [tool_calls.HermesExtractor, tool_calls.Llama3JsonExtractor, tool_calls.ForcedListExtractor]
+
+
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=12), st.lists(st.integers(0, 400), max_size=6),
+       st.sampled_from(PARSERS))  # fmt: skip
+@settings(max_examples=400, deadline=None)
+def test_any_text_in_any_pieces_parses_as_it_does_whole(fragments, cuts, kind):
+    """Whatever the model writes, however it is split into releases: no parser raises, and streaming gives the
+    content and calls of the whole text (a parser decides only from what it has seen)."""
+    text = "".join(fragments)
+    bounds = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    whole, streamed = kind(NAMES), kind(NAMES)
+    assert _run(streamed, pieces)[0] == _run(whole, [text])[0]
+    assert [(c.name, c.arguments) for c in streamed.calls] == [(c.name, c.arguments) for c in whole.calls]

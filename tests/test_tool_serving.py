@@ -2,8 +2,9 @@
 
 - `auto` on a model whose template takes tools: a tiny Qwen 2 with Qwen 2.5's template, trained here (ten
   seconds) to answer one question with a Hermes call and another with text, so the parser meets real output;
-- forced calls (`required`, a named function) on it and on the embedded model, sampled with several seeds,
-  streamed and whole: every call parses and validates against its function's schema (the grammar's work);
+- forced calls (`required`, a named function) on it, on a tiny random Llama and on the embedded model, sampled
+  with several seeds, streamed and whole: every call parses and validates against its function's schema (the
+  grammar's work);
 - a multi-turn exchange with the calls and their results in the history, and bad tool definitions (400s that
   name the field).
 """
@@ -144,7 +145,17 @@ def _check_forced(client: openai.OpenAI, question: str, seeds: range) -> None:
 
 
 def test_forced_calls_validate_on_a_tiny_model(server):
-    _check_forced(_client(server), "Say hi.", range(3))
+    _check_forced(_client(server), "What is 12 plus 30?", range(3))  # a question it was not trained on
+
+
+def test_forced_calls_validate_on_a_tiny_random_model(tiny_chat_llama):
+    """A random model, whose template (SmolLM2's) takes no tools: they go into the system message."""
+    server = ServeProcess(tiny_chat_llama, ["--prefill", "1", "--decode", "1", *ENGINE], 2)
+    try:
+        _check_forced(_client(server), "What is 12 plus 30?", range(3))
+        server.wait_idle(timeout=5)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

@@ -194,7 +194,7 @@ class CallExtractor:
         calls = value if isinstance(value, list) else [value]
         out = []
         for c in calls:
-            if not isinstance(c, dict) or c.get("name") not in self.names:
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or c["name"] not in self.names:
                 return None
             arguments = c.get("arguments", c.get("parameters", {}))
             if isinstance(arguments, str):
