@@ -112,7 +112,12 @@ async def _agent(k: int, args, target: tuple[str, str], keyed: bool, tokenizer, 
                     "stream_options": {"include_usage": True}}  # fmt: skip
             if keyed:
                 body["prompt_cache_key"] = f"agent-{k}"
-            ttft, calls, content, prompt_tokens = await _turn(client, body)
+            try:
+                ttft, calls, content, prompt_tokens = await _turn(client, body)
+            except (RuntimeError, httpx.HTTPError) as e:  # e.g. a 503: no room within --queue-timeout
+                rows.append({"agent": k, "turn": turn, "ttft_s": None, "tool_turn": False, "parsed": False,
+                             "error": str(e)[:200]})  # fmt: skip
+                return
             rows.append({"agent": k, "turn": turn, "ttft_s": ttft, "prompt_tokens": prompt_tokens,
                          "tool_turn": not last, "parsed": bool(calls) and all(_valid(c) for c in calls)})  # fmt: skip
             if last:
@@ -168,6 +173,7 @@ def run_variant(args, tokenizer, variant: str) -> dict:
         "variant": variant,
         "duration_s": duration,
         "turns": len(rows),
+        "failed": sum("error" in r for r in rows),
         "median_ttft_by_turn_s": {t: statistics.median(v) for t, v in sorted(by_turn.items())},
         "median_ttft_turn3plus_s": statistics.median([r["ttft_s"] for r in rows if r["turn"] >= 2 and r["ttft_s"]]),
         "hit_rate": hits / queries if queries else 0.0,
@@ -177,8 +183,9 @@ def run_variant(args, tokenizer, variant: str) -> dict:
         "rows": rows,
     }
     turns = " ".join(f"{t + 1}:{v * 1000:.0f}" for t, v in result["median_ttft_by_turn_s"].items())
-    print(f"{variant:<13} | {duration:6.1f} s | {len(rows)} turns | hit rate {result['hit_rate']:5.1%} | parse rate "
-          f"{result['parse_rate']:5.1%} | turn 3+ median TTFT {result['median_ttft_turn3plus_s'] * 1000:6.0f} ms | "
+    print(f"{variant:<13} | {duration:6.1f} s | {len(rows)} turns, {result['failed']} failed | hit rate "
+          f"{result['hit_rate']:5.1%} | parse rate {result['parse_rate']:5.1%} | turn 3+ median TTFT "
+          f"{result['median_ttft_turn3plus_s'] * 1000:6.0f} ms | "
           f"median TTFT by turn (ms) {turns}", flush=True)  # fmt: skip
     return result
 

@@ -1,13 +1,10 @@
 """A cluster over two hosts: the router and a prefill worker in one network namespace, a decode worker in
-another (tests/netns.py), KV pages crossing the veth link over UCX's TCP transport as between machines."""
+another (splitserve/bench/hosts.py), KV pages crossing the veth link over UCX's TCP transport as between machines."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,41 +12,24 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from splitserve.bench.hosts import Host, Unavailable, processes, two_hosts
 from tests.helpers import hf_greedy
-from tests.netns import Host, two_hosts
 
 HTTP_PORT, WORKER_PORT = 8000, 8001  # each namespace has its own ports
 
 
-@contextlib.contextmanager
-def _processes() -> Iterator[list[subprocess.Popen]]:
-    """Processes started into the list, stopped afterwards whatever happens (before the namespaces go)."""
-    started: list[subprocess.Popen] = []
+@pytest.fixture
+def hosts() -> Iterator[tuple[Host, Host]]:
     try:
-        yield started
-    finally:
-        for p in started:
-            p.terminate()
-        for p in started:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=15)
-
-
-def _splitserve(host: Host, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    command = host.command([sys.executable, "-m", "splitserve", *args])
-    return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+        with two_hosts() as pair:
+            yield pair
+    except Unavailable as e:
+        pytest.skip(str(e))
 
 
 def _http(host: Host, script: str) -> dict:
     """Run `script` (Python; `url` is the router's, `httpx` imported) on `host`; its last printed line, as JSON."""
-    code = f"import httpx, json\nurl = 'http://{host.address}:{HTTP_PORT}'\n{script}"
-    out = subprocess.run(host.command([sys.executable, "-c", code]), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return host.python(f"import httpx, json\nurl = 'http://{host.address}:{HTTP_PORT}'\n{script}")
 
 
 def _health(host: Host) -> dict:
@@ -59,7 +39,7 @@ def _health(host: Host) -> dict:
 def _wait(host: Host, ready, what: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(AssertionError, json.JSONDecodeError):
+        with contextlib.suppress(RuntimeError, json.JSONDecodeError):
             health = _health(host)
             if ready(health):
                 return health
@@ -75,15 +55,16 @@ def _all_pages_free(health: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_a_decode_worker_on_another_host_gets_its_kv_over_the_link(tiny_chat_llama: Path):
+def test_a_decode_worker_on_another_host_gets_its_kv_over_the_link(tiny_chat_llama: Path, hosts):
     folder = str(tiny_chat_llama)
     engine = ["--model", folder, "--dtype", "fp32", "--device", "cpu", "--router"]
-    with two_hosts() as (a, b), _processes() as started:
-        started.append(_splitserve(a, ["router", "--model", folder, "--host", a.address, "--port", str(HTTP_PORT),
+    a, b = hosts
+    with processes() as started:
+        started.append(a.splitserve(["router", "--model", folder, "--host", a.address, "--port", str(HTTP_PORT),
                                        "--worker-host", a.address, "--worker-port", str(WORKER_PORT)]))  # fmt: skip
         router = f"tcp://{a.address}:{WORKER_PORT}"
-        started.append(_splitserve(a, ["worker", "--role", "prefill", *engine, router], a.ucx_env))
-        started.append(_splitserve(b, ["worker", "--role", "decode", *engine, router], b.ucx_env))
+        started.append(a.splitserve(["worker", "--role", "prefill", *engine, router], a.ucx_env))
+        started.append(b.splitserve(["worker", "--role", "decode", *engine, router], b.ucx_env))
         _wait(a, lambda h: len(h["workers"]) == 2, "both workers to join")
 
         prompts = [[11, 12, 13, 14, 15], list(range(100, 140)), [7, 300, 301, 302] * 9]

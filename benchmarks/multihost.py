@@ -1,0 +1,118 @@
+"""Disaggregation across two hosts on one machine (`splitserve/bench/hosts.py`, as root): the router and a prefill
+worker in one network namespace, a decode worker in another, the veth link between them unshaped or shaped
+with `tc netem` (a rate, and a delay each way), against the same three processes on one host (KV pulled
+through shared memory). Prompts of 1,000-2,000 random tokens of the embedded model (fp32, no prefix caching:
+every prompt is prefilled and its KV moved), one at a time so that nothing queues, `max_tokens` 2: a
+request's TTFT is its prefill, its KV's transfer and the first token's way back.
+
+Today a prompt's KV is sent whole after its prefill ends (issue 28's layer-wise streaming is not built), so
+over a slow link the transfer adds to TTFT: these figures are its baseline.
+
+    .venv/bin/python benchmarks/multihost.py                          # one host, unshaped, 10gbit, 1gbit
+    .venv/bin/python benchmarks/multihost.py --links 1gbit --prompts 3 --delay-ms 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from splitserve.bench.hosts import Host, processes, two_hosts
+
+HTTP_PORT, WORKER_PORT = 8000, 8001
+ENGINE = ["--dtype", "fp32", "--device", "cpu", "--no-prefix-caching"]
+
+CLIENT = """
+import httpx, json, time
+url, prompts, model = {url!r}, {prompts!r}, {model!r}
+ttfts = []
+with httpx.Client(timeout=300) as client:
+    for prompt in prompts:
+        start = time.perf_counter()
+        body = dict(model=model, prompt=prompt, max_tokens=2, temperature=0, ignore_eos=True, stream=True)
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {{") and '"text"' in line:
+                    ttfts.append(time.perf_counter() - start)
+                    break
+            for _ in r.iter_lines():
+                pass
+    health = client.get(url + "/health").json()
+print(json.dumps(dict(ttfts=ttfts, workers=health["workers"])))
+"""
+
+
+def _ready(host: Host, url: str, timeout: float = 180) -> str:
+    """Wait until both workers joined; the served model's name."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError, json.JSONDecodeError):
+            health = host.python(f"import httpx; print(httpx.get({url!r} + '/health', timeout=10).text)")
+            if len(health["workers"]) == 2:
+                return host.python(f"import httpx; print(httpx.get({url!r} + '/v1/models').text)")["data"][0]["id"]
+        time.sleep(1)
+    raise TimeoutError("the workers did not join")
+
+
+def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dict:
+    decode = a if link == "one host" else b
+    rate = None if link in ("one host", "unshaped") else link
+    for host in (a, b):
+        host.shape(rate, args.delay_ms if rate else 0.0)
+    url = f"http://{a.address}:{HTTP_PORT}"
+    engine = [*(["--model", args.model] if args.model else []), *ENGINE, "--router", f"tcp://{a.address}:{WORKER_PORT}"]
+    with processes() as started:
+        started.append(a.splitserve(["router", *(["--model", args.model] if args.model else []), "--host", a.address,
+                                     "--port", str(HTTP_PORT), "--worker-host", a.address,
+                                     "--worker-port", str(WORKER_PORT)]))  # fmt: skip
+        across = decode is b  # then UCX goes over the link's TCP only, as between machines
+        started.append(a.splitserve(["worker", "--role", "prefill", *engine], a.ucx_env if across else {}))
+        started.append(decode.splitserve(["worker", "--role", "decode", *engine], b.ucx_env if across else {}))
+        model = _ready(a, url)
+        a.python(CLIENT.format(url=url, prompts=prompts[:1], model=model), timeout=600)  # warm-up
+        out = a.python(CLIENT.format(url=url, prompts=prompts, model=model), timeout=1800)
+    sent = sum(w["kv_bytes_sent"] for w in out["workers"] if w["role"] == "prefill")
+    seconds = sum(w["kv_seconds_receiving"] for w in out["workers"] if w["role"] == "decode")
+    result = {"link": link, "ttfts_s": out["ttfts"], "median_ttft_s": statistics.median(out["ttfts"]),
+              "kv_mb_per_request": sent / (len(prompts) + 1) / 1e6,
+              "kv_seconds_per_request": seconds / (len(prompts) + 1)}  # fmt: skip
+    ttft_ms, kv_ms = result["median_ttft_s"] * 1000, result["kv_seconds_per_request"] * 1000
+    print(f"{link:>9} | median TTFT {ttft_ms:7.0f} ms | KV {result['kv_mb_per_request']:6.1f} MB a request, "
+          f"{kv_ms:6.0f} ms from reservation to arrival", flush=True)  # fmt: skip
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--links", default="one host,unshaped,10gbit,1gbit",
+                   help="comma-separated: one host, unshaped, or a tc rate (default %(default)s)")  # fmt: skip
+    p.add_argument("--delay-ms", type=float, default=0.2, help="each way on a shaped link (default 0.2)")
+    p.add_argument("--prompts", type=int, default=6, help="prompts per link (default 6)")
+    p.add_argument("--prompt-len", default="1000,2000", help="tokens, low,high (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results to this JSON file")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    low, high = (int(x) for x in args.prompt_len.split(","))
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(low, high))] for _ in range(args.prompts)]
+    print(f"{args.prompts} prompts of {args.prompt_len} tokens, one at a time; shaped links delay {args.delay_ms} ms "
+          "each way")  # fmt: skip
+    with two_hosts() as (a, b):
+        results = [run_link(a, b, link, prompts, args) for link in args.links.split(",")]
+    base = next((r["median_ttft_s"] for r in results if r["link"] == "one host"), None)
+    if base:
+        print("\nTTFT against one host (target with layer-wise streaming: within 1.2x at 1gbit): "
+              + ", ".join(f"{r['link']} {r['median_ttft_s'] / base:.2f}x" for r in results))  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
