@@ -1,9 +1,9 @@
 """Disaggregation across two hosts on one machine (`splitserve/bench/hosts.py`, as root): the router and a prefill
 worker in one network namespace, a decode worker in another, the veth link between them unshaped or shaped
-with `tc netem` (a rate, and a delay each way), against the same three processes on one host (KV pulled
-through shared memory). Prompts of 1,000-2,000 random tokens of the embedded model (fp32, no prefix caching:
-every prompt is prefilled and its KV moved), one at a time so that nothing queues, `max_tokens` 2: a
-request's TTFT is its prefill, its KV's transfer and the first token's way back.
+with `tc` (a rate, and a delay each way where the kernel has netem), against the same three processes on one
+host (KV pulled through shared memory). Prompts of 1,000-2,000 random tokens of the embedded model (fp32, no
+prefix caching: every prompt is prefilled and its KV moved), one at a time so that nothing queues,
+`max_tokens` 2: a request's TTFT is its prefill, its KV's transfer and the first token's way back.
 
 Today a prompt's KV is sent whole after its prefill ends (issue 28's layer-wise streaming is not built), so
 over a slow link the transfer adds to TTFT: these figures are its baseline.
@@ -36,11 +36,12 @@ with httpx.Client(timeout=300) as client:
         start = time.perf_counter()
         body = dict(model=model, prompt=prompt, max_tokens=2, temperature=0, ignore_eos=True, stream=True)
         with client.stream("POST", url + "/v1/completions", json=body) as r:
-            for line in r.iter_lines():
+            lines = r.iter_lines()
+            for line in lines:
                 if line.startswith("data: {{") and '"text"' in line:
                     ttfts.append(time.perf_counter() - start)
                     break
-            for _ in r.iter_lines():
+            for _ in lines:  # the rest of the answer
                 pass
     health = client.get(url + "/health").json()
 print(json.dumps(dict(ttfts=ttfts, workers=health["workers"])))
@@ -62,8 +63,8 @@ def _ready(host: Host, url: str, timeout: float = 180) -> str:
 def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dict:
     decode = a if link == "one host" else b
     rate = None if link in ("one host", "unshaped") else link
-    for host in (a, b):
-        host.shape(rate, args.delay_ms if rate else 0.0)
+    shaped = a.shape(rate, args.delay_ms if rate else 0.0)
+    b.shape(rate, args.delay_ms if rate else 0.0)
     url = f"http://{a.address}:{HTTP_PORT}"
     engine = [*(["--model", args.model] if args.model else []), *ENGINE, "--router", f"tcp://{a.address}:{WORKER_PORT}"]
     with processes() as started:
@@ -78,12 +79,12 @@ def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dic
         out = a.python(CLIENT.format(url=url, prompts=prompts, model=model), timeout=1800)
     sent = sum(w["kv_bytes_sent"] for w in out["workers"] if w["role"] == "prefill")
     seconds = sum(w["kv_seconds_receiving"] for w in out["workers"] if w["role"] == "decode")
-    result = {"link": link, "ttfts_s": out["ttfts"], "median_ttft_s": statistics.median(out["ttfts"]),
+    result = {"link": link, "shaped": shaped, "ttfts_s": out["ttfts"], "median_ttft_s": statistics.median(out["ttfts"]),
               "kv_mb_per_request": sent / (len(prompts) + 1) / 1e6,
               "kv_seconds_per_request": seconds / (len(prompts) + 1)}  # fmt: skip
     ttft_ms, kv_ms = result["median_ttft_s"] * 1000, result["kv_seconds_per_request"] * 1000
     print(f"{link:>9} | median TTFT {ttft_ms:7.0f} ms | KV {result['kv_mb_per_request']:6.1f} MB a request, "
-          f"{kv_ms:6.0f} ms from reservation to arrival", flush=True)  # fmt: skip
+          f"{kv_ms:6.0f} ms from reservation to arrival, prefill included ({shaped})", flush=True)  # fmt: skip
     return result
 
 

@@ -1,7 +1,7 @@
 """Two "hosts" on one machine, for tests and benchmarks: network namespaces joined by a veth pair (`ip netns`,
 as root), so that processes in one reach those in the other only over that link, and KV pages cross it over
 UCX's TCP transport as between machines (UCX's shared-memory transports are off). The link can be shaped
-with `tc netem` (a rate and a delay each way), as a 1 or 10 Gbit/s network would be.
+with `tc` (a rate each way, and a delay where the kernel has netem), as a 1 or 10 Gbit/s network would be.
 """
 
 from __future__ import annotations
@@ -48,16 +48,33 @@ class Host:
             raise RuntimeError(f"a script on {self.namespace} failed:\n{out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def shape(self, rate: str | None, delay_ms: float = 0.0) -> None:
+    def shape(self, rate: str | None, delay_ms: float = 0.0) -> str:
         """Limit what leaves this host over the link to `rate` (tc's units: 1gbit, 10gbit) after `delay_ms`;
-        None and 0: unshaped."""
+        None and 0: unshaped. With `netem` (a kernel module some kernels lack) both; else the rate alone, by a
+        token bucket (`tbf`). Returns what was applied."""
         base = ["ip", "netns", "exec", self.namespace, "tc", "qdisc"]
         subprocess.run([*base, "del", "dev", self.device, "root"], capture_output=True, timeout=30)
         if rate is None and not delay_ms:
-            return
+            return "unshaped"
         netem = ["netem", "delay", f"{delay_ms}ms", *(["rate", rate] if rate else []), "limit", "100000"]
-        subprocess.run([*base, "add", "dev", self.device, "root", *netem], check=True, capture_output=True,
-                       timeout=30)  # fmt: skip
+        if not subprocess.run([*base, "add", "dev", self.device, "root", *netem], capture_output=True,
+                              timeout=30).returncode:  # fmt: skip
+            return f"netem rate {rate} delay {delay_ms} ms"
+        if rate is None:
+            raise Unavailable("this kernel has no netem: a link delay cannot be shaped here")
+        # A bucket of about a millisecond of the rate (at least 64 KiB): full speed for TCP's bursts, no more.
+        burst = max(64 * 1024, int(_bits(rate) / 8 / 1000))
+        subprocess.run([*base, "add", "dev", self.device, "root", "tbf", "rate", rate, "burst", str(burst),
+                        "latency", "50ms"], check=True, capture_output=True, timeout=30)  # fmt: skip
+        return f"tbf rate {rate} (no netem here: no delay)"
+
+
+def _bits(rate: str) -> float:
+    """tc's rate units: 1gbit, 10gbit, 100mbit, 500kbit."""
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
+        if rate.endswith(unit):
+            return float(rate.removesuffix(unit)) * scale
+    raise ValueError(f"a rate in tc's units (e.g. 1gbit), not {rate!r}")
 
 
 def _ip(*args: str) -> None:
