@@ -8,8 +8,9 @@ half sampled with a seed each. Every `--kill-every` seconds (random in the range
 SIGKILLed; once, halfway, the router is SIGKILLed and started again on the same ports, and the workers rejoin it.
 
 Then the completed requests run again on the same cluster with nothing killed (the clean run), and every token is
-compared. Reported: requests sent, completed and failed (with why: a stream cut by the router's restart is
-expected, any other failure is not), token mismatches (and whether the request had migrated, by the router's
+compared. Reported: requests sent, completed and failed (with why: a stream cut by the router's restart, or a
+request refused with a 503 while the new router waits for its workers to rejoin, is expected; any other failure
+is not), token mismatches (and whether the request had migrated, by the router's
 log lines), KV pages leaked per worker once the cluster is idle, and around each kill the worst TTFT of the
 requests sent near it, the worst TPOT and the longest stall between two tokens of the requests in flight.
 Targets: 0 streams failed by worker kills, 0 mismatches, 0 leaked pages.
@@ -357,8 +358,11 @@ def summarize(args, run, clean, leaks, leaks_after_clean, logs, restarts) -> dic
     failures: dict[str, int] = {}
     by_kill = 0
     for o in (o for o in outcomes if not o.ok):
-        cut_by_router = any(a - 1 <= o.end <= b for a, b in restart_windows) and "connection lost" in o.error
-        why = "stream cut by the router's restart" if cut_by_router else o.error
+        # While the new router waits for the workers to rejoin it answers 503 (no worker can serve yet): the
+        # restart's doing as much as a cut stream.
+        by_restart = "connection lost" in o.error or o.error.startswith("HTTP 503")
+        cut_by_router = any(a - 1 <= o.end <= b for a, b in restart_windows) and by_restart
+        why = "stream cut (or refused, 503) by the router's restart" if cut_by_router else o.error
         failures[why] = failures.get(why, 0) + 1
         by_kill += not cut_by_router
     clean_tokens = {o.index: o.token_ids for o in clean if o.ok}

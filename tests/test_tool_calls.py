@@ -167,6 +167,8 @@ def test_forced_schemas_accept_calls_and_nothing_else():
                   [{"name": "add", "arguments": {"a": 1, "b": 2}, "x": 1}]):  # fmt: skip
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(wrong, required)
+    with pytest.raises(jsonschema.ValidationError):  # a list that goes on is cut (greedy models loop)
+        jsonschema.validate([{"name": "add", "arguments": {"a": 1, "b": 2}}] * 9, required)
     single = tool_calls.forced_schema(TOOLS, "required", parallel=False)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "add", "arguments": {"a": 1, "b": 2}}] * 2, single)

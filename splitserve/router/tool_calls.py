@@ -25,6 +25,7 @@ from splitserve.router.openai_schema import ChatMessage, Tool
 from splitserve.router.output import overlap
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+MAX_FORCED_CALLS = 8  # calls in one answer to tool_choice required
 _PYTHON_TAG = "<|python_tag|>"
 
 
@@ -115,8 +116,8 @@ def forced_schema(tools: Sequence[Tool], mode: str, parallel: bool) -> dict[str,
     calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                "arguments": _parameters(t.function.parameters)},
               "required": ["name", "arguments"], "additionalProperties": False} for t in tools]  # fmt: skip
-    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
-    return {**schema, "maxItems": 1} if not parallel else schema
+    # At most MAX_FORCED_CALLS: a model that would go on listing calls (greedy ones loop) stops there.
+    return {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": MAX_FORCED_CALLS if parallel else 1}
 
 
 def _parameters(schema: dict[str, Any] | None) -> dict[str, Any]:
