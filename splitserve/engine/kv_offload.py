@@ -52,6 +52,10 @@ class OffloadTier:
                              f"page of {self.page_bytes} bytes")  # fmt: skip
         pin = kv_cache.device.type == "cuda"  # page-locked, so that copies to and from the GPU run at full speed
         self._host = torch.empty((self.host_capacity, *page.shape), dtype=page.dtype, pin_memory=pin)
+        if not pin:
+            # Touch every slot now: otherwise the first copy into each slot pays the kernel's page faults (a
+            # fifth of memcpy speed), on the path of the request whose allocation evicted the page.
+            self._host.zero_()
         self._free_slots = list(range(self.host_capacity))
         self._in_memory: OrderedDict[int, int] = OrderedDict()  # page hash -> host slot, least recently used first
         self._on_disk: OrderedDict[int, None] = OrderedDict()  # page hashes in files, least recently used first
