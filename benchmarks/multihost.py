@@ -8,6 +8,11 @@ prefix caching: every prompt is prefilled and its KV moved), one at a time so th
 Today a prompt's KV is sent whole after its prefill ends (issue 28's layer-wise streaming is not built), so
 over a slow link the transfer adds to TTFT: these figures are its baseline.
 
+The planner's prediction of each link's TTFT is printed next to the measured one: the simulator
+(`splitserve/planner/simulator.py`) on the same prompt lengths, with a profile of the same engine (measured
+here, `--profile` to load one) and the link as `splitserve plan --link` would have it: named (a shaped link's
+rate) and learned (the rate this run's transfers moved at).
+
     .venv/bin/python benchmarks/multihost.py                          # one host, unshaped, 10gbit, 1gbit
     .venv/bin/python benchmarks/multihost.py --links 1gbit --prompts 3 --delay-ms 0.2
 """
@@ -17,12 +22,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import statistics
 import time
 from pathlib import Path
 
 from splitserve.bench.hosts import Host, processes, two_hosts
+from splitserve.planner.link import Link, learned, parse_rate
+from splitserve.planner.profile import Profile
+from splitserve.planner.simulator import Hardware, SimRequest, simulate
 
 HTTP_PORT, WORKER_PORT = 8000, 8001
 ENGINE = ["--dtype", "fp32", "--device", "cpu", "--no-prefix-caching"]
@@ -81,11 +90,44 @@ def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dic
     seconds = sum(w["kv_seconds_receiving"] for w in out["workers"] if w["role"] == "decode")
     result = {"link": link, "shaped": shaped, "ttfts_s": out["ttfts"], "median_ttft_s": statistics.median(out["ttfts"]),
               "kv_mb_per_request": sent / (len(prompts) + 1) / 1e6,
-              "kv_seconds_per_request": seconds / (len(prompts) + 1)}  # fmt: skip
+              "kv_seconds_per_request": seconds / (len(prompts) + 1),
+              "learned_bytes_per_s": learned(out["workers"], link).bandwidth}  # fmt: skip
     ttft_ms, kv_ms = result["median_ttft_s"] * 1000, result["kv_seconds_per_request"] * 1000
     print(f"{link:>9} | median TTFT {ttft_ms:7.0f} ms | KV {result['kv_mb_per_request']:6.1f} MB a request, "
           f"{kv_ms:6.0f} ms from reservation to arrival, prefill included ({shaped})", flush=True)  # fmt: skip
     return result
+
+
+def predicted_ttft(profile: Profile, link: Link, prompts: list[list[int]]) -> float:
+    """The simulator's median TTFT of the prompts, one at a time, on 1P+1D over `link`."""
+    requests = [SimRequest(1000.0 * i, len(p), 2) for i, p in enumerate(prompts)]
+    records = simulate(profile.over(link), Hardware(cores=os.cpu_count() or 1), 1, 1, requests)
+    return statistics.median(r.chunk_times[0] - r.sent for r in records)
+
+
+def predictions(results: list[dict], prompts: list[list[int]], args) -> None:
+    """Print the planner's TTFT next to the measured one, per link (and store it in the results)."""
+    if args.profile:
+        profile = Profile.load(Path(args.profile))
+    else:
+        import torch
+
+        from splitserve.engine.config import EngineConfig
+        from splitserve.planner.profile import measure
+
+        config = EngineConfig(model=args.model, dtype="fp32", device="cpu", prefix_caching=False)
+        profile = measure(config, torch.get_num_threads(), quick=True)
+    print(f"\nthe planner's prediction (profile: {profile.threads} thread(s), {profile.model}, {profile.dtype}):")
+    for r in results:
+        rate = None if r["link"] in ("one host", "unshaped") else r["link"]
+        links = {"learned": Link(r["learned_bytes_per_s"], "this run's transfers")}
+        if rate:
+            delay = args.delay_ms / 1000 if r["shaped"].startswith("netem") else 0.0
+            links = {"named": Link(parse_rate(rate), f"given as {rate}", delay), **links}
+        r["predicted_ttft_s"] = {how: predicted_ttft(profile, link, prompts) for how, link in links.items()}
+        said = [f"{1000 * t:6.0f} ms with the link {how} ({links[how].bandwidth * 8 / 1e9:.3g} Gbit/s, "
+                f"{t / r['median_ttft_s']:.2f}x)" for how, t in r["predicted_ttft_s"].items()]  # fmt: skip
+        print(f"{r['link']:>9} | measured {1000 * r['median_ttft_s']:6.0f} ms | predicted " + ", ".join(said))
 
 
 def main() -> None:
@@ -96,6 +138,8 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=0.2, help="each way on a shaped link (default 0.2)")
     p.add_argument("--prompts", type=int, default=6, help="prompts per link (default 6)")
     p.add_argument("--prompt-len", default="1000,2000", help="tokens, low,high (default %(default)s)")
+    p.add_argument("--profile", default=None, help="a saved planner profile (else one is measured, about a minute)")
+    p.add_argument("--no-predict", action="store_true", help="skip the planner's predictions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results to this JSON file")
     args = p.parse_args()
@@ -110,6 +154,8 @@ def main() -> None:
     if base:
         print("\nTTFT against one host (target with layer-wise streaming: within 1.2x at 1gbit): "
               + ", ".join(f"{r['link']} {r['median_ttft_s'] / base:.2f}x" for r in results))  # fmt: skip
+    if not args.no_predict:
+        predictions(results, prompts, args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}))

@@ -11,6 +11,8 @@ from splitserve.bench.metrics import summarize
 from splitserve.bench.workloads import LengthDist, Phase
 from splitserve.engine.config import EngineConfig
 from splitserve.planner import plan as planner
+from splitserve.planner.link import LOOPBACK, Link, learned, parse_rate
+from splitserve.planner.link import resolve as resolve_link
 from splitserve.planner.profile import Profile, measure
 from splitserve.planner.simulator import Hardware, SimRequest, SimRouter, sample_phases, simulate
 from splitserve.router.policy import PolicyOptions
@@ -22,8 +24,9 @@ PROFILE = Profile(
     kv_bytes_per_token=1000,
     prefill=[(16, 0.026), (512, 0.522)],
     decode=[(b, c, 0.020 + 0.002 * b + 0.00001 * b * c) for b in (1, 2, 4, 8) for c in (64, 256, 1024)],
+    link_bandwidth=float("inf"),
 )  # fmt: skip
-IDEAL = Hardware(cores=64, kv_bandwidth=float("inf"), hop_s=0.0)
+IDEAL = Hardware(cores=64, hop_s=0.0)
 
 
 def test_profile_interpolates_and_fits():
@@ -43,10 +46,14 @@ def test_idle_system_ttft_is_the_prefill_time_and_tpot_the_step_time():
 
 
 def test_latencies_add_up_with_hops_and_transfer():
-    hw = Hardware(cores=64, kv_bandwidth=1e6, hop_s=0.001)
-    [r] = simulate(PROFILE, hw, 1, 1, [SimRequest(0.0, 100, 1)])
-    # arrival hop, reserve + prefill hops, prefill, KV (100 tokens x 1000 B at 1 MB/s), landing, first token.
-    assert r.chunk_times[0] == pytest.approx(0.001 + 0.002 + PROFILE.prefill_time(100) + 0.1 + 0.001 + 0.001)
+    hw = Hardware(cores=64, hop_s=0.001)
+    profile = PROFILE.over(Link(1e6, "test", delay_s=0.05))
+    [r] = simulate(profile, hw, 1, 1, [SimRequest(0.0, 100, 1)])
+    # arrival hop, reserve + prefill hops, prefill, link delay + KV (100 tokens x 1000 B at 1 MB/s), landing,
+    # first token.
+    assert r.chunk_times[0] == pytest.approx(0.001 + 0.002 + PROFILE.prefill_time(100) + 0.05 + 0.1 + 0.001 + 0.001)
+    [colocated] = simulate(profile, hw, 0, 1, [SimRequest(0.0, 100, 1)])
+    assert colocated.chunk_times[0] == pytest.approx(0.001 + 0.001 + PROFILE.prefill_time(100) + 0.001)  # no KV moves
 
 
 def test_prompts_share_a_prefill_pass_and_decode_steps_batch():
@@ -71,7 +78,7 @@ def test_slowdown_from_the_measured_contention():
 
 
 def test_contention_when_workers_outnumber_cores():
-    one_core = Hardware(cores=1, kv_bandwidth=float("inf"), hop_s=0.0)
+    one_core = Hardware(cores=1, hop_s=0.0)
     # Two prefill workers busy at once on one core: the second pass to start takes twice as long.
     a, b = simulate(PROFILE, one_core, 2, 1, [SimRequest(0.0, 100, 1), SimRequest(0.0, 100, 1)])
     assert sorted([a.chunk_times[0], b.chunk_times[0]]) == pytest.approx(
@@ -120,7 +127,7 @@ def test_the_simulated_router_moves_an_idle_prefill_worker_to_the_decode_pool():
 def test_plan_recommends_and_says_when_nothing_meets_the_slo():
     workload = planner.Workload(LengthDist("uniform:50,300"), LengthDist("uniform:10,40"), num_requests=200)
     results = planner.plan({2: PROFILE, 3: PROFILE}, 8, 2.0, workload, SLO(ttft=1.0, tpot=0.1))
-    assert [r.name for r in results] == ["1P:1D", "1P:2D", "2P:1D"]
+    assert [r.name for r in results] == ["2xboth", "1P:1D", "3xboth", "1P:2D", "2P:1D"]
     chosen, text = planner.recommend(results, 2.0, 0.9)
     assert chosen is not None and text.startswith("Recommended")
     assert chosen.goodput_per_worker == max(r.goodput_per_worker for r in results if r.at_rate["slo_attainment"] >= 0.9)
@@ -130,13 +137,44 @@ def test_plan_recommends_and_says_when_nothing_meets_the_slo():
     assert "1P:1D" in planner.format_table(results, 2.0)
 
 
+def test_plan_advises_disaggregation_only_where_the_link_pays_for_it():
+    # Prompts of 400 tokens, answers of 100, under a tight TPOT: colocated, each prompt's prefill stalls its
+    # worker's decode steps; split, its 400 kB of KV crosses the link after the prefill.
+    workload = planner.Workload(LengthDist("fixed:400"), LengthDist("fixed:100"), num_requests=150)
+    slo = SLO(ttft=2.0, tpot=0.05)
+    verdicts = {}
+    for rate in ("10gbit", "1mbit"):
+        link = resolve_link(rate)
+        results = planner.plan({2: PROFILE.over(link), 3: PROFILE.over(link)}, 8, 1.0, workload, slo)
+        chosen, _ = planner.recommend(results, 1.0, 0.9)
+        verdicts[rate] = (chosen.colocated, planner.link_verdict(results, link.describe()))
+        split = [r for r in results if not r.colocated]
+        # the split's TTFT carries the transfer: 400 kB is 0.32 ms at 10 Gbit/s, 3.2 s at 1 Mbit/s
+        assert min(r.at_rate["p50_ttft"] for r in split) > {"10gbit": 0.4, "1mbit": 3.6}[rate]
+    assert verdicts["10gbit"][0] is False and "disaggregation pays" in verdicts["10gbit"][1]
+    assert verdicts["1mbit"][0] is True and "does not pay" in verdicts["1mbit"][1]
+
+
+def test_a_link_is_named_or_learned_from_a_clusters_transfers():
+    assert parse_rate("1gbit") == 1.25e8 and parse_rate("2.5GB/s") == 2.5e9 and parse_rate("100mbit") == 1.25e7
+    for bad in ("fast", "1 parsec", "-1gbit", "0gbit", ""):
+        with pytest.raises(ValueError, match="link rate"):
+            parse_rate(bad)
+    workers = [{"kv_bytes_sent": 3e8, "kv_seconds_sending": 2.0}, {"kv_bytes_sent": 0, "kv_seconds_sending": 0.0}]
+    assert learned(workers, "http://x").bandwidth == 1.5e8
+    with pytest.raises(ValueError, match="has sent no KV yet"):
+        learned(workers[1:], "http://x")
+    with pytest.raises(ValueError, match="cannot read"):
+        resolve_link("http://127.0.0.1:9", timeout_s=2)
+
+
 def test_plan_predicts_the_adaptive_cluster_on_shifting_traffic():
     phases = (Phase(60, 0.3, LengthDist("fixed:1500"), LengthDist("fixed:16")),
               Phase(60, 1.2, LengthDist("fixed:64"), LengthDist("fixed:200")))  # fmt: skip
     workload = planner.Workload(LengthDist("fixed:1"), LengthDist("fixed:1"), phases=phases)
     results = planner.plan({2: PROFILE}, 8, workload.mean_rate, workload, SLO(ttft=3.0, tpot=0.1), adaptive=True)
-    assert [r.name for r in results] == ["1P:1D", "1P:1D+a"]
-    fixed, adaptive = (r.at_rate["slo_attainment"] for r in results)
+    assert [r.name for r in results] == ["2xboth", "1P:1D", "1P:1D+a"]
+    _, fixed, adaptive = (r.at_rate["slo_attainment"] for r in results)
     assert adaptive > fixed
 
 
@@ -154,5 +192,8 @@ def test_profile_measures_the_real_engine(tiny_llama_gqa, tmp_path):
         profile.decode_time(2, 100)
     )
     assert loaded.pair_slowdown >= 1.0 and loaded.pair_slowdown == profile.pair_slowdown
+    assert loaded.link.bandwidth == LOOPBACK  # until a link is named or learned
+    profile.over(Link(1.25e8, "given as 1gbit")).save(path)
+    assert Profile.load(path).link == Link(1.25e8, "given as 1gbit")
     records = simulate(loaded, Hardware(cores=2), 1, 1, [SimRequest(0.0, 30, 4)])
     assert summarize(records, 1.0)["completed"] == 1

@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also predict each split as the start of an adaptive cluster (`serve --slo`: decode "
         "workers prefill short prompts, workers move between the pools)",
     )
+    p.add_argument("--link", default=None, metavar="RATE|URL",
+                   help="the link KV crosses between the pools: a rate (1gbit, 10gbit, 2.5GB/s) or a running "
+                   "splitserve's URL to learn it from its transfers (default: the saved profile's, else UCX over "
+                   "loopback, about 4 GB/s). A slow link can make colocated workers the better plan")  # fmt: skip
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1: Poisson)")
     p.add_argument("--num-requests", type=int, default=400, help="simulated requests per point (default 400)")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="cores the workers share (default: all)")
@@ -58,6 +62,7 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     # Here, not at the top: the profiler imports torch, and every command's parser (the router's too) imports
     # this module for `add_arguments`.
     from splitserve.planner import plan as planner
+    from splitserve.planner.link import resolve as resolve_link
     from splitserve.planner.profile import Profile, measure
 
     slo = SLO.parse(args.slo)
@@ -86,23 +91,33 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
                   f"{engine.resolved_dtype} with {threads} thread(s) per worker ({n} workers on {args.cores} cores)"
                   f"{', quick' if args.quick else ''}", flush=True)  # fmt: skip
             by_threads[threads] = measure(engine, threads, quick=args.quick)
-            if args.save_profile:
-                by_threads[threads].save(Path(f"{args.save_profile}-t{threads}.json"))
         profiles[n] = by_threads[threads]
+    if args.link:
+        link = resolve_link(args.link)
+        profiles = {n: profile.over(link) for n, profile in profiles.items()}
     results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target, args.adaptive)
+    if args.save_profile:
+        for profile in profiles.values():
+            profile.save(Path(f"{args.save_profile}-t{profile.threads}.json"))
     for n in counts:
         print(f"{n} workers: {profiles[n].threads} thread(s) each; two busy workers slow each other "
               f"{profiles[n].pair_slowdown:.2f}x here")  # fmt: skip
+    link = profiles[counts[0]].link.describe()
+    print(f"link between the pools: {link}")
     shape = f"phases {args.phases}" if phases else f"input {args.input_len}, output {args.output_len} tokens"
     print(f"\nworkload: {shape}; SLO {slo.describe()} for {100 * args.target:.0f}% of requests")
     print(planner.format_table(results, args.rate))
     print()
     chosen, text = planner.recommend(results, args.rate, args.target)
     print(text)
+    print(planner.link_verdict(results, link))
     if args.apply is not None and chosen is not None:
         from splitserve.ray_cluster import scale
 
-        sizes = scale(args.apply, {"prefill": chosen.prefill, "decode": chosen.decode})
+        pools = {"prefill": chosen.prefill, "decode": chosen.decode, "both": 0}
+        if chosen.colocated:
+            pools = {"prefill": 0, "decode": 0, "both": chosen.workers}
+        sizes = scale(args.apply, pools)
         print("applied: the cluster's pools are now " + ", ".join(f"{n} {r}" for r, n in sizes.items() if n))
     if args.plot:
         path = planner.plot(profiles, args.cores, results, args.rate, workload, slo, args.target, Path(args.plot))

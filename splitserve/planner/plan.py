@@ -1,5 +1,7 @@
 """`splitserve plan`: for each number of workers, simulate every prefill:decode split on the profiled
-hardware, and recommend the split with the highest goodput per worker.
+hardware, and the same workers colocated (each prefilling and decoding its own requests: no KV crosses the
+link), and recommend the shape with the highest goodput per worker. Disaggregation is advised only where it
+beats colocation with the profile's link's transfer time counted in every request's TTFT.
 
 Goodput of a split is the highest request rate at which it still meets the SLO for `target` of the
 requests (DistServe's definition), found by bisection on the simulator; the table also shows what each
@@ -52,7 +54,13 @@ class SplitResult:
         return self.max_rate / self.workers
 
     @property
+    def colocated(self) -> bool:
+        return self.prefill == 0
+
+    @property
     def name(self) -> str:
+        if self.colocated:
+            return f"{self.decode}xboth"
         return f"{self.prefill}P:{self.decode}D" + ("+a" if self.adaptive else "")
 
 
@@ -91,16 +99,30 @@ def max_rate(profile: Profile, hw: Hardware, prefill: int, decode: int, workload
 def plan(profiles: dict[int, Profile], cores: int, rate: float, workload: Workload, slo: SLO,
          target: float = 0.9, adaptive: bool = False) -> list[SplitResult]:  # fmt: skip
     """`profiles`: for each number of workers, the profile measured with that many workers' share of cores.
-    `adaptive`: also each split as the start of an adaptive cluster."""
+    Each number of workers colocated, then split every way (`adaptive`: also each split as the start of an
+    adaptive cluster)."""
     results = []
     for n, profile in sorted(profiles.items()):
         hw = Hardware(cores)
-        for a in (False, True) if adaptive else (False,):
-            for p in range(1, n):
-                d = n - p
-                results.append(SplitResult(p, d, evaluate(profile, hw, p, d, rate, workload, slo, a),
-                                           max_rate(profile, hw, p, d, workload, slo, target, a), a))  # fmt: skip
+        splits = [(p, n - p, a) for a in ((False, True) if adaptive else (False,)) for p in range(1, n)]
+        for p, d, a in [(0, n, False), *splits]:  # colocated first
+            results.append(SplitResult(p, d, evaluate(profile, hw, p, d, rate, workload, slo, a),
+                                       max_rate(profile, hw, p, d, workload, slo, target, a), a))  # fmt: skip
     return results
+
+
+def link_verdict(results: list[SplitResult], link: str) -> str:
+    """Whether disaggregation pays over the link: the best split against the best colocated shape."""
+    colocated = [r for r in results if r.colocated]
+    split = [r for r in results if not r.colocated]
+    if not colocated or not split:
+        return ""
+    c = max(colocated, key=lambda r: r.goodput_per_worker)
+    d = max(split, key=lambda r: r.goodput_per_worker)
+    pays = d.goodput_per_worker > c.goodput_per_worker
+    return (f"Over the link ({link}) disaggregation {'pays' if pays else 'does not pay'}: the best split, "
+            f"{d.name}, {d.goodput_per_worker:.2f} req/s per worker; colocated, {c.name}, "
+            f"{c.goodput_per_worker:.2f}.")  # fmt: skip
 
 
 def recommend(results: list[SplitResult], rate: float, target: float) -> tuple[SplitResult | None, str]:
@@ -125,8 +147,8 @@ def format_table(results: list[SplitResult], rate: float) -> str:
     head = (f"{'split':>9}{'workers':>8}{'attain %':>10}{'p50 TTFT':>10}{'p90 TTFT':>10}{'p50 TPOT':>10}"
             f"{'p90 TPOT':>10}{'max rate':>10}{'per worker':>11}")  # fmt: skip
     lines = [
-        f"simulated at {rate:g} req/s (times in ms; max rate: highest req/s meeting the SLO; +a: adaptive, "
-        "the router moves workers between the pools)",
+        f"simulated at {rate:g} req/s (times in ms; max rate: highest req/s meeting the SLO; Nxboth: N colocated "
+        "workers, no KV transfer; +a: adaptive, the router moves workers between the pools)",
         head,
     ]
     for r in results:

@@ -9,6 +9,7 @@ hyperthreads: on this 2-vCPU machine about 1.7x, although each worker has a core
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import random
@@ -26,6 +27,7 @@ from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.request import Chunk, Request
+from splitserve.planner.link import LOOPBACK, Link
 
 
 @dataclass
@@ -40,6 +42,20 @@ class Profile:
     prefill: list[tuple[int, float]]  # (tokens in the pass, seconds)
     decode: list[tuple[int, int, float]]  # (batch, context tokens per request, seconds)
     pair_slowdown: float = 1.0  # a pass's time with a second worker busy next to it / its time alone
+    # The link KV crosses between the pools (`link.Link`): not measured with the engine, but named or learned
+    # (`splitserve plan --link`) and kept with the profile.
+    link_bandwidth: float = LOOPBACK
+    link_delay_s: float = 0.0
+    link_source: str = "UCX over TCP on loopback, as measured on 2 cores (the default)"
+
+    @property
+    def link(self) -> Link:
+        return Link(self.link_bandwidth, self.link_source, self.link_delay_s)
+
+    def over(self, link: Link) -> Profile:
+        """This profile with KV crossing `link`."""
+        return dataclasses.replace(self, link_bandwidth=link.bandwidth, link_delay_s=link.delay_s,
+                                   link_source=link.source)  # fmt: skip
 
     def slowdown(self, busy: int, cores: int) -> float:
         """How much longer a pass takes while `busy` workers (itself included) compute at once: each other

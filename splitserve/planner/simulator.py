@@ -5,7 +5,10 @@ with the policies the real ones use, timed by a measured `Profile`.
   `max_num_seqs` each; otherwise it waits in the router's queue) and to the prefill worker with the fewest
   pending prompt tokens.
 - A prefill worker runs passes of at most `max_num_batched_tokens` prompt tokens, first come first served,
-  long prompts in chunks. When a prompt's last chunk is done its KV travels to the decode worker.
+  long prompts in chunks. When a prompt's last chunk is done its KV travels to the decode worker over the
+  profile's link (its delay, then its bytes at the link's bandwidth).
+- With no prefill worker (colocated workers, `serve --both`), decode workers prefill every prompt
+  themselves, in steps that mix prompt chunks with decode rows: no KV crosses a link.
 - A decode worker streams the first token as the KV lands, and runs steps of its whole running batch; a
   request that lands during a step joins the next one.
 - Workers slow each other down: a pass started while k workers are busy takes `Profile.slowdown(k)`
@@ -13,7 +16,7 @@ with the policies the real ones use, timed by a measured `Profile`.
 - With a `SimRouter` (an SLO) it runs the router's own policies (`router/policy.py`): a decode worker
   prefills short prompts and those the prefill pool could not start in time itself, in steps that mix its
   prompt chunks with its decode rows; and every policy window the misses and busy times decide whether a
-  worker is drained and moved to the other pool. Without a prefill worker, decode workers prefill all.
+  worker is drained and moved to the other pool.
 
 It returns the same `Record`s the benchmark client produces, so the same metrics apply to both.
 """
@@ -83,7 +86,6 @@ class SimRouter:
 @dataclass(frozen=True)
 class Hardware:
     cores: int
-    kv_bandwidth: float = 4e9  # bytes/s between workers (UCX TCP on loopback measured 4.4-5.3 GB/s)
     hop_s: float = 0.002  # one router <-> worker message (ZeroMQ and the router's event loop)
 
 
@@ -225,7 +227,7 @@ class _Sim:
             r.computed += n
             if r.computed == r.spec.prompt_tokens:
                 p.queue.remove(r)
-                kv = r.spec.prompt_tokens * self.profile.kv_bytes_per_token / self.hw.kv_bandwidth
+                kv = self.profile.link.transfer_s(r.spec.prompt_tokens * self.profile.kv_bytes_per_token)
                 self.at(t + kv + self.hw.hop_s, self.land, r)
         self.kick_prefill(t, p)
 
