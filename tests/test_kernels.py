@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from splitserve.kernels import cpu_kernels, reference, triton_attention
+from splitserve.kernels import cpu_kernels, kv_format, reference, triton_attention
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
@@ -29,7 +29,7 @@ def _step(
     rng = random.Random(seed)
     pages_needed = [math.ceil(ctx / page_size) for _, ctx in spans]
     num_pages = sum(pages_needed) + 3
-    cache = torch.randn(num_pages, num_layers, 2, page_size, kv_heads, dim, generator=g).to(dtype)
+    cache = kv_format.encode(torch.randn(num_pages, num_layers, 2, page_size, kv_heads, dim, generator=g), dtype)
     free = list(range(num_pages))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(n)] for n in pages_needed]
@@ -126,11 +126,15 @@ def test_decode_attention_matches_reference_at_every_split_count(splits, page_si
 
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize(("dim", "group", "page_size"), [(64, 3, 16), (128, 4, 32), (64, 1, 8), (72, 5, 16)])
-def test_native_cpu_decode_attention_matches_reference(dim, group, page_size):
+def test_native_cpu_decode_attention_matches_reference(dim, group, page_size, kv_dtype):
+    """fp32 queries over a cache stored as fp32, fp16, bf16 or int8 rows with their scales (--kv-dtype), read as
+    stored: the reference converts the pages to fp32 first, the kernel in registers (an int8 row's scale applied
+    to its score or probability)."""
     kv_heads = 2
     spans = [(1, 1), (1, 2), (1, 17), (1, 5 * page_size), (1, 9 * page_size + 3)]
-    cache, meta, _ = _step(spans, page_size, kv_heads, dim, torch.float32, num_layers=3)
+    cache, meta, _ = _step(spans, page_size, kv_heads, dim, kv_dtype, num_layers=3)
     cache, meta = cache.cpu(), _on_cpu(meta)
     q = torch.randn(meta.num_decode, kv_heads * group, dim)
     for layer in range(3):
@@ -156,6 +160,25 @@ def test_prefill_attention_matches_reference(dim, group, page_size, dtype):
     got = torch.zeros_like(q)
     triton_attention.prefill_attention(q, cache, 0, meta, dim**-0.5, got)
     torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_triton_attention_reads_a_narrower_cache(kv_dtype):
+    """fp32 queries over a cache stored narrower (--kv-dtype): decode and prefill attention as the reference,
+    which converts the pages to the queries' dtype."""
+    page_size, kv_heads, group, dim = 16, 2, 4, 64
+    spans = [(1, 2), (1, 5 * page_size + 3), (9, 9), (16, 2 * page_size + 7)]
+    cache, meta, n = _step(spans, page_size, kv_heads, dim, kv_dtype, seed=6)
+    q = torch.randn(n, kv_heads * group, dim, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    want = reference.paged_attention(q, cache, 1, meta, dim**-0.5)
+    got = torch.zeros_like(q)
+    nd = meta.num_decode
+    triton_attention.decode_attention(q, cache, 1, meta, dim**-0.5, out=got, num_splits=2)
+    triton_attention.prefill_attention(q, cache, 1, meta, dim**-0.5, got)
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    wider = kv_format.decode(cache, torch.float32) * 1.01
+    assert not torch.allclose(want[:nd], reference.paged_attention(q, wider, 1, meta, dim**-0.5)[:nd])
 
 
 @pytest.mark.parametrize("window", [1, 7, 16, 33, 100])
@@ -224,6 +247,38 @@ def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, qk_norm, monkey
     assert torch.equal(got[:, 1, 1], want[:, 1, 1])  # values: copied
     assert torch.equal(got[:, 0], cache[:, 0])  # the other layer: untouched
     assert not torch.equal(got[:, 1, 1], cache[:, 1, 1])  # the slots were written
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_rotate_and_store_writes_a_narrower_cache_as_the_reference(kv_dtype, monkeypatch):
+    """fp32 activations into a cache stored narrower (--kv-dtype): the Triton kernel converts as the reference
+    path does (values byte for byte; keys after the rotation, within the narrower type's rounding)."""
+    from splitserve.kernels import attention
+
+    heads, kv_heads, dim = 6, 2, 64
+    cache, meta, n = _step([(1, 9), (12, 40)], 16, kv_heads, dim, kv_dtype, seed=3)
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE)
+    angles = torch.rand(n, dim // 2, generator=g) * 6.3
+    cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(DEVICE) for f in (torch.cos, torch.sin))
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
+    want = cache.clone()
+    want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads)
+    got = cache.clone()
+    got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads)
+    assert got_q.dtype == torch.float32 and got.dtype == kv_dtype
+    torch.testing.assert_close(got_q, want_q, atol=2e-5, rtol=2e-5)
+    values = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
+    if kv_dtype != torch.bfloat16 or NATIVE:
+        assert torch.equal(got[:, 1, 1], want[:, 1, 1])  # values: converted alike
+        assert torch.equal(got[meta.slot_pages, 1, 1, meta.slot_offsets], kv_format.encode(values, kv_dtype))
+    else:  # Triton's interpreter truncates fp32 to bf16 (a GPU rounds to nearest even, as torch does): 1 ulp
+        torch.testing.assert_close(got[:, 1, 1].float(), want[:, 1, 1].float(), atol=0, rtol=2**-7)
+    keys = [kv_format.decode(c[:, 1, 0], torch.float32) for c in (got, want)]
+    torch.testing.assert_close(*keys, atol=2e-2, rtol=2e-2)
+    if kv_dtype == torch.int8:  # each row's scale is its largest value over 127
+        rows = kv_format.decode(kv_format.encode(values, kv_dtype), torch.float32)
+        torch.testing.assert_close(rows, values, atol=values.abs().amax().item() / 254 * 1.01, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,7 +1,7 @@
-"""How much a quantized mode changes a model's predictions: top-1 agreement and perplexity against the model's
-own weights in fp32, over a fixed English text scored in one pass (what `benchmarks/quality.py` prints, and what
-the tests hold the embedded model to); and whether the engine's fp32 greedy tokens are transformers' on a real
-model's weights."""
+"""How much a quantized mode (of the weights, or of the KV cache: `--kv-dtype`) changes a model's predictions:
+top-1 agreement and perplexity against the model's own weights in fp32 with an fp32 cache, over a fixed English
+text scored in one pass (what `benchmarks/quality.py` prints, and what the tests hold the embedded model to);
+and whether the engine's fp32 greedy tokens are transformers' on a real model's weights."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Quality:
     agreement: float  # share of positions whose most likely next token is the fp32 weights' one
     perplexity: float
     reference_perplexity: float  # of the fp32 weights, on the same text
+    kv_bytes_per_token: int  # what a token's KV takes in the cache and on the link between workers
 
     @property
     def perplexity_change(self) -> float:
@@ -51,19 +52,33 @@ def every_row_quantized() -> Iterator[None]:
         cpu_quant.KERNEL_MAX_ROWS, cpu_quant.W8A8_MAX_ROWS = saved
 
 
+def engine_options(mode: str) -> dict[str, str]:
+    """A mode's engine options: a weight quantization (`w8a8`, ...), `kv-fp16` / `kv-bf16` (the KV cache stored
+    so, under fp32 weights), or one of each joined by `+` (`w8a8+kv-fp16`); `none` is the reference."""
+    options = {"quantization": "none", "kv_dtype": "fp32"}
+    for part in mode.split("+"):
+        options["kv_dtype" if part.startswith("kv-") else "quantization"] = part.removeprefix("kv-")
+    return options
+
+
 def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> list[Quality]:
-    """Each quantization mode of `model` (None: the embedded default) against its fp32 weights."""
+    """Each mode of `model` (None: the embedded default; modes as `engine_options` reads them) against its fp32
+    weights with an fp32 KV cache."""
     from splitserve.engine.config import EngineConfig
     from splitserve.engine.core import EngineCore
+    from splitserve.engine.kv_cache import page_bytes
     from splitserve.model.checkpoint import resolve_model
     from splitserve.model.tokenizer import load_tokenizer
 
     ids = load_tokenizer(resolve_model(model))(text).input_ids
     target = torch.tensor(ids[1:])
+    kv_bytes = {}
 
     def scored(mode: str) -> torch.Tensor:
         with every_row_quantized():
-            core = EngineCore(EngineConfig(model=model, dtype="fp32", quantization=mode, kv_cache_memory="64MiB"))
+            config = EngineConfig(model=model, dtype="fp32", kv_cache_memory="64MiB", **engine_options(mode))
+            core = EngineCore(config)
+            kv_bytes[mode] = page_bytes(core.model_config, 1, config.torch_kv_dtype)
             return core.score(ids)[:-1]
 
     def perplexity(logits: torch.Tensor) -> float:
@@ -74,7 +89,7 @@ def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> 
     for mode in modes:
         logits = scored(mode)
         agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        results.append(Quality(mode, len(ids), agreement, perplexity(logits), perplexity(reference)))
+        results.append(Quality(mode, len(ids), agreement, perplexity(logits), perplexity(reference), kv_bytes[mode]))
     return results
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "bf16", "fp16")
+KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per token and head (kernels/kv_format.py)
 # The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
 CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
 QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS)
@@ -35,6 +36,14 @@ class EngineConfig:
         "weights and KV cache dtype; auto = bf16 on CUDA and on CPUs with native bf16 matrix instructions "
         "(AVX512-BF16/AMX, Arm BF16), else fp32; fp32 for exact comparisons (default {default})",
         choices=("auto", *DTYPES),
+    )
+    kv_dtype: str = option(
+        "auto",
+        "KV cache dtype, as stored and as moved between workers (the pools must agree): auto = --dtype; fp16 or "
+        "bf16 under fp32 weights halve the bytes a token's KV takes in --kv-cache-memory and on the link, int8 "
+        "(a scale per token and head) takes a quarter and a little; attention reads the pages as they are "
+        "stored (default {default})",
+        choices=("auto", *KV_DTYPES),
     )
     device: str | None = option(None, "default: cuda when present, else cpu", choices=("cpu", "cuda"), type=str)
     page_size: int = option(16, "tokens per KV page (default {default})")
@@ -94,6 +103,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for size in (self.kv_cache_memory, self.kv_offload_memory, self.kv_offload_size):
             parse_memory_size(size)  # fail at start-up, not after loading the weights
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         cpu_only = self.quantization in CPU_QUANTIZATIONS
@@ -124,6 +135,14 @@ class EngineConfig:
         return torch_dtype(self.resolved_dtype)
 
     @property
+    def resolved_kv_dtype(self) -> str:
+        return self.resolved_dtype if self.kv_dtype == "auto" else self.kv_dtype
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        return torch_dtype(self.resolved_kv_dtype)
+
+    @property
     def resolved_quantization(self) -> str:
         """`auto`, where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the kernels build: w4a8
         for a GGUF model whose layers are Q4_1 (the embedded default: its own weights, the fastest mode), w8a8
@@ -143,14 +162,16 @@ class EngineConfig:
         text = self.resolved_dtype + (" (auto)" if self.dtype == "auto" else "")
         if self.resolved_quantization != "none":
             text += f", {self.resolved_quantization} weights" + (" (auto)" if self.quantization == "auto" else "")
+        if self.resolved_kv_dtype != self.resolved_dtype:
+            text += f", {self.resolved_kv_dtype} KV cache"
         return text
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of one of `DTYPES`."""
+    """The torch dtype of one of `KV_DTYPES`."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}[name]
 
 
 def parse_memory_size(text: str | int) -> int:

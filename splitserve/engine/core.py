@@ -84,6 +84,7 @@ class EngineCore:
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             quantization=self.config.resolved_quantization,
+            kv_dtype=str(self.config.torch_kv_dtype).removeprefix("torch."),
         )
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:

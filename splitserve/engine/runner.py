@@ -35,7 +35,13 @@ class ModelRunner:
             self.model.quantize(*bits, fused=not config.enforce_eager)
         # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
-            model_config, self.page_size, config.kv_cache_bytes, self.dtype, self.device, kv_allocator, spare_pages=1
+            model_config,
+            self.page_size,
+            config.kv_cache_bytes,
+            config.torch_kv_dtype,
+            self.device,
+            kv_allocator,
+            spare_pages=1,
         )
         self.num_pages = self.null_page = self.kv_cache.shape[0] - 1
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)

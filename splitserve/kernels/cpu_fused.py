@@ -71,7 +71,7 @@ class FusedDecoder:
             not meta.prefills
             and meta.num_decode == n
             and 0 < n <= self.max_rows
-            and kv_cache.dtype == torch.float32
+            and kv_cache.dtype in cpu_kernels.KV_KINDS
             and kv_cache.is_contiguous()
         )
 
@@ -98,5 +98,5 @@ class FusedDecoder:
                                 meta.decode_context_lens.data_ptr(), n, hidden, shape.num_heads,
                                 shape.num_kv_heads, shape.head_dim, shape.intermediate_size, kv_cache.shape[3],
                                 shape.eps, shape.scale, torch.get_num_threads(), self.weight_bits,
-                                self.activation_bits)  # fmt: skip
+                                self.activation_bits, cpu_kernels.KV_KINDS[kv_cache.dtype])  # fmt: skip
         return h, residual

@@ -14,8 +14,8 @@
  * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
  *
  * paged_decode_attention: one query token per sequence over its KV pages, read in place from the page-major
- * cache (no gather, no copy): each (sequence, KV head) scores its context for the query heads that share
- * that KV head, softmaxes in fp32 and sums the values.
+ * cache (no gather, no copy; fp32, fp16 or bf16 as stored): each (sequence, KV head) scores its context for the
+ * query heads that share that KV head, softmaxes in fp32 and sums the values.
  *
  * decode_layers: all decoder layers of a decode-only step of a quantized model, the kernels above in one call.
  */
@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -278,15 +279,6 @@ void quant_linear(const float* x, const void* w, const float* scale, const float
     free(sx);
 }
 
-static inline float dot(const float* a, const float* b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* e^x for 8 floats (Cephes' single-precision polynomial, as in avx_mathfun): within 2 ulp of expf. */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
@@ -325,9 +317,88 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every sequence s and query head h; K[s], V[s] are the
- * first context_lens[s] tokens of the pages page_table[s, :] of `layer` in the cache
- * [num_pages, num_layers, 2, page_size, kv_heads, head_dim]. Query head h reads KV head h / (heads / kv_heads). */
+/* --- paged decode attention -------------------------------------------------------------------------------------
+ * The cache holds K/V as --kv-dtype stores them (kind below): fp32, fp16, bf16, or int8 rows of head_dim values
+ * followed by their fp16 scale (kernels/kv_format.py). Attention reads them in place, 8 elements at a time
+ * converted to fp32 in registers (fp16 by F16C, bf16 by a shift, int8 by a widening), so a narrower cache moves
+ * fewer bytes from memory; an int8 row's scale multiplies its score (keys) or its probability (values). Scores,
+ * softmax and sums stay fp32. Each function below takes the kind as a constant (always inlined into one
+ * specialised copy per kind). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_I8 = 3 };
+
+static inline __attribute__((always_inline)) int64_t kv_bytes(int kind) {
+    return kind == KV_F32 ? 4 : kind == KV_I8 ? 1 : 2;
+}
+
+/* Elements of one stored row of `dim` values: an int8 row ends with its 2-byte scale. */
+static inline int64_t kv_row(int64_t dim, int kind) { return kind == KV_I8 ? dim + 2 : dim; }
+
+static inline __attribute__((always_inline)) __m256 load8(const char* p, int kind) {
+    switch (kind) {
+    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    case KV_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+    case KV_I8: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+    default: return _mm256_loadu_ps((const float*)p);
+    }
+}
+
+static inline __attribute__((always_inline)) float load1(const char* p, int kind) {
+    switch (kind) {
+    case KV_F16: return _cvtsh_ss(*(const uint16_t*)p);
+    case KV_BF16: {
+        union { uint32_t u; float f; } x = {(uint32_t)*(const uint16_t*)p << 16};
+        return x.f;
+    }
+    case KV_I8: return (float)*(const int8_t*)p;
+    default: return *(const float*)p;
+    }
+}
+
+/* fp32 -> bf16 rounded to nearest even, NaN to 0x7fc0: as torch converts. */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } x = {f};
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
+
+/* One int8 row: scale = fp16(absmax / 127), each value divided by it and rounded to nearest even; the scale
+ * after the values. As kv_format.encode computes it. */
+static void quantize_row(int8_t* dst, const float* src, int64_t dim) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < dim; i++) amax = fmaxf(amax, fabsf(src[i]));
+    const uint16_t half_scale = _cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT);
+    const float scale = _cvtsh_ss(half_scale);
+    for (int64_t i = 0; i < dim; i++) {
+        const float q = scale > 0.0f ? nearbyintf(src[i] / scale) : 0.0f;
+        dst[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+    }
+    memcpy(dst + dim, &half_scale, 2);
+}
+
+/* heads rows of dim values from src (contiguous) into dst as the cache stores them (rounded to nearest even, as
+ * torch converts). */
+static void store_kv(char* dst, const float* src, int64_t heads, int64_t dim, int kind) {
+    if (kind == KV_I8) {
+        for (int64_t h = 0; h < heads; h++) quantize_row((int8_t*)dst + h * (dim + 2), src + h * dim, dim);
+        return;
+    }
+    const int64_t n = heads * dim;
+    int64_t i = 0;
+    switch (kind) {
+    case KV_F16:
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(dst + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++) ((uint16_t*)dst)[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+        break;
+    case KV_BF16:
+        for (; i < n; i++) ((uint16_t*)dst)[i] = to_bf16(src[i]);
+        break;
+    default:
+        for (; i < n; i++) ((float*)dst)[i] = src[i];
+    }
+}
+
 /* r[i] = the sum of v[i]'s 8 lanes, for 8 vectors at once */
 static inline __m256 hsum8(const __m256 v[8]) {
     const __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -337,31 +408,39 @@ static inline __m256 hsum8(const __m256 v[8]) {
 
 /* scores[g * n + t] = scale * q_g . k_t for the `group` query heads sharing one KV head; keys[t] points at
  * token t's key. With dim a multiple of 8, 8 tokens at a time: one accumulator each, summed together. */
-static void attention_scores(const float* qh, const float* const* keys, int64_t n, int64_t group, int64_t dim,
-                             float scale, float* scores) {
+static inline __attribute__((always_inline)) void attention_scores(const float* qh, const char* const* keys,
+                                                                   int64_t n, int64_t group, int64_t dim, float scale,
+                                                                   float* scores, int kind) {
+    const int64_t es = kv_bytes(kind);
     int64_t t = 0;
     if (dim % 8 == 0)
         for (; t + 8 <= n; t += 8) {
             for (int i = 8; i < 16 && t + i < n; i++) /* the next block's keys: their lines are K strides apart */
-                for (int64_t c = 0; c < dim; c += 16) _mm_prefetch((const char*)(keys[t + i] + c), _MM_HINT_T0);
+                for (int64_t c = 0; c < dim * es; c += 64) _mm_prefetch(keys[t + i] + c, _MM_HINT_T0);
             for (int64_t g = 0; g < group; g++) {
                 __m256 acc[8];
                 for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
                 for (int64_t c = 0; c < dim; c += 8) {
                     const __m256 qv = _mm256_loadu_ps(qh + g * dim + c);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[t + i] + c), acc[i]);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(keys[t + i] + c * es, kind), acc[i]);
                 }
                 _mm256_storeu_ps(scores + g * n + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
             }
         }
     for (; t < n; t++)
-        for (int64_t g = 0; g < group; g++) scores[g * n + t] = dot(qh + g * dim, keys[t], dim) * scale;
+        for (int64_t g = 0; g < group; g++) {
+            float s = 0.0f;
+            for (int64_t c = 0; c < dim; c++) s += qh[g * dim + c] * load1(keys[t] + c * es, kind);
+            scores[g * n + t] = s * scale;
+        }
 }
 
 /* out_g = sum_t p[g * n + t] * v_t / total[g]; values[t] points at token t's value. With dim a multiple of 8,
  * 64 output values at a time in registers (a constant count, so the accumulators stay in registers), then 8. */
-static void attention_values(const float* p, const float* const* values, int64_t n, int64_t group, int64_t dim,
-                             const float* total, float* out) {
+static inline __attribute__((always_inline)) void attention_values(const float* p, const char* const* values,
+                                                                   int64_t n, int64_t group, int64_t dim,
+                                                                   const float* total, float* out, int kind) {
+    const int64_t es = kv_bytes(kind);
     for (int64_t g = 0; g < group; g++) {
         const float* pg = p + g * n;
         float* o = out + g * dim;
@@ -373,70 +452,118 @@ static void attention_values(const float* p, const float* const* values, int64_t
                 for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
                 for (int64_t t = 0; t < n; t++) {
                     const __m256 pv = _mm256_set1_ps(pg[t]);
-                    const float* v = values[t] + c0;
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                    const char* v = values[t] + c0 * es;
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i * es, kind), acc[i]);
                 }
                 for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));
             }
             for (; c0 < dim; c0 += 8) {
                 __m256 acc = _mm256_setzero_ps();
-                for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), _mm256_loadu_ps(values[t] + c0), acc);
+                for (int64_t t = 0; t < n; t++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), load8(values[t] + c0 * es, kind), acc);
                 _mm256_storeu_ps(o + c0, _mm256_mul_ps(acc, inv));
             }
         } else {
             for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
-            for (int64_t t = 0; t < n; t++) axpy(o, pg[t], values[t], dim);
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t d = 0; d < dim; d++) o[d] += pg[t] * load1(values[t] + d * es, kind);
             for (int64_t d = 0; d < dim; d++) o[d] /= total[g];
         }
     }
 }
 
-static void attend(const float* q, int64_t q_stride, const float* cache, const int64_t* page_table,
-                   int64_t table_stride,
-                   const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, float scale, int nthreads) {
-    const int64_t group = heads / kv_heads;
-    const int64_t token_stride = kv_heads * dim;
-    const int64_t half = page_size * token_stride;  /* K to V within a page's layer */
-    const int64_t page_stride = num_layers * 2 * half;
-    const int64_t layer_offset = layer * 2 * half;
-    #pragma omp parallel for collapse(2) schedule(dynamic, kv_heads) num_threads(nthreads)
-    for (int64_t s = 0; s < nd; s++) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t n = context_lens[s];
-            const int64_t* pages = page_table + s * table_stride;
-            const float* qh = q + s * q_stride + h * group * dim;
-            const int64_t padded = (group * n + 1) & ~(int64_t)1; /* the pointers after the scores: aligned */
-            float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(float*) * (size_t)n);
-            const float** keys = (const float**)(scores + padded);
-            const float** values = keys + n;
-            for (int64_t t0 = 0, p = 0; t0 < n; t0 += page_size, p++) { /* page by page: no division per token */
-                const float* k = cache + pages[p] * page_stride + layer_offset + h * dim;
-                for (int64_t t = t0; t < n && t < t0 + page_size; t++, k += token_stride) {
-                    keys[t] = k;
-                    values[t] = k + half;
-                }
-            }
-            attention_scores(qh, keys, n, group, dim, scale, scores);
-            float total[64];
-            for (int64_t g = 0; g < group; g++) {
-                float* row = scores + g * n;
-                float best = row[0];
-                for (int64_t t = 1; t < n; t++) best = row[t] > best ? row[t] : best;
-                total[g] = exp_shifted(row, n, best);
-            }
-            attention_values(scores, values, n, group, dim, total, out + (s * heads + h * group) * dim);
-            free(scores);
-        }
+/* The shape of a paged attention call: the cache [num_pages, num_layers, 2, page_size, kv_heads, dim] of `kind`
+ * elements, and the query heads. */
+typedef struct {
+    int64_t heads, kv_heads, dim, page_size, num_layers;
+    float scale;
+    int kind;
+} AttnShape;
+
+/* The fp16 scales of n int8 rows (rows[t]: a row's first value; its scale follows its dim values). */
+static void row_scales(const char* const* rows, int64_t n, int64_t dim, float* out) {
+    for (int64_t t = 0; t < n; t++) {
+        uint16_t h;
+        memcpy(&h, rows[t] + dim, 2);
+        out[t] = _cvtsh_ss(h);
     }
 }
 
-void paged_decode_attention(const float* q, const float* cache, const int64_t* page_table,
+/* One sequence's query heads that share KV head h (qh, `group` of them) over its first n tokens in `pages` of
+ * `layer`; written to out. */
+static inline __attribute__((always_inline)) void attend_head(const float* qh, const char* cache, const int64_t* pages,
+                                                              int64_t n, int64_t layer, int64_t h, const AttnShape* a,
+                                                              float* out, int kind) {
+    const int64_t group = a->heads / a->kv_heads, es = kv_bytes(kind), row = kv_row(a->dim, kind) * es;
+    const int64_t token_stride = a->kv_heads * row;
+    const int64_t half = a->page_size * token_stride; /* K to V within a page's layer, in bytes */
+    const int64_t page_stride = a->num_layers * 2 * half;
+    const int64_t scaled = kind == KV_I8 ? 2 * n : 0; /* int8: each key's and value's scale */
+    const int64_t padded = (group * n + scaled + 1) & ~(int64_t)1; /* the pointers after the floats: aligned */
+    float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(char*) * (size_t)n);
+    float* key_scales = scores + group * n;
+    float* value_scales = key_scales + n;
+    const char** keys = (const char**)(scores + padded);
+    const char** values = keys + n;
+    for (int64_t t0 = 0, p = 0; t0 < n; t0 += a->page_size, p++) { /* page by page: no division per token */
+        const char* k = cache + pages[p] * page_stride + layer * 2 * half + h * row;
+        for (int64_t t = t0; t < n && t < t0 + a->page_size; t++, k += token_stride) {
+            keys[t] = k;
+            values[t] = k + half;
+        }
+    }
+    attention_scores(qh, keys, n, group, a->dim, a->scale, scores, kind);
+    if (kind == KV_I8) {
+        row_scales(keys, n, a->dim, key_scales);
+        row_scales(values, n, a->dim, value_scales);
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t t = 0; t < n; t++) scores[g * n + t] *= key_scales[t];
+    }
+    float total[64];
+    for (int64_t g = 0; g < group; g++) {
+        float* r = scores + g * n;
+        float best = r[0];
+        for (int64_t t = 1; t < n; t++) best = r[t] > best ? r[t] : best;
+        total[g] = exp_shifted(r, n, best);
+        if (kind == KV_I8)
+            for (int64_t t = 0; t < n; t++) r[t] *= value_scales[t];
+    }
+    attention_values(scores, values, n, group, a->dim, total, out, kind);
+    free(scores);
+}
+
+static void attend_head_f32(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
+                            const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_F32); }
+static void attend_head_f16(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
+                            const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_F16); }
+static void attend_head_bf16(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
+                             const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_BF16); }
+static void attend_head_i8(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
+                           const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_I8); }
+
+/* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every sequence s and query head h; K[s], V[s] are the
+ * first context_lens[s] tokens of the pages page_table[s, :] of `layer`. Query head h reads KV head
+ * h / (heads / kv_heads). */
+static void attend(const float* q, int64_t q_stride, const void* cache, const int64_t* page_table, int64_t table_stride,
+                   const int64_t* context_lens, float* out, int64_t nd, const AttnShape* a, int64_t layer,
+                   int nthreads) {
+    const int64_t group = a->heads / a->kv_heads;
+    void (*head)(const float*, const char*, const int64_t*, int64_t, int64_t, int64_t, const AttnShape*, float*) =
+        a->kind == KV_F16 ? attend_head_f16 : a->kind == KV_BF16 ? attend_head_bf16 : a->kind == KV_I8 ? attend_head_i8
+                                                                                                  : attend_head_f32;
+    #pragma omp parallel for collapse(2) schedule(dynamic, a->kv_heads) num_threads(nthreads)
+    for (int64_t s = 0; s < nd; s++)
+        for (int64_t h = 0; h < a->kv_heads; h++)
+            head(q + s * q_stride + h * group * a->dim, (const char*)cache, page_table + s * table_stride,
+                 context_lens[s], layer, h, a, out + (s * a->heads + h * group) * a->dim);
+}
+
+void paged_decode_attention(const float* q, const void* cache, const int64_t* page_table,
                             const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
                             int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, int64_t max_pages,
-                            float scale, int nthreads) {
-    attend(q, heads * dim, cache, page_table, max_pages, context_lens, out, nd, heads, kv_heads, dim, page_size,
-           num_layers, layer, scale, nthreads);
+                            float scale, int nthreads, int kind) {
+    const AttnShape a = {heads, kv_heads, dim, page_size, num_layers, scale, kind};
+    attend(q, heads * dim, cache, page_table, max_pages, context_lens, out, nd, &a, layer, nthreads);
 }
 
 /* h = x + residual (residual may be NULL: h = x); out = weight * h / sqrt(mean(h^2) + eps), per row. */
@@ -538,13 +665,15 @@ static inline void linear(const QLinear* l, const float* x, float* y, int64_t M,
  * page_table[i * table_stride ...]. cos/sin: [nd, dim], each row's rotary angles. The same arithmetic as the
  * layer-by-layer path through the kernels above, without a return to Python between the steps. */
 void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, float* residual,
-                   const float* cos, const float* sin, float* cache, const int64_t* slot_pages,
+                   const float* cos, const float* sin, void* cache, const int64_t* slot_pages,
                    const int64_t* slot_offsets, const int64_t* page_table, int64_t table_stride,
                    const int64_t* context_lens, int64_t nd, int64_t hidden, int64_t heads, int64_t kv_heads,
                    int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int wbits,
-                   int bits) {
+                   int bits, int kind) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
-    const int64_t half = page_size * kv_size, page_stride = num_layers * 2 * half;
+    const int64_t token_bytes = kv_heads * kv_row(dim, kind) * kv_bytes(kind); /* one token's K (or V) of a layer */
+    const int64_t half = page_size * token_bytes, page_stride = num_layers * 2 * half; /* bytes */
+    const AttnShape a = {heads, kv_heads, dim, page_size, num_layers, scale, kind};
     float* x = malloc(sizeof(float) * (size_t)(nd * (hidden + qkv_size + q_size + 3 * intermediate)));
     float* qkv = x + nd * hidden;
     float* attn = qkv + nd * qkv_size;
@@ -557,12 +686,12 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, wbits, bits);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
         for (int64_t i = 0; i < nd; i++) {
-            float* k = cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * kv_size;
+            char* k = (char*)cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * token_bytes;
             const float* src = qkv + i * qkv_size + q_size;
-            for (int64_t j = 0; j < kv_size; j++) { k[j] = src[j]; k[half + j] = src[kv_size + j]; }
+            store_kv(k, src, kv_heads, dim, kind);
+            store_kv(k + half, src + kv_size, kv_heads, dim, kind);
         }
-        attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, heads, kv_heads, dim, page_size,
-               num_layers, l, scale, nthreads);
+        attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, &a, l, nthreads);
         linear(&w->o, attn, h, nd, hidden, q_size, nthreads, wbits, bits);
         add_rms_norm(h, residual, w->post_norm, x, residual, nd, hidden, eps);
         linear(&w->gate_up, x, gate_up, nd, 2 * intermediate, hidden, nthreads, wbits, bits);

@@ -34,8 +34,8 @@ def cache_dir() -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if not {"avx2", "fma"} <= set(flags):
-        log.info("CPU kernels: this CPU lacks AVX2/FMA")
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        log.info("CPU kernels: this CPU lacks AVX2/FMA/F16C")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
@@ -58,14 +58,15 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     lib.quant_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.quant_linear.restype = None
-    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode_attention.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 8, ctypes.c_float, ctypes.c_int,
+                                           ctypes.c_int]  # fmt: skip
     lib.paged_decode_attention.restype = None
     lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f32, i32 = ctypes.c_float, ctypes.c_int
-    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32]
+    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32, i32]
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     check_struct_layout(lib)
@@ -148,9 +149,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The cache element types the kernels read and write in place (C's KV_F32, KV_F16, KV_BF16, KV_I8; int8 rows as
+# kernels/kv_format.py lays them out).
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
 def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Beyond `native(q)`: an fp32, contiguous cache and at most 64 query heads per KV head."""
-    return kv_cache.dtype == torch.float32 and kv_cache.is_contiguous() and q.shape[1] // kv_cache.shape[4] <= 64
+    """Beyond `native(q)`: a contiguous cache of a type in `KV_KINDS` and at most 64 query heads per KV head."""
+    return kv_cache.dtype in KV_KINDS and kv_cache.is_contiguous() and q.shape[1] // kv_cache.shape[4] <= 64
 
 
 def paged_decode_attention(
@@ -175,5 +181,6 @@ def paged_decode_attention(
     _, num_layers, _, page_size, kv_heads, _ = kv_cache.shape
     library().paged_decode_attention(q.data_ptr(), kv_cache.data_ptr(), table.data_ptr(), lens.data_ptr(),
                                      out.data_ptr(), nd, heads, kv_heads, dim, page_size, num_layers, layer,
-                                     table.shape[1], scale, torch.get_num_threads())  # fmt: skip
+                                     table.shape[1], scale, torch.get_num_threads(),
+                                     KV_KINDS[kv_cache.dtype])  # fmt: skip
     return out

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels import kv_format
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 
 def write_kv(
     kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PagedAttentionMetadata
 ) -> None:
-    """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots."""
-    kv_cache[:, layer, 0][meta.slot_pages, meta.slot_offsets] = k
-    kv_cache[:, layer, 1][meta.slot_pages, meta.slot_offsets] = v
+    """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots, as the
+    cache stores them (`kv_format`)."""
+    kv_cache[:, layer, 0][meta.slot_pages, meta.slot_offsets] = kv_format.encode(k, kv_cache.dtype)
+    kv_cache[:, layer, 1][meta.slot_pages, meta.slot_offsets] = kv_format.encode(v, kv_cache.dtype)
 
 
 def paged_attention(
@@ -46,8 +48,9 @@ def prefill_attention(
     k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
-        k = k_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
-        v = v_pages[span.page_ids].flatten(0, 1)[: span.context_len].transpose(0, 1).unsqueeze(0)
+        k = kv_format.decode(k_pages[span.page_ids].flatten(0, 1)[: span.context_len], q.dtype)
+        v = kv_format.decode(v_pages[span.page_ids].flatten(0, 1)[: span.context_len], q.dtype)
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         mask = span.causal_mask
         if window:
             q_pos = torch.arange(span.context_len - span.query_len, span.context_len, device=q.device)[:, None]
@@ -73,7 +76,7 @@ def _decode_attention(
     heads sharing a KV head together (GQA); padding past each context length (and keys before a sliding
     window) is masked."""
     nd, _, dim = q.shape
-    kv = layer_cache[meta.decode_page_table]  # [nd, max_pages, 2, page_size, kv_heads, dim]
+    kv = kv_format.decode(layer_cache[meta.decode_page_table], q.dtype)  # [nd, pages, 2, page_size, kv_heads, dim]
     kv_heads, span = kv.shape[4], kv.shape[1] * kv.shape[3]
     k = kv[:, :, 0].reshape(nd, span, kv_heads, dim).transpose(1, 2)
     v = kv[:, :, 1].reshape(nd, span, kv_heads, dim).transpose(1, 2)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels import kv_format
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 
@@ -32,6 +33,7 @@ def _rotate_store_kernel(
     stride_n, stride_cn, stride_qn, stride_qh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):  # fmt: skip
     """One (token, head) of a `qkv` projection row: a query head rotated into `q`, or a KV head's key rotated
     and its value copied into the token's slot of the cache (one launch for the rotary embedding and the
@@ -53,16 +55,43 @@ def _rotate_store_kernel(
     rot_lo, rot_hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
     if h < NUM_HEADS:
         dst = q_ptr + n * stride_qn + h * stride_qh
+        tl.store(dst + i, rot_lo.to(dst.dtype.element_ty))
+        tl.store(dst + HALF + i, rot_hi.to(dst.dtype.element_ty))
     else:
         page = tl.load(pages_ptr + n).to(tl.int64)
         offset = tl.load(offsets_ptr + n).to(tl.int64)
         kvh = h - NUM_HEADS
         dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + kvh * stride_ch
         v = src + NUM_KV_HEADS * 2 * HALF  # the value head sits kv_heads heads after its key head
-        tl.store(dst + stride_ckv + i, tl.load(v + i))
-        tl.store(dst + stride_ckv + HALF + i, tl.load(v + HALF + i))
-    tl.store(dst + i, rot_lo)
-    tl.store(dst + HALF + i, rot_hi)
+        _store_row(dst + stride_ckv, tl.load(v + i), tl.load(v + HALF + i), HALF, KV_INT8)
+        _store_row(dst, rot_lo, rot_hi, HALF, KV_INT8)
+
+
+@triton.jit
+def _round_even(x):
+    """x rounded to the nearest integer, ties to even, for |x| < 2**22 (adding 1.5 * 2**23 leaves no fraction
+    bits: the add rounds as IEEE does)."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _store_row(dst, lo, hi, HALF: tl.constexpr, KV_INT8: tl.constexpr):
+    """One head's row (its halves `lo`, `hi`) into the cache as it stores rows (kernels/kv_format.py): converted
+    to the cache's dtype (--kv-dtype, maybe narrower than the model's), or int8 values and their fp16 scale."""
+    i = tl.arange(0, HALF)
+    if KV_INT8:
+        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+        scale = (tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0)) / 127.0).to(tl.float16)
+        wide = scale.to(tl.float32)
+        step = tl.where(wide > 0, wide, 1.0)
+        lo = tl.minimum(tl.maximum(_round_even(lo / step), -127.0), 127.0)
+        hi = tl.minimum(tl.maximum(_round_even(hi / step), -127.0), 127.0)
+        tl.store(dst + i, lo.to(tl.int8))
+        tl.store(dst + HALF + i, hi.to(tl.int8))
+        tl.store((dst + 2 * HALF).to(tl.pointer_type(tl.float16)), scale)
+    else:
+        tl.store(dst + i, lo.to(dst.dtype.element_ty))
+        tl.store(dst + HALF + i, hi.to(dst.dtype.element_ty))
 
 
 def rotate_and_store(
@@ -73,7 +102,7 @@ def rotate_and_store(
     head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`.
     `qk_norm`: an `attention.QKNorm`, or None."""
     n = qkv.shape[0]
-    kv_heads, dim = kv_cache.shape[4], kv_cache.shape[5]
+    kv_heads, dim = kv_cache.shape[4], kv_format.head_dim(kv_cache)
     q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
     if n:
         c = kv_cache.stride()
@@ -83,6 +112,7 @@ def rotate_and_store(
             qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
             c[0], c[1], c[2], c[3], c[4],
             NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=qk_norm is not None,
+            KV_INT8=kv_cache.dtype == torch.int8,
         )  # fmt: skip
     return q
 
@@ -107,7 +137,7 @@ def _attend_keys(
     q, q_pos, lowest, m, denom, acc, cache_ptr, table_row_ptr, first, context, layer, kvh, scale,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
 ):  # fmt: skip
     """Fold the context's keys at positions [first, first + TILE) into the queries' online softmax: K and V of
     KV head `kvh`, read from the sequence's pages (a tile may span pages). Keys before `lowest` (a sliding
@@ -121,6 +151,13 @@ def _attend_keys(
     addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
     k = tl.load(addr, mask=valid[:, None], other=0.0)
     v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
+    if KV_INT8:  # each row's fp16 scale follows its values (kernels/kv_format.py)
+        ends = cache_ptr + layer * stride_cl + kvh * stride_ch + rows + HEAD_DIM  # int8 pointers: bytes
+        k_scales = tl.load(ends.to(tl.pointer_type(tl.float16)), mask=valid, other=0.0)
+        v_scales = tl.load((ends + stride_ckv).to(tl.pointer_type(tl.float16)), mask=valid, other=0.0)
+        k = k.to(tl.float32) * k_scales.to(tl.float32)[:, None]
+        v = v.to(tl.float32) * v_scales.to(tl.float32)[:, None]
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a narrower --kv-dtype is read as the queries' type
     allowed = valid[None, :] & (positions[None, :] >= lowest)
     if CAUSAL:
         allowed = allowed & (positions[None, :] <= q_pos[:, None])
@@ -136,7 +173,7 @@ def _decode_partial_kernel(
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    SPLIT_TOKENS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): online softmax over the split's tokens for the group's queries,
     TILE tokens (possibly from several pages) at a time."""
@@ -162,6 +199,7 @@ def _decode_partial_kernel(
         m, denom, acc = _attend_keys(
             q, 0, lowest, m, denom, acc, cache_ptr, table_ptr + b * stride_tb, t, context, layer, kvh, scale,
             stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, TILE, PAGE_SIZE, HEAD_DIM, PRECISION, False,
+            KV_INT8,
         )  # fmt: skip
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out, acc, mask=group_mask[:, None])
@@ -240,7 +278,7 @@ def decode_attention(
         m.stride(0), m.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=pages_per_split * page_size, TILE=min(tile, pages_per_split * page_size),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=kv_cache.dtype == torch.int8,
     )  # fmt: skip
     _decode_reduce_kernel[(nd, num_heads)](
         part, m, denom, out, splits,
@@ -257,7 +295,7 @@ def _prefill_kernel(
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     stride_tb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
 ):  # fmt: skip
     """One (span, block of queries, head): causal attention over the span's context, read from pages."""
     span = tl.program_id(0)
@@ -285,6 +323,7 @@ def _prefill_kernel(
             q, q_pos, lowest[:, None], m, denom, acc, cache_ptr, table_ptr + span * stride_tb, t, context, layer,
             kvh, scale,
             stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, BLOCK_N, PAGE_SIZE, HEAD_DIM, PRECISION, True,
+            KV_INT8,
         )  # fmt: skip
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     dst = out_ptr + (start + rows)[:, None] * stride_on + h * stride_oh + d[None, :]
@@ -312,5 +351,5 @@ def prefill_attention(
         c[0], c[1], c[2], c[3], c[4],
         table.stride(0),
         GROUP=num_heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=kv_cache.dtype == torch.int8,
     )  # fmt: skip

@@ -36,6 +36,7 @@ class CompatKey(msgspec.Struct, frozen=True):
     head_dim: int
     layout: str = KV_LAYOUT
     quantization: str = "none"  # weights computing the KV (and continuing from it) must be the same
+    kv_dtype: str = ""  # the pages' element type (--kv-dtype; an older peer sends none: it does not match)
 
     def mismatch(self, other: CompatKey) -> str | None:
         """A readable list of the fields that differ, or None when the keys agree."""
