@@ -5,8 +5,10 @@ host (KV pulled through shared memory). Prompts of 1,000-2,000 random tokens of 
 prefix caching: every prompt is prefilled and its KV moved), one at a time so that nothing queues,
 `max_tokens` 2: a request's TTFT is its prefill, its KV's transfer and the first token's way back.
 
-Today a prompt's KV is sent whole after its prefill ends (issue 28's layer-wise streaming is not built), so
-over a slow link the transfer adds to TTFT: these figures are its baseline.
+A prompt prefilled in chunks (`--max-num-batched-tokens`, default 1,024 tokens a pass: these prompts take one
+or two) streams its KV: each message of pages leaves as soon as its chunk is done, while the next one computes,
+so that over a slow link only what the last chunk completes adds to TTFT. `--serve-args` passes engine flags to
+both workers (e.g. `--max-num-batched-tokens 256` for more, smaller chunks).
 
 The planner's prediction of each link's TTFT is printed next to the measured one: the simulator
 (`splitserve/planner/simulator.py`) on the same prompt lengths, with a profile of the same engine (measured
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -75,7 +78,8 @@ def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dic
     shaped = a.shape(rate, args.delay_ms if rate else 0.0)
     b.shape(rate, args.delay_ms if rate else 0.0)
     url = f"http://{a.address}:{HTTP_PORT}"
-    engine = [*(["--model", args.model] if args.model else []), *ENGINE, "--router", f"tcp://{a.address}:{WORKER_PORT}"]
+    engine = [*(["--model", args.model] if args.model else []), *ENGINE, *shlex.split(args.serve_args), "--router",
+              f"tcp://{a.address}:{WORKER_PORT}"]  # fmt: skip
     with processes() as started:
         started.append(a.splitserve(["router", *(["--model", args.model] if args.model else []), "--host", a.address,
                                      "--port", str(HTTP_PORT), "--worker-host", a.address,
@@ -112,10 +116,14 @@ def predictions(results: list[dict], prompts: list[list[int]], args) -> None:
     else:
         import torch
 
+        from splitserve import options
         from splitserve.engine.config import EngineConfig
         from splitserve.planner.profile import measure
 
-        config = EngineConfig(model=args.model, dtype="fp32", device="cpu", prefix_caching=False)
+        parser = argparse.ArgumentParser()
+        options.add_arguments(parser, EngineConfig)
+        served = parser.parse_args([*ENGINE, *shlex.split(args.serve_args)])  # the workers' engine
+        config = EngineConfig(**{**options.values(served, EngineConfig), "model": args.model})
         profile = measure(config, torch.get_num_threads(), quick=True)
     print(f"\nthe planner's prediction (profile: {profile.threads} thread(s), {profile.model}, {profile.dtype}):")
     for r in results:
@@ -135,6 +143,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--links", default="one host,unshaped,10gbit,1gbit",
                    help="comma-separated: one host, unshaped, or a tc rate (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--serve-args", default="", help="engine flags for both workers, e.g. '--max-num-batched-tokens 2048'"
+    )
     p.add_argument("--delay-ms", type=float, default=0.2, help="each way on a shaped link (default 0.2)")
     p.add_argument("--prompts", type=int, default=6, help="prompts per link (default 6)")
     p.add_argument("--prompt-len", default="1000,2000", help="tokens, low,high (default %(default)s)")

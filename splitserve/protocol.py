@@ -89,6 +89,7 @@ class KvStats(msgspec.Struct, frozen=True):
     failures: int = 0
     transfers_pulled: int = 0  # received by copying the sender's pages out of shared memory (same host)
     checksum_failures: int = 0  # received transfers whose pages did not match the sender's checksum
+    messages_streamed: int = 0  # tagged messages sent while their prompt was still being prefilled
 
 
 class TokenOut(msgspec.Struct, frozen=True, array_like=True):

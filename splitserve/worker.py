@@ -249,6 +249,7 @@ class _Loop:
                         m.failures,
                         m.transfers_pulled,
                         m.checksum_failures,
+                        m.messages_streamed,
                     )
                 )
                 age = time.monotonic() - self.loop_time

@@ -153,6 +153,55 @@ def test_a_transfers_pages_travel_in_a_few_large_messages_however_many_and_scatt
     _assert_idle(sender, receiver, *small)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_streamed_transfer_sends_each_message_once_its_pages_are_final(peers, transport):
+    """A prompt prefilled in chunks streams its pages (`complete=False`): over TCP each message leaves as soon
+    as all its pages are final, before the transfer is complete; over shared memory the offer waits for the
+    last call. Either way the pages arrive byte-exact, with the payload of the last call, and only then."""
+    sender = peers("sender", key=BIG_KEY, num_pages=40, transport=transport, fill_seed=9)  # pages of 1 MiB
+    receiver = peers("receiver", key=BIG_KEY, num_pages=40, transport=transport)
+    src, dst = [3, 4, 5, 6, 30, 31, 32, 33, 7, 8, 9, 10, 20, 22, 24, 26], list(range(16, 32))
+    ticket = receiver.call("reserve", pages=dst, timeout=30)["ticket"]
+    assert msgspec.msgpack.decode(ticket, type=Ticket).message_pages == [4, 4, 4, 4]
+
+    def streamed_after(pages: list[int]) -> int:
+        assert sender.call("send", ticket=ticket, pages=pages, timeout=30, complete=False) == {}
+        assert sender.call("wait", count=1, timeout=1)["completions"] == []  # the handshake, the sends: no end
+        return sender.call("state")["metrics"]["messages_streamed"]
+
+    tcp = transport == "tcp"
+    assert streamed_after(src[:6]) == (1 if tcp else 0)  # pages 0-3 are final: message 0
+    assert streamed_after(src[:13]) == (3 if tcp else 0)  # messages 1 and 2
+    assert receiver.call("wait", count=1, timeout=0.5)["completions"] == []
+    refused = sender.call("send", ticket=ticket, pages=src[1:14], timeout=30, complete=False)
+    assert "must extend" in refused["error"]
+    assert sender.call("send", ticket=ticket, pages=src, timeout=30, payload=b"first token") == {}
+    [sent], [received] = _completions(sender, 1), _completions(receiver, 1)
+    assert sent["ok"] and received["ok"] and received["payload"] == b"first token", (sent, received)
+    theirs, ours = sender.call("hashes")["hashes"], receiver.call("hashes")["hashes"]
+    assert all(ours[d] == theirs[p] for p, d in zip(src, dst, strict=True))
+    metrics = sender.call("state")["metrics"]
+    assert (metrics["messages_sent"], metrics["messages_streamed"]) == ((4, 3) if tcp else (0, 0))
+    _assert_idle(sender, receiver)
+
+
+@pytest.mark.parametrize("who", ["sender", "receiver"])
+def test_a_stream_canceled_halfway_fails_closed_on_both_sides(peers, who):
+    sender = peers("sender", key=BIG_KEY, num_pages=40, fill_seed=10)
+    receiver = peers("receiver", key=BIG_KEY, num_pages=40)
+    ticket = receiver.call("reserve", pages=list(range(16)), timeout=30)["ticket"]
+    sender.call("send", ticket=ticket, pages=list(range(9)), timeout=30, complete=False)
+    assert sender.call("wait", count=1, timeout=1)["completions"] == []
+    assert sender.call("state")["metrics"]["messages_streamed"] == 2
+    if who == "sender":
+        sender.call("cancel", xid=_xid(ticket), receiver_id="receiver")
+    else:
+        receiver.call("cancel", xid=_xid(ticket))
+    [s], [r] = _completions(sender, 1), _completions(receiver, 1)
+    assert not s["ok"] and not r["ok"] and f"canceled by the {who}" in s["error"] + r["error"], (s, r)
+    _assert_idle(sender, receiver)
+
+
 def test_incompatible_key_is_refused_with_a_clear_error(peers):
     receiver = peers("receiver")
     other = msgspec.structs.replace(KEY, dtype="bf16", head_dim=32)

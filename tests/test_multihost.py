@@ -48,6 +48,10 @@ def _wait(host: Host, ready, what: str, timeout: float = 120) -> dict:
         time.sleep(1)
 
 
+def _streamed(health: dict) -> bool:
+    return sum(w["kv_messages_streamed"] for w in health["workers"] if w["role"] == "prefill") > 0
+
+
 def _all_pages_free(health: dict) -> bool:
     return all(pool["free_pages"] == pool["num_pages"] for pool in health["pools"].values()) and not any(
         health["jobs"].values()
@@ -57,14 +61,18 @@ def _all_pages_free(health: dict) -> bool:
 @pytest.mark.slow
 def test_a_decode_worker_on_another_host_gets_its_kv_over_the_link(tiny_chat_llama: Path, hosts):
     folder = str(tiny_chat_llama)
-    engine = ["--model", folder, "--dtype", "fp32", "--device", "cpu", "--router"]
+    # Prompts prefilled 16 tokens a pass: their pages stream over the link while the next chunk computes (small
+    # messages, which the decode worker's reservations ask for, so that a chunk completes some).
+    engine = ["--model", folder, "--dtype", "fp32", "--device", "cpu", "--page-size", "4", "--max-num-batched-tokens",
+              "16", "--router"]  # fmt: skip
     a, b = hosts
     with processes() as started:
         started.append(a.splitserve(["router", "--model", folder, "--host", a.address, "--port", str(HTTP_PORT),
                                        "--worker-host", a.address, "--worker-port", str(WORKER_PORT)]))  # fmt: skip
         router = f"tcp://{a.address}:{WORKER_PORT}"
         started.append(a.splitserve(["worker", "--role", "prefill", *engine, router], a.ucx_env))
-        started.append(b.splitserve(["worker", "--role", "decode", *engine, router], b.ucx_env))
+        small_messages = {**b.ucx_env, "SPLITSERVE_KV_MIN_MESSAGE_BYTES": "1024"}
+        started.append(b.splitserve(["worker", "--role", "decode", *engine, router], small_messages))
         _wait(a, lambda h: len(h["workers"]) == 2, "both workers to join")
 
         prompts = [[11, 12, 13, 14, 15], list(range(100, 140)), [7, 300, 301, 302] * 9]
@@ -98,3 +106,5 @@ print('{{}}')
 """,
         )
         _wait(a, _all_pages_free, "every page back after the client left")
+        # Its 60 tokens took 4 passes, after the first request's handshake: its pages streamed while it prefilled.
+        _wait(a, _streamed, "messages streamed", timeout=10)

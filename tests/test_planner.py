@@ -56,6 +56,15 @@ def test_latencies_add_up_with_hops_and_transfer():
     assert colocated.chunk_times[0] == pytest.approx(0.001 + 0.001 + PROFILE.prefill_time(100) + 0.001)  # no KV moves
 
 
+def test_a_chunked_prompts_kv_streams_while_its_next_chunk_computes():
+    hw = Hardware(cores=64, hop_s=0.0)
+    profile = PROFILE.over(Link(1e6, "test", delay_s=0.05))  # 1 ms a token's 1,000 bytes
+    [r] = simulate(profile, hw, 1, 1, [SimRequest(0.0, 1000, 1)])
+    first, second = PROFILE.prefill_time(512), PROFILE.prefill_time(488)  # 0.522 s, 0.498 s
+    # the first chunk's 512 tokens cross (0.512 s) while the second computes (0.498 s); then the second's
+    assert r.chunk_times[0] == pytest.approx(first + max(second, 0.512) + 0.488 + 0.05)
+
+
 def test_prompts_share_a_prefill_pass_and_decode_steps_batch():
     a, b = simulate(PROFILE, IDEAL, 1, 1, [SimRequest(0.0, 100, 3), SimRequest(0.0, 100, 3)])
     assert a.chunk_times[0] == pytest.approx(PROFILE.prefill_time(200))  # one pass of both prompts

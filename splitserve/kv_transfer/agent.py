@@ -66,12 +66,16 @@ class TransferAgent:
         """Post receives into `pages` (in order) and return the ticket a sender needs to fill them."""
         return self._receiver.reserve(pages, timeout_s)
 
-    def send(self, ticket: Ticket, pages: list[int], timeout_s: float, payload: bytes = b"") -> None:
+    def send(self, ticket: Ticket, pages: list[int], timeout_s: float, payload: bytes = b"",
+             complete: bool = True) -> None:  # fmt: skip
         """Start sending `pages` (in order) into the reservation behind `ticket`; ends in a Completion.
 
         `payload` (a few KiB at most) reaches the receiver's Completion with the pages, and only with all of them.
+        `complete` False streams the transfer: `pages` are the first ones and final, later calls with the same
+        ticket give more (each a longer prefix), the last with `complete` and the payload. Over tagged messages
+        each goes out as soon as its pages are final; a receiver that pulls gets one offer at the end.
         """
-        self._sender.send(ticket, pages, timeout_s, payload)
+        self._sender.send(ticket, pages, timeout_s, payload, complete)
 
     def cancel(self, xid: int, receiver_id: str | None = None) -> None:
         """Give up a transfer: ours as receiver (`receiver_id` None or ours), else ours as sender to it."""

@@ -113,6 +113,7 @@ class TransferMetrics:
     transfers_received: int = 0
     transfers_pulled: int = 0  # of those received, copied out of the sender's shared memory
     messages_sent: int = 0  # tagged messages of pages (a few per transfer, none for pulled ones)
+    messages_streamed: int = 0  # of those, sent before their transfer was complete (its prompt still prefilling)
     failures: int = 0
     checksum_failures: int = 0  # received transfers whose bytes or digest did not match the sender's
     orphaned_receives: int = 0

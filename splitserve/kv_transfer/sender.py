@@ -5,9 +5,12 @@ when our pages are in UCX shared memory, where they are); its `HelloReply` says 
 each transfer goes one of two ways (see `messages`):
 - tagged: the few large messages the ticket names (`link.message_sizes`), each read straight from the page
   tensor when its pages are consecutive here, else gathered into a staging buffer first; then a `Done` with
-  the payload;
+  the payload. A transfer may be *streamed*: sent while its pages are still being computed (`complete=False`:
+  the pages given so far are final, more follow in later calls), each message as soon as all its pages are
+  final, so that the link works while the prefill computes the prompt's next chunk;
 - pulled: an `Offer` naming our pages; they stay untouched until the receiver answers `Taken` or the
-  offer's deadline passes.
+  offer's deadline passes. A streamed transfer is offered once complete (a copy in shared memory takes
+  milliseconds: nothing to overlap).
 
 A receiver that misses a deadline is taken for dead: we close our endpoint to it, which cancels what is in
 flight (UCX without endpoint error handling would never report it), and fail every transfer to it.
@@ -88,6 +91,8 @@ class _Outgoing:
     payload: bytes = b""
     canceled: str | None = None
     offered: bool = False  # an Offer is out: our pages stay untouched until Taken or the deadline
+    complete: bool = True  # every page is final and the payload known (a streamed transfer: from its last call)
+    issued: int = 0  # tagged messages posted, in the ticket's order
 
     @property
     def slot(self) -> tuple[str, int]:
@@ -101,18 +106,25 @@ class Sender:
         self._outgoing: dict[tuple[str, int], _Outgoing] = {}  # by (receiver id, xid)
         self._canceled_early: dict[tuple[str, int], float] = {}  # tickets their receiver canceled before send()
 
-    def send(self, ticket: Ticket, pages: list[int], timeout_s: float, payload: bytes = b"") -> None:
-        """Start sending `pages` (in order) into the reservation behind `ticket`; ends in a Completion."""
+    def send(self, ticket: Ticket, pages: list[int], timeout_s: float, payload: bytes = b"",
+             complete: bool = True) -> None:  # fmt: skip
+        """Send `pages` (in order) into the reservation behind `ticket`; ends in a Completion. With `complete`
+        False the transfer is streamed: `pages` are the first ones, final; later calls with the same ticket
+        give a longer prefix, the last one (`complete`) all of them and the payload."""
         link = self._link
         if len(payload) > MAX_DONE_BYTES - 256:
             raise TransferError(f"a transfer's payload holds at most {MAX_DONE_BYTES - 256} bytes, got {len(payload)}")
         problem = link.key.mismatch(ticket.key)
         if problem:
             raise IncompatiblePeerError(f"receiver {ticket.receiver_id} has an incompatible KV cache: {problem}")
-        if len(pages) != ticket.num_pages:
+        if len(pages) > ticket.num_pages or (complete and len(pages) != ticket.num_pages):
             raise TransferError(f"the ticket reserves {ticket.num_pages} pages, got {len(pages)} to send")
         now = time.monotonic()
-        out = _Outgoing(ticket, list(pages), now + timeout_s, now, payload=payload)
+        streamed = self._outgoing.get((ticket.receiver_id, ticket.xid))
+        if streamed is not None and not streamed.complete:
+            self._extend(streamed, pages, now + timeout_s, payload, complete)
+            return
+        out = _Outgoing(ticket, list(pages), now + timeout_s, now, payload=payload, complete=complete)
         if out.slot in self._outgoing:
             raise TransferError(f"transfer {ticket.xid} to {ticket.receiver_id} is already in flight")
         self._outgoing[out.slot] = out
@@ -130,6 +142,19 @@ class Sender:
             self._issue(out)
         elif peer.state is _PeerState.FAILED:
             self._fail(out, peer.error)
+
+    def _extend(self, out: _Outgoing, pages: list[int], deadline: float, payload: bytes, complete: bool) -> None:
+        """A streamed transfer's next call: more final pages (a longer prefix), and at last the payload."""
+        if list(pages[: len(out.pages)]) != out.pages or len(pages) < len(out.pages):
+            raise TransferError(f"transfer {out.ticket.xid}: pages must extend those already given")
+        if out.canceled:  # winding down: it ends in its Completion
+            return
+        out.pages, out.deadline = list(pages), deadline
+        if complete:  # the transfer's own time starts now: what it adds to the request's wait
+            out.complete, out.payload, out.started = True, payload, time.monotonic()
+        peer = self._receivers.get(out.ticket.receiver_id)
+        if peer is not None and peer.state is _PeerState.READY:
+            self._issue(out)
 
     def cancel(self, receiver_id: str, xid: int) -> None:
         out = self._outgoing.get((receiver_id, xid))
@@ -156,7 +181,7 @@ class Sender:
         else:
             peer.state, peer.error = _PeerState.FAILED, f"receiver refused the handshake: {reply.error}"
         for out in [o for o in self._outgoing.values() if o.ticket.receiver_id == peer.agent_id]:
-            if out.sends or out.canceled:
+            if out.sends or out.canceled or out.offered:
                 continue
             if peer.state is _PeerState.READY:
                 self._issue(out)
@@ -198,9 +223,13 @@ class Sender:
         self._outgoing.clear()
 
     def _issue(self, out: _Outgoing) -> None:
+        """Post what can go now: an offer once complete (to a receiver that pulls), else the tagged messages
+        whose pages are all final and not yet posted."""
         link = self._link
         xid = out.ticket.xid
-        if self._receivers[out.ticket.receiver_id].pulls:
+        if self._receivers[out.ticket.receiver_id].pulls and not out.sends:
+            if not out.complete:
+                return
             offer = Offer(link.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload,
                           page_digest(link.pages, out.pages, link.key.num_layers))  # fmt: skip
             try:
@@ -210,8 +239,12 @@ class Sender:
             except ProtocolError:  # too many pages for one control message: send them tagged
                 pass
         ep = link.endpoint(out.ticket.address)
-        regions, start = [], 0
-        for length in out.ticket.message_pages:
+        sizes = out.ticket.message_pages
+        start = sum(sizes[: out.issued])
+        regions, staged = [], False
+        for length in sizes[out.issued :]:
+            if start + length > len(out.pages):
+                break  # not all final yet
             pages = out.pages[start : start + length]
             start += length
             region = page_region(link.pages, pages)
@@ -219,12 +252,15 @@ class Sender:
                 region = link.staging.take(length)
                 copy_pages(link.pages, pages, region, list(range(length)))
                 out.staging.append(region)
+                staged = True
             regions.append(region)
-        if out.staging:
+        if staged:
             copies_done(link.pages)  # the gathers are written before UCX reads them
-        for i, region in enumerate(regions):
-            out.sends.append(ep.tag_send(link.array(region), tag=page_tag(xid, i)))
-        link.metrics.messages_sent += len(out.sends)
+        for region in regions:
+            out.sends.append(ep.tag_send(link.array(region), tag=page_tag(xid, out.issued)))
+            out.issued += 1
+        link.metrics.messages_sent += len(regions)
+        link.metrics.messages_streamed += 0 if out.complete else len(regions)
 
     def _poll_outgoing(self, out: _Outgoing, now: float) -> None:
         if now > out.deadline:
@@ -237,6 +273,8 @@ class Sender:
             return
         if out.offered or not out.sends or not all(s.completed for s in out.sends):
             return
+        if not out.canceled and (not out.complete or out.issued < len(out.ticket.message_pages)):
+            return  # streamed: more messages to come
         if out.done_send is None:
             errors = []
             for s in out.sends:

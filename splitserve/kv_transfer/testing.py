@@ -87,7 +87,7 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
                 ticket = msgspec.msgpack.decode(cmd["ticket"], type=Ticket)
                 if cmd.get("forge_key"):
                     ticket = msgspec.structs.replace(ticket, key=key)
-                agent.send(ticket, cmd["pages"], cmd["timeout"], cmd.get("payload", b""))
+                agent.send(ticket, cmd["pages"], cmd["timeout"], cmd.get("payload", b""), cmd.get("complete", True))
                 if cmd.get("cancel_at_once"):  # before any progress: the sends are surely in flight
                     agent.cancel(ticket.xid, ticket.receiver_id)
             elif op == "cancel":

@@ -5,8 +5,9 @@ with the policies the real ones use, timed by a measured `Profile`.
   `max_num_seqs` each; otherwise it waits in the router's queue) and to the prefill worker with the fewest
   pending prompt tokens.
 - A prefill worker runs passes of at most `max_num_batched_tokens` prompt tokens, first come first served,
-  long prompts in chunks. When a prompt's last chunk is done its KV travels to the decode worker over the
-  profile's link (its delay, then its bytes at the link's bandwidth).
+  long prompts in chunks. Each chunk's KV travels to the decode worker over the profile's link as soon as the
+  chunk is done (streamed, as the prefill worker does), one chunk after another, while later chunks compute;
+  the last lands its bytes at the link's bandwidth after the link's delay.
 - With no prefill worker (colocated workers, `serve --both`), decode workers prefill every prompt
   themselves, in steps that mix prompt chunks with decode rows: no KV crosses a link.
 - A decode worker streams the first token as the KV lands, and runs steps of its whole running batch; a
@@ -98,6 +99,7 @@ class _Req:
     waited: float = 0.0  # in the router's queue: no decode worker had room
     queued_at: float | None = None  # while it waits there
     judged: bool = False  # counted in a policy window
+    link_free: float = 0.0  # when the KV of its chunks so far has crossed the link (streamed while prefilling)
 
 
 @dataclass(eq=False)
@@ -223,12 +225,13 @@ class _Sim:
 
     def prefill_done(self, t: float, p: _Prefill, chunks: list) -> None:
         p.busy = False
+        link, per_token = self.profile.link, self.profile.kv_bytes_per_token
         for r, n in chunks:
             r.computed += n
+            r.link_free = max(r.link_free, t) + n * per_token / link.bandwidth
             if r.computed == r.spec.prompt_tokens:
                 p.queue.remove(r)
-                kv = self.profile.link.transfer_s(r.spec.prompt_tokens * self.profile.kv_bytes_per_token)
-                self.at(t + kv + self.hw.hop_s, self.land, r)
+                self.at(r.link_free + link.delay_s + self.hw.hop_s, self.land, r)
         self.kick_prefill(t, p)
 
     def land(self, t: float, r: _Req) -> None:

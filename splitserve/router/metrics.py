@@ -157,10 +157,14 @@ class _ClusterCollector(Collector):
             for key, doc in [
                 ("kv_bytes_sent", "KV bytes sent"),
                 ("kv_bytes_received", "KV bytes received"),
-                ("kv_seconds_sending", "Seconds from send to completion, summed over transfers"),
+                (
+                    "kv_seconds_sending",
+                    "Seconds from a transfer's last page being computed to its completion, summed over transfers",
+                ),
                 ("kv_seconds_receiving", "Seconds from reservation to arrival, summed over transfers"),
                 ("kv_failures", "KV transfers that failed"),
                 ("kv_transfers_pulled", "KV transfers received by copying the sender's shared-memory pages"),
+                ("kv_messages_streamed", "Tagged KV messages sent while their prompt was still being prefilled"),
                 (
                     "kv_checksum_failures",
                     "KV transfers received whose pages did not match the sender's checksum "

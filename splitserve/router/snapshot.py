@@ -29,6 +29,7 @@ class WorkerView(msgspec.Struct, frozen=True):
     kv_failures: int
     kv_transfers_pulled: int
     kv_checksum_failures: int
+    kv_messages_streamed: int
     prefix_cache_queries: int
     prefix_cache_hits: int
     prefix_cache_evictions: int
