@@ -55,6 +55,7 @@ with httpx.Client(timeout=300) as client:
                     break
             for _ in lines:  # the rest of the answer
                 pass
+    time.sleep(1.5)  # the workers' next heartbeats carry their transfer counters
     health = client.get(url + "/health").json()
 print(json.dumps(dict(ttfts=ttfts, workers=health["workers"])))
 """
@@ -73,8 +74,9 @@ def _ready(host: Host, url: str, timeout: float = 180) -> str:
 
 
 def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dict:
-    decode = a if link == "one host" else b
-    rate = None if link in ("one host", "unshaped") else link
+    name, _, how = link.partition("/")
+    decode = a if name == "one host" else b
+    rate = None if name in ("one host", "unshaped") else name
     shaped = a.shape(rate, args.delay_ms if rate else 0.0)
     b.shape(rate, args.delay_ms if rate else 0.0)
     url = f"http://{a.address}:{HTTP_PORT}"
@@ -86,7 +88,10 @@ def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dic
                                      "--worker-port", str(WORKER_PORT)]))  # fmt: skip
         across = decode is b  # then UCX goes over the link's TCP only, as between machines
         started.append(a.splitserve(["worker", "--role", "prefill", *engine], a.ucx_env if across else {}))
-        started.append(decode.splitserve(["worker", "--role", "decode", *engine], b.ucx_env if across else {}))
+        # `/whole`: each reservation takes its pages in one message, which leaves only once every page is final:
+        # the whole-request send there was before streaming.
+        env = {**(b.ucx_env if across else {}), **({"SPLITSERVE_KV_MAX_MESSAGES": "1"} if how == "whole" else {})}
+        started.append(decode.splitserve(["worker", "--role", "decode", *engine], env))
         model = _ready(a, url)
         a.python(CLIENT.format(url=url, prompts=prompts[:1], model=model), timeout=600)  # warm-up
         out = a.python(CLIENT.format(url=url, prompts=prompts, model=model), timeout=1800)
@@ -97,7 +102,7 @@ def run_link(a: Host, b: Host, link: str, prompts: list[list[int]], args) -> dic
               "kv_seconds_per_request": seconds / (len(prompts) + 1),
               "learned_bytes_per_s": learned(out["workers"], link).bandwidth}  # fmt: skip
     ttft_ms, kv_ms = result["median_ttft_s"] * 1000, result["kv_seconds_per_request"] * 1000
-    print(f"{link:>9} | median TTFT {ttft_ms:7.0f} ms | KV {result['kv_mb_per_request']:6.1f} MB a request, "
+    print(f"{link:>15} | median TTFT {ttft_ms:7.0f} ms | KV {result['kv_mb_per_request']:6.1f} MB a request, "
           f"{kv_ms:6.0f} ms from reservation to arrival, prefill included ({shaped})", flush=True)  # fmt: skip
     return result
 
@@ -127,7 +132,10 @@ def predictions(results: list[dict], prompts: list[list[int]], args) -> None:
         profile = measure(config, torch.get_num_threads(), quick=True)
     print(f"\nthe planner's prediction (profile: {profile.threads} thread(s), {profile.model}, {profile.dtype}):")
     for r in results:
-        rate = None if r["link"] in ("one host", "unshaped") else r["link"]
+        name, _, how = r["link"].partition("/")
+        if how == "whole":
+            continue  # the planner simulates the system as it is: streaming
+        rate = None if name in ("one host", "unshaped") else name
         links = {"learned": Link(r["learned_bytes_per_s"], "this run's transfers")}
         if rate:
             delay = args.delay_ms / 1000 if r["shaped"].startswith("netem") else 0.0
@@ -135,14 +143,15 @@ def predictions(results: list[dict], prompts: list[list[int]], args) -> None:
         r["predicted_ttft_s"] = {how: predicted_ttft(profile, link, prompts) for how, link in links.items()}
         said = [f"{1000 * t:6.0f} ms with the link {how} ({links[how].bandwidth * 8 / 1e9:.3g} Gbit/s, "
                 f"{t / r['median_ttft_s']:.2f}x)" for how, t in r["predicted_ttft_s"].items()]  # fmt: skip
-        print(f"{r['link']:>9} | measured {1000 * r['median_ttft_s']:6.0f} ms | predicted " + ", ".join(said))
+        print(f"{r['link']:>15} | measured {1000 * r['median_ttft_s']:6.0f} ms | predicted " + ", ".join(said))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--links", default="one host,unshaped,10gbit,1gbit",
-                   help="comma-separated: one host, unshaped, or a tc rate (default %(default)s)")  # fmt: skip
+    p.add_argument("--links", default="one host,10gbit,10gbit/whole,1gbit,1gbit/whole",
+                   help="comma-separated: one host, unshaped, or a tc rate; /whole: each request's KV in one message "
+                   "once its prefill ends, as before streaming (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--serve-args", default="", help="engine flags for both workers, e.g. '--max-num-batched-tokens 2048'"
     )

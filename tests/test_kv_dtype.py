@@ -55,13 +55,20 @@ def test_every_path_reads_a_narrower_cache_alike(tiny_qwen2, kv_dtype, monkeypat
     prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in (1, 9, 23, 40, 70)]
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] * len(prompts)
     outputs, logits = {}, {}
-    for mode, kv in (("reference", kv_dtype), ("auto", kv_dtype), ("triton", kv_dtype), ("auto", "fp32")):
+    # The Triton engine (slow under the interpreter) for int8, whose rows and scales it writes and reads itself;
+    # its fp16/bf16 reads and writes are the kernel tests' (tests/test_kernels.py).
+    triton = [("triton", kv_dtype)] if kv_dtype == "int8" else []
+    for mode, kv in (("reference", kv_dtype), ("auto", kv_dtype), *triton, ("auto", "fp32")):
         monkeypatch.setenv("SPLITSERVE_KERNELS", mode)
         llm = LLM(str(tiny_qwen2), dtype="fp32", kv_dtype=kv, page_size=16, max_num_batched_tokens=24)
         outputs[mode, kv], mixed = run_staggered(llm.engine, prompts, params, [0, 1, 2, 4, 4])
         assert mixed > 0
         logits[mode, kv] = llm.engine.score(prompts[2])  # 23 tokens
-    assert outputs["reference", kv_dtype] == outputs["auto", kv_dtype] == outputs["triton", kv_dtype]
+    assert (
+        outputs["reference", kv_dtype]
+        == outputs["auto", kv_dtype]
+        == outputs.get(("triton", kv_dtype), outputs["auto", kv_dtype])
+    )
     narrow, wide = logits["auto", kv_dtype], logits["auto", "fp32"]
     assert not torch.equal(narrow, wide)  # the pages were stored narrower
     tol = 0.2 if kv_dtype == "int8" else 0.05

@@ -93,6 +93,7 @@ class _Outgoing:
     offered: bool = False  # an Offer is out: our pages stay untouched until Taken or the deadline
     complete: bool = True  # every page is final and the payload known (a streamed transfer: from its last call)
     issued: int = 0  # tagged messages posted, in the ticket's order
+    posted: float | None = None  # when its first message (or its offer) went out: the link's time starts
 
     @property
     def slot(self) -> tuple[str, int]:
@@ -150,8 +151,8 @@ class Sender:
         if out.canceled:  # winding down: it ends in its Completion
             return
         out.pages, out.deadline = list(pages), deadline
-        if complete:  # the transfer's own time starts now: what it adds to the request's wait
-            out.complete, out.payload, out.started = True, payload, time.monotonic()
+        if complete:
+            out.complete, out.payload = True, payload
         peer = self._receivers.get(out.ticket.receiver_id)
         if peer is not None and peer.state is _PeerState.READY:
             self._issue(out)
@@ -234,7 +235,7 @@ class Sender:
                           page_digest(link.pages, out.pages, link.key.num_layers))  # fmt: skip
             try:
                 link.send_control(out.ticket.address, offer)
-                out.offered = True
+                out.offered, out.posted = True, time.monotonic()
                 return
             except ProtocolError:  # too many pages for one control message: send them tagged
                 pass
@@ -256,6 +257,8 @@ class Sender:
             regions.append(region)
         if staged:
             copies_done(link.pages)  # the gathers are written before UCX reads them
+        if regions and out.posted is None:
+            out.posted = time.monotonic()
         for region in regions:
             out.sends.append(ep.tag_send(link.array(region), tag=page_tag(xid, out.issued)))
             out.issued += 1
@@ -311,7 +314,7 @@ class Sender:
             link.staging.give(staged)
         link.metrics.transfers_sent += 1
         link.metrics.bytes_sent += len(out.pages) * link.page_bytes
-        link.metrics.seconds_sending += time.monotonic() - out.started
+        link.metrics.seconds_sending += time.monotonic() - (out.posted or out.started)
         link.complete(Completion(Side.SEND, out.ticket.receiver_id, out.ticket.xid, True))
 
     def _fail_receiver(self, receiver_id: str, reason: str) -> None:

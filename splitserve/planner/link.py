@@ -4,7 +4,9 @@ disaggregation saves, and `splitserve plan` then advises colocated workers.
 
 A link is learned from a rate the operator names (`1gbit`, `10gbit` as tc writes them; `2.5GB/s`) or from a
 running cluster's own transfers: its prefill workers' KV bytes sent over the seconds those sends took, from
-send to the receiver's acknowledgement (`/health`), the rate KV really moves at over that link.
+the first message to the receiver's acknowledgement (`/health`), the rate KV really moves at over that link.
+Transfers streamed while their prompt was prefilled in chunks count the later chunks' compute too: a
+cluster that streams gives a lower bound.
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def link_verdict(results: list[SplitResult], link: str) -> str:
     d = max(split, key=lambda r: r.goodput_per_worker)
     pays = d.goodput_per_worker > c.goodput_per_worker
     return (f"Over the link ({link}) disaggregation {'pays' if pays else 'does not pay'}: the best split, "
-            f"{d.name}, {d.goodput_per_worker:.2f} req/s per worker; colocated, {c.name}, "
-            f"{c.goodput_per_worker:.2f}.")  # fmt: skip
+            f"{d.name}, {d.goodput_per_worker:.3f} req/s per worker; colocated, {c.name}, "
+            f"{c.goodput_per_worker:.3f}.")  # fmt: skip
 
 
 def recommend(results: list[SplitResult], rate: float, target: float) -> tuple[SplitResult | None, str]:

@@ -159,7 +159,8 @@ class _ClusterCollector(Collector):
                 ("kv_bytes_received", "KV bytes received"),
                 (
                     "kv_seconds_sending",
-                    "Seconds from a transfer's last page being computed to its completion, summed over transfers",
+                    "Seconds from a transfer's first message to its completion (a streamed one's include the "
+                    "prefill of its later chunks), summed over transfers",
                 ),
                 ("kv_seconds_receiving", "Seconds from reservation to arrival, summed over transfers"),
                 ("kv_failures", "KV transfers that failed"),
