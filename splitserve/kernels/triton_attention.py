@@ -81,11 +81,12 @@ def _store_row(dst, lo, hi, HALF: tl.constexpr, KV_INT8: tl.constexpr):
     i = tl.arange(0, HALF)
     if KV_INT8:
         lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-        scale = (tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0)) / 127.0).to(tl.float16)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0)), 127.0).to(tl.float16)
         wide = scale.to(tl.float32)
         step = tl.where(wide > 0, wide, 1.0)
-        lo = tl.minimum(tl.maximum(_round_even(lo / step), -127.0), 127.0)
-        hi = tl.minimum(tl.maximum(_round_even(hi / step), -127.0), 127.0)
+        # IEEE division (`/` is approximate on a GPU), then round to nearest even: as torch quantizes
+        lo = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(lo, step)), -127.0), 127.0)
+        hi = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(hi, step)), -127.0), 127.0)
         tl.store(dst + i, lo.to(tl.int8))
         tl.store(dst + HALF + i, hi.to(tl.int8))
         tl.store((dst + 2 * HALF).to(tl.pointer_type(tl.float16)), scale)
