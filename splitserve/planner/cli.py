@@ -77,6 +77,7 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     if args.rate is None and not phases:
         raise ValueError("--rate is needed (or --phases, whose mean rate it then is)")
     args.rate = args.rate or workload.mean_rate
+    link = resolve_link(args.link) if args.link else None  # before profiling: a bad --link fails at once
     by_threads: dict[int, Profile] = {}
     for path in args.profile or []:
         loaded = Profile.load(Path(path))
@@ -92,8 +93,7 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
                   f"{', quick' if args.quick else ''}", flush=True)  # fmt: skip
             by_threads[threads] = measure(engine, threads, quick=args.quick)
         profiles[n] = by_threads[threads]
-    if args.link:
-        link = resolve_link(args.link)
+    if link is not None:
         profiles = {n: profile.over(link) for n, profile in profiles.items()}
     results = planner.plan(profiles, args.cores, args.rate, workload, slo, args.target, args.adaptive)
     if args.save_profile:
@@ -102,15 +102,15 @@ def main(args: argparse.Namespace, engine: EngineConfig) -> int:
     for n in counts:
         print(f"{n} workers: {profiles[n].threads} thread(s) each; two busy workers slow each other "
               f"{profiles[n].pair_slowdown:.2f}x here")  # fmt: skip
-    link = profiles[counts[0]].link.describe()
-    print(f"link between the pools: {link}")
+    link_text = profiles[counts[0]].link.describe()
+    print(f"link between the pools: {link_text}")
     shape = f"phases {args.phases}" if phases else f"input {args.input_len}, output {args.output_len} tokens"
     print(f"\nworkload: {shape}; SLO {slo.describe()} for {100 * args.target:.0f}% of requests")
     print(planner.format_table(results, args.rate))
     print()
     chosen, text = planner.recommend(results, args.rate, args.target)
     print(text)
-    print(planner.link_verdict(results, link))
+    print(planner.link_verdict(results, link_text))
     if args.apply is not None and chosen is not None:
         from splitserve.ray_cluster import scale
 
