@@ -21,6 +21,7 @@ from splitserve.launcher import ServeProcess
 from splitserve.llm import LLM
 from splitserve.model.checkpoint import resolve_model
 from splitserve.model.config import ModelConfig
+from splitserve.planner.link import resolve as resolve_link
 from tests.helpers import run_staggered
 from tests.test_serving import complete
 
@@ -119,6 +120,9 @@ def test_served_pools_move_the_narrower_pages_as_stored(tiny_chat_llama):
             time.sleep(0.3)
         cfg = local.engine.model_config
         assert sent == 11 * page_bytes(cfg, 8, torch.float16) == 11 * page_bytes(cfg, 8, torch.float32) / 2
+        # `splitserve plan --link URL` learns the link from these transfers
+        link = resolve_link(server.url)
+        assert link.bandwidth > 0 and link.source == f"learned from {sent / 1e6:.3g} MB sent by {server.url}"
     finally:
         server.stop()
 

@@ -53,7 +53,7 @@ def learned(workers: list[dict], source: str) -> Link:
     seconds = sum(w["kv_seconds_sending"] for w in workers)
     if not sent or seconds <= 0:
         raise ValueError(f"{source} has sent no KV yet: serve some requests through its prefill pool first")
-    return Link(sent / seconds, f"learned from {sent / 1e6:.0f} MB sent by {source}")
+    return Link(sent / seconds, f"learned from {sent / 1e6:.3g} MB sent by {source}")
 
 
 def resolve(spec: str, timeout_s: float = 10.0) -> Link:
