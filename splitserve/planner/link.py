@@ -1,6 +1,7 @@
 """`Link`: the network between the prefill and the decode pool, as the planner counts it. A prompt's KV crosses
-it after its prefill, taking `delay_s + bytes / bandwidth`: over a slow link that can cost more TTFT than
-disaggregation saves, and `splitserve plan` then advises colocated workers.
+it chunk by chunk as its prefill computes them, at `bandwidth`, the last chunk's then after `delay_s`: over a
+slow link that can cost more TTFT than disaggregation saves, and `splitserve plan` then advises colocated
+workers.
 
 A link is learned from a rate the operator names (`1gbit`, `10gbit` as tc writes them; `2.5GB/s`) or from a
 running cluster's own transfers: its prefill workers' KV bytes sent over the seconds those sends took, from
@@ -29,9 +30,6 @@ class Link:
     bandwidth: float  # bytes/s
     source: str  # where the figure comes from, for the plan's report
     delay_s: float = 0.0  # one way, added to each transfer
-
-    def transfer_s(self, nbytes: float) -> float:
-        return self.delay_s + nbytes / self.bandwidth
 
     def describe(self) -> str:
         delay = f", {1000 * self.delay_s:g} ms delay" if self.delay_s else ""
