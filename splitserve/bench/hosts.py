@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from splitserve.planner.link import parse_rate
+
 
 class Unavailable(RuntimeError):
     """Network namespaces cannot be made here (not root, no `ip`, no permission)."""
@@ -63,18 +65,10 @@ class Host:
         if rate is None:
             raise Unavailable("this kernel has no netem: a link delay cannot be shaped here")
         # A bucket of about a millisecond of the rate (at least 64 KiB): full speed for TCP's bursts, no more.
-        burst = max(64 * 1024, int(_bits(rate) / 8 / 1000))
+        burst = max(64 * 1024, int(parse_rate(rate) / 1000))
         subprocess.run([*base, "add", "dev", self.device, "root", "tbf", "rate", rate, "burst", str(burst),
                         "latency", "50ms"], check=True, capture_output=True, timeout=30)  # fmt: skip
         return f"tbf rate {rate} (no netem here: no delay)"
-
-
-def _bits(rate: str) -> float:
-    """tc's rate units: 1gbit, 10gbit, 100mbit, 500kbit."""
-    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
-        if rate.endswith(unit):
-            return float(rate.removesuffix(unit)) * scale
-    raise ValueError(f"a rate in tc's units (e.g. 1gbit), not {rate!r}")
 
 
 def _ip(*args: str) -> None:

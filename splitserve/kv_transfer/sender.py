@@ -146,7 +146,7 @@ class Sender:
 
     def _extend(self, out: _Outgoing, pages: list[int], deadline: float, payload: bytes, complete: bool) -> None:
         """A streamed transfer's next call: more final pages (a longer prefix), and at last the payload."""
-        if list(pages[: len(out.pages)]) != out.pages or len(pages) < len(out.pages):
+        if list(pages[: len(out.pages)]) != out.pages:  # (a shorter list differs too)
             raise TransferError(f"transfer {out.ticket.xid}: pages must extend those already given")
         if out.canceled:  # winding down: it ends in its Completion
             return

@@ -118,7 +118,7 @@ class PrefillWorker:
 
     def _stream(self) -> None:
         """Hand each prompt still being prefilled the pages its chunks so far completed."""
-        for request in self.engine.scheduler.running:
+        for request in list(self.engine.scheduler.running):  # a failed send aborts its request: a copy
             job = int(request.request_id)
             ticket = self._tickets[job]
             pages = self._pages(request, ticket)
