@@ -95,6 +95,7 @@ def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None],
     if role is Role.BOTH:
         return DecodeWorker(DecodeEngine(options.engine), None, send, options.kv_timeout_s)
 
+    from splitserve.kernels import kv_format
     from splitserve.kv_transfer.agent import TransferAgent, TransferContext
     from splitserve.prefill.engine import PrefillEngine
     from splitserve.prefill.worker import PrefillWorker
@@ -107,7 +108,7 @@ def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None],
     # out in one pass (and a worker that switches roles keeps it, so peers' mappings stay valid).
     context = TransferContext(progress_thread=True)
     engine = kind(options.engine, context.memory.zeros)
-    agent = TransferAgent(engine.runner.kv_cache, engine.compat_key, context=context)
+    agent = TransferAgent(kv_format.pages(engine.runner.kv_cache), engine.compat_key, context=context)
     return handler(engine, agent, send, options.kv_timeout_s)
 
 

@@ -29,7 +29,7 @@ def _step(
     rng = random.Random(seed)
     pages_needed = [math.ceil(ctx / page_size) for _, ctx in spans]
     num_pages = sum(pages_needed) + 3
-    cache = kv_format.encode(torch.randn(num_pages, num_layers, 2, page_size, kv_heads, dim, generator=g), dtype)
+    cache = kv_format.from_float(torch.randn(num_pages, num_layers, 2, page_size, kv_heads, dim, generator=g), dtype)
     free = list(range(num_pages))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(n)] for n in pages_needed]
@@ -65,7 +65,7 @@ def _step(
             for p in prefills
         ],
     )  # fmt: skip
-    return cache.to(DEVICE), meta, row
+    return kv_format.copy(cache, DEVICE), meta, row
 
 
 SHAPES = [  # (head_dim, query heads per KV head, page_size, dtype)
@@ -129,13 +129,13 @@ def test_decode_attention_matches_reference_at_every_split_count(splits, page_si
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize(("dim", "group", "page_size"), [(64, 3, 16), (128, 4, 32), (64, 1, 8), (72, 5, 16)])
 def test_native_cpu_decode_attention_matches_reference(dim, group, page_size, kv_dtype):
-    """fp32 queries over a cache stored as fp32, fp16, bf16 or int8 rows with their scales (--kv-dtype), read as
-    stored: the reference converts the pages to fp32 first, the kernel in registers (an int8 row's scale applied
-    to its score or probability)."""
+    """fp32 queries over a cache stored as fp32, fp16, bf16 or int8 pages with their scales (--kv-dtype), read as
+    stored: the reference converts the pages to fp32 first, the kernel in registers (an int8 page's scale applied
+    to its keys' scores and its values' probabilities)."""
     kv_heads = 2
     spans = [(1, 1), (1, 2), (1, 17), (1, 5 * page_size), (1, 9 * page_size + 3)]
     cache, meta, _ = _step(spans, page_size, kv_heads, dim, kv_dtype, num_layers=3)
-    cache, meta = cache.cpu(), _on_cpu(meta)
+    cache, meta = kv_format.copy(cache, "cpu"), _on_cpu(meta)
     q = torch.randn(meta.num_decode, kv_heads * group, dim)
     for layer in range(3):
         want = reference.paged_attention(q, cache, layer, meta, dim**-0.5)
@@ -177,7 +177,7 @@ def test_triton_attention_reads_a_narrower_cache(kv_dtype):
     triton_attention.prefill_attention(q, cache, 1, meta, dim**-0.5, got)
     tol = TOLERANCE[torch.float32]
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    wider = kv_format.decode(cache, torch.float32) * 1.01
+    wider = kv_format.to_float(cache) * 1.01
     assert not torch.allclose(want[:nd], reference.paged_attention(q, wider, 1, meta, dim**-0.5)[:nd])
 
 
@@ -237,9 +237,9 @@ def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, qk_norm, monkey
         weights = (torch.rand(dim, generator=g) + 0.5).to(DEVICE, dtype), (torch.rand(dim, generator=g) + 0.5)
         norm = attention.QKNorm(weights[0], weights[1].to(DEVICE, dtype), 1e-6)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
-    want = cache.clone()
+    want = kv_format.copy(cache)
     want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads, norm)
-    got = cache.clone()
+    got = kv_format.copy(cache)
     got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads, norm)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_q, want_q, atol=tol, rtol=tol)
@@ -251,34 +251,61 @@ def test_rotate_and_store_matches_rope_then_write_kv(dim, dtype, qk_norm, monkey
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8])
 def test_rotate_and_store_writes_a_narrower_cache_as_the_reference(kv_dtype, monkeypatch):
-    """fp32 activations into a cache stored narrower (--kv-dtype): the Triton kernel converts as the reference
-    path does (values byte for byte; keys after the rotation, within the narrower type's rounding)."""
+    """fp32 activations into a cache stored narrower (--kv-dtype): the Triton kernels convert as the reference
+    path does (values byte for byte, an int8 cache's value scales too; keys after the rotation, within the
+    narrower type's rounding), on a step of decode rows and prefill chunks, and on a decode-only step."""
     from splitserve.kernels import attention
 
     heads, kv_heads, dim = 6, 2, 64
-    cache, meta, n = _step([(1, 9), (12, 40)], 16, kv_heads, dim, kv_dtype, seed=3)
-    g = torch.Generator().manual_seed(7)
-    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE)
-    angles = torch.rand(n, dim // 2, generator=g) * 6.3
-    cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(DEVICE) for f in (torch.cos, torch.sin))
-    monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
-    want = cache.clone()
-    want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads)
-    got = cache.clone()
-    got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads)
-    assert got_q.dtype == torch.float32 and got.dtype == kv_dtype
-    torch.testing.assert_close(got_q, want_q, atol=2e-5, rtol=2e-5)
-    values = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim)
-    if kv_dtype != torch.bfloat16 or NATIVE:
-        assert torch.equal(got[:, 1, 1], want[:, 1, 1])  # values: converted alike
-        assert torch.equal(got[meta.slot_pages, 1, 1, meta.slot_offsets], kv_format.encode(values, kv_dtype))
-    else:  # Triton's interpreter truncates fp32 to bf16 (a GPU rounds to nearest even, as torch does): 1 ulp
-        torch.testing.assert_close(got[:, 1, 1].float(), want[:, 1, 1].float(), atol=0, rtol=2**-7)
-    keys = [kv_format.decode(c[:, 1, 0], torch.float32) for c in (got, want)]
-    torch.testing.assert_close(*keys, atol=2e-2, rtol=2e-2)
-    if kv_dtype == torch.int8:  # each row's scale is its largest value over 127
-        rows = kv_format.decode(kv_format.encode(values, kv_dtype), torch.float32)
-        torch.testing.assert_close(rows, values, atol=values.abs().amax().item() / 254 * 1.01, rtol=0)
+    for spans in ([(1, 9), (12, 40)], [(1, 9), (1, 17), (1, 33)]):
+        cache, meta, n = _step(spans, 16, kv_heads, dim, kv_dtype, seed=3)
+        g = torch.Generator().manual_seed(7)
+        qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE)
+        angles = torch.rand(n, dim // 2, generator=g) * 6.3
+        cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(DEVICE) for f in (torch.cos, torch.sin))
+        monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
+        want = kv_format.copy(cache)
+        want_q = attention.rotate_and_store(qkv, cos, sin, want, 1, meta, heads)
+        got = kv_format.copy(cache)
+        got_q = triton_attention.rotate_and_store(qkv, cos, sin, got, 1, meta, heads)
+        assert got_q.dtype == torch.float32 and got.dtype == kv_dtype
+        torch.testing.assert_close(got_q, want_q, atol=2e-5, rtol=2e-5)
+        if kv_dtype != torch.bfloat16 or NATIVE:
+            assert torch.equal(got[:, 1, 1], want[:, 1, 1])  # values: converted alike
+        else:  # Triton's interpreter truncates fp32 to bf16 (a GPU rounds to nearest even, as torch does): 1 ulp
+            torch.testing.assert_close(got[:, 1, 1].float(), want[:, 1, 1].float(), atol=0, rtol=2**-7)
+        if kv_dtype == torch.int8:
+            assert torch.equal(kv_format.scales(got)[:, 1, 1], kv_format.scales(want)[:, 1, 1])
+            assert not torch.equal(kv_format.scales(got)[:, 1, 1], kv_format.scales(cache)[:, 1, 1])
+        keys = [kv_format.to_float(c)[:, 1, 0] for c in (got, want)]
+        torch.testing.assert_close(*keys, atol=2e-2, rtol=2e-2)
+        assert torch.equal(kv_format.pages(got).view(len(got), 2, -1)[:, 0],
+                           kv_format.pages(cache).view(len(got), 2, -1)[:, 0])  # layer 0: untouched  # fmt: skip
+
+
+def test_an_int8_page_keeps_one_scale_per_head_as_its_tokens_arrive():
+    """Tokens written one by one or all at once: each page and head's scale is the largest |value| of its tokens
+    over 127; rows already in a page are requantized when a larger token arrives (within one more half step of
+    its scale), and a page taken afresh (a write at its first slot) ignores the scale its last user left."""
+    page_size, kv_heads, dim = 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 2, kv_heads, dim, generator=g) * torch.linspace(0.5, 4, 7)[:, None, None, None]
+    pages, offsets = torch.tensor([1, 1, 1, 1, 3, 3, 3]), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    caches = []
+    for one_by_one in (True, False):
+        cache = kv_format.allocate((5, 2, 2, page_size, kv_heads, dim), torch.int8, torch.device("cpu"))
+        kv_format.scales(cache).fill_(100.0)  # what an earlier user of the pages left
+        for part in torch.arange(7).split(1 if one_by_one else 7):
+            kv_format.write(cache, 1, x[part, 0], x[part, 1], pages[part], offsets[part])
+        caches.append(cache)
+        scales = kv_format.scales(cache)[:, 1]  # [pages, 2, kv_heads]
+        for page, rows in ((1, slice(0, 4)), (3, slice(4, 7))):
+            assert torch.equal(scales[page], x[rows].abs().amax(dim=(0, 3)) / 127)
+        got = kv_format.to_float(cache)[pages, 1, :, offsets]  # [tokens, 2, kv_heads, dim]
+        bound = scales[pages][..., None] * (1.0 if one_by_one else 0.5)
+        assert ((got - x).abs() <= bound * 1.0001).all()
+        assert torch.equal(kv_format.scales(cache)[:, 0], torch.full((5, 2, kv_heads), 100.0))  # other layer
+    assert not torch.equal(*caches)  # requantizing on the way is not free: the bytes differ
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

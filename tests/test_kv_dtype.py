@@ -16,7 +16,7 @@ from splitserve.bench.metrics import prometheus_total
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
-from splitserve.kernels import cpu_kernels
+from splitserve.kernels import cpu_kernels, kv_format
 from splitserve.launcher import ServeProcess
 from splitserve.llm import LLM
 from splitserve.model.checkpoint import resolve_model
@@ -30,15 +30,17 @@ NARROW = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 @pytest.mark.parametrize("kv_dtype", NARROW)
 def test_a_narrower_cache_holds_more_tokens_and_does_not_pair_with_a_wider_one(tiny_llama_gqa, kv_dtype):
-    """fp16/bf16 pages take half the bytes of fp32 ones; int8 a quarter, and each row's 2-byte scale."""
+    """fp16/bf16 pages take half the bytes of fp32 ones; int8 a quarter, and a 4-byte scale per layer, K or V,
+    and KV head."""
     wide = LLM(str(tiny_llama_gqa), dtype="fp32", kv_cache_memory="4MiB")
     narrow = LLM(str(tiny_llama_gqa), dtype="fp32", kv_dtype=kv_dtype, kv_cache_memory="4MiB")
     cache = narrow.engine.runner.kv_cache
     assert cache.dtype == NARROW[kv_dtype] and wide.engine.runner.kv_cache.dtype == torch.float32
-    dim = narrow.engine.model_config.head_dim
-    row = {"fp16": 2 * dim, "bf16": 2 * dim, "int8": dim + 2}[kv_dtype]  # bytes of one head's K for one token
-    assert cache[0].nbytes * 4 * dim == wide.engine.runner.kv_cache[0].nbytes * row
-    assert narrow.engine.runner.num_pages == 4 * 2**20 // cache[0].nbytes > wide.engine.runner.num_pages * 1.9
+    cfg = narrow.engine.model_config
+    page, wide_page = (kv_format.pages(llm.engine.runner.kv_cache).shape[1] for llm in (narrow, wide))
+    scales = cfg.num_layers * 2 * cfg.num_kv_heads * 4 if kv_dtype == "int8" else 0
+    assert (page - scales) * (4 if kv_dtype == "int8" else 2) == wide_page
+    assert narrow.engine.runner.num_pages == 4 * 2**20 // page > wide.engine.runner.num_pages * 1.9
     problem = narrow.engine.compat_key.mismatch(wide.engine.compat_key)
     assert problem == f"kv_dtype: {str(NARROW[kv_dtype]).removeprefix('torch.')!r} here, 'float32' there"
     assert EngineConfig(dtype="fp32", kv_dtype=kv_dtype).describe_dtype() == f"fp32, {kv_dtype} KV cache"
@@ -88,22 +90,26 @@ def test_the_fused_decode_step_writes_and_reads_a_narrower_cache_as_the_layer_by
         llm = LLM(str(tiny_qwen2), dtype="fp32", kv_dtype=kv_dtype, quantization="w8a8", page_size=4,
                   enforce_eager=eager, prefix_caching=False)  # fmt: skip
         assert (llm.engine.runner.model.fused_decode is None) == eager
-        llm.engine.runner.kv_cache.zero_()
+        kv_format.pages(llm.engine.runner.kv_cache).zero_()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        runs[eager] = ([o.token_ids for o in outs], [o.logprobs for o in outs], llm.engine.runner.kv_cache.clone())
+        pages = kv_format.pages(llm.engine.runner.kv_cache).clone()  # values, and an int8 cache's scales
+        runs[eager] = ([o.token_ids for o in outs], [o.logprobs for o in outs], pages)
     assert runs[True][0] == runs[False][0] and runs[True][1] == runs[False][1]
-    assert torch.equal(runs[True][2].view(torch.int16), runs[False][2].view(torch.int16))
+    assert torch.equal(runs[True][2], runs[False][2])
     assert runs[False][2].count_nonzero() > 0
 
 
 @pytest.mark.slow
-def test_served_pools_move_the_narrower_pages_as_stored(tiny_chat_llama):
-    """1P+1D with --kv-dtype fp16: greedy tokens equal the colocated engine's with the same cache, and the
-    prefill worker sent the prompt's pages at 2 bytes an element: half of what fp32 pages take."""
-    args = ["--prefill", "1", "--decode", "1", "--dtype", "fp32", "--kv-dtype", "fp16", "--page-size", "8",
+@pytest.mark.parametrize("kv_dtype", ["fp16", "int8"])
+def test_served_pools_move_the_narrower_pages_as_stored(tiny_chat_llama, kv_dtype):
+    """1P+1D with --kv-dtype fp16 or int8: greedy tokens equal the colocated engine's with the same cache (the
+    decode worker appends to the last page it received: an int8 page's scales came with it), and the prefill
+    worker sent the prompt's pages as stored: half of what fp32 pages take for fp16, a quarter and the scales
+    for int8."""
+    args = ["--prefill", "1", "--decode", "1", "--dtype", "fp32", "--kv-dtype", kv_dtype, "--page-size", "8",
             "--no-prefix-caching"]  # fmt: skip
     prompt = list(range(100, 181))  # 81 tokens: 11 pages
-    local = LLM(str(tiny_chat_llama), dtype="fp32", kv_dtype="fp16", page_size=8)
+    local = LLM(str(tiny_chat_llama), dtype="fp32", kv_dtype=kv_dtype, page_size=8)
     [want] = local.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     server = ServeProcess(tiny_chat_llama, args, num_workers=2)
     try:
@@ -119,7 +125,9 @@ def test_served_pools_move_the_narrower_pages_as_stored(tiny_chat_llama):
                 break
             time.sleep(0.3)
         cfg = local.engine.model_config
-        assert sent == 11 * page_bytes(cfg, 8, torch.float16) == 11 * page_bytes(cfg, 8, torch.float32) / 2
+        scales = cfg.num_layers * 2 * cfg.num_kv_heads * 4 if kv_dtype == "int8" else 0
+        assert sent == 11 * page_bytes(cfg, 8, NARROW[kv_dtype])
+        assert sent - 11 * scales == 11 * page_bytes(cfg, 8, torch.float32) / (4 if kv_dtype == "int8" else 2)
         # `splitserve plan --link URL` learns the link from these transfers
         link = resolve_link(server.url)
         assert link.bandwidth > 0 and link.source == f"learned from {sent / 1e6:.3g} MB sent by {server.url}"
@@ -136,5 +144,9 @@ def test_a_narrower_cache_keeps_the_embedded_models_quality(smollm2, mode, limit
     print(f"{mode}: top-1 agreement {q.agreement:.1%}, perplexity {q.reference_perplexity:.3f} -> {q.perplexity:.3f}")
     assert abs(q.perplexity_change) <= limit and q.agreement >= 0.9
     config = ModelConfig.from_pretrained(resolve_model(None))
-    fewer = page_bytes(config, 1, torch.float32) / q.kv_bytes_per_token
-    assert fewer == (2 if mode != "kv-int8" else 4 * config.head_dim / (config.head_dim + 2))
+    page_size = EngineConfig().page_size
+    fewer = page_bytes(config, page_size, torch.float32) / page_size / q.kv_bytes_per_token
+    values = page_size * config.head_dim  # an int8 block's values per head, and a 4-byte scale
+    assert fewer == (2 if mode != "kv-int8" else 4 * values / (values + 4)) and fewer > (
+        3.98 if mode == "kv-int8" else 0
+    )

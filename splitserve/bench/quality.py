@@ -31,7 +31,7 @@ class Quality:
     agreement: float  # share of positions whose most likely next token is the fp32 weights' one
     perplexity: float
     reference_perplexity: float  # of the fp32 weights, on the same text
-    kv_bytes_per_token: int  # what a token's KV takes in the cache and on the link between workers
+    kv_bytes_per_token: float  # what a token's KV takes in the cache and on the link between workers
 
     @property
     def perplexity_change(self) -> float:
@@ -78,7 +78,7 @@ def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> 
         with every_row_quantized():
             config = EngineConfig(model=model, dtype="fp32", kv_cache_memory="64MiB", **engine_options(mode))
             core = EngineCore(config)
-            kv_bytes[mode] = page_bytes(core.model_config, 1, config.torch_kv_dtype)
+            kv_bytes[mode] = page_bytes(core.model_config, config.page_size, config.torch_kv_dtype) / config.page_size
             return core.score(ids)[:-1]
 
     def perplexity(logits: torch.Tensor) -> float:

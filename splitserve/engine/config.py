@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "bf16", "fp16")
-KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per token and head (kernels/kv_format.py)
+KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per page and head (kernels/kv_format.py)
 # The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
 CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
 QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS)
@@ -41,7 +41,7 @@ class EngineConfig:
         "auto",
         "KV cache dtype, as stored and as moved between workers (the pools must agree): auto = --dtype; fp16 or "
         "bf16 under fp32 weights halve the bytes a token's KV takes in --kv-cache-memory and on the link, int8 "
-        "(a scale per token and head) takes a quarter and a little; attention reads the pages as they are "
+        "(a scale per page and head) takes a quarter and a little; attention reads the pages as they are "
         "stored (default {default})",
         choices=("auto", *KV_DTYPES),
     )

@@ -20,6 +20,7 @@ from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
+from splitserve.kernels import kv_format
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import ModelConfig
@@ -53,7 +54,7 @@ class EngineCore:
         offload = None
         memory, disk = parse_memory_size(config.kv_offload_memory), parse_memory_size(config.kv_offload_size)
         if config.prefix_caching and (memory or config.kv_offload_dir):
-            offload = OffloadTier(self.runner.kv_cache, memory, config.kv_offload_dir, disk)
+            offload = OffloadTier(kv_format.pages(self.runner.kv_cache), memory, config.kv_offload_dir, disk)
         self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s, offload)
         self._grammars: GrammarCompiler | None = None
         self.prefill_tokens_per_s = 0.0  # measured prompt throughput (moving average); 0 until measured

@@ -1,8 +1,8 @@
 """The paged KV cache: one page-major tensor per worker and the allocator that owns its pages.
 
-Layout `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]` (an int8 cache's rows carry their scale:
-`kernels/kv_format.py`): one page of one request is one contiguous region across all layers, so a page moves
-between workers as a single copy.
+Layout `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]` (an int8 cache's blocks carry their
+scales: `kernels/kv_format.py`): one page of one request is one contiguous region across all layers, so a page
+moves between workers as a single copy.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from splitserve.model.config import ModelConfig
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one page: K and V of `page_size` tokens in every layer, as `dtype` stores them (`kv_format`)."""
-    row = kv_format.row_elements(cfg.head_dim, dtype)
-    return cfg.num_layers * 2 * page_size * cfg.num_kv_heads * row * dtype.itemsize
+    return kv_format.page_bytes(cfg.num_layers, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
 
 
 # (shape, dtype, device) -> a zeroed tensor: where a page tensor's memory comes from, when not from torch
@@ -44,9 +43,8 @@ def allocate_kv_cache(
         raise ValueError(
             f"a KV cache budget of {memory_bytes} bytes holds no page of {page_bytes(cfg, page_size, dtype)} bytes"
         )
-    row = kv_format.row_elements(cfg.head_dim, dtype)
-    shape = (num_pages + spare_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, row)
-    return allocate(shape, dtype, device) if allocate else torch.zeros(shape, dtype=dtype, device=device)
+    shape = (num_pages + spare_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return kv_format.allocate(shape, dtype, device, allocate)
 
 
 class PageAllocator:

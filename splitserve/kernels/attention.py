@@ -6,7 +6,7 @@ The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num
 then the prefill chunks (several query tokens, possibly after a prefix already in pages).
 
 Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the native decode attention
-(cpu_kernels.c: fp32 queries over an fp32, fp16 or bf16 cache, read as stored) for decode rows where it builds,
+(cpu_kernels.c: fp32 queries over an fp32, fp16, bf16 or int8 cache, read as stored) for decode rows where it builds,
 and the PyTorch reference for the rest. The cache's dtype is `--kv-dtype`'s: writes convert to it, reads from it.
 """
 
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.kernels import cpu_kernels, kv_format, reference
+from splitserve.kernels import cpu_kernels, reference
 from splitserve.kernels.dispatch import use_native, use_triton
 from splitserve.kernels.layers import add_rms_norm, rope
 from splitserve.kernels.metadata import PagedAttentionMetadata, PrefillSpan
@@ -49,7 +49,7 @@ def rotate_and_store(
         from splitserve.kernels import triton_attention
 
         return triton_attention.rotate_and_store(qkv, cos, sin, kv_cache, layer, meta, num_heads, qk_norm)
-    n, kv_heads, dim = qkv.shape[0], kv_cache.shape[4], kv_format.head_dim(kv_cache)
+    n, kv_heads, dim = qkv.shape[0], kv_cache.shape[4], kv_cache.shape[5]
     qk = qkv[:, : (num_heads + kv_heads) * dim].view(n, -1, dim)
     if qk_norm is not None:
         q = add_rms_norm(qk[:, :num_heads].reshape(-1, dim), None, qk_norm.q_weight, qk_norm.eps)[0]

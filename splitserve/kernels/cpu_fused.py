@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.kernels import cpu_kernels
+from splitserve.kernels import cpu_kernels, kv_format
 from splitserve.kernels.cpu_kernels import DecodeLayer, QLinear
 from splitserve.kernels.cpu_quant import QuantizedLinear
 from splitserve.kernels.metadata import PagedAttentionMetadata
@@ -72,7 +72,7 @@ class FusedDecoder:
             and meta.num_decode == n
             and 0 < n <= self.max_rows
             and kv_cache.dtype in cpu_kernels.KV_KINDS
-            and kv_cache.is_contiguous()
+            and kv_format.laid_out(kv_cache)
         )
 
     def __call__(

@@ -318,20 +318,22 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {
 }
 
 /* --- paged decode attention -------------------------------------------------------------------------------------
- * The cache holds K/V as --kv-dtype stores them (kind below): fp32, fp16, bf16, or int8 rows of head_dim values
- * followed by their fp16 scale (kernels/kv_format.py). Attention reads them in place, 8 elements at a time
- * converted to fp32 in registers (fp16 by F16C, bf16 by a shift, int8 by a widening), so a narrower cache moves
- * fewer bytes from memory; an int8 row's scale multiplies its score (keys) or its probability (values). Scores,
- * softmax and sums stay fp32. Each function below takes the kind as a constant (always inlined into one
- * specialised copy per kind). */
+ * The cache holds K/V as --kv-dtype stores them (kind below): fp32, fp16, bf16, or int8 with an fp32 scale per
+ * page, layer, K or V, and KV head, stored after the block's values (kernels/kv_format.py). Attention reads them in
+ * place, 8 elements at a time converted to fp32 in registers (fp16 by F16C, bf16 by a shift, int8 by a widening),
+ * so a narrower cache moves fewer bytes from memory; an int8 page's scale multiplies its keys' scores and its
+ * values' probabilities. Scores, softmax and sums stay fp32. Each function below takes the kind as a constant
+ * (always inlined into one specialised copy per kind). */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_I8 = 3 };
 
 static inline __attribute__((always_inline)) int64_t kv_bytes(int kind) {
     return kind == KV_F32 ? 4 : kind == KV_I8 ? 1 : 2;
 }
 
-/* Elements of one stored row of `dim` values: an int8 row ends with its 2-byte scale. */
-static inline int64_t kv_row(int64_t dim, int kind) { return kind == KV_I8 ? dim + 2 : dim; }
+/* Bytes of one (page, layer, K or V) block: page_size tokens' kv_heads rows, then an int8 block's scales. */
+static inline int64_t kv_block(int64_t page_size, int64_t kv_heads, int64_t dim, int kind) {
+    return page_size * kv_heads * dim * kv_bytes(kind) + (kind == KV_I8 ? kv_heads * (int64_t)sizeof(float) : 0);
+}
 
 static inline __attribute__((always_inline)) __m256 load8(const char* p, int kind) {
     switch (kind) {
@@ -362,27 +364,43 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
 }
 
-/* One int8 row: scale = fp16(absmax / 127), each value divided by it and rounded to nearest even; the scale
- * after the values. As kv_format.encode computes it. */
-static void quantize_row(int8_t* dst, const float* src, int64_t dim) {
+/* count new rows (src, `dim` floats each, `src_stride` apart) of KV head h into slots first.. of an int8 block
+ * (`page_size` tokens of `heads` rows, then the heads' scales): the scale becomes max(old, absmax / 127), the
+ * rows already there (before `first`; none when first is 0, a fresh page) requantized if it grew. As
+ * kv_format.write computes it. */
+static void store_i8(int8_t* block, int64_t first, int64_t count, const float* src, int64_t src_stride, int64_t h,
+                     int64_t heads, int64_t dim, int64_t page_size) {
+    float* scale_at = (float*)(block + page_size * heads * dim) + h;
+    const float old = first > 0 ? *scale_at : 0.0f;
     float amax = 0.0f;
-    for (int64_t i = 0; i < dim; i++) amax = fmaxf(amax, fabsf(src[i]));
-    const uint16_t half_scale = _cvtss_sh(amax / 127.0f, _MM_FROUND_TO_NEAREST_INT);
-    const float scale = _cvtsh_ss(half_scale);
-    for (int64_t i = 0; i < dim; i++) {
-        const float q = scale > 0.0f ? nearbyintf(src[i] / scale) : 0.0f;
-        dst[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+    for (int64_t t = 0; t < count; t++)
+        for (int64_t i = 0; i < dim; i++) amax = fmaxf(amax, fabsf(src[t * src_stride + i]));
+    const float scale = fmaxf(old, amax / 127.0f), step = scale > 0.0f ? scale : 1.0f;
+    if (scale > old)
+        for (int64_t t = 0; t < first; t++) {
+            int8_t* row = block + (t * heads + h) * dim;
+            for (int64_t i = 0; i < dim; i++) row[i] = (int8_t)nearbyintf((float)row[i] * old / step);
+        }
+    for (int64_t t = 0; t < count; t++) {
+        int8_t* row = block + ((first + t) * heads + h) * dim;
+        for (int64_t i = 0; i < dim; i++) {
+            const float q = nearbyintf(src[t * src_stride + i] / step);
+            row[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+        }
     }
-    memcpy(dst + dim, &half_scale, 2);
+    *scale_at = scale;
 }
 
-/* heads rows of dim values from src (contiguous) into dst as the cache stores them (rounded to nearest even, as
- * torch converts). */
-static void store_kv(char* dst, const float* src, int64_t heads, int64_t dim, int kind) {
+/* One token's heads rows of dim values from src (contiguous) into slot `offset` of a (page, layer, K or V) block
+ * as the cache stores them (rounded to nearest even, as torch converts). */
+static void store_kv(char* block, int64_t offset, const float* src, int64_t heads, int64_t dim, int64_t page_size,
+                     int kind) {
     if (kind == KV_I8) {
-        for (int64_t h = 0; h < heads; h++) quantize_row((int8_t*)dst + h * (dim + 2), src + h * dim, dim);
+        for (int64_t h = 0; h < heads; h++)
+            store_i8((int8_t*)block, offset, 1, src + h * dim, dim, h, heads, dim, page_size);
         return;
     }
+    char* dst = block + offset * heads * dim * kv_bytes(kind);
     const int64_t n = heads * dim;
     int64_t i = 0;
     switch (kind) {
@@ -473,32 +491,23 @@ static inline __attribute__((always_inline)) void attention_values(const float* 
 }
 
 /* The shape of a paged attention call: the cache [num_pages, num_layers, 2, page_size, kv_heads, dim] of `kind`
- * elements, and the query heads. */
+ * elements (each (page, layer, K or V) block kv_block bytes), and the query heads. */
 typedef struct {
     int64_t heads, kv_heads, dim, page_size, num_layers;
     float scale;
     int kind;
 } AttnShape;
 
-/* The fp16 scales of n int8 rows (rows[t]: a row's first value; its scale follows its dim values). */
-static void row_scales(const char* const* rows, int64_t n, int64_t dim, float* out) {
-    for (int64_t t = 0; t < n; t++) {
-        uint16_t h;
-        memcpy(&h, rows[t] + dim, 2);
-        out[t] = _cvtsh_ss(h);
-    }
-}
-
 /* One sequence's query heads that share KV head h (qh, `group` of them) over its first n tokens in `pages` of
  * `layer`; written to out. */
 static inline __attribute__((always_inline)) void attend_head(const float* qh, const char* cache, const int64_t* pages,
                                                               int64_t n, int64_t layer, int64_t h, const AttnShape* a,
                                                               float* out, int kind) {
-    const int64_t group = a->heads / a->kv_heads, es = kv_bytes(kind), row = kv_row(a->dim, kind) * es;
+    const int64_t group = a->heads / a->kv_heads, row = a->dim * kv_bytes(kind);
     const int64_t token_stride = a->kv_heads * row;
-    const int64_t half = a->page_size * token_stride; /* K to V within a page's layer, in bytes */
+    const int64_t half = kv_block(a->page_size, a->kv_heads, a->dim, kind); /* K to V within a page's layer */
     const int64_t page_stride = a->num_layers * 2 * half;
-    const int64_t scaled = kind == KV_I8 ? 2 * n : 0; /* int8: each key's and value's scale */
+    const int64_t scaled = kind == KV_I8 ? 2 * n : 0; /* int8: each key's and value's scale (its page's) */
     const int64_t padded = (group * n + scaled + 1) & ~(int64_t)1; /* the pointers after the floats: aligned */
     float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(char*) * (size_t)n);
     float* key_scales = scores + group * n;
@@ -506,16 +515,23 @@ static inline __attribute__((always_inline)) void attend_head(const float* qh, c
     const char** keys = (const char**)(scores + padded);
     const char** values = keys + n;
     for (int64_t t0 = 0, p = 0; t0 < n; t0 += a->page_size, p++) { /* page by page: no division per token */
-        const char* k = cache + pages[p] * page_stride + layer * 2 * half + h * row;
+        const char* block = cache + pages[p] * page_stride + layer * 2 * half;
+        const char* k = block + h * row;
         for (int64_t t = t0; t < n && t < t0 + a->page_size; t++, k += token_stride) {
             keys[t] = k;
             values[t] = k + half;
         }
+        if (kind == KV_I8) {
+            const float* s = (const float*)(block + a->page_size * token_stride) + h;
+            const float ks = s[0], vs = *(const float*)((const char*)s + half);
+            for (int64_t t = t0; t < n && t < t0 + a->page_size; t++) {
+                key_scales[t] = ks;
+                value_scales[t] = vs;
+            }
+        }
     }
     attention_scores(qh, keys, n, group, a->dim, a->scale, scores, kind);
     if (kind == KV_I8) {
-        row_scales(keys, n, a->dim, key_scales);
-        row_scales(values, n, a->dim, value_scales);
         for (int64_t g = 0; g < group; g++)
             for (int64_t t = 0; t < n; t++) scores[g * n + t] *= key_scales[t];
     }
@@ -671,8 +687,7 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
                    int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int wbits,
                    int bits, int kind) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
-    const int64_t token_bytes = kv_heads * kv_row(dim, kind) * kv_bytes(kind); /* one token's K (or V) of a layer */
-    const int64_t half = page_size * token_bytes, page_stride = num_layers * 2 * half; /* bytes */
+    const int64_t half = kv_block(page_size, kv_heads, dim, kind), page_stride = num_layers * 2 * half; /* bytes */
     const AttnShape a = {heads, kv_heads, dim, page_size, num_layers, scale, kind};
     float* x = malloc(sizeof(float) * (size_t)(nd * (hidden + qkv_size + q_size + 3 * intermediate)));
     float* qkv = x + nd * hidden;
@@ -686,10 +701,10 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, wbits, bits);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
         for (int64_t i = 0; i < nd; i++) {
-            char* k = (char*)cache + slot_pages[i] * page_stride + l * 2 * half + slot_offsets[i] * token_bytes;
+            char* k = (char*)cache + slot_pages[i] * page_stride + l * 2 * half;
             const float* src = qkv + i * qkv_size + q_size;
-            store_kv(k, src, kv_heads, dim, kind);
-            store_kv(k + half, src + kv_size, kv_heads, dim, kind);
+            store_kv(k, slot_offsets[i], src, kv_heads, dim, page_size, kind);
+            store_kv(k + half, slot_offsets[i], src + kv_size, kv_heads, dim, page_size, kind);
         }
         attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, &a, l, nthreads);
         linear(&w->o, attn, h, nd, hidden, q_size, nthreads, wbits, bits);

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from splitserve.kernels import kv_format
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The cache element types the kernels read and write in place (C's KV_F32, KV_F16, KV_BF16, KV_I8; int8 rows as
-# kernels/kv_format.py lays them out).
+# The cache element types the kernels read and write in place (C's KV_F32, KV_F16, KV_BF16, KV_I8; int8 pages
+# and their scales as kernels/kv_format.py lays them out).
 KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
 def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Beyond `native(q)`: a contiguous cache of a type in `KV_KINDS` and at most 64 query heads per KV head."""
-    return kv_cache.dtype in KV_KINDS and kv_cache.is_contiguous() and q.shape[1] // kv_cache.shape[4] <= 64
+    """Beyond `native(q)`: a whole cache (`kv_format.laid_out`) of a type in `KV_KINDS`, and at most 64 query
+    heads per KV head."""
+    return kv_cache.dtype in KV_KINDS and kv_format.laid_out(kv_cache) and q.shape[1] // kv_cache.shape[4] <= 64
 
 
 def paged_decode_attention(

@@ -7,6 +7,8 @@ from functools import cached_property
 
 import torch
 
+from splitserve.kernels import kv_format
+
 
 @dataclass
 class PrefillSpan:
@@ -30,6 +32,12 @@ class PagedAttentionMetadata:
     decode_context_lens: torch.Tensor  # [num_decode] tokens each decode query attends to
     decode_mask: torch.Tensor  # [num_decode, 1, 1, max_pages * page_size] bool, True = attend
     prefills: list[PrefillSpan]
+
+    @cached_property
+    def kv_runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new tokens' slots as runs within one page (`kv_format.segments`), for an int8 cache's writes:
+        built once per step."""
+        return kv_format.segments(self.slot_pages, self.slot_offsets)
 
     @cached_property
     def prefill_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

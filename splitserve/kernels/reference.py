@@ -14,8 +14,8 @@ def write_kv(
 ) -> None:
     """Store the batch's new keys and values ([num_tokens, num_kv_heads, head_dim]) in their slots, as the
     cache stores them (`kv_format`)."""
-    kv_cache[:, layer, 0][meta.slot_pages, meta.slot_offsets] = kv_format.encode(k, kv_cache.dtype)
-    kv_cache[:, layer, 1][meta.slot_pages, meta.slot_offsets] = kv_format.encode(v, kv_cache.dtype)
+    runs = meta.kv_runs if kv_cache.dtype == torch.int8 else None
+    kv_format.write(kv_cache, layer, k, v, meta.slot_pages, meta.slot_offsets, runs)
 
 
 def paged_attention(
@@ -29,7 +29,7 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_cache[:, layer], meta, scale, window)
+        out[:nd] = _decode_attention(q[:nd], kv_cache, layer, meta, scale, window)
     prefill_attention(q, kv_cache, layer, meta, scale, out, window)
     return out
 
@@ -45,11 +45,11 @@ def prefill_attention(
 ) -> None:
     """The prefill spans' rows of `out`: each span's queries over its context (causal within the chunk; within
     the sliding `window` where one is given)."""
-    k_pages, v_pages = kv_cache[:, layer, 0], kv_cache[:, layer, 1]  # [num_pages, page_size, kv_heads, dim]
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
-        k = kv_format.decode(k_pages[span.page_ids].flatten(0, 1)[: span.context_len], q.dtype)
-        v = kv_format.decode(v_pages[span.page_ids].flatten(0, 1)[: span.context_len], q.dtype)
+        kv = kv_format.read(kv_cache, layer, span.page_ids, q.dtype)  # [pages, 2, page_size, kv_heads, dim]
+        k = kv[:, 0].flatten(0, 1)[: span.context_len]
+        v = kv[:, 1].flatten(0, 1)[: span.context_len]
         k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         mask = span.causal_mask
         if window:
@@ -69,14 +69,14 @@ def prefill_attention(
 
 
 def _decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float, window: int
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, window: int
 ) -> torch.Tensor:
     """One query token per sequence: gather every sequence's pages into one padded batch (each page is one
     contiguous block of the page-major cache, so the gather is a block copy) and attend with SDPA, the query
     heads sharing a KV head together (GQA); padding past each context length (and keys before a sliding
     window) is masked."""
     nd, _, dim = q.shape
-    kv = kv_format.decode(layer_cache[meta.decode_page_table], q.dtype)  # [nd, pages, 2, page_size, kv_heads, dim]
+    kv = kv_format.read(kv_cache, layer, meta.decode_page_table, q.dtype)  # [nd, pages, 2, page_size, kv_heads, dim]
     kv_heads, span = kv.shape[4], kv.shape[1] * kv.shape[3]
     k = kv[:, :, 0].reshape(nd, span, kv_heads, dim).transpose(1, 2)
     v = kv[:, :, 1].reshape(nd, span, kv_heads, dim).transpose(1, 2)

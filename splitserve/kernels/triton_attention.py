@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels import kv_format
 from splitserve.kernels.metadata import PagedAttentionMetadata
 
 
@@ -33,12 +32,14 @@ def _rotate_store_kernel(
     stride_n, stride_cn, stride_qn, stride_qh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    STAGED: tl.constexpr,
 ):  # fmt: skip
     """One (token, head) of a `qkv` projection row: a query head rotated into `q`, or a KV head's key rotated
     and its value copied into the token's slot of the cache (one launch for the rotary embedding and the
     K/V write, which a decode step repeats in every layer). With QK_NORM each query and key head is
-    RMS-normalised first (in fp32, scaled in the model dtype, as transformers does)."""
+    RMS-normalised first (in fp32, scaled in the model dtype, as transformers does). STAGED (an int8 cache):
+    `cache_ptr` is a `[tokens, 2, kv_heads, head_dim]` buffer the keys and values go to instead, for
+    `_store_int8_kernel` to quantize page by page."""
     n = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
@@ -58,13 +59,19 @@ def _rotate_store_kernel(
         tl.store(dst + i, rot_lo.to(dst.dtype.element_ty))
         tl.store(dst + HALF + i, rot_hi.to(dst.dtype.element_ty))
     else:
-        page = tl.load(pages_ptr + n).to(tl.int64)
-        offset = tl.load(offsets_ptr + n).to(tl.int64)
         kvh = h - NUM_HEADS
-        dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + kvh * stride_ch
+        if STAGED:
+            dst = cache_ptr + n * stride_cp + kvh * stride_ch
+        else:
+            page = tl.load(pages_ptr + n).to(tl.int64)
+            offset = tl.load(offsets_ptr + n).to(tl.int64)
+            dst = cache_ptr + page * stride_cp + layer * stride_cl + offset * stride_cs + kvh * stride_ch
         v = src + NUM_KV_HEADS * 2 * HALF  # the value head sits kv_heads heads after its key head
-        _store_row(dst + stride_ckv, tl.load(v + i), tl.load(v + HALF + i), HALF, KV_INT8)
-        _store_row(dst, rot_lo, rot_hi, HALF, KV_INT8)
+        # converted to the cache's dtype (--kv-dtype, maybe narrower than the model's), rounded to nearest even
+        tl.store(dst + stride_ckv + i, tl.load(v + i).to(dst.dtype.element_ty))
+        tl.store(dst + stride_ckv + HALF + i, tl.load(v + HALF + i).to(dst.dtype.element_ty))
+        tl.store(dst + i, rot_lo.to(dst.dtype.element_ty))
+        tl.store(dst + HALF + i, rot_hi.to(dst.dtype.element_ty))
 
 
 @triton.jit
@@ -75,24 +82,41 @@ def _round_even(x):
 
 
 @triton.jit
-def _store_row(dst, lo, hi, HALF: tl.constexpr, KV_INT8: tl.constexpr):
-    """One head's row (its halves `lo`, `hi`) into the cache as it stores rows (kernels/kv_format.py): converted
-    to the cache's dtype (--kv-dtype, maybe narrower than the model's), or int8 values and their fp16 scale."""
-    i = tl.arange(0, HALF)
-    if KV_INT8:
-        lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0)), 127.0).to(tl.float16)
-        wide = scale.to(tl.float32)
-        step = tl.where(wide > 0, wide, 1.0)
-        # IEEE division (`/` is approximate on a GPU), then round to nearest even: as torch quantizes
-        lo = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(lo, step)), -127.0), 127.0)
-        hi = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(hi, step)), -127.0), 127.0)
-        tl.store(dst + i, lo.to(tl.int8))
-        tl.store(dst + HALF + i, hi.to(tl.int8))
-        tl.store((dst + 2 * HALF).to(tl.pointer_type(tl.float16)), scale)
-    else:
-        tl.store(dst + i, lo.to(dst.dtype.element_ty))
-        tl.store(dst + HALF + i, hi.to(dst.dtype.element_ty))
+def _store_int8_kernel(
+    new_ptr, cache_ptr, pages_ptr, firsts_ptr, starts_ptr, counts_ptr, layer,
+    stride_nn, stride_nkv, stride_nh,
+    stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ONE_TOKEN_RUNS: tl.constexpr,
+):  # fmt: skip
+    """One (run of new tokens in one page, KV head, K or V) into an int8 cache (kernels/kv_format.py): the
+    page's scale becomes max(old, absmax / 127), the rows already there requantized when it grew, the new rows
+    quantized. ONE_TOKEN_RUNS (a decode step): run r is token r, its slot `pages_ptr[r]`, `firsts_ptr[r]`."""
+    r = tl.program_id(0)
+    kvh = tl.program_id(1)
+    kv = tl.program_id(2)
+    page = tl.load(pages_ptr + r).to(tl.int64)
+    first = tl.load(firsts_ptr + r).to(tl.int64)
+    start = r if ONE_TOKEN_RUNS else tl.load(starts_ptr + r).to(tl.int64)
+    count = 1 if ONE_TOKEN_RUNS else tl.load(counts_ptr + r).to(tl.int64)
+    slot = tl.arange(0, PAGE_SIZE)
+    d = tl.arange(0, HEAD_DIM)
+    block = cache_ptr + page * stride_cp + layer * stride_cl + kv * stride_ckv
+    scale_ptr = (block + PAGE_SIZE * stride_cs + kvh * 4).to(tl.pointer_type(tl.float32))
+    old = tl.where(first > 0, tl.load(scale_ptr), 0.0)
+    is_new = (slot >= first) & (slot < first + count)
+    is_old = slot < first
+    src = new_ptr + (start + slot - first)[:, None] * stride_nn + kv * stride_nkv + kvh * stride_nh + d[None, :]
+    x = tl.load(src, mask=is_new[:, None], other=0.0).to(tl.float32)
+    scale = tl.maximum(old, tl.math.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), 127.0))
+    step = tl.where(scale > 0, scale, 1.0)
+    addr = block + slot[:, None] * stride_cs + kvh * stride_ch + d[None, :]
+    stored = tl.load(addr, mask=is_old[:, None], other=0).to(tl.float32)
+    # IEEE division (`/` is approximate on a GPU), then round to nearest even: as torch quantizes
+    requantized = tl.where(scale > old, _round_even(tl.math.div_rn(stored * old, step)), stored)
+    quantized = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(x, step)), -127.0), 127.0)
+    rows = tl.where(is_new[:, None], quantized, requantized)
+    tl.store(addr, rows.to(tl.int8), mask=(is_new | is_old)[:, None])
+    tl.store(scale_ptr, scale)
 
 
 def rotate_and_store(
@@ -103,17 +127,29 @@ def rotate_and_store(
     head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`.
     `qk_norm`: an `attention.QKNorm`, or None."""
     n = qkv.shape[0]
-    kv_heads, dim = kv_cache.shape[4], kv_format.head_dim(kv_cache)
+    kv_heads, dim = kv_cache.shape[4], kv_cache.shape[5]
     q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
-    if n:
+    if not n:
+        return q
+    int8 = kv_cache.dtype == torch.int8
+    dst = torch.empty(n, 2, kv_heads, dim, dtype=torch.float32, device=qkv.device) if int8 else kv_cache
+    c = (dst.stride(0), 0, dst.stride(1), 0, dst.stride(2)) if int8 else kv_cache.stride()
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
+    _rotate_store_kernel[(n, num_heads + kv_heads)](
+        qkv, cos, sin, q, dst, meta.slot_pages, meta.slot_offsets, q_norm, k_norm, layer, eps,
+        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        c[0], c[1], c[2], c[3], c[4],
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=qk_norm is not None, STAGED=int8,
+    )  # fmt: skip
+    if int8:
+        # A decode step's tokens each start their own run (one token per sequence; its starts and counts go
+        # unread): no host sync to find runs, so the step stays capturable as a CUDA graph.
+        one = not meta.prefills
+        runs = (meta.slot_pages, meta.slot_offsets, meta.slot_pages, meta.slot_pages) if one else meta.kv_runs
         c = kv_cache.stride()
-        q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
-        _rotate_store_kernel[(n, num_heads + kv_heads)](
-            qkv, cos, sin, q, kv_cache, meta.slot_pages, meta.slot_offsets, q_norm, k_norm, layer, eps,
-            qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-            c[0], c[1], c[2], c[3], c[4],
-            NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=qk_norm is not None,
-            KV_INT8=kv_cache.dtype == torch.int8,
+        _store_int8_kernel[(len(runs[0]), kv_heads, 2)](
+            dst, kv_cache, *runs, layer, dst.stride(0), dst.stride(1), dst.stride(2), c[0], c[1], c[2], c[3], c[4],
+            PAGE_SIZE=kv_cache.shape[3], HEAD_DIM=dim, ONE_TOKEN_RUNS=one,
         )  # fmt: skip
     return q
 
@@ -148,16 +184,15 @@ def _attend_keys(
     valid = positions < context
     d = tl.arange(0, HEAD_DIM)
     page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-    rows = page * stride_cp + (positions % PAGE_SIZE) * stride_cs
-    addr = cache_ptr + layer * stride_cl + kvh * stride_ch + rows[:, None] + d[None, :]
+    blocks = cache_ptr + page * stride_cp + layer * stride_cl
+    addr = blocks[:, None] + (positions % PAGE_SIZE)[:, None] * stride_cs + kvh * stride_ch + d[None, :]
     k = tl.load(addr, mask=valid[:, None], other=0.0)
     v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
-    if KV_INT8:  # each row's fp16 scale follows its values (kernels/kv_format.py)
-        ends = cache_ptr + layer * stride_cl + kvh * stride_ch + rows + HEAD_DIM  # int8 pointers: bytes
-        k_scales = tl.load(ends.to(tl.pointer_type(tl.float16)), mask=valid, other=0.0)
-        v_scales = tl.load((ends + stride_ckv).to(tl.pointer_type(tl.float16)), mask=valid, other=0.0)
-        k = k.to(tl.float32) * k_scales.to(tl.float32)[:, None]
-        v = v.to(tl.float32) * v_scales.to(tl.float32)[:, None]
+    if KV_INT8:  # each block's fp32 scales follow its values (kernels/kv_format.py); int8 pointers count bytes
+        k_scales = (blocks + PAGE_SIZE * stride_cs + kvh * 4).to(tl.pointer_type(tl.float32))
+        v_scales = (blocks + stride_ckv + PAGE_SIZE * stride_cs + kvh * 4).to(tl.pointer_type(tl.float32))
+        k = k.to(tl.float32) * tl.load(k_scales, mask=valid, other=0.0)[:, None]
+        v = v.to(tl.float32) * tl.load(v_scales, mask=valid, other=0.0)[:, None]
     k, v = k.to(q.dtype), v.to(q.dtype)  # a narrower --kv-dtype is read as the queries' type
     allowed = valid[None, :] & (positions[None, :] >= lowest)
     if CAUSAL:

@@ -38,7 +38,7 @@ class Profile:
     page_size: int
     max_num_batched_tokens: int
     max_num_seqs: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float  # a token's share of its page, as the KV dtype stores it
     prefill: list[tuple[int, float]]  # (tokens in the pass, seconds)
     decode: list[tuple[int, int, float]]  # (batch, context tokens per request, seconds)
     pair_slowdown: float = 1.0  # a pass's time with a second worker busy next to it / its time alone
@@ -142,7 +142,7 @@ def measure(
             page_size=config.page_size,
             max_num_batched_tokens=budget,
             max_num_seqs=max_seqs,
-            kv_bytes_per_token=page_bytes(model_config, 1, config.torch_dtype),
+            kv_bytes_per_token=page_bytes(model_config, config.page_size, config.torch_kv_dtype) / config.page_size,
             prefill=prefill,
             decode=decode,
             pair_slowdown=pair_slowdown,
