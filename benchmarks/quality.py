@@ -1,11 +1,11 @@
 """Quality of the CPU's quantized modes against a model's own weights in fp32: top-1 agreement (the share of
 positions whose most likely next token is unchanged) and perplexity, over a fixed English text scored in one
 pass with every row through the quantized kernels (as decode steps run); then the engine's fp32 greedy tokens
-against transformers' on three prompts (the same weights: exactness on a real model). Modes `kv-fp16` and
-`kv-bf16` store the KV cache so (`--kv-dtype`) under fp32 weights; the KV bytes a token takes in the cache and on
-the link between the pools are printed with each.
+against transformers' on three prompts (the same weights: exactness on a real model). Modes `kv-fp16`,
+`kv-bf16` and `kv-int8` store the KV cache so (`--kv-dtype`) under fp32 weights; the KV bytes a token takes in
+the cache and on the link between the pools are printed with each.
 
-    .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8,kv-fp16,kv-bf16]
+    .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8,kv-fp16,kv-bf16,kv-int8]
 
 --model: a Hugging Face folder or GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1); a GGUF file's
 "fp32 weights" are its own, dequantized.
@@ -28,8 +28,8 @@ from splitserve.model.config import ModelConfig
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or .gguf file (default: the embedded model)")
-    p.add_argument("--modes", default=",".join([*CPU_QUANTIZATIONS, "kv-fp16", "kv-bf16"]),
-                   help="modes to compare: weight quantizations, kv-fp16/kv-bf16, or both as w8a8+kv-fp16")  # fmt: skip
+    p.add_argument("--modes", default=",".join([*CPU_QUANTIZATIONS, "kv-fp16", "kv-bf16", "kv-int8"]),
+                   help="weight quantizations, kv-fp16/-bf16/-int8, or both as w8a8+kv-fp16")  # fmt: skip
     args = p.parse_args()
     started = time.monotonic()
     results = compare(args.model, args.modes.split(","))

@@ -53,8 +53,8 @@ def every_row_quantized() -> Iterator[None]:
 
 
 def engine_options(mode: str) -> dict[str, str]:
-    """A mode's engine options: a weight quantization (`w8a8`, ...), `kv-fp16` / `kv-bf16` (the KV cache stored
-    so, under fp32 weights), or one of each joined by `+` (`w8a8+kv-fp16`); `none` is the reference."""
+    """A mode's engine options: a weight quantization (`w8a8`, ...), `kv-fp16` / `kv-bf16` / `kv-int8` (the KV cache
+    stored so, under fp32 weights), or one of each joined by `+` (`w8a8+kv-fp16`); `none` is the reference."""
     options = {"quantization": "none", "kv_dtype": "fp32"}
     for part in mode.split("+"):
         options["kv_dtype" if part.startswith("kv-") else "quantization"] = part.removeprefix("kv-")
