@@ -103,6 +103,28 @@ def test_a_conversation_pushed_out_of_the_pool_comes_back_from_the_tier(tiny_lla
     alloc.expire(float("inf"))
 
 
+def test_an_int8_conversation_comes_back_from_the_tier_with_its_scales(tiny_llama_gqa):
+    """An int8 cache's pages carry their scales: turn 2 over a history the tier gave back answers as turn 2 over
+    the same history kept in a pool big enough to keep it (the same bytes read, so the same tokens)."""
+    page = page_bytes(ModelConfig.from_pretrained(tiny_llama_gqa), PAGE, torch.int8)
+    turn1 = list(range(30, 63))
+    outs = {}
+    for pool, tier in ((24, 64), (200, 0)):
+        engine = DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", kv_dtype="int8", page_size=PAGE,
+                                           kv_cache_memory=pool * page, cache_ttl_s=60,
+                                           kv_offload_memory=tier * page))  # fmt: skip
+        out1 = _run(engine, {"t1": (turn1, 7)}, cache_key="conv")["t1"]
+        _run(engine, {"x": (list(range(100, 160)), 20), "y": (list(range(103, 163)), 20)})
+        turn2 = [*turn1, *out1, 70, 71, 72]
+        offload = engine.pages.offload
+        loaded = offload.stats.loaded if offload else 0
+        outs[tier] = _run(engine, {"t2": (turn2, 12)}, cache_key="conv")["t2"]
+        assert (offload.stats.loaded - loaded if offload else 0) == (len(turn2) - 3 - 1) // PAGE * bool(tier)
+        assert offload is None or offload.page_bytes == page
+        engine.allocator.expire(float("inf"))
+    assert outs[64] == outs[0]
+
+
 def test_without_the_tier_the_same_turn_computes_its_history(tiny_llama_gqa):
     """The baseline the tier is measured against: the same sequence, no tier, no hits for turn 2."""
     page = page_bytes(ModelConfig.from_pretrained(tiny_llama_gqa), PAGE, torch.float32)
