@@ -14,6 +14,7 @@ from splitserve.decode.engine import DecodeEngine, NoCapacityError
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
+from splitserve.kernels import kv_format
 from splitserve.model.config import ModelConfig
 from splitserve.prefill.engine import PrefillEngine
 from tests.helpers import hf_greedy, run_staggered
@@ -32,7 +33,7 @@ def _disaggregated(prefill: PrefillEngine, decode: DecodeEngine, prompts, params
             rid = done.request.request_id
             # The decode side reserved pages only past the prefix it holds cached: the prompt's last pages.
             sent = done.request.pages[len(done.request.pages) - len(reserved[rid]) :]
-            decode.runner.kv_cache[reserved[rid]] = prefill.runner.kv_cache[sent]
+            kv_format.pages(decode.runner.kv_cache)[reserved[rid]] = kv_format.pages(prefill.runner.kv_cache)[sent]
             update = decode.start_decode(rid, done.token_id, done.logprob, done.generator_state)
             prefill.release(rid)
             outputs[rid].append(update.token_id)

@@ -4,6 +4,7 @@ against the model's limits (with its structured-output grammar, compiled on firs
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -28,6 +29,8 @@ from splitserve.model.tokenizer import load_tokenizer
 
 _MIN_MEASURED_PROMPT_TOKENS = 32  # passes with fewer prompt tokens say more about decode rows and overhead
 
+log = logging.getLogger(__name__)
+
 
 class EngineCore:
     def __init__(
@@ -49,13 +52,17 @@ class EngineCore:
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.runner = ModelRunner(self.model_config, self.model_path, config, kv_allocator)
         self.max_model_len = self.runner.max_model_len
-        self.allocator = PageAllocator(self.runner.num_pages, config.prefix_caching)
+        layout = self.runner.kv_layout
+        caching = config.prefix_caching and not layout.has_rings
+        if config.prefix_caching and not caching:
+            log.info("prefix caching off: the sliding-window layers' pages are rings, rewritten as requests go on")
+        self.allocator = PageAllocator(self.runner.num_pages, caching)
         root = root_hash(msgspec.msgpack.encode(self.compat_key))
         offload = None
         memory, disk = parse_memory_size(config.kv_offload_memory), parse_memory_size(config.kv_offload_size)
-        if config.prefix_caching and (memory or config.kv_offload_dir):
+        if caching and (memory or config.kv_offload_dir):
             offload = OffloadTier(kv_format.pages(self.runner.kv_cache), memory, config.kv_offload_dir, disk)
-        self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s, offload)
+        self.pages = RequestPages(self.allocator, config.page_size, root, config.cache_ttl_s, offload, layout)
         self._grammars: GrammarCompiler | None = None
         self.prefill_tokens_per_s = 0.0  # measured prompt throughput (moving average); 0 until measured
         self.decode_step_s = 0.0  # measured time of a step of decode rows only (moving average)
@@ -76,7 +83,7 @@ class EngineCore:
     @property
     def compat_key(self) -> CompatKey:
         """What another worker's pages must agree on to be valid here (and what names cached pages)."""
-        cfg = self.model_config
+        cfg, layout = self.model_config, self.runner.kv_layout
         return CompatKey(
             model=model_name(self.config.model),
             dtype=str(self.config.torch_dtype).removeprefix("torch."),
@@ -86,6 +93,9 @@ class EngineCore:
             head_dim=cfg.head_dim,
             quantization=self.config.resolved_quantization,
             kv_dtype=str(self.config.torch_kv_dtype).removeprefix("torch."),
+            # 0, 0 for a layout of one page group: what a peer from before layouts sends
+            layers_per_page=layout.layers_per_page if layout.num_groups > 1 else 0,
+            ring_pages=layout.ring_pages,
         )
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -118,7 +128,7 @@ class EngineCore:
         if len(token_ids) > self.config.max_num_batched_tokens:
             raise InvalidRequestError(f"score at most {self.config.max_num_batched_tokens} tokens at once")
         request = Request.create("score", token_ids, SamplingParams(), frozenset())
-        pages = -(-len(token_ids) // self.config.page_size)
+        pages = self.runner.kv_layout.num_pages(-(-len(token_ids) // self.config.page_size))
         if not self.allocator.can_allocate(pages):
             raise InvalidRequestError(f"{len(token_ids)} tokens need {pages} free KV pages")
         request.pages = self.allocator.allocate(pages)

@@ -1,8 +1,9 @@
 """The paged KV cache: one page-major tensor per worker and the allocator that owns its pages.
 
-Layout `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]` (an int8 cache's blocks carry their
-scales: `kernels/kv_format.py`): one page of one request is one contiguous region across all layers, so a page
-moves between workers as a single copy.
+Layout `[num_pages, layers_per_page, 2, page_size, num_kv_heads, head_dim]` (an int8 cache's blocks carry their
+scales: `kernels/kv_format.py`): one page of one request is one contiguous region across its layers (all of
+them, unless sliding-window layers keep pages of their own: `kv_layout.py`), so a page moves between workers as
+a single copy.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ def allocate_kv_cache(
     device: torch.device,
     allocate: TensorAllocator | None = None,
     spare_pages: int = 0,
+    layers_per_page: int | None = None,
 ) -> torch.Tensor:
-    """The page tensor: as many pages as `memory_bytes` holds, then `spare_pages` more (outside the budget)."""
-    num_pages = memory_bytes // page_bytes(cfg, page_size, dtype)
+    """The page tensor: as many pages of `layers_per_page` layers (default: every layer; `kv_layout`) as
+    `memory_bytes` holds, then `spare_pages` more (outside the budget)."""
+    layers = layers_per_page or cfg.num_layers
+    size = kv_format.page_bytes(layers, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+    num_pages = memory_bytes // size
     if num_pages < 1:
-        raise ValueError(
-            f"a KV cache budget of {memory_bytes} bytes holds no page of {page_bytes(cfg, page_size, dtype)} bytes"
-        )
-    shape = (num_pages + spare_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
+        raise ValueError(f"a KV cache budget of {memory_bytes} bytes holds no page of {size} bytes")
+    shape = (num_pages + spare_pages, layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
     return kv_format.allocate(shape, dtype, device, allocate)
 
 

@@ -8,6 +8,7 @@ The schedulers decide when; this decides how, so the prefill and the decode pool
 from __future__ import annotations
 
 from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.kv_offload import OffloadTier
 from splitserve.engine.prefix_cache import extend_hashes, reusable_pages
 from splitserve.engine.request import Request
@@ -15,9 +16,11 @@ from splitserve.engine.request import Request
 
 class RequestPages:
     def __init__(self, allocator: PageAllocator, page_size: int, root_hash: int, cache_ttl_s: float,
-                 offload: OffloadTier | None = None):  # fmt: skip
-        """`offload`: the tier cached pages go to when the pool overwrites them, and come back from."""
+                 offload: OffloadTier | None = None, layout: KVLayout | None = None):  # fmt: skip
+        """`offload`: the tier cached pages go to when the pool overwrites them, and come back from. `layout`:
+        how many pages a request's positions take (default: a page per `page_size` positions)."""
         self.allocator = allocator
+        self.layout = layout
         self.page_size = page_size
         self.root_hash = root_hash
         self.cache_ttl_s = cache_ttl_s
@@ -43,7 +46,7 @@ class RequestPages:
                 offloaded = self.offload.prefix(request.page_hashes[len(hits) : limit])
         n = min(request.num_tokens - (len(hits) + offloaded) * ps, max_tokens)
         end = request.num_tokens if whole_prompt else (len(hits) + offloaded) * ps + n
-        needed = -(-end // ps) - len(hits)
+        needed = self._pages_for(end) - len(hits)
         if not self.allocator.can_allocate(needed, hits):
             return None
         request.pages = self.allocator.allocate(needed, reuse=hits)
@@ -63,13 +66,17 @@ class RequestPages:
 
     def grow(self, request: Request, num_tokens: int) -> bool:
         """Make `request` hold pages for `num_tokens` tokens; False (and no change) if too few are free."""
-        needed = -(-num_tokens // self.page_size) - len(request.pages)
+        needed = self._pages_for(num_tokens) - len(request.pages)
         if needed <= 0:
             return True
         if not self.allocator.can_allocate(needed):
             return False
         request.pages.extend(self.allocator.allocate(needed))
         return True
+
+    def _pages_for(self, num_tokens: int) -> int:
+        logical = -(-num_tokens // self.page_size)
+        return self.layout.num_pages(logical) if self.layout is not None else logical
 
     def cache_computed(self, request: Request) -> None:
         """Offer the request's pages that are now full of computed KV to the prefix cache."""

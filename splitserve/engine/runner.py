@@ -13,6 +13,7 @@ import torch
 from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
+from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.sampling import sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
@@ -33,6 +34,10 @@ class ModelRunner:
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:
             self.model.quantize(*bits, fused=not config.enforce_eager)
+        limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+        self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size,
+                                            config.max_num_batched_tokens, limit)  # fmt: skip
+        self.model.place_kv(self.kv_layout.slots)
         # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
             model_config,
@@ -42,11 +47,11 @@ class ModelRunner:
             self.device,
             kv_allocator,
             spare_pages=1,
+            layers_per_page=self.kv_layout.layers_per_page,
         )
         self.num_pages = self.null_page = self.kv_cache.shape[0] - 1
-        limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         # A request running alone must always fit, so the KV cache's capacity also caps the length.
-        self.max_model_len = min(limit, self.num_pages * self.page_size)
+        self.max_model_len = min(limit, self.kv_layout.max_logical(self.num_pages) * self.page_size)
         if self.max_model_len < limit:
             log.warning("KV cache holds %d tokens: max_model_len capped from %d", self.max_model_len, limit)
 
@@ -55,18 +60,25 @@ class ModelRunner:
         self.max_pages_per_seq = math.ceil(self.max_model_len / self.page_size)
         long = dict(dtype=torch.long, device=self.device)
         self._input_ids, self._positions = torch.zeros(n, **long), torch.zeros(n, **long)
-        self._slot_pages, self._slot_offsets = torch.zeros(n, **long), torch.zeros(n, **long)
-        self._decode_page_table = torch.zeros(s, self.max_pages_per_seq, **long)
+        groups = self.kv_layout.num_groups
+        self._slot_pages, self._slot_offsets = torch.zeros(groups, n, **long), torch.zeros(n, **long)
+        self._decode_page_table = torch.zeros(groups, s, self.max_pages_per_seq, **long)
         self._decode_context_lens = torch.zeros(s, **long)
         self._token_range = torch.arange(self.max_pages_per_seq * self.page_size, **long)
         self.max_num_seqs = s
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.use_decode_graphs(capture=True)
+            if not self.kv_layout.has_rings:
+                self.use_decode_graphs(capture=True)
+            else:
+                log.info("decode steps run eagerly: the sliding-window layers' rings are page tables of their own")
 
     def use_decode_graphs(self, capture: bool) -> None:
         """Run decode-only steps through `DecodeGraphs`: captured as CUDA graphs (`capture`), or as plain calls
-        of the same bucketed step (the CPU's tests). A capture that fails leaves the eager steps, with a warning."""
+        of the same bucketed step (the CPU's tests). A capture that fails leaves the eager steps, with a warning.
+        Not for a KV layout with rings: the step's buffers hold one page table, of a page per position."""
+        if self.kv_layout.has_rings:
+            raise ValueError("decode graphs need a KV layout without sliding-window rings")
         graphs = DecodeGraphs(self.model, self.kv_cache, self.null_page, self.max_num_seqs, self.max_pages_per_seq)
         if capture:
             try:
@@ -101,14 +113,18 @@ class ModelRunner:
         meta, _ = self._prepare([Chunk(request, n)])
         return self.model.logits(self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta))
 
-    def _prepare(self, ordered: list[Chunk]) -> tuple[PagedAttentionMetadata, list[int]]:
-        ps = self.page_size
+    def _prepare(self, ordered: list[Chunk]) -> tuple[PagedAttentionMetadata | list[PagedAttentionMetadata], list[int]]:
+        """The step's inputs into the device buffers, and its attention metadata: one per page group of the KV
+        layout (a list when there are several)."""
+        ps, layout = self.page_size, self.kv_layout
+        groups = range(layout.num_groups)
         ids: list[int] = []
         positions: list[int] = []
-        slot_pages: list[int] = []
+        slot_pages: list[list[int]] = [[] for _ in groups]
         sample_rows: list[int] = []
-        prefills: list[PrefillSpan] = []
-        decode_pages: list[list[int]] = []
+        spans: list[tuple[int, int, int, torch.Tensor | None]] = []  # (row, query_len, context_len, mask)
+        span_pages: list[list[list[int]]] = [[] for _ in groups]
+        decode_pages: list[list[list[int]]] = [[] for _ in groups]
         decode_lens: list[int] = []
         for c in ordered:
             r, start = c.request, c.request.num_computed_tokens
@@ -116,42 +132,51 @@ class ModelRunner:
             row = len(ids)
             ids.extend(r.token_ids[start:end])
             positions.extend(range(start, end))
-            slot_pages.extend(r.pages[p // ps] for p in range(start, end))
+            tables = layout.tables(r.pages, math.ceil(end / ps))
+            for g, table in enumerate(tables):
+                slot_pages[g].extend(table[p // ps] for p in range(start, end))
             if c.completes:
                 sample_rows.append(row + c.num_tokens - 1)
-            used_pages = r.pages[: math.ceil(end / ps)]
             if c.num_tokens == 1:
-                decode_pages.append(used_pages)
+                for g, table in enumerate(tables):
+                    decode_pages[g].append(table)
                 decode_lens.append(end)
             else:
                 mask = None
                 if start > 0:  # a later chunk: its queries also see the prefix already in pages
                     q_pos = torch.arange(start, end, device=self.device)
                     mask = self._token_range[:end].unsqueeze(0) <= q_pos.unsqueeze(1)
-                page_ids = torch.tensor(used_pages, dtype=torch.long, device=self.device)
-                prefills.append(PrefillSpan(row, c.num_tokens, end, page_ids, mask))
+                spans.append((row, c.num_tokens, end, mask))
+                for g, table in enumerate(tables):
+                    span_pages[g].append(table)
 
         n = len(ids)
         self._input_ids[:n].copy_(torch.tensor(ids))
         pos = torch.tensor(positions)
         self._positions[:n].copy_(pos)
-        self._slot_pages[:n].copy_(torch.tensor(slot_pages))
         self._slot_offsets[:n].copy_(pos % ps)
-
-        nd = len(decode_pages)
-        max_pages = max((len(p) for p in decode_pages), default=0)
-        table = self._decode_page_table[:nd, :max_pages]
+        nd = len(decode_lens)
+        max_pages = max((len(p) for p in decode_pages[0]), default=0)
         if nd:
-            table.copy_(torch.tensor([p + [0] * (max_pages - len(p)) for p in decode_pages]))
             self._decode_context_lens[:nd].copy_(torch.tensor(decode_lens))
         mask = self._token_range[: max_pages * ps].unsqueeze(0) < self._decode_context_lens[:nd].unsqueeze(1)
-        meta = PagedAttentionMetadata(
-            slot_pages=self._slot_pages[:n],
-            slot_offsets=self._slot_offsets[:n],
-            num_decode=nd,
-            decode_page_table=table,
-            decode_context_lens=self._decode_context_lens[:nd],
-            decode_mask=mask.view(nd, 1, 1, max_pages * ps),
-            prefills=prefills,
-        )
-        return meta, sample_rows
+        metas = []
+        for g in groups:
+            slots, table = self._slot_pages[g, :n], self._decode_page_table[g, :nd, :max_pages]
+            slots.copy_(torch.tensor(slot_pages[g]))
+            if nd:
+                table.copy_(torch.tensor([p + [0] * (max_pages - len(p)) for p in decode_pages[g]]))
+            prefills = [
+                PrefillSpan(row, q_len, ctx, torch.tensor(pages, dtype=torch.long, device=self.device), span_mask)
+                for (row, q_len, ctx, span_mask), pages in zip(spans, span_pages[g], strict=True)
+            ]
+            metas.append(PagedAttentionMetadata(
+                slot_pages=slots,
+                slot_offsets=self._slot_offsets[:n],
+                num_decode=nd,
+                decode_page_table=table,
+                decode_context_lens=self._decode_context_lens[:nd],
+                decode_mask=mask.view(nd, 1, 1, max_pages * ps),
+                prefills=prefills,
+            ))  # fmt: skip
+        return (metas[0] if len(metas) == 1 else metas), sample_rows

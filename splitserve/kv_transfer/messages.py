@@ -37,6 +37,12 @@ class CompatKey(msgspec.Struct, frozen=True):
     layout: str = KV_LAYOUT
     quantization: str = "none"  # weights computing the KV (and continuing from it) must be the same
     kv_dtype: str = ""  # the pages' element type (--kv-dtype; an older peer sends none: it does not match)
+    layers_per_page: int = 0  # the layers a page holds when not all of them (engine/kv_layout.py); 0: all
+    ring_pages: int = 0  # pages of a sliding-window layer group's ring; 0: none
+
+    @property
+    def page_layers(self) -> int:
+        return self.layers_per_page or self.num_layers
 
     def mismatch(self, other: CompatKey) -> str | None:
         """A readable list of the fields that differ, or None when the keys agree."""

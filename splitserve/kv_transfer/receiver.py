@@ -275,7 +275,7 @@ class Receiver:
         problem = ""
         if nbytes is not None and nbytes != expected:
             problem = f"the sender sent {nbytes} bytes into {expected} reserved"
-        elif digest != page_digest(link.pages, res.pages, link.key.num_layers):
+        elif digest != page_digest(link.pages, res.pages, link.key.page_layers):
             problem = "the KV pages that arrived do not match the sender's checksum"
         link.metrics.checksum_failures += bool(problem)
         return problem

@@ -232,7 +232,7 @@ class Sender:
             if not out.complete:
                 return
             offer = Offer(link.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload,
-                          page_digest(link.pages, out.pages, link.key.num_layers))  # fmt: skip
+                          page_digest(link.pages, out.pages, link.key.page_layers))  # fmt: skip
             try:
                 link.send_control(out.ticket.address, offer)
                 out.offered, out.posted = True, time.monotonic()
@@ -304,7 +304,7 @@ class Sender:
         link = self._link
         return {
             "nbytes": len(out.pages) * link.page_bytes,
-            "digest": page_digest(link.pages, out.pages, link.key.num_layers),
+            "digest": page_digest(link.pages, out.pages, link.key.page_layers),
         }
 
     def _sent(self, out: _Outgoing) -> None:

@@ -6,7 +6,7 @@ Weights load straight from Hugging Face safetensors; q/k/v and gate/up are fused
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer = layer  # where its K/V sit among a page's layers, and which page group holds them (kv_layout)
+        self.group = 0
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.attention_scale or cfg.head_dim**-0.5
@@ -166,6 +167,12 @@ class CausalLM(nn.Module):
         model.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).item()
         return model.eval().requires_grad_(False)
 
+    def place_kv(self, slots: Sequence[tuple[int, int]]) -> None:
+        """Each layer's place in the KV pages (`engine.kv_layout`): its page group, its index among the page's
+        layers."""
+        for layer, (group, slot) in zip(self.model.layers, slots, strict=True):
+            layer.self_attn.group, layer.self_attn.layer = group, slot
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into our parameters; every piece must arrive."""
         params = dict(self.named_parameters())
@@ -201,21 +208,29 @@ class CausalLM(nn.Module):
         return [self.get_parameter(name).shape[0]]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: PagedAttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: PagedAttentionMetadata | list[PagedAttentionMetadata],
     ) -> torch.Tensor:
-        """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot."""
+        """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot. `meta`:
+        a list of one per page group when the KV layout has several (`place_kv`)."""
         cos, sin = self.cos[positions], self.sin[positions]
         h, residual = self.model.embed_tokens(input_ids), None
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
-        if self.fused_decode is not None and self.fused_decode.takes(h, kv_cache, meta):
+        grouped = isinstance(meta, list)
+        if not grouped and self.fused_decode is not None and self.fused_decode.takes(h, kv_cache, meta):
             h, residual = self.fused_decode(h, cos, sin, kv_cache, meta)
         else:
             local = cos, sin
             if self.local_rope is not None:
                 local = self.local_rope[0][positions], self.local_rope[1][positions]
             for layer in self.model.layers:
-                h, residual = layer(h, residual, *(local if layer.self_attn.window else (cos, sin)), kv_cache, meta)
+                attn = layer.self_attn
+                rope = local if attn.window else (cos, sin)
+                h, residual = layer(h, residual, *rope, kv_cache, meta[attn.group] if grouped else meta)
         return self.model.norm(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def _time(core: EngineCore, lengths: list[int], decode: int, repeats: int, rng: 
     for i, n in enumerate(lengths):
         ids = [rng.randrange(100, core.model_config.vocab_size) for _ in range(n + decode)]
         r = Request.create(str(i), ids, SamplingParams(max_tokens=1, temperature=0), frozenset())
-        r.pages = core.allocator.allocate(-(-(n + decode) // ps))
+        r.pages = core.allocator.allocate(core.runner.kv_layout.num_pages(-(-(n + decode) // ps)))
         r.num_computed_tokens = n if decode else 0
         requests.append(r)
     chunks = [Chunk(r, 1 if decode else r.num_tokens) for r in requests]

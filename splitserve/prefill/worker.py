@@ -117,7 +117,10 @@ class PrefillWorker:
         return request.pages[len(request.pages) - ticket.num_pages :]
 
     def _stream(self) -> None:
-        """Hand each prompt still being prefilled the pages its chunks so far completed."""
+        """Hand each prompt still being prefilled the pages its chunks so far completed. Not where sliding-window
+        layers keep rings of pages (`kv_layout`): a later chunk rewrites them, so they are final only at the end."""
+        if self.engine.runner.kv_layout.has_rings:
+            return
         for request in list(self.engine.scheduler.running):  # a failed send aborts its request: a copy
             job = int(request.request_id)
             ticket = self._tickets[job]

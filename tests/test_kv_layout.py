@@ -1,0 +1,115 @@
+"""The KV layout: sliding-window layers keep rings of pages of their own, so a long request holds pages for its
+window rather than for every position, and its tokens still equal transformers'."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from splitserve.decode.engine import DecodeEngine
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.kv_layout import KVLayout
+from splitserve.engine.params import SamplingParams
+from tests.helpers import hf_greedy
+
+GEMMA3_270M = tuple(0 if layer % 6 == 5 else 512 for layer in range(18))  # a global layer in six, window 512
+
+
+def test_a_model_without_windows_keeps_one_page_per_position_for_every_layer():
+    layout = KVLayout.for_model((), 30, 16, 1024, 8192)
+    assert layout == KVLayout.single(30) and not layout.has_rings
+    assert layout.num_pages(7) == 7 and layout.tables([4, 9, 2], 2) == [[4, 9]]
+    # a window longer than any context: nothing to save, one group
+    assert KVLayout.for_model((0, 4096, 4096), 3, 16, 1024, 2048) == KVLayout.single(3)
+
+
+def test_gemma3_layers_go_to_a_full_group_and_five_rings():
+    layout = KVLayout.for_model(GEMMA3_270M, 18, 16, 1024, 32768)
+    assert (layout.layers_per_page, layout.num_full, layout.num_groups) == (3, 1, 6)
+    assert layout.ring_pages == math.ceil((512 + 1023) / 16) + 1 == 97
+    assert [layout.slots[layer] for layer in (5, 11, 17)] == [(0, 0), (0, 1), (0, 2)]
+    assert sorted(layout.slots) == [(g, s) for g in range(6) for s in range(3)]  # 15 sliding layers: no padding
+    # 8k tokens: 512 pages of the global layers, 97 of each ring, a sixth of the whole KV past the rings
+    assert layout.num_pages(512) == 512 + 5 * 97 < 6 * 512
+    assert layout.max_logical(layout.num_pages(512)) == 512 and layout.max_logical(6 * 50) == 50
+
+
+def test_a_model_whose_every_layer_slides_holds_one_ring():
+    """Mistral (window 4096 on all 32 layers): one group, a ring; a request holds the ring at most, at any length."""
+    layout = KVLayout.for_model((4096,) * 32, 32, 16, 1024, 32768)
+    assert (layout.num_full, layout.num_groups, layout.layers_per_page, layout.ring_pages) == (0, 1, 32, 321)
+    assert layout.num_pages(2048) == 321 and layout.num_pages(100) == 100
+    assert layout.tables(list(range(321)), 700)[0] == [i % 321 for i in range(700)]
+    assert layout.max_logical(320) == 320 and layout.max_logical(321) > 2048
+
+
+@pytest.mark.parametrize("logical", [1, 5, 97, 98, 300])
+def test_every_page_of_a_request_is_in_one_table_and_rings_repeat(logical):
+    layout = KVLayout.for_model(GEMMA3_270M, 18, 16, 1024, 32768)
+    pages = list(range(1000, 1000 + layout.num_pages(logical)))
+    tables = layout.tables(pages, logical)
+    assert len(tables) == 6 and all(len(t) == logical for t in tables)
+    assert len(set(tables[0])) == logical  # the global layers: a page per logical page
+    held = set(tables[0])
+    for ring in tables[1:]:
+        assert ring == [ring[i % 97] for i in range(logical)] and len(set(ring)) == min(logical, 97)
+        held |= set(ring)
+    assert held == set(pages)  # each page belongs to one group
+    # the list grows at its end: a longer request's first pages keep their places
+    longer = layout.tables([*pages, *range(5000, 5000 + layout.num_pages(logical + 1) - len(pages))], logical + 1)
+    assert [t[:logical] for t in longer] == tables
+
+
+def test_a_pass_never_overwrites_a_key_its_queries_read():
+    """For a pass of up to `max_pass` tokens starting anywhere, the positions its queries read (the window of its
+    first query) and those it writes fall in distinct ring slots, up to the pages' granularity."""
+    window, page_size, max_pass = 512, 16, 1024
+    layout = KVLayout.for_model(GEMMA3_270M, 18, page_size, max_pass, 32768)
+    for start in range(0, 6000, 7):
+        first_read = max(start - window + 1, 0)
+        pages = range(first_read // page_size, (start + max_pass - 1) // page_size + 1)
+        assert len({p % layout.ring_pages for p in pages}) == len(pages)
+
+
+def test_a_long_request_holds_pages_for_its_window_and_matches_transformers(tiny_gemma3):
+    """tiny_gemma3 (window 8; sliding, global, sliding layers), 8-token pages, 16-token passes: a ring of 4 pages.
+    Prompts far longer than that, in chunks, with long outputs: greedy tokens equal transformers', each request
+    holds a page per position for the global layer and 4 for each sliding one, and all pages come back."""
+    engine = DecodeEngine(EngineConfig(model=str(tiny_gemma3), dtype="fp32", page_size=8, max_num_batched_tokens=16))
+    layout = engine.runner.kv_layout
+    assert layout.has_rings and layout.ring_pages == 4 and layout.num_groups == 3
+    assert not engine.allocator.prefix_caching  # ring pages are rewritten: nothing to reuse
+    rng = random.Random(4)
+    prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in (5, 40, 70)]
+    max_tokens = [30, 25, 40]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(str(i), prompt, p)
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    longest = 0
+    while engine.has_unfinished():
+        for update in engine.step():
+            outputs[update.request_id].append(update.token_id)
+        for request in engine.scheduler.running:  # pages for the positions computed so far, and no more
+            logical = math.ceil(request.num_computed_tokens / 8)
+            assert len(request.pages) == logical + 2 * min(logical, 4)
+            longest = max(longest, logical)
+    assert [outputs[str(i)] for i in range(len(prompts))] == hf_greedy(tiny_gemma3, prompts, max_tokens)
+    assert longest > 2 * 4  # well past the rings
+    assert engine.allocator.num_free == engine.allocator.capacity
+
+
+def test_pools_with_other_rings_do_not_pair(tiny_gemma3, tiny_llama_gqa):
+    """The ring length follows the pass budget, so pools of a windowed model must agree on it (their page lists
+    map to positions alike only then); a model without windows pairs at any budget."""
+
+    def key(model, budget):
+        return DecodeEngine(EngineConfig(model=str(model), dtype="fp32", page_size=8,
+                                         max_num_batched_tokens=budget)).compat_key  # fmt: skip
+
+    assert key(tiny_gemma3, 16).mismatch(key(tiny_gemma3, 32)) == "ring_pages: 4 here, 6 there"
+    assert key(tiny_gemma3, 16).layers_per_page == 1 and key(tiny_gemma3, 16).page_layers == 1
+    assert key(tiny_llama_gqa, 16).mismatch(key(tiny_llama_gqa, 32)) is None
+    assert key(tiny_llama_gqa, 16).layers_per_page == 0 and key(tiny_llama_gqa, 16).page_layers == 2
