@@ -134,15 +134,15 @@ def tiny_olmoe(folder: Path) -> Path:
     return save(OlmoeForCausalLM, cfg, folder, seed=28, random_norms=True)
 
 
-def tiny_gemma3(folder: Path) -> Path:
+def tiny_gemma3(folder: Path, **overrides) -> Path:
     """Gemma 3: sliding-window layers (window 8, far shorter than the prompts) around a global one, each kind
     with its own rotary embedding (the global one linearly scaled), per-head q/k norms, sandwich norms (all
     stored as offsets from 1), scaled embeddings, a query scale apart from head_dim's, gelu-tanh, and soft-capped
-    final logits."""
+    final logits. `overrides`: config fields (a vocabulary of a real tokenizer's size, say)."""
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}  # fmt: skip
-    cfg = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=32, sliding_window=8,
+    cfg = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3, **overrides}, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, sliding_window=8,
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                            query_pre_attn_scalar=24, rope_parameters=rope, final_logit_softcapping=30.0,
                            tie_word_embeddings=True)  # fmt: skip

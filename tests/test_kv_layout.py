@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 
+from splitserve.bench.metrics import prometheus_total
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.params import SamplingParams
+from splitserve.kernels import kv_format
+from splitserve.launcher import ServeProcess
 from tests.helpers import hf_greedy
+from tests.test_serving import complete
 
 GEMMA3_270M = tuple(0 if layer % 6 == 5 else 512 for layer in range(18))  # a global layer in six, window 512
 
@@ -113,3 +118,53 @@ def test_pools_with_other_rings_do_not_pair(tiny_gemma3, tiny_llama_gqa):
     assert key(tiny_gemma3, 16).layers_per_page == 1 and key(tiny_gemma3, 16).page_layers == 1
     assert key(tiny_llama_gqa, 16).mismatch(key(tiny_llama_gqa, 32)) is None
     assert key(tiny_llama_gqa, 16).layers_per_page == 0 and key(tiny_llama_gqa, 16).page_layers == 2
+
+
+@pytest.mark.slow
+def test_served_pools_move_ring_pages_as_they_are(tiny_chat_gemma3):
+    """1P+1D over UCX with a windowed model: the prefill worker sends the request's page list (the global layer's
+    pages and the rings) whole, not streamed; the decode worker continues from it with the colocated engine's
+    tokens, for prompts longer than the rings, and every page comes back on both workers."""
+    args = ["--prefill", "1", "--decode", "1", "--dtype", "fp32", "--page-size", "8",
+            "--max-num-batched-tokens", "16"]  # fmt: skip
+    rng = random.Random(9)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (20, 61, 90)]
+    local = DecodeEngine(EngineConfig(model=str(tiny_chat_gemma3), dtype="fp32", page_size=8,
+                                      max_num_batched_tokens=16))  # fmt: skip
+    layout = local.runner.kv_layout
+    assert layout.has_rings and layout.ring_pages == 4
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    want = _colocated(local, prompts, params)
+    server = ServeProcess(tiny_chat_gemma3, args, num_workers=2)
+    try:
+        model = server.http.get("/v1/models").json()["data"][0]["id"]
+        for prompt, tokens in zip(prompts, want, strict=True):
+            body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+            assert complete(server.http, "/v1/completions", body)[1] == tokens
+        server.wait_idle(timeout=10)
+        health = server.http.get("/health").json()
+        prefill = [w for w in health["workers"] if w["role"] == "prefill"]
+        assert sum(w["kv_messages_streamed"] for w in prefill) == 0
+        pages = sum(layout.num_pages(math.ceil(len(p) / 8)) for p in prompts)
+        page_bytes = kv_format.pages(local.runner.kv_cache).shape[1]
+        sent = 0.0
+        for _ in range(20):  # the workers' next heartbeats carry their counters
+            sent = prometheus_total(server.http.get("/metrics").text, "splitserve_kv_bytes_sent_total")
+            if sent == pages * page_bytes:
+                break
+            time.sleep(0.3)
+        assert sent == pages * page_bytes
+    finally:
+        server.stop()
+
+
+def _colocated(engine: DecodeEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """The colocated engine's greedy tokens for each prompt, one at a time."""
+    outputs = []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+        tokens = []
+        while engine.has_unfinished():
+            tokens.extend(u.token_id for u in engine.step())
+        outputs.append(tokens)
+    return outputs
