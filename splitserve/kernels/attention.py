@@ -2,12 +2,15 @@
 pages, and attend each query over its pages.
 
 The KV cache is one page-major tensor `[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`
-(see docs/design.md). A step's tokens form one flat batch: first the decode rows (one query token each),
-then the prefill chunks (several query tokens, possibly after a prefix already in pages).
+(see docs/design.md); its `num_layers` are a page's layers (every layer of the model, or those of one page group
+when sliding-window layers keep rings of pages: engine/kv_layout.py), which `layer` indexes, and the metadata is
+the layer's group's. A step's tokens form one flat batch: first the decode rows (one query token each), then the
+prefill chunks (several query tokens, possibly after a prefix already in pages).
 
 Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the native decode attention
-(cpu_kernels.c: fp32 queries over an fp32, fp16, bf16 or int8 cache, read as stored) for decode rows where it builds,
-and the PyTorch reference for the rest. The cache's dtype is `--kv-dtype`'s: writes convert to it, reads from it.
+(cpu_kernels.c: fp32 queries over an fp32, fp16, bf16 or int8 cache, read as stored) for decode rows where it
+builds, and the PyTorch reference for the rest. The cache's dtype is `--kv-dtype`'s: writes convert to it, reads
+from it.
 """
 
 from __future__ import annotations
