@@ -1,7 +1,8 @@
 """The KV memory a sliding-window model's requests take with the sliding layers' pages kept as rings (what
 splitserve does: `engine/kv_layout.py`), against the baseline of one page per position for every layer, in one
 run: the bytes a request of each length takes, how many fit at once in `--kv-cache-memory`, the longest request
-that fits; then one long prompt generated greedily under both layouts (the same tokens, and their times).
+that fits; then one long prompt (English text) generated greedily under both layouts (the same tokens, and their
+times).
 
     .venv/bin/python benchmarks/kv_windows.py --model $GGUF [--kv-cache-memory 128MiB] [--prompt-len 2000]
 
@@ -18,6 +19,7 @@ import time
 from contextlib import nullcontext
 from unittest import mock
 
+from splitserve.bench.quality import REFERENCE_TEXT
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.params import SamplingParams
 from splitserve.kernels import kv_format
@@ -39,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
 
     lengths = [int(n) for n in args.lengths.split(",")]
-    prompt = [random.Random(0).randrange(1000, 20000) for _ in range(args.prompt_len)]
+    prompt = None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     runs = {}
     for name, patch in (("one page group (baseline)", one_group()), ("rings", nullcontext())):
@@ -55,12 +57,17 @@ def main() -> None:
         for n in lengths:
             fit = runner.num_pages * page // sizes[n]
             print(f"  {n:>6,} tokens: {sizes[n] / 2**20:8.1f} MiB a request, {fit} at once")
+        if prompt is None:  # English text where the model has a tokenizer (random tokens make a model repeat itself)
+            text = " ".join([REFERENCE_TEXT] * (args.prompt_len // 100 + 1))
+            prompt = llm.tokenizer(text).input_ids[: args.prompt_len] if llm.tokenizer else None
+            prompt = prompt or [random.Random(0).randrange(1000, 20000) for _ in range(args.prompt_len)]
         tokens = None
         if args.prompt_len + args.max_tokens <= runner.max_model_len:
             started = time.perf_counter()
             [out] = llm.generate([prompt], params, use_tqdm=False)
             tokens, seconds = out.token_ids, time.perf_counter() - started
-            print(f"  {args.prompt_len:,}-token prompt, {args.max_tokens} tokens: {seconds:.1f} s")
+            text = (out.text or "")[:80]
+            print(f"  {args.prompt_len:,}-token prompt, {args.max_tokens} tokens: {seconds:.1f} s: {text!r}")
         runs[name] = sizes, tokens
         del llm
 

@@ -50,12 +50,15 @@ def test_greedy_matches_transformers(model, request):
 def test_greedy_matches_transformers_with_preemption(model, request):
     folder = request.getfixturevalue(model)
     cfg = ModelConfig.from_pretrained(folder)
-    pages = 24  # far fewer than the workload's ~60 pages at its peak
+    # far fewer than the workload's ~60 pages at its peak (sliding layers' pages hold a window's K/V: fewer yet)
+    pages = 8 if any(cfg.layer_windows) else 24
     options = dict(page_size=8, max_num_batched_tokens=64, kv_cache_memory=pages * page_bytes(cfg, 8, torch.float32))
     engine = _check_against_hf(folder, options, seed=1)
     # (Gemma 3's pages hold one layer each: its sliding layers keep rings of pages of their own)
-    assert engine.allocator.capacity == pages * cfg.num_layers // engine.runner.kv_layout.layers_per_page
-    assert engine.scheduler.num_preemptions > 0
+    layout = engine.runner.kv_layout
+    assert engine.allocator.capacity == pages * cfg.num_layers // layout.layers_per_page
+    # (a model whose every layer slides holds a ring of 2 pages a request at most: nothing to preempt)
+    assert engine.scheduler.num_preemptions > 0 or (layout.has_rings and not layout.num_full)
 
 
 def test_chunked_prefill_equals_unchunked(tiny_llama_gqa):

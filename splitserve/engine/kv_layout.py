@@ -5,14 +5,15 @@ A model whose layers all see the whole context (most) has one group: a page hold
 pages are its page table. A model with sliding-window layers (Gemma 3's local layers, Mistral) splits its layers
 into groups of `layers_per_page` layers, the full-context layers first, then the sliding ones (the last group
 padded). A full group's pages hold every position of a request. A sliding group's pages form a ring of
-`ring_pages` pages (logical page i lives in ring slot i % ring_pages), as many as the window of a pass's first
-query and the pass itself span, so a pass never overwrites a key one of its queries reads. Gemma 3 270M (window
-512, one global layer in six) at the default 16-token pages and 1,024-token passes: past 1,552 tokens (97
-pages) a request's five sliding groups stop growing, and its KV grows at a sixth of the rate.
+`ring_pages` pages (logical page i lives in ring slot i % ring_pages): as many as a window spans, since a ring
+only ever holds the last `window` positions (a pass's prompt rows attend over their own keys from the
+activations and store only their last window after attending: `kernels/attention.py`). Gemma 3 270M (window
+512, one global layer in six) at 16-token pages: past 528 tokens (33 pages) a request's five sliding groups
+stop growing, and its KV grows at a sixth of the rate.
 
 A request's pages are one list: for each logical page, its full groups' pages, then (while its rings still grow)
-its sliding groups'. Every worker derives the same layout from the model, the page size and the pass budget
-(the compatibility key carries it), so page lists move between workers as they are. A ring's page is
+its sliding groups'. Every worker derives the same layout from the model and the page size (the compatibility
+key carries it), so page lists move between workers as they are. A ring's page is
 rewritten as the request moves on, so the prefix cache (and with it conversations kept between turns, the
 offload tier, and streaming KV while a prompt is prefilled) does not apply to a layout with rings.
 """
@@ -31,6 +32,7 @@ class KVLayout:
     num_full: int  # groups [0, num_full) hold every position; the others are rings
     num_groups: int
     ring_pages: int  # 0: no ring
+    window: int = 0  # the sliding layers' (largest) window
 
     @classmethod
     def single(cls, num_layers: int) -> KVLayout:
@@ -38,13 +40,13 @@ class KVLayout:
         return cls(num_layers, tuple((0, layer) for layer in range(num_layers)), 1, 1, 0)
 
     @classmethod
-    def for_model(cls, windows: Sequence[int], num_layers: int, page_size: int, max_pass: int,
-                  max_len: int) -> KVLayout:  # fmt: skip
-        """The layout for layers with sliding `windows` (0 or () for none), `max_pass` tokens a pass, contexts of
-        at most `max_len` tokens. One group when no layer slides, or when a ring would hold every page anyway."""
+    def for_model(cls, windows: Sequence[int], num_layers: int, page_size: int, max_len: int) -> KVLayout:
+        """The layout for layers with sliding `windows` (0 or () for none) and contexts of at most `max_len`
+        tokens. One group when no layer slides, or when a ring would hold every page anyway."""
         sliding = [layer for layer in range(num_layers) if windows and windows[layer]]
         full = [layer for layer in range(num_layers) if layer not in sliding]
-        ring = math.ceil((max((windows or [0])) + max_pass - 1) / page_size) + 1
+        window = max(windows or [0])
+        ring = math.ceil((window - 1) / page_size) + 1  # the pages `window` consecutive positions can touch
         if not sliding or ring >= math.ceil(max_len / page_size):
             return cls.single(num_layers)
         per_page = len(full) or len(sliding)
@@ -52,7 +54,7 @@ class KVLayout:
         slots = {layer: (i // per_page, i % per_page) for i, layer in enumerate(full)}
         slots |= {layer: (full_groups + i // per_page, i % per_page) for i, layer in enumerate(sliding)}
         groups = full_groups + math.ceil(len(sliding) / per_page)
-        return cls(per_page, tuple(slots[layer] for layer in range(num_layers)), full_groups, groups, ring)
+        return cls(per_page, tuple(slots[layer] for layer in range(num_layers)), full_groups, groups, ring, window)
 
     @property
     def has_rings(self) -> bool:

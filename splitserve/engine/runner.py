@@ -35,8 +35,7 @@ class ModelRunner:
         if bits is not None:
             self.model.quantize(*bits, fused=not config.enforce_eager)
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
-        self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size,
-                                            config.max_num_batched_tokens, limit)  # fmt: skip
+        self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size, limit)
         self.model.place_kv(self.kv_layout.slots)
         # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
@@ -121,6 +120,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slot_pages: list[list[int]] = [[] for _ in groups]
+        ring_writes: list[list[int]] = [[] for _ in groups]  # a ring group's prefill rows store after attending
         sample_rows: list[int] = []
         spans: list[tuple[int, int, int, torch.Tensor | None]] = []  # (row, query_len, context_len, mask)
         span_pages: list[list[list[int]]] = [[] for _ in groups]
@@ -134,7 +134,15 @@ class ModelRunner:
             positions.extend(range(start, end))
             tables = layout.tables(r.pages, math.ceil(end / ps))
             for g, table in enumerate(tables):
-                slot_pages[g].extend(table[p // ps] for p in range(start, end))
+                if g < layout.num_full:
+                    slot_pages[g].extend(table[p // ps] for p in range(start, end))
+                elif c.num_tokens == 1:
+                    slot_pages[g].append(table[start // ps])
+                    ring_writes[g].append(self.null_page)
+                else:  # only the span's last window stays (kernels/attention.py, `attend`)
+                    slot_pages[g].extend([self.null_page] * c.num_tokens)
+                    kept = end - layout.window + 1
+                    ring_writes[g].extend(table[p // ps] if p >= kept else self.null_page for p in range(start, end))
             if c.completes:
                 sample_rows.append(row + c.num_tokens - 1)
             if c.num_tokens == 1:
@@ -170,6 +178,7 @@ class ModelRunner:
                 PrefillSpan(row, q_len, ctx, torch.tensor(pages, dtype=torch.long, device=self.device), span_mask)
                 for (row, q_len, ctx, span_mask), pages in zip(spans, span_pages[g], strict=True)
             ]
+            ring = g >= layout.num_full and spans
             metas.append(PagedAttentionMetadata(
                 slot_pages=slots,
                 slot_offsets=self._slot_offsets[:n],
@@ -178,5 +187,6 @@ class ModelRunner:
                 decode_context_lens=self._decode_context_lens[:nd],
                 decode_mask=mask.view(nd, 1, 1, max_pages * ps),
                 prefills=prefills,
+                ring_writes=torch.tensor(ring_writes[g], device=self.device) if ring else None,
             ))  # fmt: skip
         return (metas[0] if len(metas) == 1 else metas), sample_rows

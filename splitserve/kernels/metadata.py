@@ -32,6 +32,11 @@ class PagedAttentionMetadata:
     decode_context_lens: torch.Tensor  # [num_decode] tokens each decode query attends to
     decode_mask: torch.Tensor  # [num_decode, 1, 1, max_pages * page_size] bool, True = attend
     prefills: list[PrefillSpan]
+    # A ring of pages (engine/kv_layout.py) with prefill rows in the step: those rows' K/V are stored only after
+    # attending (their queries read their own keys from the activations), and only their span's last window:
+    # the page each token's K/V goes to then (the null page for decode rows and the rest). `slot_pages` holds the
+    # decode rows' pages and the null page for prefill rows.
+    ring_writes: torch.Tensor | None = None
 
     @cached_property
     def kv_runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

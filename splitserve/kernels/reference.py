@@ -19,18 +19,24 @@ def write_kv(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float, window: int = 0
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    meta: PagedAttentionMetadata,
+    scale: float,
+    window: int = 0,
+    fresh: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query row ([num_tokens, num_heads, head_dim]) over its sequence's pages; with a
     sliding `window`, over its last `window` positions only (its own included).
 
-    The K/V of the batch's own tokens must already be written (`write_kv`).
+    The K/V of the batch's own tokens must already be written (`write_kv`), or for prefill rows be in `fresh`.
     """
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
         out[:nd] = _decode_attention(q[:nd], kv_cache, layer, meta, scale, window)
-    prefill_attention(q, kv_cache, layer, meta, scale, out, window)
+    prefill_attention(q, kv_cache, layer, meta, scale, out, window, fresh)
     return out
 
 
@@ -42,14 +48,20 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor,
     window: int = 0,
+    fresh: torch.Tensor | None = None,
 ) -> None:
     """The prefill spans' rows of `out`: each span's queries over its context (causal within the chunk; within
-    the sliding `window` where one is given)."""
+    the sliding `window` where one is given). `fresh` (`[num_tokens, 2, kv_heads, dim]`): the step's own K/V,
+    read from there rather than from the pages (a ring stores them only after the step attends)."""
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         kv = kv_format.read(kv_cache, layer, span.page_ids, q.dtype)  # [pages, 2, page_size, kv_heads, dim]
         k = kv[:, 0].flatten(0, 1)[: span.context_len]
         v = kv[:, 1].flatten(0, 1)[: span.context_len]
+        if fresh is not None:
+            prefix = span.context_len - span.query_len
+            k = torch.cat((k[:prefix], fresh[rows, 0].to(q.dtype)))
+            v = torch.cat((v[:prefix], fresh[rows, 1].to(q.dtype)))
         k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         mask = span.causal_mask
         if window:

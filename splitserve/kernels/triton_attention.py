@@ -119,6 +119,34 @@ def _store_int8_kernel(
     tl.store(scale_ptr, scale)
 
 
+def rotate(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, kv_heads: int, qk_norm=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated queries `[tokens, num_heads, head_dim]` of `qkv` and its rotated keys and values, staged in
+    fp32 as `[tokens, 2, kv_heads, head_dim]` for a store of their own."""
+    n, dim = qkv.shape[0], qkv.shape[1] // (num_heads + 2 * kv_heads)
+    q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
+    staged = torch.empty(n, 2, kv_heads, dim, dtype=torch.float32, device=qkv.device)
+    if n:
+        _launch_rotate(qkv, cos, sin, q, staged, None, 0, num_heads, kv_heads, qk_norm)
+    return q, staged
+
+
+def _launch_rotate(qkv, cos, sin, q, dst, meta, layer, num_heads, kv_heads, qk_norm) -> None:
+    """`_rotate_store_kernel` into the cache (`meta`'s slots) or, without `meta`, into a staging buffer."""
+    staged = meta is None
+    c = (dst.stride(0), 0, dst.stride(1), 0, dst.stride(2)) if staged else dst.stride()
+    pages, offsets = (q, q) if staged else (meta.slot_pages, meta.slot_offsets)  # (unread when staged)
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
+    _rotate_store_kernel[(qkv.shape[0], num_heads + kv_heads)](
+        qkv, cos, sin, q, dst, pages, offsets, q_norm, k_norm, layer, eps,
+        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        c[0], c[1], c[2], c[3], c[4],
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=q.shape[2] // 2, QK_NORM=qk_norm is not None,
+        STAGED=staged,
+    )  # fmt: skip
+
+
 def rotate_and_store(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     meta: PagedAttentionMetadata, num_heads: int, qk_norm=None,
@@ -126,30 +154,22 @@ def rotate_and_store(
     """The rotated queries `[tokens, num_heads, head_dim]` of `qkv` (`[tokens, (heads + 2 kv_heads) *
     head_dim]`, rows contiguous); the rotated keys and the values go into the tokens' slots of `layer`.
     `qk_norm`: an `attention.QKNorm`, or None."""
-    n = qkv.shape[0]
-    kv_heads, dim = kv_cache.shape[4], kv_cache.shape[5]
-    q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
-    if not n:
+    n, kv_heads, dim = qkv.shape[0], kv_cache.shape[4], kv_cache.shape[5]
+    if kv_cache.dtype != torch.int8:
+        q = torch.empty(n, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
+        if n:
+            _launch_rotate(qkv, cos, sin, q, kv_cache, meta, layer, num_heads, kv_heads, qk_norm)
         return q
-    int8 = kv_cache.dtype == torch.int8
-    dst = torch.empty(n, 2, kv_heads, dim, dtype=torch.float32, device=qkv.device) if int8 else kv_cache
-    c = (dst.stride(0), 0, dst.stride(1), 0, dst.stride(2)) if int8 else kv_cache.stride()
-    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
-    _rotate_store_kernel[(n, num_heads + kv_heads)](
-        qkv, cos, sin, q, dst, meta.slot_pages, meta.slot_offsets, q_norm, k_norm, layer, eps,
-        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        c[0], c[1], c[2], c[3], c[4],
-        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=qk_norm is not None, STAGED=int8,
-    )  # fmt: skip
-    if int8:
+    q, staged = rotate(qkv, cos, sin, num_heads, kv_heads, qk_norm)
+    if n:
         # A decode step's tokens each start their own run (one token per sequence; its starts and counts go
         # unread): no host sync to find runs, so the step stays capturable as a CUDA graph.
         one = not meta.prefills
         runs = (meta.slot_pages, meta.slot_offsets, meta.slot_pages, meta.slot_pages) if one else meta.kv_runs
         c = kv_cache.stride()
         _store_int8_kernel[(len(runs[0]), kv_heads, 2)](
-            dst, kv_cache, *runs, layer, dst.stride(0), dst.stride(1), dst.stride(2), c[0], c[1], c[2], c[3], c[4],
-            PAGE_SIZE=kv_cache.shape[3], HEAD_DIM=dim, ONE_TOKEN_RUNS=one,
+            staged, kv_cache, *runs, layer, staged.stride(0), staged.stride(1), staged.stride(2),
+            c[0], c[1], c[2], c[3], c[4], PAGE_SIZE=kv_cache.shape[3], HEAD_DIM=dim, ONE_TOKEN_RUNS=one,
         )  # fmt: skip
     return q
 

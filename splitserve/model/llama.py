@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from splitserve.errors import ModelLoadError
-from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, paged_attention, rotate_and_store
+from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, attend
 from splitserve.kernels.layers import add_rms_norm
 from splitserve.model.config import ModelConfig, rope_parameter_sets
 from splitserve.model.mlp import MLP, SparseMoE
@@ -65,8 +65,7 @@ class Attention(nn.Module):
         elif self.qk_norm == "all":
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qkv = torch.cat((self.q_norm(q.contiguous())[0], self.k_norm(k.contiguous())[0], v), dim=-1)
-        q = rotate_and_store(qkv, cos, sin, kv_cache, self.layer, meta, self.num_heads, qk_norm)
-        o = paged_attention(q, kv_cache, self.layer, meta, self.scale, self.window)
+        o = attend(qkv, cos, sin, kv_cache, self.layer, meta, self.num_heads, self.scale, self.window, qk_norm)
         return self.o_proj(o.view(x.shape[0], self.q_size))
 
 
