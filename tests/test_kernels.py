@@ -401,3 +401,26 @@ def test_native_cpu_layer_kernels_match_reference(rows):
     gate_up = torch.randn(rows, 2 * 1536, generator=g) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_prefill_attention_reads_a_spans_own_keys_from_the_activations(kv_dtype):
+    """With `fresh` (a ring stores a prompt's K/V only after attending), the Triton prefill attention reads each
+    span's prefix from the pages and its own keys from `fresh`, as the reference does; the pages' copies of
+    those keys (garbage here) are not read."""
+    page_size, kv_heads, group, dim = 16, 2, 3, 64
+    spans = [(1, 2), (9, 9), (20, 2 * page_size + 7), (16, 40)]
+    cache, meta, n = _step(spans, page_size, kv_heads, dim, kv_dtype, seed=8)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(n, kv_heads * group, dim, generator=g).to(DEVICE)
+    fresh = torch.randn(n, 2, kv_heads, dim, generator=g).to(DEVICE)
+    for window in (0, 7):
+        want = torch.zeros_like(q)
+        reference.prefill_attention(q, cache, 1, meta, dim**-0.5, want, window, fresh)
+        got = torch.zeros_like(q)
+        triton_attention.prefill_attention(q, cache, 1, meta, dim**-0.5, got, window=window, fresh=fresh)
+        nd = meta.num_decode
+        torch.testing.assert_close(got[nd:], want[nd:], atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+        stale = torch.zeros_like(q)
+        triton_attention.prefill_attention(q, cache, 1, meta, dim**-0.5, stale, window=window)
+        assert not torch.allclose(stale[nd:], want[nd:])  # the pages hold other keys: `fresh` was read

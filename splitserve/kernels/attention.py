@@ -117,7 +117,7 @@ def paged_attention(
     sliding `window` (> 0), over its last `window` positions only (Gemma 3's local layers).
 
     The K/V of the batch's own tokens must already be written (`rotate_and_store`), or for the prefill rows be in
-    `fresh` (`attend`; the PyTorch reference reads those, on every device).
+    `fresh` (`attend`).
     """
     if not use_triton(q):
         nd = meta.num_decode
@@ -132,8 +132,5 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.num_decode:
         triton_attention.decode_attention(q, kv_cache, layer, meta, scale, out=out, window=window)
-    if fresh is not None:
-        reference.prefill_attention(q, kv_cache, layer, meta, scale, out, window, fresh)
-    else:
-        triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out, window=window)
+    triton_attention.prefill_attention(q, kv_cache, layer, meta, scale, out, window=window, fresh=fresh)
     return out

@@ -193,27 +193,38 @@ def _attend_tile(q, k, v, allowed, m, denom, acc, scale, PRECISION: tl.constexpr
 def _attend_keys(
     q, q_pos, lowest, m, denom, acc, cache_ptr, table_row_ptr, first, context, layer, kvh, scale,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+    fresh_ptr, fresh_row, own_start, stride_fn, stride_fkv, stride_fh,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-    CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
+    CAUSAL: tl.constexpr, KV_INT8: tl.constexpr, FRESH: tl.constexpr,
 ):  # fmt: skip
     """Fold the context's keys at positions [first, first + TILE) into the queries' online softmax: K and V of
     KV head `kvh`, read from the sequence's pages (a tile may span pages). Keys before `lowest` (a sliding
     window's start: one for all queries, or a column of one per query) are not seen. With CAUSAL, query row i
-    sees only keys at or before its position `q_pos[i]`."""
+    sees only keys at or before its position `q_pos[i]`. FRESH: the keys from `own_start` on (the span's own)
+    come from `fresh_ptr` (`[tokens, 2, kv_heads, head_dim]`, position `own_start` at row `fresh_row`): a ring
+    of pages stores them only after attending."""
     positions = first + tl.arange(0, TILE)
     valid = positions < context
+    stored = valid
+    if FRESH:
+        stored = valid & (positions < own_start)
     d = tl.arange(0, HEAD_DIM)
-    page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    page = tl.load(table_row_ptr + positions // PAGE_SIZE, mask=stored, other=0).to(tl.int64)
     blocks = cache_ptr + page * stride_cp + layer * stride_cl
     addr = blocks[:, None] + (positions % PAGE_SIZE)[:, None] * stride_cs + kvh * stride_ch + d[None, :]
-    k = tl.load(addr, mask=valid[:, None], other=0.0)
-    v = tl.load(addr + stride_ckv, mask=valid[:, None], other=0.0)
+    k = tl.load(addr, mask=stored[:, None], other=0.0)
+    v = tl.load(addr + stride_ckv, mask=stored[:, None], other=0.0)
     if KV_INT8:  # each block's fp32 scales follow its values (kernels/kv_format.py); int8 pointers count bytes
         k_scales = (blocks + PAGE_SIZE * stride_cs + kvh * 4).to(tl.pointer_type(tl.float32))
         v_scales = (blocks + stride_ckv + PAGE_SIZE * stride_cs + kvh * 4).to(tl.pointer_type(tl.float32))
-        k = k.to(tl.float32) * tl.load(k_scales, mask=valid, other=0.0)[:, None]
-        v = v.to(tl.float32) * tl.load(v_scales, mask=valid, other=0.0)[:, None]
+        k = k.to(tl.float32) * tl.load(k_scales, mask=stored, other=0.0)[:, None]
+        v = v.to(tl.float32) * tl.load(v_scales, mask=stored, other=0.0)[:, None]
     k, v = k.to(q.dtype), v.to(q.dtype)  # a narrower --kv-dtype is read as the queries' type
+    if FRESH:
+        own = (valid & (positions >= own_start))[:, None]
+        src = fresh_ptr + (fresh_row + positions - own_start)[:, None] * stride_fn + kvh * stride_fh + d[None, :]
+        k = tl.where(own, tl.load(src, mask=own, other=0.0).to(q.dtype), k)
+        v = tl.where(own, tl.load(src + stride_fkv, mask=own, other=0.0).to(q.dtype), v)
     allowed = valid[None, :] & (positions[None, :] >= lowest)
     if CAUSAL:
         allowed = allowed & (positions[None, :] <= q_pos[:, None])
@@ -254,8 +265,8 @@ def _decode_partial_kernel(
     for t in range(start, tl.minimum(context, split_start + SPLIT_TOKENS), TILE):
         m, denom, acc = _attend_keys(
             q, 0, lowest, m, denom, acc, cache_ptr, table_ptr + b * stride_tb, t, context, layer, kvh, scale,
-            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, TILE, PAGE_SIZE, HEAD_DIM, PRECISION, False,
-            KV_INT8,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, cache_ptr, 0, 0, 0, 0, 0,
+            TILE, PAGE_SIZE, HEAD_DIM, PRECISION, False, KV_INT8, False,
         )  # fmt: skip
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(out, acc, mask=group_mask[:, None])
@@ -346,14 +357,15 @@ def decode_attention(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, starts_ptr, qlens_ptr, ctx_ptr, table_ptr, layer, scale, window,
+    q_ptr, cache_ptr, out_ptr, starts_ptr, qlens_ptr, ctx_ptr, table_ptr, fresh_ptr, layer, scale, window,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
-    stride_tb,
+    stride_tb, stride_fn, stride_fkv, stride_fh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr, FRESH: tl.constexpr,
 ):  # fmt: skip
-    """One (span, block of queries, head): causal attention over the span's context, read from pages."""
+    """One (span, block of queries, head): causal attention over the span's context, read from pages (FRESH: the
+    span's own keys from `fresh_ptr`)."""
     span = tl.program_id(0)
     block = tl.program_id(1)
     h = tl.program_id(2)
@@ -378,8 +390,9 @@ def _prefill_kernel(
         m, denom, acc = _attend_keys(
             q, q_pos, lowest[:, None], m, denom, acc, cache_ptr, table_ptr + span * stride_tb, t, context, layer,
             kvh, scale,
-            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch, BLOCK_N, PAGE_SIZE, HEAD_DIM, PRECISION, True,
-            KV_INT8,
+            stride_cp, stride_cl, stride_ckv, stride_cs, stride_ch,
+            fresh_ptr, start, context - q_len, stride_fn, stride_fkv, stride_fh,
+            BLOCK_N, PAGE_SIZE, HEAD_DIM, PRECISION, True, KV_INT8, FRESH,
         )  # fmt: skip
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     dst = out_ptr + (start + rows)[:, None] * stride_on + h * stride_oh + d[None, :]
@@ -388,10 +401,11 @@ def _prefill_kernel(
 
 def prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: PagedAttentionMetadata, scale: float,
-    out: torch.Tensor, block_m: int = 16, block_n: int = 64, window: int = 0,
+    out: torch.Tensor, block_m: int = 16, block_n: int = 64, window: int = 0, fresh: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Causal attention for every prefill span of `meta` (ragged, with prefixes in pages; within a sliding
-    `window` where window > 0), into `out`."""
+    `window` where window > 0), into `out`. `fresh` (`[tokens, 2, kv_heads, head_dim]`): the step's own K/V,
+    read from there rather than from the pages (a ring stores them only after the step attends)."""
     if not meta.prefills:
         return
     _, num_heads, dim = q.shape
@@ -400,12 +414,14 @@ def prefill_attention(
     spans = meta.prefills
     starts, q_lens, contexts, table = meta.prefill_tables
     c = kv_cache.stride()
+    f = fresh.stride() if fresh is not None else (0, 0, 0)
     grid = (len(spans), triton.cdiv(max(sp.query_len for sp in spans), block_m), num_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, starts, q_lens, contexts, table, layer, scale, window,
+        q, kv_cache, out, starts, q_lens, contexts, table, fresh if fresh is not None else q, layer, scale, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         c[0], c[1], c[2], c[3], c[4],
-        table.stride(0),
+        table.stride(0), f[0], f[1], f[2],
         GROUP=num_heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=kv_cache.dtype == torch.int8,
+        FRESH=fresh is not None,
     )  # fmt: skip
