@@ -16,7 +16,7 @@ from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.params import SamplingParams
 from splitserve.kernels import kv_format
 from splitserve.launcher import ServeProcess
-from tests.helpers import hf_greedy
+from tests.helpers import hf_greedy, run_staggered
 from tests.test_serving import complete
 
 GEMMA3_270M = tuple(0 if layer % 6 == 5 else 512 for layer in range(18))  # a global layer in six, window 512
@@ -138,7 +138,7 @@ def test_served_pools_move_ring_pages_as_they_are(tiny_chat_gemma3):
     layout = local.runner.kv_layout
     assert layout.has_rings and layout.ring_pages == 2
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    want = _colocated(local, prompts, params)
+    want, _ = run_staggered(local, prompts, [params] * len(prompts), [0] * len(prompts))
     server = ServeProcess(tiny_chat_gemma3, args, num_workers=2)
     try:
         model = server.http.get("/v1/models").json()["data"][0]["id"]
@@ -160,15 +160,3 @@ def test_served_pools_move_ring_pages_as_they_are(tiny_chat_gemma3):
         assert sent == pages * page_bytes
     finally:
         server.stop()
-
-
-def _colocated(engine: DecodeEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """The colocated engine's greedy tokens for each prompt, one at a time."""
-    outputs = []
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-        tokens = []
-        while engine.has_unfinished():
-            tokens.extend(u.token_id for u in engine.step())
-        outputs.append(tokens)
-    return outputs
