@@ -53,6 +53,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     kv_key: CompatKey
     pid: int
     host: str
+    offload_pages: int = 0  # cached pages its KV offload tier holds at most, beyond the pool's num_pages
 
 
 class Load(msgspec.Struct, frozen=True):

@@ -78,6 +78,7 @@ def run_worker(options: WorkerOptions) -> None:
         kv_key=role.engine.compat_key,
         pid=os.getpid(),
         host=socket.gethostname(),
+        offload_pages=0 if role.engine.pages.offload is None else role.engine.pages.offload.capacity,
     )
     engine = role.engine.config
     print(f"splitserve {info.worker_id}: model {info.model} on {engine.torch_device} in {engine.describe_dtype()}, "

@@ -160,10 +160,11 @@ def test_served_conversations_come_back_from_the_tier_and_metrics_count_it(tiny_
         server.wait_idle(timeout=5)
         time.sleep(0.6)  # the workers' next heartbeats carry their counters
         text = server.http.get("/metrics").text
-        # The history's full pages came back (on the decode worker: the router, told that it still holds them,
-        # has it prefill the new tokens itself).
-        loaded = prometheus_total(text, "splitserve_offload_pages_loaded_total")
+        # The history's full pages came back on the decode worker: the router, which knows that its tier keeps
+        # them though its pool (32 pages) was filled three times over since, had it prefill turn 2 itself.
+        loaded = prometheus_total(text, "splitserve_offload_pages_loaded_total", 'role="decode"')
         assert loaded >= (len(turn1) + len(out1) - 1) // 8, loaded
+        assert prometheus_total(text, "splitserve_router_local_prefills_total") == 1
         assert prometheus_total(text, "splitserve_offload_bytes_read_total") > 0
         assert prometheus_total(text, "splitserve_worker_offloaded_pages") > 0
     finally:

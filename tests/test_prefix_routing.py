@@ -8,14 +8,15 @@ from __future__ import annotations
 import random
 import time
 
+import msgspec
 import pytest
 
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages
 from splitserve.launcher import ServeProcess
-from splitserve.protocol import Generate, Reserve, Role
+from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role
 from splitserve.router.cluster import RouterOptions
-from tests.helpers import add_fake_worker, hf_greedy, recording_cluster
+from tests.helpers import add_fake_worker, fake_worker_info, hf_greedy, recording_cluster
 from tests.test_serving import _metric
 
 ENGINE = ["--dtype", "fp32", "--page-size", "8", "--kv-cache-memory", "8MiB", "--max-num-batched-tokens", "64"]
@@ -136,6 +137,20 @@ def test_the_index_is_bounded_and_forgets_removed_workers(router):
     assert cluster.prefix_index.matched_pages("a", [950, 951, 7]) == 2
     cluster._remove_worker("a", "it shut down")
     assert cluster.prefix_index.num_pages("a") == 0
+
+
+def test_the_index_holds_what_a_worker_keeps_in_its_offload_tier(router):
+    """A worker with an offload tier keeps more cached pages than its pool has (the tier's are not reported
+    removed): the index must not forget its oldest, the shared system prompt's first pages, which every
+    conversation's match starts from."""
+    cluster, _ = router
+    info = msgspec.structs.replace(fake_worker_info("d", Role.DECODE), offload_pages=300)
+    cluster._heartbeat(Heartbeat(info, Load(100, 0, 0, 0), KvStats(), 0.0))
+    cluster.prefix_index.apply("d", list(range(400)), [])
+    assert cluster.prefix_index.num_pages("d") == 400
+    assert cluster.prefix_index.matched_pages("d", [0, 1, 2, 999]) == 3
+    cluster.prefix_index.apply("d", [400], [])
+    assert cluster.prefix_index.matched_pages("d", [0, 1, 2]) == 0  # past both, events were lost: the oldest go
 
 
 def test_a_burst_spreads_before_any_load_report(router):

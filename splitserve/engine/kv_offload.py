@@ -68,6 +68,11 @@ class OffloadTier:
         self.on_drop: Callable[[int], None] | None = None  # told each page hash the tier lets go of
 
     @property
+    def capacity(self) -> int:
+        """Pages it holds at most (host memory and disk)."""
+        return self.host_capacity + self.disk_capacity
+
+    @property
     def num_pages(self) -> int:
         return len(self._in_memory) + len(self._on_disk)
 

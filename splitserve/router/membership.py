@@ -114,7 +114,8 @@ class Membership:
         worker.root_hash = root_hash(msgspec.msgpack.encode(info.kv_key))
         self.workers[info.worker_id] = worker
         self.num_joined += 1
-        self.prefix_index.add_worker(info.worker_id, info.num_pages)
+        # It may name every page of its pool and of its offload tier (which keeps what the pool overwrites).
+        self.prefix_index.add_worker(info.worker_id, info.num_pages + info.offload_pages)
         return worker
 
     def remove(self, worker_id: str) -> Worker:

@@ -3,7 +3,9 @@
 
 It is approximate by design: events a worker sent while the router was away are lost, and a page may be
 evicted between a lookup and the request's arrival. A wrong guess costs only speed (the worker computes what
-it lacks), never correctness. Memory is bounded: at most as many hashes per worker as it has pages.
+it lacks), never correctness. Memory is bounded: at most as many hashes per worker as it can hold pages (its
+pool's, and its offload tier's: pages the tier keeps are not reported removed). Past that bound, events were
+lost, and the hashes stored longest ago are forgotten.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ class PrefixIndex:
         self._held: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
 
-    def add_worker(self, worker_id: str, num_pages: int) -> None:
+    def add_worker(self, worker_id: str, capacity: int) -> None:
+        """Track a worker that can hold at most `capacity` cached pages."""
         self._held[worker_id] = OrderedDict()
-        self._capacity[worker_id] = num_pages
+        self._capacity[worker_id] = capacity
 
     def remove_worker(self, worker_id: str) -> None:
         self._held.pop(worker_id, None)
