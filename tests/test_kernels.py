@@ -128,25 +128,59 @@ def test_decode_attention_matches_reference_at_every_split_count(splits, page_si
 @pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize(("dim", "group", "page_size"), [(64, 3, 16), (128, 4, 32), (64, 1, 8), (72, 5, 16)])
-def test_native_cpu_decode_attention_matches_reference(dim, group, page_size, kv_dtype):
+def test_native_cpu_attention_matches_reference(dim, group, page_size, kv_dtype):
     """fp32 queries over a cache stored as fp32, fp16, bf16 or int8 pages with their scales (--kv-dtype), read as
     stored: the reference converts the pages to fp32 first, the kernel in registers (an int8 page's scale applied
-    to its keys' scores and its values' probabilities)."""
+    to its keys' scores and its values' probabilities). Decode rows and prompt rows (a chunk alone, and one after a
+    prefix in pages), each prompt row through its `row_tables` entry."""
     kv_heads = 2
-    spans = [(1, 1), (1, 2), (1, 17), (1, 5 * page_size), (1, 9 * page_size + 3)]
-    cache, meta, _ = _step(spans, page_size, kv_heads, dim, kv_dtype, num_layers=3)
+    spans = [(1, 1), (1, 2), (1, 17), (1, 5 * page_size), (1, 9 * page_size + 3), (7, 7), (5, 3 * page_size + 2)]
+    cache, meta, rows = _step(spans, page_size, kv_heads, dim, kv_dtype, num_layers=3)
     cache, meta = kv_format.copy(cache, "cpu"), _on_cpu(meta)
-    q = torch.randn(meta.num_decode, kv_heads * group, dim)
+    q = torch.randn(rows, kv_heads * group, dim)
     for layer in range(3):
         want = reference.paged_attention(q, cache, layer, meta, dim**-0.5)
-        got = cpu_kernels.paged_decode_attention(q, cache, layer, meta, dim**-0.5)
+        got = cpu_kernels.paged_attention(q, cache, layer, *meta.row_tables, dim**-0.5)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
+def test_native_attention_of_a_prompt_row_is_its_decode_rows_bitwise():
+    """A token's attention is the same bits whether its row is a decode row or one of a prompt chunk of any size
+    (`row_tables`): the one numerics that lets a prompt computed in chunks, a decode step and a migrated request's
+    prefill agree."""
+    page_size, kv_heads, dim, ctx = 16, 3, 64, 50
+    cache, _, _ = _step([(1, ctx)], page_size, kv_heads, dim, torch.float32, num_layers=1)
+    cache = kv_format.copy(cache, "cpu")
+    pages = torch.randperm(cache.shape[0] - 1)[: math.ceil(ctx / page_size)]
+    q = torch.randn(ctx, 3 * kv_heads, dim)
+    outs = {}
+    for chunk in (1, 7, 16, ctx):
+        got = torch.empty_like(q)
+        for start in range(0, ctx, chunk):
+            end = min(start + chunk, ctx)
+            table = pages.expand(end - start, -1)
+            lens = torch.arange(start + 1, end + 1)
+            got[start:end] = cpu_kernels.paged_attention(q[start:end], cache, 0, table, lens, dim**-0.5)
+        outs[chunk] = got
+    for chunk in (7, 16, ctx):
+        assert torch.equal(outs[chunk], outs[1]), chunk
+
+
 def _on_cpu(meta: PagedAttentionMetadata) -> PagedAttentionMetadata:
+    prefills = [
+        PrefillSpan(
+            p.query_start,
+            p.query_len,
+            p.context_len,
+            p.page_ids.cpu(),
+            None if p.causal_mask is None else p.causal_mask.cpu(),
+        )
+        for p in meta.prefills
+    ]
     return PagedAttentionMetadata(meta.slot_pages.cpu(), meta.slot_offsets.cpu(), meta.num_decode,
                                   meta.decode_page_table.cpu(), meta.decode_context_lens.cpu(),
-                                  meta.decode_mask.cpu(), [])  # fmt: skip
+                                  meta.decode_mask.cpu(), prefills)  # fmt: skip
 
 
 @pytest.mark.parametrize(("dim", "group", "page_size", "dtype"), SHAPES)

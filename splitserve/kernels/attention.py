@@ -7,9 +7,11 @@ when sliding-window layers keep rings of pages: engine/kv_layout.py), which `lay
 the layer's group's. A step's tokens form one flat batch: first the decode rows (one query token each), then the
 prefill chunks (several query tokens, possibly after a prefix already in pages).
 
-Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the native decode attention
-(cpu_kernels.c: fp32 queries over an fp32, fp16, bf16 or int8 cache, read as stored) for decode rows where it
-builds, and the PyTorch reference for the rest. The cache's dtype is `--kv-dtype`'s: writes convert to it, reads
+Dispatch (kernels/dispatch.py): Triton kernels for CUDA tensors; on the CPU the native paged attention
+(cpu_kernels.c: fp32 queries over an fp32, fp16, bf16 or int8 cache, read as stored) for every row where it
+builds, a prompt's rows each as a decode row at its position (so a token's attention is the same arithmetic in a
+decode step and in a prompt chunk of any size), and the PyTorch reference for the rest (sliding windows, a
+ring's prompt rows). The cache's dtype is `--kv-dtype`'s: writes convert to it, reads
 from it.
 """
 
@@ -120,12 +122,8 @@ def paged_attention(
     `fresh` (`attend`).
     """
     if not use_triton(q):
-        nd = meta.num_decode
-        if nd and not window and use_native(q) and cpu_kernels.decode_attention_supported(q, kv_cache):
-            out = torch.empty_like(q)
-            cpu_kernels.paged_decode_attention(q[:nd], kv_cache, layer, meta, scale, out=out[:nd])
-            reference.prefill_attention(q, kv_cache, layer, meta, scale, out, fresh=fresh)
-            return out
+        if not window and fresh is None and use_native(q) and cpu_kernels.attention_supported(q, kv_cache):
+            return cpu_kernels.paged_attention(q, kv_cache, layer, *meta.row_tables, scale)
         return reference.paged_attention(q, kv_cache, layer, meta, scale, window, fresh)
     from splitserve.kernels import triton_attention
 

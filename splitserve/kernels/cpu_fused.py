@@ -1,11 +1,12 @@
-"""`FusedDecoder`: every decoder layer of a decode-only step in one native call (`decode_layers` in
-cpu_kernels.c), for quantized models on the CPU.
+"""`FusedDecoder`: every decoder layer of a step in one native call (`decode_layers` in
+cpu_kernels.c), for quantized models on the CPU: decode steps and prompt chunks alike, every row attending
+through its own page table (`PagedAttentionMetadata.row_tables`), so a token gets the same bits either way.
 
 Layer by layer, a decode step on the CPU costs more in Python and dispatch (a dozen kernel calls, tensor
 allocations and module calls per layer: ~0.25 ms per layer, 7-8 ms of a 24 ms step for the embedded model on
 2 cores) than in arithmetic. The fused call runs the same kernels in the same order on buffers it owns, so its
-output equals the layer-by-layer path's; `--enforce-eager` keeps that path. Steps with prompt chunks, and
-batches past the quantized kernel's rows, go layer by layer.
+output equals the layer-by-layer path's; `--enforce-eager` keeps that path. Steps past the quantized kernel's
+rows (int8 weights keep fp32 ones for large batches) go layer by layer.
 """
 
 from __future__ import annotations
@@ -65,12 +66,11 @@ class FusedDecoder:
         self._lib = cpu_kernels.library()
 
     def takes(self, h: torch.Tensor, kv_cache: torch.Tensor, meta: PagedAttentionMetadata) -> bool:
-        """Whether this step is one the fused call runs: decode rows only, within the quantized kernel's rows."""
-        n = h.shape[0]
+        """Whether this step is one the fused call runs: any step (decode rows and prompt chunks alike) within the
+        quantized kernel's rows, over a cache the native attention reads."""
         return (
-            not meta.prefills
-            and meta.num_decode == n
-            and 0 < n <= self.max_rows
+            0 < h.shape[0] <= self.max_rows
+            and meta.ring_writes is None
             and kv_cache.dtype in cpu_kernels.KV_KINDS
             and kv_format.laid_out(kv_cache)
         )
@@ -89,13 +89,11 @@ class FusedDecoder:
         h = h.contiguous()
         residual = torch.empty_like(h)
         cos, sin = cos.contiguous(), sin.contiguous()
-        table = meta.decode_page_table
-        if table.stride(1) != 1:
-            table = table.contiguous()
+        table, lens = meta.row_tables
         self._lib.decode_layers(ctypes.addressof(self._layers), len(self._layers), h.data_ptr(), residual.data_ptr(),
                                 cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), meta.slot_pages.data_ptr(),
                                 meta.slot_offsets.data_ptr(), table.data_ptr(), table.stride(0),
-                                meta.decode_context_lens.data_ptr(), n, hidden, shape.num_heads,
+                                lens.data_ptr(), n, hidden, shape.num_heads,
                                 shape.num_kv_heads, shape.head_dim, shape.intermediate_size, kv_cache.shape[3],
                                 shape.eps, shape.scale, torch.get_num_threads(), self.weight_bits,
                                 self.activation_bits, cpu_kernels.KV_KINDS[kv_cache.dtype])  # fmt: skip

@@ -1,5 +1,5 @@
-/* CPU kernels for x86 with AVX2 and FMA, built at run time by splitserve/kernels/cpu_kernels.py with
- * -march=native and called through ctypes.
+/* CPU kernels for x86 with AVX2 and FMA (and VNNI where the CPU has it: see dot_u8s8), built at run time by
+ * splitserve/kernels/cpu_kernels.py with -march=native and called through ctypes.
  *
  * quant_linear: quantized linear layer, y = x @ w^T (+ bias), outputs fp32. Weights are int8 with one fp32 scale
  * per output channel, or 4-bit with a scale and a minimum per channel and block of 32 inputs (llama.cpp's Q4_1),
@@ -17,7 +17,8 @@
  * cache (no gather, no copy; fp32, fp16 or bf16 as stored): each (sequence, KV head) scores its context for the
  * query heads that share that KV head, softmaxes in fp32 and sums the values.
  *
- * decode_layers: all decoder layers of a decode-only step of a quantized model, the kernels above in one call.
+ * decode_layers: all decoder layers of a step of a quantized model (decode rows and prompt rows alike), the kernels
+ * above in one call.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -25,6 +26,33 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+
+/* Integer dot products: VNNI's vpdpbusd (4 unsigned x signed byte products summed into each int32 lane, one
+ * instruction) where the compiler targets it, as AVX512-VNNI on 256-bit vectors (AVX512VL) or AVX-VNNI (the same
+ * instruction on CPUs with only the 256-bit form); else AVX2's maddubs (pairs summed into int16) and madd (pairs of
+ * those into int32). The kernels below never saturate maddubs' int16 sums, so both give the same int32 sums, and
+ * the outputs are the same bytes on every build (tests compile both and compare). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 2
+#define dpbusd(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#else
+#define VNNI 0
+#endif
+
+/* acc + the int32 sums of 4 adjacent u8 x s8 products: vpdpbusd, or maddubs and madd (no saturation: see above). */
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if VNNI
+    return dpbusd(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* Which integer dot product this build uses: 0 AVX2 (maddubs), 1 AVX-VNNI, 2 AVX512-VNNI. */
+int vnni(void) { return VNNI; }
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -68,7 +96,6 @@ static inline __attribute__((always_inline)) void tile_f32(
 static inline __attribute__((always_inline)) void tile_a8(
     const int8_t* xq, int64_t ldq, const float* d, const int8_t* wg, int64_t kb, int MR, __m256 acc[2][NG])
 {
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < kb; b++) {
         __m256i wv[NG];
         for (int j = 0; j < NG; j++) wv[j] = _mm256_loadu_si256((const __m256i*)(wg + b * NG * QB + j * QB));
@@ -77,7 +104,7 @@ static inline __attribute__((always_inline)) void tile_a8(
             const __m256i ax = _mm256_sign_epi8(xv, xv);
             const __m256 dv = _mm256_set1_ps(d[i * kb + b]);
             for (int j = 0; j < NG; j++) {
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[j], xv)), ones);
+                __m256i p = dot_u8s8(_mm256_setzero_si256(), ax, _mm256_sign_epi8(wv[j], xv));
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, acc[i][j]);
             }
         }
@@ -92,7 +119,6 @@ static inline __attribute__((always_inline)) void tile_a7(
     const uint8_t* xu, int64_t ldq, const float* d, const int8_t* wg, const float* ws, int64_t kb, int MR,
     __m256 acc[2][NG], __m128 corr[2])
 {
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < kb; b++) {
         __m256i wv[NG];
         for (int j = 0; j < NG; j++) wv[j] = _mm256_loadu_si256((const __m256i*)(wg + b * NG * QB + j * QB));
@@ -102,7 +128,7 @@ static inline __attribute__((always_inline)) void tile_a7(
             const __m256 dv = _mm256_set1_ps(d[i * kb + b]);
             corr[i] = _mm_fmadd_ps(_mm256_castps256_ps128(dv), w4, corr[i]);
             for (int j = 0; j < NG; j++) {
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv[j]), ones);
+                __m256i p = dot_u8s8(_mm256_setzero_si256(), xv, wv[j]);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, acc[i][j]);
             }
         }
@@ -127,9 +153,9 @@ static inline __attribute__((always_inline)) void tile_w4(
     const int8_t* xq, int64_t ldq, const float* d, const float* sx, const uint8_t* wg, const float* dw,
     const float* mw, int64_t kb, int MR, __m256 acc[4])
 {
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < kb; b++) {
-        __m256i sum[4];
+        __m256i sum[4]; /* int16 pairs (AVX2), or int32 (VNNI) */
         for (int i = 0; i < MR; i++) sum[i] = _mm256_setzero_si256();
         for (int r = 0; r < 4; r++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i*)(wg + (b * 4 + r) * 32));
@@ -138,13 +164,21 @@ static inline __attribute__((always_inline)) void tile_w4(
                 const int8_t* xb = xq + i * ldq + b * QB + 4 * r;
                 const __m256i xl = _mm256_set1_epi32(*(const int32_t*)xb);
                 const __m256i xh = _mm256_set1_epi32(*(const int32_t*)(xb + 16));
+#if VNNI
+                sum[i] = dpbusd(dpbusd(sum[i], lo, xl), hi, xh);
+#else
                 sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, xl));
                 sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, xh));
+#endif
             }
         }
         const __m256 d8 = _mm256_loadu_ps(dw + b * NG4), m8 = _mm256_loadu_ps(mw + b * NG4);
         for (int i = 0; i < MR; i++) {
-            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
+#if VNNI
+            const __m256 p = _mm256_cvtepi32_ps(sum[i]);
+#else
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], _mm256_set1_epi16(1)));
+#endif
             acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(d8, _mm256_set1_ps(d[i * kb + b])), acc[i]);
             acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(sx[i * kb + b]), acc[i]);
         }
@@ -674,7 +708,8 @@ static inline void linear(const QLinear* l, const float* x, float* y, int64_t M,
     quant_linear(x, l->w, l->scale, l->offset, l->bias, y, M, N, K, nthreads, wbits, bits);
 }
 
-/* Every decoder layer of a decode-only step, in one call: nd rows, one new token each. `h` holds the token
+/* Every decoder layer of a step, in one call: nd rows, one new token each (a decode row, or a prompt row at its
+ * position: every row's K/V is stored before any row attends, so a prompt row sees its chunk's earlier keys). `h` holds the token
  * embeddings on entry and the last layer's output on return, `residual` the residual stream (both [nd, hidden]);
  * the model's final norm adds them. Each token's K/V goes to (slot_pages[i], slot_offsets[i]) of the cache
  * [num_pages, num_layers, 2, page_size, kv_heads, dim]; row i attends to the first context_lens[i] tokens of
@@ -700,11 +735,24 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         add_rms_norm(h, l ? residual : NULL, w->input_norm, x, residual, nd, hidden, eps);
         linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, wbits, bits);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
-        for (int64_t i = 0; i < nd; i++) {
+        for (int64_t i = 0, run; i < nd; i += run) {
+            /* a run of consecutive slots in one page (kv_format.segments): an int8 page's scale grows once a run */
+            for (run = 1; i + run < nd && slot_pages[i + run] == slot_pages[i] &&
+                          slot_offsets[i + run] == slot_offsets[i] + run; run++) {}
             char* k = (char*)cache + slot_pages[i] * page_stride + l * 2 * half;
             const float* src = qkv + i * qkv_size + q_size;
-            store_kv(k, slot_offsets[i], src, kv_heads, dim, page_size, kind);
-            store_kv(k + half, slot_offsets[i], src + kv_size, kv_heads, dim, page_size, kind);
+            if (kind == KV_I8) {
+                for (int64_t h = 0; h < kv_heads; h++) {
+                    store_i8((int8_t*)k, slot_offsets[i], run, src + h * dim, qkv_size, h, kv_heads, dim, page_size);
+                    store_i8((int8_t*)(k + half), slot_offsets[i], run, src + kv_size + h * dim, qkv_size, h, kv_heads,
+                             dim, page_size);
+                }
+                continue;
+            }
+            for (int64_t t = 0; t < run; t++) {
+                store_kv(k, slot_offsets[i] + t, src + t * qkv_size, kv_heads, dim, page_size, kind);
+                store_kv(k + half, slot_offsets[i] + t, src + t * qkv_size + kv_size, kv_heads, dim, page_size, kind);
+            }
         }
         attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, &a, l, nthreads);
         linear(&w->o, attn, h, nd, hidden, q_size, nthreads, wbits, bits);

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from splitserve.kernels import kv_format
-from splitserve.kernels.metadata import PagedAttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,10 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
+def library(march: str = "native") -> ctypes.CDLL | None:
+    """The kernels built for this CPU (`-march=native`: VNNI where it has it), or for another x86 target (the
+    tests build `x86-64-v3`, AVX2 without VNNI, to compare both paths on one machine). None where they cannot
+    build or run here."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if not {"avx2", "fma", "f16c"} <= set(flags):
         log.info("CPU kernels: this CPU lacks AVX2/FMA/F16C")
@@ -43,7 +45,7 @@ def library() -> ctypes.CDLL | None:
         log.info("CPU kernels: no C compiler found")
         return None
     source = _SOURCE.read_bytes()
-    args = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    args = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
     path = cache_dir() / f"cpu_kernels-{key}.so"
     if not path.exists():
@@ -68,10 +70,20 @@ def library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f32, i32 = ctypes.c_float, ctypes.c_int
     lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32, i32]
+    lib.vnni.argtypes, lib.vnni.restype = [], ctypes.c_int
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     check_struct_layout(lib)
     return lib
+
+
+def instructions(lib: ctypes.CDLL | None = None) -> str:
+    """The integer dot product the kernels use here, for start-up lines and benchmarks: `AVX512-VNNI`, `AVX-VNNI`,
+    or `AVX2` (maddubs, no VNNI)."""
+    lib = lib or library()
+    if lib is None:
+        return "none"
+    return ("AVX2", "AVX-VNNI", "AVX512-VNNI")[lib.vnni()]
 
 
 class QLinear(ctypes.Structure):
@@ -155,34 +167,36 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
-def decode_attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+def attention_supported(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Beyond `native(q)`: a whole cache (`kv_format.laid_out`) of a type in `KV_KINDS`, and at most 64 query
     heads per KV head."""
     return kv_cache.dtype in KV_KINDS and kv_format.laid_out(kv_cache) and q.shape[1] // kv_cache.shape[4] <= 64
 
 
-def paged_decode_attention(
+def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     layer: int,
-    meta: PagedAttentionMetadata,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of the decode rows `q` ([num_decode, heads, dim]) over their pages, read in place; written into
-    `out` (contiguous, q's shape) when given."""
-    nd, heads, dim = q.shape
-    if nd != meta.num_decode or meta.decode_page_table.shape[0] != nd:
-        raise ValueError(f"{nd} query rows for {meta.num_decode} decode sequences")
+    """Attention of each query row `q` ([rows, heads, dim]) over the first `context_lens[i]` tokens of its pages
+    `page_table[i]`, read in place; written into `out` (contiguous, q's shape) when given. One row's result
+    depends on its query, its keys and its context length only: decode rows and prompt rows
+    (`PagedAttentionMetadata.row_tables`) alike."""
+    rows, heads, dim = q.shape
+    if page_table.shape[0] != rows or context_lens.shape[0] != rows:
+        raise ValueError(f"{rows} query rows for {page_table.shape[0]} page tables and {context_lens.shape[0]} lengths")
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     if out.shape != q.shape or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor of q's shape")
-    table = meta.decode_page_table.contiguous()
-    lens = meta.decode_context_lens.contiguous()
+    table, lens = page_table.contiguous(), context_lens.contiguous()
     _, num_layers, _, page_size, kv_heads, _ = kv_cache.shape
     library().paged_decode_attention(q.data_ptr(), kv_cache.data_ptr(), table.data_ptr(), lens.data_ptr(),
-                                     out.data_ptr(), nd, heads, kv_heads, dim, page_size, num_layers, layer,
+                                     out.data_ptr(), rows, heads, kv_heads, dim, page_size, num_layers, layer,
                                      table.shape[1], scale, torch.get_num_threads(),
                                      KV_KINDS[kv_cache.dtype])  # fmt: skip
     return out

@@ -56,3 +56,23 @@ class PagedAttentionMetadata:
         for i, s in enumerate(spans):
             table[i, : len(s.page_ids)] = s.page_ids
         return starts, q_lens, contexts, table
+
+    @cached_property
+    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query row's page table and context length (`[num_tokens, max_pages]`, `[num_tokens]`): the decode
+        rows', then each prefill row's as if it were a decode row at its position (its span's pages, the keys up
+        to its own). The CPU's native attention reads every row this way, so a token's attention is the same
+        arithmetic whether it is computed in a decode step or in a prompt chunk of any size. Built once per
+        step."""
+        nd, device = self.num_decode, self.slot_pages.device
+        width = max([self.decode_page_table.shape[1], *(len(s.page_ids) for s in self.prefills)])
+        n = nd + sum(s.query_len for s in self.prefills)
+        table = torch.zeros(n, width, dtype=torch.long, device=device)
+        lens = torch.empty(n, dtype=torch.long, device=device)
+        table[:nd, : self.decode_page_table.shape[1]] = self.decode_page_table
+        lens[:nd] = self.decode_context_lens
+        for s in self.prefills:
+            rows = slice(s.query_start, s.query_start + s.query_len)
+            table[rows, : len(s.page_ids)] = s.page_ids
+            torch.arange(s.context_len - s.query_len + 1, s.context_len + 1, out=lens[rows])
+        return table, lens
