@@ -152,3 +152,70 @@ def tiny_gemma3(folder: Path, **overrides) -> Path:
 # Every builder above: the suite has a session fixture of each name (tests/conftest.py).
 TINY_MODELS = ("tiny_llama_gqa", "tiny_qwen2", "tiny_llama_untied", "tiny_qwen3", "tiny_mistral", "tiny_qwen2_sliding",
                "tiny_mixtral", "tiny_qwen2_moe", "tiny_qwen3_moe", "tiny_olmoe", "tiny_gemma3")  # fmt: skip
+
+
+# --- GGUF files of each tensor type ---------------------------------------------------------------------------------
+# The embedded model cut to its first layers, with its decoder-layer matrices stored as another GGUF type: what
+# `--quantization auto` maps each kind to is tested per kind (README, 'Modes'). Types the gguf package quantizes
+# (Q4_0, Q4_1, Q8_0) come from the model's own weights; K-quants need rows of 256 inputs, which only the feed-forward
+# down projection has (1,536 inputs; 576 elsewhere, as llama.cpp's K-quant files then keep a 32-block type there), so
+# a K-quant file has `k_type` there and `other` elsewhere, its blocks random but valid (any bytes are, given finite
+# scales): d and dmin small, 6-bit scales and mins, and values as drawn.
+
+_K_BYTES = {"Q4_K": 144, "Q6_K": 210}  # bytes per block of 256
+
+
+def _k_blocks(kind: str, rows: int, cols: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, size=(n, _K_BYTES[kind]), dtype=np.uint8)
+    scale = np.full((n, 1), 2e-3, dtype=np.float16).view(np.uint8)
+    if kind == "Q4_K":  # d, dmin, 12 bytes of scales and mins, 128 of 4-bit values
+        blocks[:, 0:2], blocks[:, 2:4] = scale, scale
+    else:  # 128 + 64 bytes of 6-bit values, 16 int8 scales, d
+        blocks[:, 192:208] = rng.integers(-40, 40, size=(n, 16)).astype(np.int8).view(np.uint8)
+        blocks[:, 208:210] = scale
+    return blocks.reshape(rows, cols // 256 * _K_BYTES[kind])
+
+
+def gguf_variant(folder: Path, kind: str, layers: int = 2, other: str = "Q4_0") -> Path:
+    """The embedded GGUF model's first `layers` layers, their matrices stored as `kind` (Q4_0, Q4_1, Q8_0, F16, or a
+    K-quant: Q4_K, Q6_K, on the down projections, `other` elsewhere), as `folder/<kind>.gguf`."""
+    import gguf
+    import numpy as np
+
+    from splitserve.model.checkpoint import default_model_path
+
+    reader = gguf.GGUFReader(default_model_path())
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    path = folder / f"SmolLM2-{layers}L.{kind}.gguf"
+    writer = gguf.GGUFWriter(path, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = layers if field.name == f"{arch}.block_count" else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for seed, tensor in enumerate(reader.tensors):
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and int(parts[1]) >= layers:
+            continue
+        data, qtype = tensor.data, tensor.tensor_type
+        if parts[0] == "blk" and len(tensor.shape) == 2:
+            weights = gguf.quants.dequantize(data, qtype)
+            target = kind if kind not in _K_BYTES or parts[2] == "ffn_down" else other
+            qtype = gguf.GGMLQuantizationType[target]
+            if target in _K_BYTES:
+                data = _k_blocks(target, *weights.shape, seed)
+            elif target == "F16":
+                data = weights.astype(np.float16)
+            else:
+                data = gguf.quants.quantize(weights, qtype)
+        writer.add_tensor(tensor.name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -91,19 +91,6 @@ def test_verbose_is_accepted_before_and_after_the_subcommand():
     assert not parser.parse_args(["serve"]).verbose
 
 
-def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
-    import torch
-
-    from splitserve.engine import config
-
-    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
-    assert config.EngineConfig(device="cpu").resolved_dtype == "fp32"
-    assert config.fast_dtype(torch.device("cuda")) == "bf16"
-    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
-    assert config.EngineConfig(device="cpu").torch_dtype == torch.bfloat16
-    assert config.EngineConfig(device="cpu", dtype="fp32").resolved_dtype == "fp32"
-
-
 def test_plan_quick_recommends_a_split(tiny_llama_gqa):
     out = _run("plan", "--quick", "--model", str(tiny_llama_gqa), "--workers", "2", "--rate", "1", "--slo",
                "ttft=5,tpot=1", "--input-len", "uniform:16,64", "--output-len", "uniform:4,16", "--num-requests",

@@ -172,13 +172,7 @@ def test_prefill_worker_killed_requests_retry_on_the_other(tiny_chat_llama):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            busy = [w for w in server.workers("prefill") if w["pending_prefill_tokens"] > 0]
-            if busy:
-                break
-            time.sleep(0.01)
-        victim = max(busy, key=lambda w: w["pending_prefill_tokens"])
+        victim = _freeze_a_prefill_worker_holding_jobs(server)
         os.kill(victim["pid"], signal.SIGKILL)
         for t in threads:
             t.join(120)
@@ -190,6 +184,24 @@ def test_prefill_worker_killed_requests_retry_on_the_other(tiny_chat_llama):
         server.wait_idle(timeout=10)
     finally:
         server.stop()
+
+
+def _freeze_a_prefill_worker_holding_jobs(server: ServeProcess, timeout: float = 120) -> dict:
+    """A prefill worker stopped (SIGSTOP) while the router counts prefills it has not finished: frozen, it cannot
+    finish them before the kill that follows, however loaded the machine (the router's own count, `jobs`, is
+    current; the workers' heartbeats lag). One whose prefills were done before it froze is let go again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for worker in server.workers("prefill"):
+            if worker["jobs"] == 0:
+                continue
+            os.kill(worker["pid"], signal.SIGSTOP)
+            time.sleep(0.2)  # a PrefillDone it sent before it stopped has arrived by now
+            if any(w["id"] == worker["id"] and w["jobs"] > 0 for w in server.workers("prefill")):
+                return worker
+            os.kill(worker["pid"], signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"no prefill worker held a prefill within {timeout:.0f} s")
 
 
 def test_worker_drops_garbage_frames_and_keeps_working(tiny_chat_llama):

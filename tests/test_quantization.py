@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from splitserve import LLM, SamplingParams
 from splitserve.bench import quality
-from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
+from splitserve.engine.config import CPU_QUANTIZATIONS
 from splitserve.kernels import cpu_quant
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no int8 CPU kernel here (no AVX2/FMA or compiler)")
@@ -56,6 +56,28 @@ def test_kernel_equals_its_reference(rows, k, n, bias, mode):
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     torch.testing.assert_close(got.double(), want, atol=1e-4 * math.sqrt(k), rtol=1e-4)
     assert q(x.view(1, rows, k)).shape == (1, rows, n)  # leading dimensions are kept
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vnni_and_avx2_builds_give_the_same_bytes(mode):
+    """The kernels built for this CPU (VNNI's vpdpbusd where it has it) and for plain AVX2 (`x86-64-v3`: maddubs
+    and madd) give byte-equal outputs, from a decode row to a prompt's many rows. On a CPU without VNNI both
+    builds take the AVX2 path, and the test still checks that the two builds agree."""
+    from splitserve.kernels import cpu_kernels
+
+    avx2 = cpu_kernels.library("x86-64-v3")
+    assert cpu_kernels.instructions(avx2) == "AVX2"
+    torch.manual_seed(7)
+    weight_bits, bits = MODES[mode]
+    for k, n in ((576, 1536), (72, 30)):
+        q = cpu_quant.QuantizedLinear(nn.Linear(k, n), bits, weight_bits)
+        for rows in (1, 3, 4, 17, 64, 300) if bits != 32 else (1, 3, cpu_quant.KERNEL_MAX_ROWS):
+            x = torch.randn(rows, k) * 3
+            native = q(x)
+            q._lib = avx2
+            plain = q(x)
+            q._lib = cpu_kernels.library()
+            assert torch.equal(native, plain), (k, n, rows)
 
 
 @pytest.mark.parametrize(("n", "k"), [(4, 32), (5, 13), (30, 72), (1537, 576)])
@@ -102,16 +124,6 @@ def test_the_embedded_models_q4_1_weights_come_back_exactly_from_4_bits(smollm2)
         if layer.weight_bits == 4:
             assert torch.equal(layer.dequantized(), exact[name].weight), name
     assert layers["lm_head"].weight_bits == 8  # the LM head stays 8-bit, as the file's Q8_0 embedding table
-
-
-def test_auto_quantization_is_4_bit_for_a_q4_1_gguf_model_and_int8_for_others(smollm2, tiny_llama_gqa, monkeypatch):
-    from splitserve.engine import config
-
-    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)  # fp32 by auto, as on this project's CPUs
-    assert EngineConfig(device="cpu").resolved_quantization == "w4a8"  # the embedded model: a Q4_1 GGUF file
-    assert EngineConfig(model=str(tiny_llama_gqa), device="cpu").resolved_quantization == "w8a8"
-    assert EngineConfig(device="cpu", dtype="fp32").resolved_quantization == "none"  # an explicit dtype: exact
-    assert "w4a8 weights (auto)" in EngineConfig(device="cpu").describe_dtype()
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_gqa", "tiny_qwen3", "tiny_gemma3", "tiny_mixtral", "tiny_qwen2_moe"])

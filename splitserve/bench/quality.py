@@ -41,15 +41,16 @@ class Quality:
 @contextlib.contextmanager
 def every_row_quantized() -> Iterator[None]:
     """Every row of a pass through the quantized kernels, as decode steps run (a long prefill's rows would take
-    the fp32 weights that int8 modes keep), so that one scoring pass measures what decoding sees."""
+    the fp32 weights that the weight-only int8 mode keeps), so that one scoring pass measures what decoding
+    sees."""
     from splitserve.kernels import cpu_quant
 
-    saved = cpu_quant.KERNEL_MAX_ROWS, cpu_quant.W8A8_MAX_ROWS
-    cpu_quant.KERNEL_MAX_ROWS = cpu_quant.W8A8_MAX_ROWS = 10**9
+    saved = cpu_quant.KERNEL_MAX_ROWS
+    cpu_quant.KERNEL_MAX_ROWS = 10**9
     try:
         yield
     finally:
-        cpu_quant.KERNEL_MAX_ROWS, cpu_quant.W8A8_MAX_ROWS = saved
+        cpu_quant.KERNEL_MAX_ROWS = saved
 
 
 def engine_options(mode: str) -> dict[str, str]:

@@ -33,8 +33,10 @@ class EngineConfig:
     )
     dtype: str = option(
         "auto",
-        "weights and KV cache dtype; auto = bf16 on CUDA and on CPUs with native bf16 matrix instructions "
-        "(AVX512-BF16/AMX, Arm BF16), else fp32; fp32 for exact comparisons (default {default})",
+        "weights and KV cache dtype; auto = bf16 on CUDA; on the CPU fp32 activations with quantized weights where "
+        "the native kernels build (see --quantization), else bf16 where the CPU has native bf16 instructions "
+        "(AVX512-BF16/AMX, Arm BF16), else fp32; fp32 alone (with --quantization none) for exact comparisons with "
+        "transformers (default {default})",
         choices=("auto", *DTYPES),
     )
     kv_dtype: str = option(
@@ -57,15 +59,13 @@ class EngineConfig:
     max_model_len: int | None = option(None, "prompt + output limit (default: the model's)", type=int)
     quantization: str = option(
         "auto",
-        "CPU modes, with --dtype fp32 or auto: int8 = int8 weights for decode steps (about 3x faster per "
-        "layer, perplexity within 1%; prefills keep the fp32 weights); w8a8 = the same weights with int8 "
-        "activations per block of 32 (faster still, perplexity within 2%); w8a7 = 7-bit activations (faster "
-        "again at 16+ rows, coarser: top-1 agreement 91% on the embedded model against 97% for w8a8); w4a8 = "
-        "4-bit weights with a scale and a minimum per block of 32 (llama.cpp's Q4_1) and int8 activations, for "
-        "every step: the fastest (1.15-1.3x w8a8 per decode step, 1.1-2x fp32 prefills) and exact for a GGUF "
-        "model whose layers are Q4_1, as the embedded one's (top-1 agreement 98.7%), coarser for others; auto = "
-        "where --dtype auto chose fp32 on the CPU and the kernels build, w4a8 for a Q4_1 GGUF model and w8a8 for "
-        "others, else none; none = weights as loaded (exactness tests) (default {default})",
+        "CPU modes, with --dtype fp32 or auto: int8 = int8 weights for decode steps (prefills keep the fp32 "
+        "weights); w8a8 = int8 weights per channel with int8 activations per block of 32, for every step; w8a7 = "
+        "7-bit activations (faster at 16+ rows, coarser); w4a8 = 4-bit weights with a scale and a minimum per block "
+        "of 32 (llama.cpp's Q4_1) and int8 activations, for every step: a 4-bit GGUF file's own weights (Q4_0, "
+        "Q4_1, Q4_K), the fastest; auto = with --dtype auto on the CPU where the kernels build, w4a8 for a 4-bit "
+        "GGUF model and w8a8 for every other checkpoint (README: 'Modes'), else none; none = weights as loaded "
+        "(exactness tests) (default {default})",
         choices=QUANTIZATIONS,
     )
     prefix_caching: bool = option(
@@ -128,7 +128,9 @@ class EngineConfig:
     @property
     def resolved_dtype(self) -> str:
         """The dtype `auto` stands for on this machine (see `fast_dtype`), or the one asked for."""
-        return fast_dtype(self.torch_device) if self.dtype == "auto" else self.dtype
+        if self.dtype != "auto":
+            return self.dtype
+        return fast_dtype(self.torch_device, quantized=self.quantization != "none")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -144,27 +146,54 @@ class EngineConfig:
 
     @property
     def resolved_quantization(self) -> str:
-        """`auto`, where `--dtype auto` chose fp32 on the CPU (bf16 there would be slow) and the kernels build: w4a8
-        for a GGUF model whose layers are Q4_1 (the embedded default: its own weights, the fastest mode), w8a8
-        for others. Weights stay as they are otherwise; an explicit `--dtype` keeps its weights exact."""
+        """`auto`, with `--dtype auto` on the CPU where the native kernels build: w4a8 for a GGUF model whose
+        layers are 4-bit (Q4_0, Q4_1, Q4_K: its own weights), w8a8 for every other checkpoint (`auto_mode`). An
+        explicit `--dtype` keeps its weights exact."""
         if self.quantization != "auto":
             return self.quantization
         from splitserve.kernels import cpu_quant
-        from splitserve.model.checkpoint import has_q4_1_weights
 
-        fast_cpu = self.dtype == "auto" and self.resolved_dtype == "fp32" and self.torch_device.type == "cpu"
-        if not (fast_cpu and cpu_quant.available()):
+        if self.dtype != "auto" or self.torch_device.type != "cpu" or not cpu_quant.available():
             return "none"
-        return "w4a8" if has_q4_1_weights(self.model) else "w8a8"
+        return auto_mode(self.model)[0]
 
     def describe_dtype(self) -> str:
-        """e.g. `fp32 (auto), int8 weights (auto)`, for start-up messages."""
-        text = self.resolved_dtype + (" (auto)" if self.dtype == "auto" else "")
-        if self.resolved_quantization != "none":
-            text += f", {self.resolved_quantization} weights" + (" (auto)" if self.quantization == "auto" else "")
+        """e.g. `fp32, w4a8 weights (auto: a GGUF file of Q4_1 layers, 4-bit as stored; native kernels with
+        AVX512-VNNI)`, for start-up messages: what runs, and why."""
+        text = self.resolved_dtype + (" (auto)" if self.dtype == "auto" and self.quantization == "none" else "")
+        quantization = self.resolved_quantization
+        if quantization != "none":
+            text += f", {quantization} weights"
+            if self.quantization == "auto":
+                from splitserve.kernels import cpu_kernels
+
+                text += f" (auto: {auto_mode(self.model)[1]}; native kernels with {cpu_kernels.instructions()})"
+        elif self.dtype == "auto" and self.torch_device.type == "cpu" and self.quantization == "auto":
+            text += " (no native kernels here: " + ("native bf16" if self.resolved_dtype == "bf16" else "fp32") + ")"
         if self.resolved_kv_dtype != self.resolved_dtype:
             text += f", {self.resolved_kv_dtype} KV cache"
         return text
+
+
+# What `--quantization auto` runs each GGUF tensor type's model in, on the CPU (README: 'Modes'; a test per row):
+# 4-bit files keep their 4-bit weights (the kernel's Q4_1 blocks hold Q4_0's and Q4_K's exactly, `cpu_quant.
+# quantize4`); every wider type becomes int8 weights per channel (as safetensors checkpoints of any dtype do).
+GGUF_MODES = {"Q4_0": "w4a8", "Q4_1": "w4a8", "Q4_K": "w4a8", "Q5_0": "w8a8", "Q5_1": "w8a8", "Q5_K": "w8a8",
+              "Q6_K": "w8a8", "Q8_0": "w8a8", "F16": "w8a8", "BF16": "w8a8", "F32": "w8a8"}  # fmt: skip
+
+
+def auto_mode(model: str | None) -> tuple[str, str]:
+    """The quantized mode `auto` picks for `model` on the CPU, and why: w4a8 for a GGUF file whose decoder layers
+    are mostly 4-bit (a Q4_K_M file's few Q6_K matrices then run 4-bit too), w8a8 for anything else."""
+    from splitserve.model.checkpoint import gguf_layer_types
+
+    types = gguf_layer_types(model)
+    if types is None:
+        return "w8a8", "a safetensors checkpoint runs int8 weights"
+    kinds = "/".join(types)
+    if any(GGUF_MODES.get(t) == "w4a8" for t in types):
+        return "w4a8", f"a GGUF file of {kinds} layers runs 4-bit weights"
+    return "w8a8", f"a GGUF file of {kinds} layers runs int8 weights"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -184,12 +213,18 @@ def parse_memory_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def fast_dtype(device: torch.device) -> str:
-    """bf16 where it is fast: on CUDA, and on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX on
-    x86, the BF16 extension on Arm). Elsewhere bf16 is emulated, hundreds of times slower than fp32 (0.3 against
-    100 GFLOP/s on an AVX2 machine), so fp32."""
+def fast_dtype(device: torch.device, quantized: bool = True) -> str:
+    """What `--dtype auto` runs: bf16 on CUDA. On the CPU fp32 where the native quantized kernels build and
+    quantization is not off (`quantized`): their activations are fp32, their weights 4 or 8 bits, the fastest
+    path on every CPU measured. Else bf16 on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX on x86,
+    the BF16 extension on Arm), fp32 elsewhere (emulated bf16 is hundreds of times slower than fp32)."""
     if device.type == "cuda":
         return "bf16"
+    if quantized:
+        from splitserve.kernels import cpu_quant
+
+        if cpu_quant.available():
+            return "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 

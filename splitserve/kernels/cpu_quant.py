@@ -10,11 +10,13 @@ are (no sign trick): a quarter fewer instructions again, for coarser activations
 a scale and a minimum per channel and block of 32 (llama.cpp's Q4_1: the embedded GGUF model's own weights, which
 it reproduces exactly) and int8 activations: half the bytes of int8 weights for about the same instructions.
 
-Decode steps (a few rows) are memory-bound: the kernel reads a quarter (an eighth) of the bytes. A prefill's many
-rows are compute-bound, where the fp32 GEMM beats the int8 kernels, so an int8 layer keeps its fp32 weights for
-them too: speed at the cost of more weight memory (a tied LM head shares the embedding's fp32 table). The 4-bit
-kernel beats the fp32 GEMM at every size measured (1.1-2x, 64-1,024 rows), so a 4-bit layer runs every batch on
-its 4-bit weights and keeps no others.
+Decode steps (a few rows) are memory-bound: the kernel reads a quarter (an eighth) of the bytes. The modes with
+quantized activations (w8a8, w8a7, w4a8) run every row through their kernel, a prompt's many rows as a decode
+step's few: a row's output depends on that row alone (the integer sums are exact and each output's float
+arithmetic is the same sequence whatever the batch), so a token gets the same bits in a prompt chunk of any size
+and in a decode step of any batch (the one numerics that batch-invariant serving and exact migration rest on).
+The weight-only `int8` mode keeps the fp32 weights for batches past `KERNEL_MAX_ROWS` (where the fp32 GEMM wins),
+so it promises no such thing.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from torch import nn
 
 from splitserve.kernels import cpu_kernels
 
-# Up to this many rows the int8 kernel wins; past it the fp32 GEMM does (measured on an AVX2 EPYC): with fp32
-# activations, and with int8 ones (integer dot products: 1.3-1.5x the fp32 GEMM at 64 rows, about even at 256).
+# Up to this many rows the weight-only int8 kernel (fp32 activations) wins; past it the fp32 GEMM does (measured
+# on an AVX2 EPYC).
 KERNEL_MAX_ROWS = 48
-W8A8_MAX_ROWS = 128
 
 
 def available() -> bool:
@@ -50,14 +51,35 @@ BLOCK, GROUP = 32, 4  # the kernel's packing: blocks of 32 inputs, groups of 4 o
 def quantize4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit per channel and block of 32 inputs (llama.cpp's Q4_1), w = d * q + m with q in 0..15:
     returns (q uint8 [N, K padded to blocks], d [N, blocks], m [N, blocks]). A last partial block is zero-padded.
-    Weights that are Q4_1 already (a GGUF model's) come back as they were, to rounding."""
+
+    Weights that a 4-bit GGUF file held come back exactly, block by block, as the file's: each block is tried
+    against the grids its format would have used, and the first that reproduces every value (as `d * q + m` in
+    fp32) is kept: Q4_1's (the block's minimum and range / 15), Q4_0's (w = d * (q - 8): the largest magnitude
+    is -8 d), and a grid of the smallest step between the block's values from its minimum (Q4_K's sub-blocks,
+    w = d * sc * q - dmin * m, which need not reach 0 or 15). Other weights get the Q4_1 fit (rounded)."""
     n, k = weight.shape
     w = F.pad(weight.float(), (0, -k % BLOCK)).view(n, -1, BLOCK)
     lo, hi = w.amin(-1), w.amax(-1)
-    d = (hi - lo) / 15
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = ((w - lo[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return q.view(n, -1), d.contiguous(), lo.contiguous()
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    steps = w.sort(-1).values.diff(dim=-1)
+    step = torch.where(steps > 0, steps, torch.full_like(steps, math.inf)).amin(-1)
+    candidates = [((hi - lo) / 15, lo), (-extreme / 8, extreme), (torch.where(step.isinf(), 0, step), lo)]
+    d, m = candidates[0]
+    q = _grid(w, d, m)
+    chosen = torch.zeros_like(lo, dtype=torch.bool)
+    for cd, cm in candidates:
+        cq = _grid(w, cd, cm)
+        exact = ~chosen & (cq.float() * cd[..., None] + cm[..., None] == w).all(-1)
+        d, m = torch.where(exact, cd, d), torch.where(exact, cm, m)
+        q = torch.where(exact[..., None], cq, q)
+        chosen |= exact
+    return q.view(n, -1), d.contiguous(), m.contiguous()
+
+
+def _grid(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each block's values on the grid d * q + m, q rounded into 0..15."""
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return ((w - m[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
 
 
 def pack(qweight: torch.Tensor) -> torch.Tensor:
@@ -113,7 +135,8 @@ def _from_groups(t: torch.Tensor, n: int, size: int) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen `nn.Linear` with quantized weights for up to `max_rows` rows, its fp32 weights past them (int8)."""
+    """A frozen `nn.Linear` with quantized weights for up to `max_rows` rows, its fp32 weights past them (weight-only
+    int8)."""
 
     def __init__(self, linear: nn.Linear, activation_bits: int = 32, weight_bits: int = 8):
         """`weight_bits`: 8 (int8 per channel) or 4 (Q4_1 per block of 32, with 8-bit activations only).
@@ -123,7 +146,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"no kernel for {weight_bits}-bit weights with {activation_bits}-bit activations")
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight if weight_bits == 8 else None  # shared, not copied
+        self.weight = linear.weight if activation_bits == 32 else None  # shared, not copied
         if weight_bits == 4:
             q, d, m = quantize4(linear.weight.data)
             qweight, scale, offset = pack4(q), _per_group(d, GROUP4), _per_group(m, GROUP4)
@@ -144,9 +167,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def max_rows(self) -> float:
-        if self.weight_bits == 4:
-            return math.inf
-        return KERNEL_MAX_ROWS if self.activation_bits == 32 else W8A8_MAX_ROWS
+        """The most rows the quantized kernel runs; past them the fp32 weights do (weight-only int8 only)."""
+        return KERNEL_MAX_ROWS if self.activation_bits == 32 else math.inf
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features

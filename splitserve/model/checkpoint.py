@@ -60,13 +60,13 @@ def model_name(model: str | os.PathLike | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
-def has_q4_1_weights(model: str | os.PathLike | None) -> bool:
-    """Whether `model` is a GGUF file whose decoder layers' matrices are all Q4_1, as the embedded default's are:
-    4-bit weights then run it exactly (kernels/cpu_quant.py). Known from its conversion (converted if not yet)."""
+def gguf_layer_types(model: str | os.PathLike | None) -> list[str] | None:
+    """The tensor types of a GGUF model's decoder-layer matrices (`["Q4_1"]` for the embedded default), or None
+    for a checkpoint that is no GGUF file. Known from its conversion (converted if not yet)."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
-        return False
-    return _gguf_layer_types(path, convert_gguf(path)) == ["Q4_1"]
+        return None
+    return _gguf_layer_types(path, convert_gguf(path))
 
 
 def _gguf_layer_types(gguf_file: Path, folder: Path) -> list[str]:
