@@ -42,10 +42,10 @@ def test_the_structs_ctypes_mirror_is_checked_against_the_compiled_ones():
     cpu_kernels.check_struct_layout(lib)  # the real mirror: loads
 
     class Reordered(ctypes.Structure):  # bias and offset swapped: the same size, other offsets
-        _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "bias", "offset")]
+        _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "bias", "offset", "wbits")]
 
     class Short(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "offset")]
+        _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "offset", "bias")]
 
     for wrong in (Reordered, Short):
         with pytest.raises(RuntimeError, match="do not match their ctypes mirror"):

@@ -22,52 +22,63 @@ from tests import checkpoints
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no native CPU kernels here")
 
-# (kind, how it is made, the mode auto picks, its GGUF layer types)
+# (kind, how it is made, the mode auto picks, its GGUF layer types, the down projections' weight bits)
 GGUF_ROWS = [
-    ("Q4_0", {}, "w4a8", ["Q4_0"]),
-    ("Q4_1", {}, "w4a8", ["Q4_1"]),
-    ("Q4_K", {"other": "Q4_0"}, "w4a8", ["Q4_0", "Q4_K"]),  # as a Q4_K_M file of this width mixes them
-    ("Q6_K", {"other": "Q8_0"}, "w8a8", ["Q6_K", "Q8_0"]),
-    ("Q8_0", {}, "w8a8", ["Q8_0"]),
-    ("F16", {}, "w8a8", ["F16"]),
+    ("Q4_0", {}, "w4a8", ["Q4_0"], 4),
+    ("Q4_1", {}, "w4a8", ["Q4_1"], 4),
+    ("Q4_K", {"other": "Q4_0"}, "w4a8", ["Q4_0", "Q4_K"], 4),  # K-quants need rows of 256: 32-block types elsewhere
+    ("Q6_K", {"other": "Q4_0"}, "w4a8", ["Q4_0", "Q6_K"], 8),  # a Q4_K_M file's wider matrices keep 8 bits
+    ("Q6_K", {"other": "Q8_0"}, "w8a8", ["Q6_K", "Q8_0"], 8),
+    ("Q8_0", {}, "w8a8", ["Q8_0"], 8),
+    ("F16", {}, "w8a8", ["F16"], 8),
 ]
+IDS = [f"{kind}+{made['other']}" if made else kind for kind, made, *_ in GGUF_ROWS]
 
 
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("gguf-kinds")
-    return {kind: checkpoints.gguf_variant(folder, kind, **made) for kind, made, _, _ in GGUF_ROWS}
+    files = {}
+    for name, (kind, made, *_) in zip(IDS, GGUF_ROWS, strict=True):
+        (folder / name).mkdir()
+        files[name] = checkpoints.gguf_variant(folder / name, kind, **made)
+    return files
 
 
-def _serves(model: str) -> LLM:
-    """The engine as serve's defaults build it, after a short greedy generation."""
-    llm = LLM(model, device="cpu", kv_cache_memory="32MiB")
-    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                       use_tqdm=False)  # fmt: skip
-    assert len(out[0].token_ids) == 4
-    return llm
+def _serves(model: str, **options) -> tuple[LLM, list[int]]:
+    """The engine as serve's defaults build it, and its greedy tokens for a short prompt."""
+    llm = LLM(model, device="cpu", kv_cache_memory="32MiB", **options)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    out = llm.generate([[1, 2, 3, 4, 5]], params, use_tqdm=False)
+    assert len(out[0].token_ids) == 8
+    return llm, out[0].token_ids
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "mode", "types"), [(k, m, t) for k, _, m, t in GGUF_ROWS])
-def test_each_gguf_kind_runs_its_documented_mode(gguf_files, kind, mode, types):
-    path = str(gguf_files[kind])
+@pytest.mark.parametrize(
+    ("name", "mode", "types", "down_bits"), [(i, r[2], r[3], r[4]) for i, r in zip(IDS, GGUF_ROWS, strict=True)]
+)
+def test_each_gguf_kind_runs_its_documented_mode(gguf_files, name, mode, types, down_bits):
+    path = str(gguf_files[name])
     engine = EngineConfig(model=path, device="cpu")
     assert (engine.resolved_dtype, engine.resolved_quantization) == ("fp32", mode)
     line = engine.describe_dtype()
     assert f"{mode} weights (auto: a GGUF file of {'/'.join(types)} layers" in line
     assert cpu_kernels.instructions() in line
-    model = _serves(path).engine.runner.model
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, cpu_quant.QuantizedLinear)}
+    llm, tokens = _serves(path)
+    layers = {n: m for n, m in llm.engine.runner.model.named_modules() if isinstance(m, cpu_quant.QuantizedLinear)}
     bits = 4 if mode == "w4a8" else 8
-    assert {m.weight_bits for n, m in layers.items() if n != "lm_head"} == {bits}
-    if bits == 4:  # the file's own 4-bit weights, every block exactly
-        weights = load_file(resolve_model(path) / "model.safetensors")
-        for name, layer in layers.items():
-            if name != "lm_head":
-                want = [weights[f"{name.replace(part, n)}.weight"] for part, n in _UNFUSED.get(name.split(".")[-1], [])]
-                want = torch.cat(want) if want else weights[f"{name}.weight"]
-                assert torch.equal(layer.dequantized(), want), name
+    for name, layer in layers.items():
+        want = 8 if name == "lm_head" else down_bits if name.endswith("down_proj") else bits
+        assert layer.weight_bits == want, name
+    weights = load_file(resolve_model(path) / "model.safetensors")
+    for name, layer in layers.items():
+        if layer.weight_bits == 4:  # the file's own 4-bit weights, every block exactly
+            parts = _UNFUSED.get(name.split(".")[-1], [])
+            want = [weights[f"{name.replace(ours, theirs)}.weight"] for ours, theirs in parts]
+            assert torch.equal(layer.dequantized(), torch.cat(want) if want else weights[f"{name}.weight"]), name
+    if len({m.weight_bits for m in layers.values()}) > 1:  # the fused step takes each matrix's own bits
+        assert _serves(path, enforce_eager=True)[1] == tokens
 
 
 # Our fused projections, as the checkpoint's tensors stacked.

@@ -183,16 +183,19 @@ GGUF_MODES = {"Q4_0": "w4a8", "Q4_1": "w4a8", "Q4_K": "w4a8", "Q5_0": "w8a8", "Q
 
 
 def auto_mode(model: str | None) -> tuple[str, str]:
-    """The quantized mode `auto` picks for `model` on the CPU, and why: w4a8 for a GGUF file whose decoder layers
-    are mostly 4-bit (a Q4_K_M file's few Q6_K matrices then run 4-bit too), w8a8 for anything else."""
+    """The quantized mode `auto` picks for `model` on the CPU, and why: w4a8 for a GGUF file with 4-bit decoder
+    layers (a Q4_K_M file's few wider matrices, Q6_K or Q5_0, keep 8 bits: `CausalLM.quantize(keep_wider=...)`),
+    w8a8 for anything else."""
     from splitserve.model.checkpoint import gguf_layer_types
 
     types = gguf_layer_types(model)
     if types is None:
         return "w8a8", "a safetensors checkpoint runs int8 weights"
     kinds = "/".join(types)
-    if any(GGUF_MODES.get(t) == "w4a8" for t in types):
+    if all(GGUF_MODES.get(t) == "w4a8" for t in types):
         return "w4a8", f"a GGUF file of {kinds} layers runs 4-bit weights"
+    if any(GGUF_MODES.get(t) == "w4a8" for t in types):
+        return "w4a8", f"a GGUF file of {kinds} layers runs 4-bit weights, int8 for its wider matrices"
     return "w8a8", f"a GGUF file of {kinds} layers runs int8 weights"
 
 

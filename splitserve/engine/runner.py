@@ -17,7 +17,7 @@ from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.sampling import sample
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
-from splitserve.model.checkpoint import iter_safetensors
+from splitserve.model.checkpoint import gguf_layer_types, iter_safetensors
 from splitserve.model.config import ModelConfig
 from splitserve.model.llama import CausalLM
 
@@ -32,8 +32,9 @@ class ModelRunner:
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
-        if bits is not None:
-            self.model.quantize(*bits, fused=not config.enforce_eager)
+        if bits is not None:  # a GGUF file's wider matrices keep 8 bits under w4a8; others' are asked for 4
+            gguf = gguf_layer_types(config.model) is not None
+            self.model.quantize(*bits, fused=not config.enforce_eager, keep_wider=gguf)
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size, limit)
         self.model.place_kv(self.kv_layout.slots)

@@ -48,7 +48,7 @@ def _qlinear(layer: QuantizedLinear) -> QLinear:
     def ptr(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    return QLinear(ptr(layer.qweight), ptr(layer.scale), ptr(layer.offset), ptr(layer.bias))
+    return QLinear(ptr(layer.qweight), ptr(layer.scale), ptr(layer.offset), ptr(layer.bias), layer.weight_bits)
 
 
 class FusedDecoder:
@@ -62,7 +62,7 @@ class FusedDecoder:
             self._layers[i] = DecodeLayer(w.input_norm.data_ptr(), qkv, o, w.post_norm.data_ptr(), gate_up, down)
         self._keep = layers
         first = layers[0].qkv
-        self.weight_bits, self.activation_bits, self.max_rows = first.weight_bits, first.activation_bits, first.max_rows
+        self.activation_bits, self.max_rows = first.activation_bits, first.max_rows
         self._lib = cpu_kernels.library()
 
     def takes(self, h: torch.Tensor, kv_cache: torch.Tensor, meta: PagedAttentionMetadata) -> bool:
@@ -93,8 +93,8 @@ class FusedDecoder:
         self._lib.decode_layers(ctypes.addressof(self._layers), len(self._layers), h.data_ptr(), residual.data_ptr(),
                                 cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), meta.slot_pages.data_ptr(),
                                 meta.slot_offsets.data_ptr(), table.data_ptr(), table.stride(0),
-                                lens.data_ptr(), n, hidden, shape.num_heads,
-                                shape.num_kv_heads, shape.head_dim, shape.intermediate_size, kv_cache.shape[3],
-                                shape.eps, shape.scale, torch.get_num_threads(), self.weight_bits,
-                                self.activation_bits, cpu_kernels.KV_KINDS[kv_cache.dtype])  # fmt: skip
+                                lens.data_ptr(), n, hidden, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                                shape.intermediate_size, kv_cache.shape[3], shape.eps, shape.scale,
+                                torch.get_num_threads(), self.activation_bits,
+                                cpu_kernels.KV_KINDS[kv_cache.dtype])  # fmt: skip
         return h, residual

@@ -681,6 +681,7 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t size) {
  * mirror (QLinear and DecodeLayer in cpu_kernels.py) checks itself against struct_layout when the library loads. */
 typedef struct {
     const void* w; const float* scale; const float* offset; const float* bias;
+    int64_t wbits; /* 4 or 8: a layer's matrices may differ (a Q4_K_M file keeps some wider) */
 } QLinear;
 
 typedef struct {
@@ -691,12 +692,12 @@ typedef struct {
 } DecodeLayer;
 
 /* The structs' sizes and their fields' offsets, each struct's size then its fields' offsets in the order
- * declared above: QLinear (w, scale, offset, bias), then DecodeLayer (input_norm, qkv, o, post_norm, gate_up,
+ * declared above: QLinear (w, scale, offset, bias, wbits), then DecodeLayer (input_norm, qkv, o, post_norm, gate_up,
  * down). */
 void struct_layout(int64_t* out) {
     const int64_t layout[] = {
         sizeof(QLinear), offsetof(QLinear, w), offsetof(QLinear, scale), offsetof(QLinear, offset),
-        offsetof(QLinear, bias),
+        offsetof(QLinear, bias), offsetof(QLinear, wbits),
         sizeof(DecodeLayer), offsetof(DecodeLayer, input_norm), offsetof(DecodeLayer, qkv), offsetof(DecodeLayer, o),
         offsetof(DecodeLayer, post_norm), offsetof(DecodeLayer, gate_up), offsetof(DecodeLayer, down),
     };
@@ -704,8 +705,8 @@ void struct_layout(int64_t* out) {
 }
 
 static inline void linear(const QLinear* l, const float* x, float* y, int64_t M, int64_t N, int64_t K, int nthreads,
-                          int wbits, int bits) {
-    quant_linear(x, l->w, l->scale, l->offset, l->bias, y, M, N, K, nthreads, wbits, bits);
+                          int bits) {
+    quant_linear(x, l->w, l->scale, l->offset, l->bias, y, M, N, K, nthreads, (int)l->wbits, bits);
 }
 
 /* Every decoder layer of a step, in one call: nd rows, one new token each (a decode row, or a prompt row at its
@@ -719,8 +720,8 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
                    const float* cos, const float* sin, void* cache, const int64_t* slot_pages,
                    const int64_t* slot_offsets, const int64_t* page_table, int64_t table_stride,
                    const int64_t* context_lens, int64_t nd, int64_t hidden, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int wbits,
-                   int bits, int kind) {
+                   int64_t dim, int64_t intermediate, int64_t page_size, float eps, float scale, int nthreads, int bits,
+                   int kind) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim, qkv_size = q_size + 2 * kv_size;
     const int64_t half = kv_block(page_size, kv_heads, dim, kind), page_stride = num_layers * 2 * half; /* bytes */
     const AttnShape a = {heads, kv_heads, dim, page_size, num_layers, scale, kind};
@@ -733,7 +734,7 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
         const DecodeLayer* w = layers + l;
         /* layer 0 has no residual yet: its input is the embedding itself */
         add_rms_norm(h, l ? residual : NULL, w->input_norm, x, residual, nd, hidden, eps);
-        linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, wbits, bits);
+        linear(&w->qkv, x, qkv, nd, qkv_size, hidden, nthreads, bits);
         rope(qkv, cos, sin, nd, heads + kv_heads, dim, qkv_size);
         for (int64_t i = 0, run; i < nd; i += run) {
             /* a run of consecutive slots in one page (kv_format.segments): an int8 page's scale grows once a run */
@@ -755,11 +756,11 @@ void decode_layers(const DecodeLayer* layers, int64_t num_layers, float* h, floa
             }
         }
         attend(qkv, qkv_size, cache, page_table, table_stride, context_lens, attn, nd, &a, l, nthreads);
-        linear(&w->o, attn, h, nd, hidden, q_size, nthreads, wbits, bits);
+        linear(&w->o, attn, h, nd, hidden, q_size, nthreads, bits);
         add_rms_norm(h, residual, w->post_norm, x, residual, nd, hidden, eps);
-        linear(&w->gate_up, x, gate_up, nd, 2 * intermediate, hidden, nthreads, wbits, bits);
+        linear(&w->gate_up, x, gate_up, nd, 2 * intermediate, hidden, nthreads, bits);
         silu_mul(gate_up, act, nd, intermediate);
-        linear(&w->down, act, h, nd, hidden, intermediate, nthreads, wbits, bits);
+        linear(&w->down, act, h, nd, hidden, intermediate, nthreads, bits);
     }
     free(x);
 }

@@ -69,7 +69,7 @@ def library(march: str = "native") -> ctypes.CDLL | None:
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f32, i32 = ctypes.c_float, ctypes.c_int
-    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32, i32]
+    lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32]
     lib.vnni.argtypes, lib.vnni.restype = [], ctypes.c_int
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
@@ -89,7 +89,7 @@ def instructions(lib: ctypes.CDLL | None = None) -> str:
 class QLinear(ctypes.Structure):
     """One quantized linear layer's tensors, as `quant_linear` takes them (C's `QLinear`)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "scale", "offset", "bias")]
+    _fields_ = [*((name, ctypes.c_void_p) for name in ("w", "scale", "offset", "bias")), ("wbits", ctypes.c_int64)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -100,7 +100,7 @@ class DecodeLayer(ctypes.Structure):
 
 
 # The fields whose offsets C's `struct_layout` reports, by name, in its order: QLinear's, then DecodeLayer's.
-_C_FIELDS = (("w", "scale", "offset", "bias"), ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"))
+_C_FIELDS = (("w", "scale", "offset", "bias", "wbits"), ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"))
 
 
 def struct_layout(*structs: type[ctypes.Structure]) -> list[int]:

@@ -76,6 +76,15 @@ def quantize4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q.view(n, -1), d.contiguous(), m.contiguous()
 
 
+def holds_4bit(weight: torch.Tensor) -> bool:
+    """Whether every block of `weight` is on a 4-bit grid that `quantize4` recovers exactly: a 4-bit GGUF
+    matrix's (Q4_0, Q4_1, Q4_K), not a wider one's (Q5_0, Q6_K, Q8_0, F16) nor a trained one's."""
+    q, d, m = quantize4(weight)
+    n, k = weight.shape
+    back = (q.float().view(n, -1, BLOCK) * d[..., None] + m[..., None]).view(n, -1)[:, :k]
+    return torch.equal(back, weight.float())
+
+
 def _grid(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Each block's values on the grid d * q + m, q rounded into 0..15."""
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))

@@ -238,20 +238,26 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits
 
-    def quantize(self, weight_bits: int = 8, activation_bits: int = 32, fused: bool = True) -> None:
-        """Every linear layer to quantized weights for the CPU's decode steps (kernels/cpu_quant.py): int8, or
-        4-bit (`weight_bits` 4) for the decoder layers with int8 for the LM head (as llama.cpp keeps Q8_0 there).
-        The embedding table stays as it is (a step reads only its tokens' rows). `activation_bits`: 8 or 7
-        quantizes a step's activations too. `fused`: decode-only steps run all layers in one native call
-        (kernels/cpu_fused.py)."""
+    def quantize(
+        self, weight_bits: int = 8, activation_bits: int = 32, fused: bool = True, keep_wider: bool = False
+    ) -> None:
+        """Every linear layer to quantized weights for the CPU (kernels/cpu_quant.py): int8, or 4-bit (`weight_bits`
+        4) for the decoder layers with int8 for the LM head (as llama.cpp keeps Q8_0 there). `keep_wider`: with 4
+        bits, a matrix that is not 4-bit data already (a Q4_K_M file's Q6_K and Q5_0 ones) gets int8 weights
+        instead of losing bits. The embedding table stays as it is (a step reads only its tokens' rows).
+        `activation_bits`: 8 or 7 quantizes a step's activations too. `fused`: decode steps and prompt chunks run
+        all layers in one native call (kernels/cpu_fused.py)."""
         from splitserve.kernels.cpu_fused import DecoderShape, FusedDecoder, LayerWeights
-        from splitserve.kernels.cpu_quant import QuantizedLinear
+        from splitserve.kernels.cpu_quant import QuantizedLinear, holds_4bit
 
         for module, bits in [*((layer, weight_bits) for layer in self.model.layers), (self, 8)]:
             for name, child in list(module.named_modules()):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                    setattr(parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, bits))
+                    wide = bits == 4 and keep_wider and not holds_4bit(child.weight.data)
+                    setattr(
+                        parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, 8 if wide else bits)
+                    )
         if fused and self.cfg.fused_decode_supported:
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
