@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         default={"temperature": 0.8, "top_k": 40, "top_p": 0.95},
         help="parameters of the sampled half of the requests, as JSON (each gets a seed of its own)",
     )
-    p.add_argument("--worker-args", default="--dtype fp32", help="engine options for every worker")
+    p.add_argument("--worker-args", default="", help="engine options for every worker (default: serve's)")
     p.add_argument("--logs", type=Path, help="where the processes' logs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -332,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster = ChaosCluster(args.model, {"prefill": args.prefill, "decode": args.decode}, args.worker_args.split(),
                            log_dir)  # fmt: skip
     try:
-        print(f"starting {args.prefill} prefill + {args.decode} decode workers (logs in {log_dir})", flush=True)
+        print(
+            f"starting {args.prefill} prefill + {args.decode} decode workers, engine options "
+            f"{args.worker_args or '(serve defaults)'!r} (logs in {log_dir})",
+            flush=True,
+        )
         cluster.start()
         print(f"chaos run: {args.duration:.0f}s, {args.concurrency} streams", flush=True)
         run = asyncio.run(chaos(args, cluster, specs))
