@@ -103,3 +103,21 @@ def test_a_resumed_request_continues_the_undisturbed_one(engines, kind, path):
     assert len(whole) == 24
     for k in (1, 5, 8, 17, 23):
         assert run(whole[:k]) == whole[k:], k
+
+
+def test_resuming_warns_only_where_the_mode_is_not_one_numerics(engines, tiny_llama_gqa, caplog):
+    _, decode = engines
+    assert decode.numerics_differ is None
+    exact = DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", device="cpu", page_size=8))
+    assert "torch's GEMMs" in exact.numerics_differ
+    int8_kv = DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), device="cpu", kv_dtype="int8", page_size=8))
+    assert "int8 KV cache" in int8_kv.numerics_differ
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with caplog.at_level("WARNING", logger="splitserve.engine.core"):
+        decode.add_request("one", [1, 2, 3], params, output_token_ids=[4])
+        exact.add_request("other", [1, 2, 3], params, output_token_ids=[4])
+    for engine in (decode, exact):
+        while engine.has_unfinished():
+            engine.step()
+    warned = [r.getMessage() for r in caplog.records if "resumes after" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("request other resumes after 1 tokens"), warned

@@ -98,6 +98,23 @@ class EngineCore:
             ring_pages=layout.ring_pages,
         )
 
+    @property
+    def numerics_differ(self) -> str | None:
+        """Why a token computed in a prompt pass may differ in its last bits from the same token computed in a
+        decode step or another batch (README, 'Modes'), or None where they are one numerics: the CPU's
+        quantized-activation modes, every row through the native kernels."""
+        config = self.config
+        if config.torch_device.type != "cpu":
+            return "on CUDA a prompt's rows and decode rows attend through different kernels"
+        if config.resolved_quantization not in ("w4a8", "w8a8", "w8a7"):
+            what = "weight-only int8" if config.resolved_quantization == "int8" else f"{config.resolved_dtype}"
+            return f"{what} weights run through torch's GEMMs for some batches, which sum by batch size"
+        if config.resolved_kv_dtype == "int8":
+            return "an int8 KV cache's page scales grow with later tokens"
+        if any(self.model_config.layer_windows):
+            return "sliding-window layers' prompt rows attend through SDPA"
+        return None
+
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
@@ -119,6 +136,9 @@ class EngineCore:
         check_params(params, self.model_config.vocab_size)
         eos = frozenset(self.model_config.eos_token_ids)
         grammar = self.grammars.grammar(params.structured) if params.structured is not None else None
+        if output_token_ids and self.numerics_differ:
+            log.warning("request %s resumes after %d tokens; its next ones may differ from an undisturbed run's: %s",
+                        request_id, len(output_token_ids), self.numerics_differ)  # fmt: skip
         return Request.create(request_id, prompt_token_ids, params, eos, grammar, cache_key, output_token_ids)
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
