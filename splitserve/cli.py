@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     srv.add_argument("--both", type=int, default=0, help="colocated workers doing prefill and decode (default 0)")
     srv.add_argument("--threads", type=int, default=None,
-                     help="torch threads per worker (default: cores / workers; with --ray, 1)")  # fmt: skip
+                     help="torch threads per worker (default: the cores over the decode and colocated workers; prefill "
+                          "workers take as many; with --ray, 1)")  # fmt: skip
     ray = srv.add_argument_group("on a Ray cluster (pip install 'splitserve[ray]')")
     ray.add_argument(
         "--ray",

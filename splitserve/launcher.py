@@ -41,17 +41,18 @@ def serve(
     verbose: bool,
 ) -> None:
     """`pools`: how many workers of each role (prefill, decode, both); `worker_argv`: their engine options."""
-    num_workers = sum(pools.values())
-    per_worker = threads or max(1, (os.cpu_count() or 1) // num_workers)
+    num_workers, cores = sum(pools.values()), os.cpu_count() or 1
+    per_worker = threads or worker_threads(pools, cores)
     supervisor: Supervisor | None = None
 
     def start_workers(address: str, cluster: Cluster) -> None:
         nonlocal supervisor
         env = {**os.environ, "OMP_NUM_THREADS": str(per_worker)}
-        if num_workers * per_worker > (os.cpu_count() or 1):
-            # More threads than cores: a thread spinning at a barrier would steal another worker's core. Otherwise
-            # the default (spin briefly, then sleep) is faster: 31 against 42 ms per decode step here.
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if num_workers * per_worker > cores:
+            # More threads than cores: a thread of an idle worker must not spin long at a barrier, or it would
+            # steal the busy worker's core; a short spin (~10 us) still spans the gaps between a step's kernels,
+            # where sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up each: 16.5 against 8.4 ms a token.
+            env["GOMP_SPINCOUNT"] = "20000"
         argv = {role: [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "worker", "--role", role,
                        "--router", address, "--threads", str(per_worker), *worker_argv]
                 for role in pools}  # fmt: skip
@@ -85,6 +86,14 @@ class _Slot:
     restart_at: float | None = None  # a restart is due then
     recent_restarts: list[float] = field(default_factory=list)
     given_up: bool = False
+
+
+def worker_threads(pools: dict[str, int], cores: int) -> int:
+    """Threads per worker: the cores shared by the workers that decode (decode and colocated ones), which run
+    without pause, while prefill workers work in bursts and take the same count, so whichever pool is busy has
+    every core. 1P+1D on 2 cores, 2 threads each against 1 (benchmarks/vs_llamacpp.py, 2026-12-07): 8.4 against
+    11.9 ms a token for 1 stream, 272 against 244 output tok/s for 16."""
+    return max(1, cores // max(1, pools.get("decode", 0) + pools.get("both", 0)))
 
 
 class Supervisor:

@@ -616,6 +616,20 @@ void paged_decode_attention(const float* q, const void* cache, const int64_t* pa
     attend(q, heads * dim, cache, page_table, max_pages, context_lens, out, nd, &a, layer, nthreads);
 }
 
+/* The xor of the n bytes at p (their first n / 128 * 128), read 128 bytes at a time by nthreads threads: the
+ * weight-read floor that benchmarks/decode_step.py times a decode step against. */
+int64_t read_bytes(const void* p, int64_t n, int nthreads) {
+    int64_t total = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(^ : total)
+    for (int64_t i = 0; i < n / 128; i++) {
+        const __m256i* v = (const __m256i*)((const char*)p + i * 128);
+        const __m256i x = _mm256_xor_si256(_mm256_xor_si256(_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)),
+                                           _mm256_xor_si256(_mm256_loadu_si256(v + 2), _mm256_loadu_si256(v + 3)));
+        total ^= _mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 3);
+    }
+    return total;
+}
+
 /* h = x + residual (residual may be NULL: h = x); out = weight * h / sqrt(mean(h^2) + eps), per row. */
 void add_rms_norm(const float* x, const float* residual, const float* weight, float* out, float* h,
                   int64_t rows, int64_t dim, float eps) {

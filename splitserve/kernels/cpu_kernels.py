@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def library(march: str = "native") -> ctypes.CDLL | None:
     f32, i32 = ctypes.c_float, ctypes.c_int
     lib.decode_layers.argtypes = [p, i64, *[p] * 8, i64, p, *[i64] * 7, f32, f32, i32, i32, i32]
     lib.vnni.argtypes, lib.vnni.restype = [], ctypes.c_int
+    lib.read_bytes.argtypes, lib.read_bytes.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int64
     for f in (lib.add_rms_norm, lib.rope, lib.silu_mul, lib.decode_layers):
         f.restype = None
     check_struct_layout(lib)
@@ -124,6 +126,19 @@ def check_struct_layout(lib: ctypes.CDLL, structs: tuple[type[ctypes.Structure],
             f"cpu_kernels.c's structs do not match their ctypes mirror: sizes and offsets {list(compiled)} in C, "
             f"{expected} in cpu_kernels.py"
         )
+
+
+def read_seconds(tensors: list[torch.Tensor], repeats: int = 20) -> float:
+    """Seconds to read every byte of `tensors` once, one after another, each with torch's threads (the best of
+    `repeats`): the floor of a memory-bound step that reads them (benchmarks/decode_step.py)."""
+    lib, threads = library(), torch.get_num_threads()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for t in tensors:
+            lib.read_bytes(t.data_ptr(), t.numel() * t.element_size(), threads)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def native(t: torch.Tensor) -> bool:
