@@ -69,7 +69,7 @@ def test_vnni_and_avx2_builds_give_the_same_bytes(mode):
     assert cpu_kernels.instructions(avx2) == "AVX2"
     torch.manual_seed(7)
     weight_bits, bits = MODES[mode]
-    for k, n in ((576, 1536), (72, 30)):
+    for k, n in ((576, 1536), (72, 30), (72, 36)):  # 36: an odd number of 8-channel groups
         q = cpu_quant.QuantizedLinear(nn.Linear(k, n), bits, weight_bits)
         for rows in (1, 3, 4, 17, 64, 300) if bits != 32 else (1, 3, cpu_quant.KERNEL_MAX_ROWS):
             x = torch.randn(rows, k) * 3

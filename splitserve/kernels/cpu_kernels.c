@@ -185,31 +185,89 @@ static inline __attribute__((always_inline)) void tile_w4(
     }
 }
 
-/* y = x @ w^T (+ bias) for 4-bit weights (see above) and x quantized to int8 per block (xq, d, sx as tile_w4). */
+#if VNNI == 2 && defined(__AVX512BW__)
+#define W4_512 1
+/* tile_w4 for two groups at once (16 channels: group g in lanes 0-7, g + 1 in 8-15), on 512-bit vectors: half
+ * the instructions per weight. Each lane's integer sum and float arithmetic is the 256-bit tile's, so its outputs
+ * are the same bytes. */
+static inline __attribute__((always_inline)) void tile_w4x2(
+    const int8_t* xq, int64_t ldq, const float* d, const float* sx, const uint8_t* wg, const uint8_t* wg1,
+    const float* dw, const float* dw1, const float* mw, const float* mw1, int64_t kb, int MR, __m512 acc[4])
+{
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < kb; b++) {
+        __m512i sum[4];
+        for (int i = 0; i < MR; i++) sum[i] = _mm512_setzero_si512();
+        for (int r = 0; r < 4; r++) {
+            const __m512i raw = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(wg + (b * 4 + r) * 32))),
+                _mm256_loadu_si256((const __m256i*)(wg1 + (b * 4 + r) * 32)), 1);
+            const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            for (int i = 0; i < MR; i++) {
+                const int8_t* xb = xq + i * ldq + b * QB + 4 * r;
+                sum[i] = _mm512_dpbusd_epi32(sum[i], lo, _mm512_set1_epi32(*(const int32_t*)xb));
+                sum[i] = _mm512_dpbusd_epi32(sum[i], hi, _mm512_set1_epi32(*(const int32_t*)(xb + 16)));
+            }
+        }
+        const __m512 d16 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(dw + b * NG4)),
+                                              _mm256_loadu_ps(dw1 + b * NG4), 1);
+        const __m512 m16 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(mw + b * NG4)),
+                                              _mm256_loadu_ps(mw1 + b * NG4), 1);
+        for (int i = 0; i < MR; i++) {
+            const __m512 p = _mm512_cvtepi32_ps(sum[i]);
+            acc[i] = _mm512_fmadd_ps(p, _mm512_mul_ps(d16, _mm512_set1_ps(d[i * kb + b])), acc[i]);
+            acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(sx[i * kb + b]), acc[i]);
+        }
+    }
+}
+#else
+#define W4_512 0
+#endif
+
+/* y = x @ w^T (+ bias) for 4-bit weights (see above) and x quantized to int8 per block (xq, d, sx as tile_w4):
+ * the groups in pairs on 512-bit vectors where the CPU has AVX512-VNNI, else (and for an odd last group) one by
+ * one. */
 static void linear_w4(const int8_t* xq, const float* d, const float* sx, const uint8_t* w, const float* dw,
                       const float* mw, const float* bias, float* y, int64_t M, int64_t N, int64_t kb, int nthreads) {
     const int64_t groups = (N + NG4 - 1) / NG4, kp = kb * QB;
+    const int64_t pairs = W4_512 ? groups / 2 : 0, units = pairs + (groups - 2 * pairs);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t g = u < pairs ? 2 * u : u + pairs, width = u < pairs ? 2 * NG4 : NG4;
         const uint8_t* wg = w + g * NG4 * kp / 2;
         const float *gd = dw + g * kb * NG4, *gm = mw + g * kb * NG4;
         for (int64_t m = 0; m < M; m += 4) {
             const int mr = M - m >= 4 ? 4 : (int)(M - m);
-            __m256 acc[4];
-            for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+            float out[4][2 * NG4];
             const int8_t* xr = xq + m * kp;
-            if (mr == 4) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 4, acc);
-            else if (mr == 3) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 3, acc);
-            else if (mr == 2) tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 2, acc);
-            else tile_w4(xr, kp, d + m * kb, sx + m * kb, wg, gd, gm, kb, 1, acc);
-            for (int i = 0; i < mr; i++) {
-                float out[NG4];
-                _mm256_storeu_ps(out, acc[i]);
-                for (int c = 0; c < NG4 && g * NG4 + c < N; c++) {
-                    const int64_t n = g * NG4 + c;
-                    y[(m + i) * N + n] = out[c] + (bias ? bias[n] : 0.0f);
-                }
+            const float *dr = d + m * kb, *sr = sx + m * kb;
+#if W4_512
+            if (u < pairs) {
+                const uint8_t* wg1 = wg + NG4 * kp / 2;
+                const float *gd1 = gd + kb * NG4, *gm1 = gm + kb * NG4;
+                __m512 acc[4];
+                for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+                if (mr == 4) tile_w4x2(xr, kp, dr, sr, wg, wg1, gd, gd1, gm, gm1, kb, 4, acc);
+                else if (mr == 3) tile_w4x2(xr, kp, dr, sr, wg, wg1, gd, gd1, gm, gm1, kb, 3, acc);
+                else if (mr == 2) tile_w4x2(xr, kp, dr, sr, wg, wg1, gd, gd1, gm, gm1, kb, 2, acc);
+                else tile_w4x2(xr, kp, dr, sr, wg, wg1, gd, gd1, gm, gm1, kb, 1, acc);
+                for (int i = 0; i < mr; i++) _mm512_storeu_ps(out[i], acc[i]);
+            } else
+#endif
+            {
+                __m256 acc[4];
+                for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+                if (mr == 4) tile_w4(xr, kp, dr, sr, wg, gd, gm, kb, 4, acc);
+                else if (mr == 3) tile_w4(xr, kp, dr, sr, wg, gd, gm, kb, 3, acc);
+                else if (mr == 2) tile_w4(xr, kp, dr, sr, wg, gd, gm, kb, 2, acc);
+                else tile_w4(xr, kp, dr, sr, wg, gd, gm, kb, 1, acc);
+                for (int i = 0; i < mr; i++) _mm256_storeu_ps(out[i], acc[i]);
             }
+            for (int i = 0; i < mr; i++)
+                for (int c = 0; c < width && g * NG4 + c < N; c++) {
+                    const int64_t n = g * NG4 + c;
+                    y[(m + i) * N + n] = out[i][c] + (bias ? bias[n] : 0.0f);
+                }
         }
     }
 }
