@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from splitserve.engine.config import CPU_QUANTIZATIONS, EngineConfig
+from splitserve.engine.config import CPU_QUANTIZATIONS, GGUF_MODES, EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.kv_layout import KVLayout
@@ -32,9 +32,10 @@ class ModelRunner:
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
-        if bits is not None:  # a GGUF file's wider matrices keep 8 bits under w4a8; others' are asked for 4
-            gguf = gguf_layer_types(config.model) is not None
-            self.model.quantize(*bits, fused=not config.enforce_eager, keep_wider=gguf)
+        if bits is not None:  # a 4-bit GGUF file's wider matrices keep 8 bits under w4a8; others' are asked for 4
+            types = gguf_layer_types(config.model) or []
+            keep_wider = any(GGUF_MODES.get(t) == "w4a8" for t in types)
+            self.model.quantize(*bits, fused=not config.enforce_eager, keep_wider=keep_wider)
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size, limit)
         self.model.place_kv(self.kv_layout.slots)
