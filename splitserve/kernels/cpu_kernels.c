@@ -13,9 +13,10 @@
  * add_rms_norm, rope, silu_mul: a decoder layer's element-wise steps, one call each instead of 5-10 torch ops
  * (at a decode step's few rows those ops cost more in dispatch than in arithmetic).
  *
- * paged_decode_attention: one query token per sequence over its KV pages, read in place from the page-major
- * cache (no gather, no copy; fp32, fp16 or bf16 as stored): each (sequence, KV head) scores its context for the
- * query heads that share that KV head, softmaxes in fp32 and sums the values.
+ * paged_attention: each query row (a decode row, or a prompt row as a decode row at its position) over its KV
+ * pages, read in place from the page-major cache (no gather, no copy; fp32, fp16, bf16 or int8 as stored): each
+ * (row, KV head) scores its context for the query heads that share that KV head, softmaxes in fp32 and sums the
+ * values. A row's result depends on its query, its keys and its context length only.
  *
  * decode_layers: all decoder layers of a step of a quantized model (decode rows and prompt rows alike), the kernels
  * above in one call.
@@ -409,7 +410,7 @@ static inline void axpy(float* y, float a, const float* x, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* --- paged decode attention -------------------------------------------------------------------------------------
+/* --- paged attention, a query row at a time ------------------------------------------------------------------------
  * The cache holds K/V as --kv-dtype stores them (kind below): fp32, fp16, bf16, or int8 with an fp32 scale per
  * page, layer, K or V, and KV head, stored after the block's values (kernels/kv_format.py). Attention reads them in
  * place, 8 elements at a time converted to fp32 in registers (fp16 by F16C, bf16 by a shift, int8 by a widening),
@@ -666,7 +667,7 @@ static void attend(const float* q, int64_t q_stride, const void* cache, const in
                  context_lens[s], layer, h, a, out + (s * a->heads + h * group) * a->dim);
 }
 
-void paged_decode_attention(const float* q, const void* cache, const int64_t* page_table,
+void paged_attention(const float* q, const void* cache, const int64_t* page_table,
                             const int64_t* context_lens, float* out, int64_t nd, int64_t heads, int64_t kv_heads,
                             int64_t dim, int64_t page_size, int64_t num_layers, int64_t layer, int64_t max_pages,
                             float scale, int nthreads, int kind) {

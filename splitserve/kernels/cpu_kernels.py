@@ -62,9 +62,9 @@ def library(march: str = "native") -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     lib.quant_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.quant_linear.restype = None
-    lib.paged_decode_attention.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 8, ctypes.c_float, ctypes.c_int,
+    lib.paged_attention.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 8, ctypes.c_float, ctypes.c_int,
                                            ctypes.c_int]  # fmt: skip
-    lib.paged_decode_attention.restype = None
+    lib.paged_attention.restype = None
     lib.add_rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     lib.silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
@@ -210,7 +210,7 @@ def paged_attention(
         raise ValueError("out must be a contiguous tensor of q's shape")
     table, lens = page_table.contiguous(), context_lens.contiguous()
     _, num_layers, _, page_size, kv_heads, _ = kv_cache.shape
-    library().paged_decode_attention(q.data_ptr(), kv_cache.data_ptr(), table.data_ptr(), lens.data_ptr(),
+    library().paged_attention(q.data_ptr(), kv_cache.data_ptr(), table.data_ptr(), lens.data_ptr(),
                                      out.data_ptr(), rows, heads, kv_heads, dim, page_size, num_layers, layer,
                                      table.shape[1], scale, torch.get_num_threads(),
                                      KV_KINDS[kv_cache.dtype])  # fmt: skip
