@@ -87,8 +87,10 @@ def test_default_model_answers_the_openai_client():
         )
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert "Berlin" in text, text  # (why not France: see test_cli's test_chat_answer_from_default_model)
-        # JSON mode: every output parses, whatever the model would have written.
-        for question in ("Describe Paris as JSON.", "Give me a user profile.", "List three fruits."):
+        # JSON mode: every output parses, whatever the model would have written. Each question asks for JSON, as
+        # OpenAI's JSON mode requires: this 135M model, asked for a list in JSON mode without being told, rambles
+        # inside a key until max_tokens (it did so once prompts ran the decode kernels, its numerics then shifting).
+        for question in ("Describe Paris as JSON.", "Give me a user profile as JSON.", "List three fruits as JSON."):
             answer = client.chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": question}],

@@ -145,12 +145,15 @@ def test_native_cpu_attention_matches_reference(dim, group, page_size, kv_dtype)
 
 
 @pytest.mark.skipif(cpu_kernels.library() is None, reason="no native CPU kernels here (no AVX2/FMA or compiler)")
-def test_native_attention_of_a_prompt_row_is_its_decode_rows_bitwise():
+@pytest.mark.parametrize(
+    ("dim", "kv_dtype"), [(64, torch.float32), (64, torch.int8), (72, torch.float32), (12, torch.bfloat16)]
+)
+def test_native_attention_of_a_prompt_row_is_its_decode_rows_bitwise(dim, kv_dtype):
     """A token's attention is the same bits whether its row is a decode row or one of a prompt chunk of any size
-    (`row_tables`): the one numerics that lets a prompt computed in chunks, a decode step and a migrated request's
-    prefill agree."""
-    page_size, kv_heads, dim, ctx = 16, 3, 64, 50
-    cache, _, _ = _step([(1, ctx)], page_size, kv_heads, dim, torch.float32, num_layers=1)
+    (`row_tables`; the kernel attends up to 8 of a chunk's rows together, sharing their keys' reads): the one
+    numerics that lets a prompt computed in chunks, a decode step and a migrated request's prefill agree."""
+    page_size, kv_heads, ctx = 16, 3, 50
+    cache, _, _ = _step([(1, ctx)], page_size, kv_heads, dim, kv_dtype, num_layers=1)
     cache = kv_format.copy(cache, "cpu")
     pages = torch.randperm(cache.shape[0] - 1)[: math.ceil(ctx / page_size)]
     q = torch.randn(ctx, 3 * kv_heads, dim)

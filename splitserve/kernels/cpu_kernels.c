@@ -517,72 +517,6 @@ static inline __m256 hsum8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-/* scores[g * n + t] = scale * q_g . k_t for the `group` query heads sharing one KV head; keys[t] points at
- * token t's key. With dim a multiple of 8, 8 tokens at a time: one accumulator each, summed together. */
-static inline __attribute__((always_inline)) void attention_scores(const float* qh, const char* const* keys,
-                                                                   int64_t n, int64_t group, int64_t dim, float scale,
-                                                                   float* scores, int kind) {
-    const int64_t es = kv_bytes(kind);
-    int64_t t = 0;
-    if (dim % 8 == 0)
-        for (; t + 8 <= n; t += 8) {
-            for (int i = 8; i < 16 && t + i < n; i++) /* the next block's keys: their lines are K strides apart */
-                for (int64_t c = 0; c < dim * es; c += 64) _mm_prefetch(keys[t + i] + c, _MM_HINT_T0);
-            for (int64_t g = 0; g < group; g++) {
-                __m256 acc[8];
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-                for (int64_t c = 0; c < dim; c += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qh + g * dim + c);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(keys[t + i] + c * es, kind), acc[i]);
-                }
-                _mm256_storeu_ps(scores + g * n + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
-            }
-        }
-    for (; t < n; t++)
-        for (int64_t g = 0; g < group; g++) {
-            float s = 0.0f;
-            for (int64_t c = 0; c < dim; c++) s += qh[g * dim + c] * load1(keys[t] + c * es, kind);
-            scores[g * n + t] = s * scale;
-        }
-}
-
-/* out_g = sum_t p[g * n + t] * v_t / total[g]; values[t] points at token t's value. With dim a multiple of 8,
- * 64 output values at a time in registers (a constant count, so the accumulators stay in registers), then 8. */
-static inline __attribute__((always_inline)) void attention_values(const float* p, const char* const* values,
-                                                                   int64_t n, int64_t group, int64_t dim,
-                                                                   const float* total, float* out, int kind) {
-    const int64_t es = kv_bytes(kind);
-    for (int64_t g = 0; g < group; g++) {
-        const float* pg = p + g * n;
-        float* o = out + g * dim;
-        const __m256 inv = _mm256_set1_ps(1.0f / total[g]);
-        int64_t c0 = 0;
-        if (dim % 8 == 0) {
-            for (; c0 + 64 <= dim; c0 += 64) {
-                __m256 acc[8];
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-                for (int64_t t = 0; t < n; t++) {
-                    const __m256 pv = _mm256_set1_ps(pg[t]);
-                    const char* v = values[t] + c0 * es;
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i * es, kind), acc[i]);
-                }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));
-            }
-            for (; c0 < dim; c0 += 8) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t t = 0; t < n; t++)
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), load8(values[t] + c0 * es, kind), acc);
-                _mm256_storeu_ps(o + c0, _mm256_mul_ps(acc, inv));
-            }
-        } else {
-            for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t d = 0; d < dim; d++) o[d] += pg[t] * load1(values[t] + d * es, kind);
-            for (int64_t d = 0; d < dim; d++) o[d] /= total[g];
-        }
-    }
-}
-
 /* The shape of a paged attention call: the cache [num_pages, num_layers, 2, page_size, kv_heads, dim] of `kind`
  * elements (each (page, layer, K or V) block kv_block bytes), and the query heads. */
 typedef struct {
@@ -591,21 +525,71 @@ typedef struct {
     int kind;
 } AttnShape;
 
-/* One sequence's query heads that share KV head h (qh, `group` of them) over its first n tokens in `pages` of
- * `layer`; written to out. */
-static inline __attribute__((always_inline)) void attend_head(const float* qh, const char* cache, const int64_t* pages,
-                                                              int64_t n, int64_t layer, int64_t h, const AttnShape* a,
-                                                              float* out, int kind) {
-    const int64_t group = a->heads / a->kv_heads, row = a->dim * kv_bytes(kind);
+/* Each function below computes one row's values in one fixed order, whichever rows are attended together (see
+ * attend_rows): a row's attention is the same bits alone, in a batch of decode rows or among a prompt's rows. */
+
+/* out[i] = scale * q . k_i for the 8 keys keys[0..8) (dim a multiple of 8): one accumulator each, summed together. */
+static inline __attribute__((always_inline)) void score8(const float* q, const char* const* keys, int64_t dim,
+                                                         float scale, float* out, int kind) {
+    const int64_t es = kv_bytes(kind);
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + c);
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(keys[i] + c * es, kind), acc[i]);
+    }
+    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+}
+
+/* scale * q . k, element by element: the keys past a row's last whole block of 8 (and every key when dim is not a
+ * multiple of 8). */
+static inline __attribute__((always_inline)) float score1(const float* q, const char* key, int64_t dim, float scale,
+                                                          int kind) {
+    const int64_t es = kv_bytes(kind);
+    float s = 0.0f;
+    for (int64_t c = 0; c < dim; c++) s += q[c] * load1(key + c * es, kind);
+    return s * scale;
+}
+
+/* o[c0 .. c0 + 8 * W) += sum over t in [t0, t1) of p[t] * v_t[c0 ..], W vectors kept in registers (`fresh`: o
+ * starts at 0): a row's values summed in order of t, in as many calls as its keys are split into. */
+static inline __attribute__((always_inline)) void values_chunk(const float* p, const char* const* values, int64_t t0,
+                                                               int64_t t1, int64_t c0, int W, float* o, int fresh,
+                                                               int kind) {
+    const int64_t es = kv_bytes(kind);
+    __m256 acc[8];
+    for (int i = 0; i < W; i++) acc[i] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + c0 + 8 * i);
+    for (int64_t t = t0; t < t1; t++) {
+        const __m256 pv = _mm256_set1_ps(p[t]);
+        const char* v = values[t] + c0 * es;
+        for (int i = 0; i < W; i++) acc[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i * es, kind), acc[i]);
+    }
+    for (int i = 0; i < W; i++) _mm256_storeu_ps(o + c0 + 8 * i, acc[i]);
+}
+
+#define ROWS 8      /* rows attended together: each 8-key block's keys are read once for all of them */
+#define VALUE_RUN 64 /* keys whose values stay in L1 while every row of a block sums them */
+
+/* `rows` rows over one KV head h: row r's `group` query heads (q + r * q_stride) over the first lens[r] tokens of
+ * `pages` of `layer` (lens non-decreasing; every row reads a prefix of the same pages: a prompt's rows, or one
+ * decode row), written to out + r * out_stride. The keys' scores come block by block of 8 for every row whose
+ * whole blocks reach that far, the values run by run of VALUE_RUN keys: a block's K and V leave memory once for all
+ * the rows, where attending row by row read them once a row. */
+static inline __attribute__((always_inline)) void attend_rows(const float* q, int64_t q_stride, int64_t rows,
+                                                              const int64_t* lens, const char* cache,
+                                                              const int64_t* pages, int64_t layer, int64_t h,
+                                                              const AttnShape* a, float* out, int64_t out_stride,
+                                                              int kind) {
+    const int64_t group = a->heads / a->kv_heads, dim = a->dim, row = dim * kv_bytes(kind), n = lens[rows - 1];
     const int64_t token_stride = a->kv_heads * row;
-    const int64_t half = kv_block(a->page_size, a->kv_heads, a->dim, kind); /* K to V within a page's layer */
+    const int64_t half = kv_block(a->page_size, a->kv_heads, dim, kind); /* K to V within a page's layer */
     const int64_t page_stride = a->num_layers * 2 * half;
-    const int64_t scaled = kind == KV_I8 ? 2 * n : 0; /* int8: each key's and value's scale (its page's) */
-    const int64_t padded = (group * n + scaled + 1) & ~(int64_t)1; /* the pointers after the floats: aligned */
-    float* scores = malloc(sizeof(float) * (size_t)padded + 2 * sizeof(char*) * (size_t)n);
-    float* key_scales = scores + group * n;
+    const int64_t per_row = group * n; /* row r's scores: scores + r * per_row, [group][lens[r]] */
+    const int64_t floats = (rows * per_row + (kind == KV_I8 ? 2 * n : 0) + 1) & ~(int64_t)1; /* pointers aligned */
+    float* scores = malloc(sizeof(float) * (size_t)floats + 2 * sizeof(char*) * (size_t)n);
+    float* key_scales = scores + rows * per_row; /* int8: each key's and value's scale (its page's) */
     float* value_scales = key_scales + n;
-    const char** keys = (const char**)(scores + padded);
+    const char** keys = (const char**)(scores + floats);
     const char** values = keys + n;
     for (int64_t t0 = 0, p = 0; t0 < n; t0 += a->page_size, p++) { /* page by page: no division per token */
         const char* block = cache + pages[p] * page_stride + layer * 2 * half;
@@ -615,56 +599,113 @@ static inline __attribute__((always_inline)) void attend_head(const float* qh, c
             values[t] = k + half;
         }
         if (kind == KV_I8) {
-            const float* s = (const float*)(block + a->page_size * token_stride) + h;
-            const float ks = s[0], vs = *(const float*)((const char*)s + half);
+            const float* sc = (const float*)(block + a->page_size * token_stride) + h;
+            const float ks = sc[0], vs = *(const float*)((const char*)sc + half);
             for (int64_t t = t0; t < n && t < t0 + a->page_size; t++) {
                 key_scales[t] = ks;
                 value_scales[t] = vs;
             }
         }
     }
-    attention_scores(qh, keys, n, group, a->dim, a->scale, scores, kind);
-    if (kind == KV_I8) {
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t t = 0; t < n; t++) scores[g * n + t] *= key_scales[t];
+    const int64_t whole = dim % 8 == 0 ? 8 : n + 1; /* keys scored 8 at a time up to each row's last whole block */
+    for (int64_t t = 0; t + whole <= n; t += 8) {
+        for (int i = 8; i < 16 && t + i < n; i++) /* the next block's keys: their lines are K strides apart */
+            for (int64_t c = 0; c < row; c += 64) _mm_prefetch(keys[t + i] + c, _MM_HINT_T0);
+        for (int64_t r = 0; r < rows; r++)
+            if (t + 8 <= lens[r])
+                for (int64_t g = 0; g < group; g++)
+                    score8(q + r * q_stride + g * dim, keys + t, dim, a->scale,
+                           scores + r * per_row + g * lens[r] + t, kind);
     }
-    float total[64];
-    for (int64_t g = 0; g < group; g++) {
-        float* r = scores + g * n;
-        float best = r[0];
-        for (int64_t t = 1; t < n; t++) best = r[t] > best ? r[t] : best;
-        total[g] = exp_shifted(r, n, best);
-        if (kind == KV_I8)
-            for (int64_t t = 0; t < n; t++) r[t] *= value_scales[t];
+    float total[ROWS][64];
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t nr = lens[r], tail = whole == 8 ? nr & ~(int64_t)7 : 0;
+        for (int64_t g = 0; g < group; g++) {
+            float* sr = scores + r * per_row + g * nr;
+            for (int64_t t = tail; t < nr; t++) sr[t] = score1(q + r * q_stride + g * dim, keys[t], dim, a->scale, kind);
+            if (kind == KV_I8)
+                for (int64_t t = 0; t < nr; t++) sr[t] *= key_scales[t];
+            float best = sr[0];
+            for (int64_t t = 1; t < nr; t++) best = sr[t] > best ? sr[t] : best;
+            total[r][g] = exp_shifted(sr, nr, best);
+            if (kind == KV_I8)
+                for (int64_t t = 0; t < nr; t++) sr[t] *= value_scales[t];
+        }
     }
-    attention_values(scores, values, n, group, a->dim, total, out, kind);
+    if (dim % 8 == 0) {
+        for (int64_t t0 = 0; t0 < n; t0 += VALUE_RUN)
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t t1 = t0 + VALUE_RUN < lens[r] ? t0 + VALUE_RUN : lens[r];
+                for (int64_t g = 0; g < group && t0 < t1; g++) {
+                    const float* pg = scores + r * per_row + g * lens[r];
+                    float* o = out + r * out_stride + g * dim;
+                    int64_t c0 = 0;
+                    for (; c0 + 64 <= dim; c0 += 64) values_chunk(pg, values, t0, t1, c0, 8, o, t0 == 0, kind);
+                    for (; c0 < dim; c0 += 8) values_chunk(pg, values, t0, t1, c0, 1, o, t0 == 0, kind);
+                }
+            }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < group; g++) {
+                float* o = out + r * out_stride + g * dim;
+                const __m256 inv = _mm256_set1_ps(1.0f / total[r][g]);
+                for (int64_t c = 0; c < dim; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), inv));
+            }
+    } else {
+        const int64_t es = kv_bytes(kind);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < group; g++) {
+                const float* pg = scores + r * per_row + g * lens[r];
+                float* o = out + r * out_stride + g * dim;
+                for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
+                for (int64_t t = 0; t < lens[r]; t++)
+                    for (int64_t d = 0; d < dim; d++) o[d] += pg[t] * load1(values[t] + d * es, kind);
+                for (int64_t d = 0; d < dim; d++) o[d] /= total[r][g];
+            }
+    }
     free(scores);
 }
 
-static void attend_head_f32(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
-                            const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_F32); }
-static void attend_head_f16(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
-                            const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_F16); }
-static void attend_head_bf16(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
-                             const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_BF16); }
-static void attend_head_i8(const float* qh, const char* c, const int64_t* pages, int64_t n, int64_t layer, int64_t h,
-                           const AttnShape* a, float* out) { attend_head(qh, c, pages, n, layer, h, a, out, KV_I8); }
+typedef void (*AttendRows)(const float*, int64_t, int64_t, const int64_t*, const char*, const int64_t*, int64_t,
+                           int64_t, const AttnShape*, float*, int64_t);
+#define ATTEND_ROWS(name, kind)                                                                                      \
+    static void name(const float* q, int64_t qs, int64_t rows, const int64_t* lens, const char* c, const int64_t* p, \
+                     int64_t layer, int64_t h, const AttnShape* a, float* out, int64_t os) {                         \
+        attend_rows(q, qs, rows, lens, c, p, layer, h, a, out, os, kind);                                            \
+    }
+ATTEND_ROWS(attend_rows_f32, KV_F32)
+ATTEND_ROWS(attend_rows_f16, KV_F16)
+ATTEND_ROWS(attend_rows_bf16, KV_BF16)
+ATTEND_ROWS(attend_rows_i8, KV_I8)
 
-/* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every sequence s and query head h; K[s], V[s] are the
- * first context_lens[s] tokens of the pages page_table[s, :] of `layer`. Query head h reads KV head
- * h / (heads / kv_heads). */
+/* out[s, h] = softmax(scale * q[s, h] . K[s]) V[s] for every row s and query head h; K[s], V[s] are the first
+ * context_lens[s] tokens of the pages page_table[s, :] of `layer`. Query head h reads KV head h / (heads /
+ * kv_heads). Up to ROWS consecutive rows whose pages extend each other's (a prompt's rows, each reading its
+ * span's pages one position further) are attended together. */
 static void attend(const float* q, int64_t q_stride, const void* cache, const int64_t* page_table, int64_t table_stride,
                    const int64_t* context_lens, float* out, int64_t nd, const AttnShape* a, int64_t layer,
                    int nthreads) {
     const int64_t group = a->heads / a->kv_heads;
-    void (*head)(const float*, const char*, const int64_t*, int64_t, int64_t, int64_t, const AttnShape*, float*) =
-        a->kind == KV_F16 ? attend_head_f16 : a->kind == KV_BF16 ? attend_head_bf16 : a->kind == KV_I8 ? attend_head_i8
-                                                                                                  : attend_head_f32;
+    const AttendRows head = a->kind == KV_F16 ? attend_rows_f16 : a->kind == KV_BF16 ? attend_rows_bf16
+                          : a->kind == KV_I8 ? attend_rows_i8 : attend_rows_f32;
+    int64_t* starts = malloc(sizeof(int64_t) * (size_t)(nd + 1));
+    int64_t blocks = 0;
+    for (int64_t s = 0; s < nd; s++) {
+        const int64_t prev = s - 1, used = (context_lens[prev < 0 ? 0 : prev] + a->page_size - 1) / a->page_size;
+        const int joins = s > 0 && s - starts[blocks - 1] < ROWS && context_lens[s] >= context_lens[prev] &&
+                          memcmp(page_table + s * table_stride, page_table + prev * table_stride,
+                                 sizeof(int64_t) * (size_t)used) == 0;
+        if (!joins) starts[blocks++] = s;
+    }
+    starts[blocks] = nd;
     #pragma omp parallel for collapse(2) schedule(dynamic, a->kv_heads) num_threads(nthreads)
-    for (int64_t s = 0; s < nd; s++)
-        for (int64_t h = 0; h < a->kv_heads; h++)
-            head(q + s * q_stride + h * group * a->dim, (const char*)cache, page_table + s * table_stride,
-                 context_lens[s], layer, h, a, out + (s * a->heads + h * group) * a->dim);
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t h = 0; h < a->kv_heads; h++) {
+            const int64_t s = starts[b], last = starts[b + 1] - 1;
+            head(q + s * q_stride + h * group * a->dim, q_stride, last - s + 1, context_lens + s, (const char*)cache,
+                 page_table + last * table_stride, layer, h, a, out + (s * a->heads + h * group) * a->dim,
+                 a->heads * a->dim);
+        }
+    free(starts);
 }
 
 void paged_attention(const float* q, const void* cache, const int64_t* page_table,
