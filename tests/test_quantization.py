@@ -7,6 +7,7 @@ quality: top-1 agreement with the unquantized model >= 90% and perplexity within
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,13 +61,18 @@ def test_kernel_equals_its_reference(rows, k, n, bias, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_vnni_and_avx2_builds_give_the_same_bytes(mode):
-    """The kernels built for this CPU (VNNI's vpdpbusd where it has it) and for plain AVX2 (`x86-64-v3`: maddubs
-    and madd) give byte-equal outputs, from a decode row to a prompt's many rows. On a CPU without VNNI both
-    builds take the AVX2 path, and the test still checks that the two builds agree."""
+    """The kernels built for this CPU (VNNI's vpdpbusd where it has it, on 512-bit vectors with AVX512), for plain
+    AVX2 (`x86-64-v3`: maddubs and madd) and, where the CPU has it, for AVX-VNNI (256-bit vpdpbusd) give
+    byte-equal outputs, from a decode row to a prompt's many rows. On a CPU without VNNI the builds take the AVX2
+    path, and the test still checks that they agree."""
     from splitserve.kernels import cpu_kernels
 
     avx2 = cpu_kernels.library("x86-64-v3")
     assert cpu_kernels.instructions(avx2) == "AVX2"
+    builds = [avx2]
+    if "avx_vnni" in Path("/proc/cpuinfo").read_text().split():  # the 256-bit-only VNNI of CPUs without AVX512
+        builds.append(cpu_kernels.library("x86-64-v3", ("-mavxvnni",)))
+        assert cpu_kernels.instructions(builds[-1]) == "AVX-VNNI"
     torch.manual_seed(7)
     weight_bits, bits = MODES[mode]
     for k, n in ((576, 1536), (72, 30), (72, 36)):  # 36: an odd number of 8-channel groups
@@ -74,10 +80,10 @@ def test_vnni_and_avx2_builds_give_the_same_bytes(mode):
         for rows in (1, 3, 4, 17, 64, 300) if bits != 32 else (1, 3, cpu_quant.KERNEL_MAX_ROWS):
             x = torch.randn(rows, k) * 3
             native = q(x)
-            q._lib = avx2
-            plain = q(x)
+            for build in builds:
+                q._lib = build
+                assert torch.equal(q(x), native), (cpu_kernels.instructions(build), k, n, rows)
             q._lib = cpu_kernels.library()
-            assert torch.equal(native, plain), (k, n, rows)
 
 
 @pytest.mark.parametrize(("n", "k"), [(4, 32), (5, 13), (30, 72), (1537, 576)])

@@ -156,7 +156,11 @@ static inline __attribute__((always_inline)) void tile_w4(
 {
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < kb; b++) {
-        __m256i sum[4]; /* int16 pairs (AVX2), or int32 (VNNI) */
+        __m256i sum[4]; /* int16 pairs (AVX2), or int32 (VNNI: the low nibbles' products; the high ones' in sum2) */
+#if VNNI
+        __m256i sum2[4]; /* two dependency chains: a row alone (a decode step's) waits on one vpdpbusd per product */
+        for (int i = 0; i < MR; i++) sum2[i] = _mm256_setzero_si256();
+#endif
         for (int i = 0; i < MR; i++) sum[i] = _mm256_setzero_si256();
         for (int r = 0; r < 4; r++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i*)(wg + (b * 4 + r) * 32));
@@ -166,7 +170,8 @@ static inline __attribute__((always_inline)) void tile_w4(
                 const __m256i xl = _mm256_set1_epi32(*(const int32_t*)xb);
                 const __m256i xh = _mm256_set1_epi32(*(const int32_t*)(xb + 16));
 #if VNNI
-                sum[i] = dpbusd(dpbusd(sum[i], lo, xl), hi, xh);
+                sum[i] = dpbusd(sum[i], lo, xl);
+                sum2[i] = dpbusd(sum2[i], hi, xh);
 #else
                 sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(lo, xl));
                 sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(hi, xh));
@@ -176,7 +181,7 @@ static inline __attribute__((always_inline)) void tile_w4(
         const __m256 d8 = _mm256_loadu_ps(dw + b * NG4), m8 = _mm256_loadu_ps(mw + b * NG4);
         for (int i = 0; i < MR; i++) {
 #if VNNI
-            const __m256 p = _mm256_cvtepi32_ps(sum[i]);
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[i], sum2[i])); /* exact: the same int32 sums */
 #else
             const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], _mm256_set1_epi16(1)));
 #endif
@@ -197,8 +202,8 @@ static inline __attribute__((always_inline)) void tile_w4x2(
 {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < kb; b++) {
-        __m512i sum[4];
-        for (int i = 0; i < MR; i++) sum[i] = _mm512_setzero_si512();
+        __m512i sum[4], sum2[4]; /* the low and the high nibbles' products: two dependency chains (see tile_w4) */
+        for (int i = 0; i < MR; i++) sum[i] = sum2[i] = _mm512_setzero_si512();
         for (int r = 0; r < 4; r++) {
             const __m512i raw = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(wg + (b * 4 + r) * 32))),
@@ -207,7 +212,7 @@ static inline __attribute__((always_inline)) void tile_w4x2(
             for (int i = 0; i < MR; i++) {
                 const int8_t* xb = xq + i * ldq + b * QB + 4 * r;
                 sum[i] = _mm512_dpbusd_epi32(sum[i], lo, _mm512_set1_epi32(*(const int32_t*)xb));
-                sum[i] = _mm512_dpbusd_epi32(sum[i], hi, _mm512_set1_epi32(*(const int32_t*)(xb + 16)));
+                sum2[i] = _mm512_dpbusd_epi32(sum2[i], hi, _mm512_set1_epi32(*(const int32_t*)(xb + 16)));
             }
         }
         const __m512 d16 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(dw + b * NG4)),
@@ -215,7 +220,7 @@ static inline __attribute__((always_inline)) void tile_w4x2(
         const __m512 m16 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(mw + b * NG4)),
                                               _mm256_loadu_ps(mw1 + b * NG4), 1);
         for (int i = 0; i < MR; i++) {
-            const __m512 p = _mm512_cvtepi32_ps(sum[i]);
+            const __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(sum[i], sum2[i]));
             acc[i] = _mm512_fmadd_ps(p, _mm512_mul_ps(d16, _mm512_set1_ps(d[i * kb + b])), acc[i]);
             acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(sx[i * kb + b]), acc[i]);
         }

@@ -33,10 +33,10 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def library(march: str = "native") -> ctypes.CDLL | None:
-    """The kernels built for this CPU (`-march=native`: VNNI where it has it), or for another x86 target (the
-    tests build `x86-64-v3`, AVX2 without VNNI, to compare both paths on one machine). None where they cannot
-    build or run here."""
+def library(march: str = "native", extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The kernels built for this CPU (`-march=native`: VNNI where it has it), or for another x86 target with
+    `extra` flags (the tests build `x86-64-v3`, AVX2 without VNNI, and `x86-64-v3 -mavxvnni`, to compare the
+    paths on one machine). None where they cannot build or run here."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if not {"avx2", "fma", "f16c"} <= set(flags):
         log.info("CPU kernels: this CPU lacks AVX2/FMA/F16C")
@@ -46,7 +46,7 @@ def library(march: str = "native") -> ctypes.CDLL | None:
         log.info("CPU kernels: no C compiler found")
         return None
     source = _SOURCE.read_bytes()
-    args = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    args = ["-O3", f"-march={march}", *extra, "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(source + " ".join([compiler, *args]).encode()).hexdigest()[:16]
     path = cache_dir() / f"cpu_kernels-{key}.so"
     if not path.exists():
