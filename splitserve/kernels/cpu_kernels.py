@@ -1,9 +1,10 @@
-"""Native CPU kernels (cpu_kernels.c): int8 and 4-bit linear layers (`cpu_quant` wraps them), paged decode
-attention that reads the KV pages in place, and a decode step's layers in one call (`cpu_fused` wraps it).
+"""Native CPU kernels (cpu_kernels.c): int8 and 4-bit linear layers (`cpu_quant` wraps them), paged attention
+that reads the KV pages in place for every row (decode rows and prompt rows alike), and a step's layers in one
+call (`cpu_fused` wraps it).
 
-The C file is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into the
-splitserve cache and loaded with ctypes. `library()` is None where that cannot work (no AVX2/FMA, no compiler);
-callers then keep the PyTorch paths.
+The C file is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`: VNNI where
+the CPU has it) into the splitserve cache and loaded with ctypes. `library()` is None where that cannot work (no
+AVX2/FMA, no compiler); callers then keep the PyTorch paths.
 """
 
 from __future__ import annotations
