@@ -7,6 +7,7 @@ the prompt's KV into the reserved pages and hands over the first token: the disa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,10 @@ from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.request import Request, Sampled, SamplingFailed
+from splitserve.engine.speculative import Speculator
 from splitserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,9 @@ class DecodeEngine(EngineCore):
         self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
     ):
         super().__init__(config, kv_allocator, take_over)
-        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.speculator = self._speculator()
+        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                   self.speculator)  # fmt: skip
         self._requests: dict[str, Request] = {}
 
     def add_request(
@@ -95,14 +101,28 @@ class DecodeEngine(EngineCore):
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _speculator(self) -> Speculator | None:
+        c = self.config
+        if c.speculative == "off":
+            return None
+        if self.runner.kv_layout.has_rings:
+            log.warning("--speculative %s is off for this model: its sliding-window layers' pages are rings",
+                        c.speculative)  # fmt: skip
+            return None
+        if self.numerics_differ:
+            log.warning("--speculative %s: greedy tokens may differ from a run without it in near ties: %s",
+                        c.speculative, self.numerics_differ)  # fmt: skip
+        return Speculator(c.speculative, c.num_speculative_tokens, c.ngram_min, c.ngram_max, c.speculative_max_batch)
+
     def step(self) -> list[RequestUpdate]:
-        """Schedule, run one forward pass, sample; returns one update per request that got a token."""
+        """Schedule, run one forward pass, sample; returns one update per token, in order (a request whose draft
+        was verified may have several)."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        sampled = self.execute(chunks)
-        self.scheduler.update(chunks, sampled)
-        return [self._update(request, outcome) for request, outcome in sampled]
+        taken = self.scheduler.update(chunks, self.execute(chunks))
+        last = {id(request): i for i, (request, _) in enumerate(taken)}
+        return [self._update(request, outcome, last[id(request)] == i) for i, (request, outcome) in enumerate(taken)]
 
     def _register(self, request: Request) -> Request:
         if request.request_id in self._requests:
@@ -110,11 +130,11 @@ class DecodeEngine(EngineCore):
         self._requests[request.request_id] = request
         return request
 
-    def _update(self, request: Request, outcome: Sampled | SamplingFailed) -> RequestUpdate:
-        if request.finish_reason is not None:
+    def _update(self, request: Request, outcome: Sampled | SamplingFailed, last: bool = True) -> RequestUpdate:
+        """The update of `outcome`, the request's `last` of the step: only that one may carry its end."""
+        finish_reason = request.finish_reason if last else None
+        if finish_reason is not None:
             del self._requests[request.request_id]
         if isinstance(outcome, SamplingFailed):
-            return RequestUpdate(request.request_id, -1, None, request.finish_reason, request.error)
-        return RequestUpdate(
-            request.request_id, outcome.token_id, outcome.logprob, request.finish_reason, request.error
-        )
+            return RequestUpdate(request.request_id, -1, None, finish_reason, request.error)
+        return RequestUpdate(request.request_id, outcome.token_id, outcome.logprob, finish_reason, request.error)

@@ -10,6 +10,10 @@ request, the next chunk for one still prefilling), then on admitting waiting req
 When a running request needs a page and none is free, the newest running request is preempted: its pages
 are freed and it goes back to the front of the queue, to be recomputed from its tokens later.
 
+With a `Speculator` (--speculative), a decoding request's one token may bring drafted tokens: they cost budget
+and pages like prompt tokens, but never a preemption (a request that cannot grow for its draft decodes without
+one); the step keeps those the sampler confirms (`update`).
+
 In the disaggregated path a request is first *reserved*: it holds pages for its prompt while another
 worker computes their KV, then is *admitted* straight into the running batch with its first token.
 """
@@ -20,6 +24,7 @@ from collections import deque
 
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.request import Chunk, Request, RequestStatus, Sampled, SamplingFailed
+from splitserve.engine.speculative import Speculator
 
 
 class Scheduler:
@@ -29,8 +34,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        speculator: Speculator | None = None,
     ):
         self.pages = pages
+        self.speculator = speculator
         self.allocator = pages.allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -93,10 +100,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[Chunk] = []
         preempted = False
+        drafts = self._drafts()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            room = min(budget - n, self.max_model_len - request.num_tokens)  # drafted positions in the context
+            draft = tuple(drafts.get(request.request_id, ())[: max(room, 0)])
+            if draft and self.pages.grow(request, request.num_computed_tokens + n + len(draft)):
+                chunks.append(Chunk(request, n, draft))
+                budget -= n + len(draft)
+                i += 1
+                continue
             while not self.pages.grow(request, request.num_computed_tokens + n):
                 victim = self.running.pop()  # the newest: later than every request scheduled so far
                 self._preempt(victim)
@@ -121,21 +136,42 @@ class Scheduler:
             budget -= n
         return chunks
 
-    def update(self, chunks: list[Chunk], sampled: list[tuple[Request, Sampled | SamplingFailed]]) -> list[Request]:
+    def _drafts(self) -> dict[str, list[int]]:
+        if self.speculator is None:
+            return {}
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        return self.speculator.drafts(decoding)
+
+    def update(
+        self, chunks: list[Chunk], sampled: list[tuple[Request, Sampled | SamplingFailed]]
+    ) -> list[tuple[Request, Sampled | SamplingFailed]]:
         """Account for a finished step: computed tokens advance, sampled tokens append (a row whose sampling
-        failed ends its request). Returns finished requests."""
+        failed ends its request). A request with a draft may have several tokens, in order: each after its
+        first is a drafted token confirmed, whose KV the step computed; those past the request's end are
+        dropped. Returns the outcomes taken, in order."""
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-            self.pages.cache_computed(chunk.request)
-        finished = []
+        taken = []
+        previous = None
         for request, outcome in sampled:
+            if request.finish_reason is not None:
+                continue  # a drafted token after the request's last
+            if request is previous:
+                request.num_computed_tokens += 1
             request.take(outcome, self.max_model_len)
+            taken.append((request, outcome))
+            previous = request
+        for chunk in chunks:
+            request = chunk.request
+            if chunk.draft and self.speculator is not None:
+                kept = sum(r is request for r, _ in taken)
+                self.speculator.verified(request, len(chunk.draft), max(kept - 1, 0))
+            self.pages.cache_computed(request)
             if request.finish_reason is not None:
                 self.running.remove(request)
                 request.status = RequestStatus.FINISHED
                 self._release(request)
-                finished.append(request)
-        return finished
+        return taken
 
     def _free_slot(self) -> bool:
         return len(self.running) + len(self.receiving) < self.max_num_seqs
@@ -148,3 +184,5 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.pages.release(request)
+        if self.speculator is not None:
+            self.speculator.finished(request)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "bf16", "fp16")
+METHODS = ("off", "ngram", "suffix")  # --speculative (engine/speculative.py)
 KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per page and head (kernels/kv_format.py)
 # The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
 CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
@@ -94,6 +95,21 @@ class EngineConfig:
         None, "a folder for a third KV tier: pages the offload memory has no room for go to files here", type=str
     )
     kv_offload_size: str | int = option("8GiB", "disk space the --kv-offload-dir tier may use (default {default})")
+    speculative: str = option(
+        "off",
+        "speculative decoding on the decode side: ngram = each request proposes the tokens that followed the "
+        "latest earlier occurrence of its last few tokens in its prompt and output (code edits, quotes, RAG "
+        "answers, repeated tool calls), and a step verifies them at once; suffix = also in what this worker "
+        "generated earlier for the same prompt_cache_key; the tokens are those of a run without speculation "
+        "(README 'Speculative decoding') (default {default})",
+        choices=METHODS,
+    )
+    num_speculative_tokens: int = option(4, "tokens a request proposes per step at most (default {default})")
+    ngram_max: int = option(4, "longest n-gram matched to find a proposal (default {default})")
+    ngram_min: int = option(2, "shortest n-gram matched (default {default})")
+    speculative_max_batch: int = option(
+        8, "steps with more decoding requests than this do not speculate (default {default})"
+    )
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -112,6 +128,13 @@ class EngineConfig:
             raise ValueError(f"--quantization {self.quantization} is for the CPU, with fp32 (--dtype fp32 or auto)")
         if self.cache_ttl_s < 0:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
+        if self.speculative not in METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(METHODS)}, got {self.speculative!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        for name in ("num_speculative_tokens", "speculative_max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -111,6 +111,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token's logprob and the n most likely
     structured: StructuredOutput | None = None
+    speculative: bool = True  # False: this request never proposes drafted tokens (--speculative)
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str, param: str) -> None:

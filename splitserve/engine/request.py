@@ -4,7 +4,8 @@ sampler hands it each step (`Sampled`, or `SamplingFailed`)."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -115,6 +116,21 @@ class Request:
         except InvalidRequestError as e:  # a token its grammar refuses (only a faulty peer can send one)
             self.finish_reason, self.error = "error", str(e)
 
+    @contextmanager
+    def tentatively(self) -> Iterator[Callable[[Sampled], None]]:
+        """A function that appends a sampled token (its logprobs, grammar state and finish with it), all taken
+        back on exit: how the sampler sees a drafted token accepted before the scheduler takes it
+        (sampling.verify)."""
+        num_tokens, num_logprobs, finish_reason = self.num_tokens, len(self.logprobs), self.finish_reason
+        try:
+            yield lambda s: self.append_token(s.token_id, s.logprob, self.num_tokens + 2)
+        finally:
+            appended = self.num_tokens - num_tokens
+            del self.token_ids[num_tokens:], self.logprobs[num_logprobs:]
+            if self.grammar is not None and appended:
+                self.grammar.rollback(appended)
+            self.finish_reason = finish_reason
+
     def append_token(self, token_id: int, logprob: TokenLogprob | None, max_model_len: int) -> None:
         """Record a sampled token and decide whether the request is done."""
         self.token_ids.append(token_id)
@@ -131,10 +147,17 @@ class Request:
 
 
 class Chunk(NamedTuple):
-    """`num_tokens` of `request`'s uncomputed tokens, scheduled for one forward pass."""
+    """`num_tokens` of `request`'s uncomputed tokens, scheduled for one forward pass; a decoding request's
+    last token may bring `draft`, tokens proposed to follow it (engine/speculative.py), verified in the pass."""
 
     request: Request
     num_tokens: int
+    draft: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """The pass's rows for this chunk: its tokens and the drafted ones."""
+        return self.num_tokens + len(self.draft)
 
     @property
     def completes(self) -> bool:

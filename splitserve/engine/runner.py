@@ -4,6 +4,7 @@ decode rows only replays a captured graph (`decode_graphs`) unless `--enforce-ea
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
-from splitserve.engine.sampling import sample
+from splitserve.engine.sampling import sample, verify
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
 from splitserve.model.checkpoint import gguf_layer_types, iter_safetensors
 from splitserve.model.config import ModelConfig
@@ -91,20 +92,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
-        """Run the chunks' tokens through the model; sample for every chunk that completes its request."""
-        if self.decode_graphs is not None and all(c.num_tokens == 1 and c.completes for c in chunks):
+        """Run the chunks' tokens through the model; sample for every chunk that completes its request: one
+        token, or for a chunk with a draft the tokens `verify` keeps of it (the request's outcomes in order)."""
+        if self.decode_graphs is not None and all(c.rows == 1 and c.completes for c in chunks):
             requests = [c.request for c in chunks]
             return list(zip(requests, self.decode_graphs.run(requests), strict=True))
         # Decode rows (one query token) first: the attention batches them in one call.
-        ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
+        ordered = [c for c in chunks if c.rows == 1] + [c for c in chunks if c.rows > 1]
         meta, sample_rows = self._prepare(ordered)
-        n = sum(c.num_tokens for c in ordered)
+        n = sum(c.rows for c in ordered)
         hidden = self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta)
-        finishing = [c.request for c in ordered if c.completes]
+        finishing = [c for c in ordered if c.completes]
         if not finishing:
             return []
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return list(zip(finishing, sample(logits, finishing), strict=True))
+        # each finishing chunk's rows: one, or its last token's and its draft's
+        firsts = [0, *itertools.accumulate(1 + len(c.draft) for c in finishing)]
+        single = [i for i, c in enumerate(finishing) if not c.draft]
+        outcomes = dict(zip(single, sample(logits[[firsts[i] for i in single]], [finishing[i].request for i in single]),
+                            strict=True))  # fmt: skip
+        results = []
+        for i, c in enumerate(finishing):
+            if c.draft:
+                results.extend((c.request, o) for o in verify(logits[firsts[i] : firsts[i + 1]], c.request, c.draft))
+            else:
+                results.append((c.request, outcomes[i]))
+        return results
 
     @torch.inference_mode()
     def prompt_logits(self, request: Request) -> torch.Tensor:
@@ -130,24 +143,25 @@ class ModelRunner:
         decode_lens: list[int] = []
         for c in ordered:
             r, start = c.request, c.request.num_computed_tokens
-            end = start + c.num_tokens
+            end = start + c.rows
             row = len(ids)
-            ids.extend(r.token_ids[start:end])
+            ids.extend(r.token_ids[start : start + c.num_tokens])
+            ids.extend(c.draft)
             positions.extend(range(start, end))
             tables = layout.tables(r.pages, math.ceil(end / ps))
             for g, table in enumerate(tables):
                 if g < layout.num_full:
                     slot_pages[g].extend(table[p // ps] for p in range(start, end))
-                elif c.num_tokens == 1:
+                elif c.rows == 1:
                     slot_pages[g].append(table[start // ps])
                     ring_writes[g].append(self.null_page)
                 else:  # only the span's last window stays (kernels/attention.py, `attend`)
-                    slot_pages[g].extend([self.null_page] * c.num_tokens)
+                    slot_pages[g].extend([self.null_page] * c.rows)
                     kept = end - layout.window + 1
                     ring_writes[g].extend(table[p // ps] if p >= kept else self.null_page for p in range(start, end))
             if c.completes:
-                sample_rows.append(row + c.num_tokens - 1)
-            if c.num_tokens == 1:
+                sample_rows.extend(range(row + c.num_tokens - 1, row + c.rows))
+            if c.rows == 1:
                 for g, table in enumerate(tables):
                     decode_pages[g].append(table)
                 decode_lens.append(end)
@@ -156,7 +170,7 @@ class ModelRunner:
                 if start > 0:  # a later chunk: its queries also see the prefix already in pages
                     q_pos = torch.arange(start, end, device=self.device)
                     mask = self._token_range[:end].unsqueeze(0) <= q_pos.unsqueeze(1)
-                spans.append((row, c.num_tokens, end, mask))
+                spans.append((row, c.rows, end, mask))
                 for g, table in enumerate(tables):
                     span_pages[g].append(table)
 

@@ -8,6 +8,8 @@ itself: the sampler reports that row's error and the step goes on for the rest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from splitserve.engine.params import TokenLogprob
@@ -49,6 +51,30 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled | Samp
         SamplingFailed(failed[i]) if i in failed else Sampled(token_ids[i], logprob_of.get(i))
         for i in range(len(requests))
     ]
+
+
+def verify(logits: torch.Tensor, request: Request, draft: Sequence[int]) -> list[Sampled | SamplingFailed]:
+    """The request's tokens from the logits of its last token and of its drafted tokens ([len(draft) + 1,
+    vocab], engine/speculative.py): row j is sampled as `sample` samples it after the drafted tokens before it
+    were taken (penalties, min_tokens, the grammar and a seeded generator see them), until a token differs
+    from the draft (that token is the sampler's own, and the last), sampling fails, or the request ends. One
+    draw per token returned, as without a draft."""
+    p = request.params
+    if p.greedy and plain(request):  # the processors change nothing: every row's token at once
+        tokens = logits.argmax(dim=-1).tolist()
+        kept = next((j for j, d in enumerate(draft) if tokens[j] != d), len(draft)) + 1
+        return [Sampled(t, None) for t in tokens[:kept]]
+    out: list[Sampled | SamplingFailed] = []
+    with request.tentatively() as take:
+        for j in range(len(draft) + 1):
+            (outcome,) = sample(logits[j : j + 1], [request])
+            out.append(outcome)
+            if isinstance(outcome, SamplingFailed) or j == len(draft) or outcome.token_id != draft[j]:
+                break
+            take(outcome)
+            if request.finish_reason is not None:
+                break
+    return out
 
 
 def _logprobs(logp: torch.Tensor, chosen: torch.Tensor, counts: list[int]) -> list[TokenLogprob]:

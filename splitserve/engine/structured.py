@@ -62,6 +62,10 @@ class Grammar:
         if not self._matcher.accept_token(token_id):
             raise InvalidRequestError(f"token {token_id} does not follow the request's grammar")
 
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last `num_tokens` accepted tokens (drafted ones, tried by the sampler)."""
+        self._matcher.rollback(num_tokens)
+
     @property
     def complete(self) -> bool:
         """The output is a whole document of the grammar (its stop token was accepted)."""

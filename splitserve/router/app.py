@@ -267,6 +267,7 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[Sa
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs if chat else body.logprobs,
         structured=_structured(body),
+        speculative=body.speculative,
     )
     check_params(params, state.vocab_size)
     if params.seed is None:

@@ -95,6 +95,7 @@ class _Common(_Strict):
     min_tokens: _bounded(int, "min_tokens") = 0
     ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
     return_token_ids: bool = False  # each choice also carries its token ids
+    speculative: bool = True  # false: no speculative decoding for this request (where the server runs it)
     response_format: ResponseFormat | None = None
     # A conversation's key: its KV stays on the workers for `--cache-ttl` after each turn, and the next turn is
     # routed to it. `user` stands in for it when it is absent (OpenAI uses both to route to a warm cache).
