@@ -112,12 +112,28 @@ class FirstToken(msgspec.Struct, frozen=True):
 # --- worker -> router ---------------------------------------------------------------------------------
 
 
+ACCEPTANCE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # a finished request's share of drafted tokens accepted
+
+
+class SpeculationStats(msgspec.Struct, frozen=True):
+    """A decode worker's speculative decoding (--speculative): tokens drafted and accepted, request-steps that
+    verified a draft, and finished requests counted by their share of drafted tokens accepted (one count per
+    bucket of ACCEPTANCE_BUCKETS, each up to its bound)."""
+
+    method: str = "off"
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    acceptance: list[int] = []
+
+
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     info: WorkerInfo
     load: Load
     kv: KvStats
     loop_age_s: float  # seconds since the worker's loop last went round: a stuck worker shows here
     cache: CacheStats = CacheStats()
+    speculation: SpeculationStats = SpeculationStats()
     version: int = PROTOCOL_VERSION
 
 

@@ -28,6 +28,7 @@ import zmq
 from splitserve.engine.config import EngineConfig
 from splitserve.model.checkpoint import model_name
 from splitserve.protocol import (
+    ACCEPTANCE_BUCKETS,
     CacheEvents,
     CacheStats,
     Goodbye,
@@ -36,6 +37,7 @@ from splitserve.protocol import (
     ProtocolError,
     Refused,
     Role,
+    SpeculationStats,
     SwitchRole,
     ToRouter,
     WorkerInfo,
@@ -131,6 +133,7 @@ class _Loop:
         self.refused: str | None = None
         self.load = role.load()  # the latest snapshots, read by the heartbeat thread
         self.cache = CacheStats()
+        self.speculation = SpeculationStats()
         self.loop_time = time.monotonic()
         self.malformed_messages = 0
         self.switch: SwitchRole | None = None  # asked for; done once the role has no work left
@@ -197,6 +200,11 @@ class _Loop:
             offload_seconds_reading=offload.stats.seconds_reading)  # fmt: skip
         self.cache = CacheStats(stats.queries, stats.hits, stats.evictions, allocator.num_cached,
                                 allocator.num_retained, **tier)  # fmt: skip
+        speculator = getattr(self.role.engine, "speculator", None)
+        if speculator is not None:
+            s = speculator.stats
+            acceptance = [s.acceptance[bound] for bound in ACCEPTANCE_BUCKETS]
+            self.speculation = SpeculationStats(speculator.method, s.drafted, s.accepted, s.steps, acceptance)
 
     def _flush(self) -> None:
         dropped = 0
@@ -256,6 +264,7 @@ class _Loop:
                 )
                 age = time.monotonic() - self.loop_time
                 with contextlib.suppress(zmq.Again):  # the router is away: keep trying until it is back
-                    sock.send(encode(Heartbeat(self.info, self.load, kv, age, self.cache)), zmq.NOBLOCK)
+                    sock.send(encode(Heartbeat(self.info, self.load, kv, age, self.cache, self.speculation)),
+                              zmq.NOBLOCK)  # fmt: skip
         finally:
             sock.close()

@@ -6,6 +6,7 @@ no page leaks. The embedded model runs with serve's defaults (one numerics: READ
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -63,10 +64,22 @@ def test_the_policy_backs_off_requests_whose_drafts_fail_and_large_batches():
     assert spec.drafts([opted_out]) == {}
 
 
-def _request(request_id: str, tokens: list[int], **params):
+@pytest.mark.parametrize("method", ["suffix", "ngram"])
+def test_suffix_drafts_from_the_conversations_earlier_outputs(method):
+    spec = Speculator(method, 4, 2, 3, max_batch=8)
+    first = _request("a", [1, 2, 3], cache_key="conv")
+    first.token_ids.extend([40, 41, 42, 43, 44, 45])
+    first.finish_reason = "stop"
+    spec.finished(first)
+    again = _request("b", [9, 8, 40, 41], cache_key="conv")  # its own tokens hold no earlier "40 41"
+    stranger = _request("c", [9, 8, 40, 41], cache_key="other")
+    assert spec.drafts([again, stranger]) == ({"b": [42, 43, 44, 45]} if method == "suffix" else {})
+
+
+def _request(request_id: str, tokens: list[int], cache_key: str | None = None, **params):
     from splitserve.engine.request import Request
 
-    return Request.create(request_id, tokens, SamplingParams(max_tokens=64, **params), frozenset())
+    return Request.create(request_id, tokens, SamplingParams(max_tokens=64, **params), frozenset(), cache_key=cache_key)
 
 
 def test_config_refuses_bad_speculative_options():
@@ -173,3 +186,44 @@ def _chi2_quantile(dof: int, q: float) -> float:
     """Wilson-Hilferty's approximation of the chi-square quantile (enough for a bound at p = 0.001)."""
     z = {0.999: 3.090}[q]
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.slow
+def test_served_speculation_1p1d_gives_the_tokens_of_a_run_without_it(pair):
+    """serve's defaults, 1 prefill + 1 decode worker, with `--speculative suffix`: greedy and seeded streams of
+    copying prompts equal the in-process run without speculation (one numerics: colocated or disaggregated, the
+    same bits); a conversation's second turn (prompt_cache_key) drafts from the first's output; /metrics counts
+    the drafted and accepted tokens."""
+    from splitserve.launcher import ServeProcess
+    from tests.test_serving import complete
+
+    off, _ = pair
+    args = ["--prefill", "1", "--decode", "1", "--fixed-roles", "--kv-cache-memory", "128MiB", "--speculative",
+            "suffix"]  # fmt: skip
+    server = ServeProcess(None, args, num_workers=2)
+    try:
+        model = server.http.get("/v1/models").json()["data"][0]["id"]
+        for messages, params in [(COPY, CASES["greedy"]), (QUOTE, CASES["seeded"])]:
+            body = {"model": model, "messages": messages, "max_tokens": params.max_tokens, "stream": True,
+                    "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed}  # fmt: skip
+            _, ids, _ = complete(server.http, "/v1/chat/completions", body)
+            assert ids == off.chat(messages, params, use_tqdm=False)[0].token_ids
+        turn = {"model": model, "messages": QUOTE, "max_tokens": 48, "temperature": 0, "prompt_cache_key": "c1"}
+        complete(server.http, "/v1/chat/completions", turn)  # retained pages and suffix memory alike
+        deadline = time.monotonic() + 10  # the counters come with the decode worker's heartbeats
+        while True:
+            metrics = server.http.get("/metrics").text
+            finished = _metric(metrics, "splitserve_spec_acceptance_count")  # requests that drafted, by acceptance
+            if finished >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert finished == 3
+        drafted, accepted = (_metric(metrics, f"splitserve_spec_{k}_tokens_total") for k in ("drafted", "accepted"))
+        assert drafted > 0 and 0 < accepted <= drafted
+        server.wait_idle(timeout=5)
+    finally:
+        server.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))

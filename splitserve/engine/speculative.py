@@ -19,12 +19,19 @@ its drafts are rejected and for the whole step when the batch is large.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from splitserve.engine.config import METHODS
-from splitserve.engine.request import Request
+from splitserve.protocol import ACCEPTANCE_BUCKETS
+
+if TYPE_CHECKING:
+    from splitserve.engine.request import Request
+
+log = logging.getLogger(__name__)
 
 # A request whose recent drafts were mostly rejected stops proposing for a while, longer each time (steps).
 _LOW_ACCEPTANCE = 0.25
@@ -32,7 +39,6 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 4, 256
 _RECENT = 0.7  # weight of the past in a request's moving acceptance rate
 _SUFFIX_CONVERSATIONS = 1024  # conversations whose earlier outputs --speculative suffix keeps (least recent go)
 _SUFFIX_TOKENS = 16384  # tokens kept per conversation (the oldest go)
-ACCEPTANCE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # a finished request's share of drafted tokens accepted
 
 
 class NgramIndex:
@@ -156,6 +162,9 @@ class Speculator:
             return None
         rate = record.accepted / record.drafted
         self.stats.acceptance[next(b for b in ACCEPTANCE_BUCKETS if rate <= b)] += 1
+        log.info("request %s (%s): %d of %d drafted tokens accepted (%.0f%%), %d output tokens",
+                 request.request_id, request.finish_reason, record.accepted, record.drafted, 100 * rate,
+                 request.num_tokens - request.num_prompt_tokens)  # fmt: skip
         return record.drafted, record.accepted
 
     def _remember(self, key: str, output: list[int]) -> None:

@@ -365,6 +365,7 @@ class Cluster:
         if info.role is not worker.role:
             self.roles.role_changed(worker, info)
         worker.load, worker.kv, worker.loop_age_s, worker.cache = hb.load, hb.kv, hb.loop_age_s, hb.cache
+        worker.speculation = hb.speculation
         worker.last_heartbeat = time.monotonic()
         worker.refused_reserve = False
 
@@ -611,4 +612,5 @@ def _describe(w: Worker) -> WorkerView:
         prefix_cache_hits=cache.hits,
         prefix_cache_evictions=cache.evictions,
         **{k: v for k, v in msgspec.structs.asdict(cache).items() if k.endswith("_pages") or k.startswith("offload")},
+        speculation=w.speculation,
     )

@@ -16,7 +16,7 @@ import msgspec
 
 from splitserve.engine.prefix_cache import root_hash
 from splitserve.kv_transfer.messages import CompatKey
-from splitserve.protocol import CacheStats, Heartbeat, KvStats, Load, Role, WorkerInfo
+from splitserve.protocol import CacheStats, Heartbeat, KvStats, Load, Role, SpeculationStats, WorkerInfo
 from splitserve.router.policy import Decision
 from splitserve.router.prefix_index import PrefixIndex
 
@@ -41,6 +41,7 @@ class Worker:
     jobs: dict[int, _Hold] = field(default_factory=dict)
     refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
     cache: CacheStats = field(default_factory=CacheStats)
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
     root_hash: int = 0  # where its page hash chains start (from its KV compatibility key)
     role_reason: str = "started with it"  # why it has its role
     switch: Decision | None = None  # it is being drained to switch roles

@@ -14,9 +14,10 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from splitserve.protocol import ACCEPTANCE_BUCKETS
 from splitserve.router.cluster import Cluster
 from splitserve.router.snapshot import SloView
 from splitserve.slo import SLO, percentile
@@ -188,6 +189,7 @@ class _ClusterCollector(Collector):
                 family.add_metric(labels, getattr(w, key))
         yield from gauges.values()
         yield from counters.values()
+        yield from _speculation(snap.workers)
         pools = {
             key: GaugeMetricFamily(f"splitserve_pool_{key}", doc, labels=["pool"])
             for key, doc in [
@@ -213,3 +215,29 @@ class _ClusterCollector(Collector):
             for limit, n in w.misses.items():
                 misses.add_metric([limit], n)
             yield misses
+
+
+def _speculation(workers: list) -> list:
+    """Speculative decoding per decode worker and method: tokens drafted and accepted, request-steps that
+    verified a draft, and finished requests by their share of drafted tokens accepted (a histogram)."""
+    labels = ["worker", "role", "method"]
+    drafted = CounterMetricFamily("splitserve_spec_drafted_tokens", "Tokens drafted (--speculative)", labels=labels)
+    accepted = CounterMetricFamily("splitserve_spec_accepted_tokens", "Drafted tokens the sampler confirmed",
+                                   labels=labels)  # fmt: skip
+    steps = CounterMetricFamily("splitserve_spec_verify_steps", "Request-steps that verified a draft", labels=labels)
+    rates = HistogramMetricFamily("splitserve_spec_acceptance", "Finished requests by the share of their drafted "
+                                  "tokens accepted", labels=labels)  # fmt: skip
+    for w in workers:
+        s = w.speculation
+        if s.method == "off":
+            continue
+        key = [w.id, w.role, s.method]
+        drafted.add_metric(key, s.drafted)
+        accepted.add_metric(key, s.accepted)
+        steps.add_metric(key, s.verify_steps)
+        counts = s.acceptance or [0] * len(ACCEPTANCE_BUCKETS)
+        cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
+        buckets = [(f"{b:g}", n) for b, n in zip(ACCEPTANCE_BUCKETS[:-1], cumulative, strict=False)]
+        # sum: unknown per request; the bucket bounds' midpoints would invent it, so it is left at 0
+        rates.add_metric(key, [*buckets, ("+Inf", cumulative[-1])], 0.0)
+    return [drafted, accepted, steps, rates]

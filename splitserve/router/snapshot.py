@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.protocol import SpeculationStats
 from splitserve.router.policy import Window
 
 
@@ -42,6 +43,7 @@ class WorkerView(msgspec.Struct, frozen=True):
     offload_bytes_read: int
     offload_seconds_writing: float
     offload_seconds_reading: float
+    speculation: SpeculationStats  # --speculative: tokens drafted and accepted
 
 
 class PoolView(msgspec.Struct, frozen=True):
