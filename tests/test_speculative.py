@@ -227,3 +227,35 @@ def test_served_speculation_1p1d_gives_the_tokens_of_a_run_without_it(pair):
 
 def _metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.slow
+def test_a_resumed_request_speculates_on_to_the_same_tokens(pair):
+    """A request resumed after tokens it streamed (a migration's `output_token_ids`) with speculation on goes on
+    as the undisturbed run without it, greedy and seeded."""
+    off, on = pair
+    for case in ("greedy", "seeded"):
+        params = CASES[case]
+        prompt = on.tokenizer.apply_chat_template(COPY, tokenize=False, add_generation_prompt=True)
+        ids = on.tokenizer(prompt, add_special_tokens=False).input_ids
+        whole = off.generate([ids], params, use_tqdm=False)[0].token_ids
+        on.engine.add_request(f"resumed-{case}", ids, params, output_token_ids=whole[:30])
+        rest = []
+        while on.engine.has_unfinished():
+            rest += [u.token_id for u in on.engine.step()]
+        assert whole[:30] + rest == whole
+
+
+@pytest.mark.slow
+def test_preemption_under_speculation_loses_nothing():
+    """Eight copying requests in a KV cache too small for them all: requests are preempted and recomputed while
+    others verify drafts; every output equals the run without speculation (with room for all), no page leaks."""
+    if not cpu_quant.available():
+        pytest.skip("no native CPU kernels here")
+    roomy, tight = LLM(**DEFAULTS), LLM(device="cpu", kv_cache_memory="32MiB", speculative="ngram")
+    params = SamplingParams(max_tokens=80, temperature=0)
+    convs = [COPY, QUOTE] * 4
+    ref = roomy.chat(convs, params, use_tqdm=False)
+    got = tight.chat(convs, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert tight.engine.scheduler.num_preemptions > 0 and tight.engine.speculator.stats.accepted > 0
