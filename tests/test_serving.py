@@ -251,6 +251,7 @@ BAD_REQUESTS = [
     ("unknown field", "/v1/completions", {"model": "M", "prompt": "hi", "min_p": 0.1}, 400),
     ("suffix", "/v1/completions", {"model": "M", "prompt": "hi", "suffix": "end"}, 400),
     ("echo with logprobs", "/v1/completions", {"model": "M", "prompt": "hi", "echo": True, "logprobs": 1}, 400),
+    ("speculative not a bool", "/v1/completions", {"model": "M", "prompt": "hi", "speculative": "yes"}, 400),
     ("logit_bias not a token", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"x": 1}}, 400),
     ("logit_bias out of vocab", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"49152": 1}}, 400),
     ("logit_bias 101", "/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"5": 101}}, 400),
