@@ -162,3 +162,24 @@ def test_a_burst_spreads_before_any_load_report(router):
     for i in range(6):
         cluster.submit(list(range(100 * i, 100 * i + 50)), SamplingParams())
     assert sorted(w for w, _ in sent) == ["a"] * 3 + ["b"] * 3
+
+
+def test_prefix_affinity_gives_way_when_the_placed_load_outweighs_the_cached_tokens(router):
+    """Two decode workers of 64 batch slots, one holding 240 of each prompt's 300 tokens: a burst of six does
+    not all go to it (the router counts the pages of what it placed, before any report), each takes a share,
+    and each burst again after the first's end spreads too."""
+    cluster, sent = router
+    add_fake_worker(cluster, "p", Role.PREFILL)
+    workers = [add_fake_worker(cluster, name, Role.DECODE) for name in ("a", "b")]
+    for w in workers:
+        w.info = msgspec.structs.replace(w.info, max_num_seqs=64)
+    shared = list(range(240))
+    cluster.prefix_index.apply("a", page_hashes(shared, 8, workers[0].root_hash), [])
+    for burst in range(3):
+        sent.clear()
+        for i in range(6):
+            cluster.submit(shared + [1000 + 60 * i + j for j in range(60)], SamplingParams())
+        placed = [w for w, m in sent if isinstance(m, (Reserve, Generate))]  # local prefills where it caches
+        assert len(placed) == 6 and 2 <= placed.count("a") <= 4, (burst, placed)
+        for w in workers:
+            w.jobs.clear()

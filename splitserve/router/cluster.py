@@ -270,7 +270,7 @@ class Cluster:
             self._generate(w, job)
             return True
         job.state, job.decode, job.attempts = JobState.RESERVING, w.worker_id, job.attempts + 1
-        w.take(job.wire_id, reserving_pages=job.pages_needed)
+        w.take(job.wire_id, reserving_pages=job.pages_needed, pages=job.pages_needed)
         self._send(w, Reserve(job.wire_id, job.prompt_token_ids, job.params, job.cache_key, job.resumed_token_ids))
         return True
 
@@ -278,7 +278,7 @@ class Cluster:
         """The worker prefills the prompt itself and generates (role both, or a decode worker's local prefill)."""
         self._note_routing(w, job)
         job.state, job.decode, job.attempts = JobState.GENERATING, w.worker_id, job.attempts + 1
-        w.take(job.wire_id)
+        w.take(job.wire_id, pages=job.pages_needed)
         self._send(w, Generate(job.wire_id, job.prompt_token_ids, job.params, job.cache_key, job.resumed_token_ids))
 
     def _note_routing(self, w: Worker, job: Job) -> None:

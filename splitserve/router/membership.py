@@ -27,6 +27,7 @@ class _Hold:
 
     reserving_pages: int = 0  # pages of a Reserve not answered yet
     prefill_tokens: int = 0  # prompt tokens of a Prefill not reported done
+    pages: int = 0  # pages the attempt's tokens take on a decode (or colocated) worker: the router's own count
 
 
 @dataclass(eq=False)
@@ -54,8 +55,8 @@ class Worker:
     def worker_id(self) -> str:
         return self.info.worker_id
 
-    def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0) -> None:
-        self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens)
+    def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0, pages: int = 0) -> None:
+        self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens, pages)
 
     def settle(self, wire_id: int) -> None:
         """Its answer to the attempt's Reserve arrived: the pages show in its load from now on."""
@@ -82,10 +83,13 @@ class Worker:
         return self.load.free_pages - self.reserving_pages
 
     def pages_in_use(self) -> float:
-        """Pages it holds, or its share of batch slots taken in pages, whichever is more: the slots count at
-        once, while its page count only changes with its next message."""
+        """Pages it holds, its share of batch slots taken in pages, or the pages of the attempts the router gave
+        it, whichever is more: the router's own counts change the moment it places a request, while the
+        worker's page count only changes with its next message (a burst placed on its last report would all
+        go to one worker)."""
         slots = len(self.jobs) / self.info.max_num_seqs * self.info.num_pages
-        return max(self.info.num_pages - self.free_pages(), slots)
+        placed = sum(h.pages for h in self.jobs.values())
+        return max(self.info.num_pages - self.free_pages(), slots, placed)
 
 
 class Membership:

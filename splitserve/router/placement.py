@@ -2,12 +2,13 @@
 changes nothing: the cluster applies its choice.
 
 A worker's cost is pages of work: the prompt pages it would have to compute (less what it holds cached, by the
-prefix index) plus the pages and prompt tokens it already has. A request goes to the decode worker with room
-(free pages, batch slots, and under an SLO a decode step fast enough for its TPOT) and the least cost, which
-either prefills it itself (`policy.prefills_locally`: a conversation's next turn it holds nearly whole, and
-under an SLO short prompts and prompts the prefill pool could not start in time; always when no prefill worker
-is left) or reserves pages for the prefill worker with the least cost. Without decode workers it goes to the
-colocated worker (role both) with the least cost.
+prefix index) plus the pages and prompt tokens it already has (by its reports, or the router's own count of
+what it placed there, whichever is more: a cached prefix wins only while it outweighs the load gap). A request
+goes to the decode worker with room (free pages, batch slots, and under an SLO a decode step fast enough for its
+TPOT) and the least cost, which either prefills it itself (`policy.prefills_locally`: a conversation's next
+turn it holds nearly whole, and under an SLO short prompts and prompts the prefill pool could not start in
+time; always when no prefill worker is left) or reserves pages for the prefill worker with the least cost.
+Without decode workers it goes to the colocated worker (role both) with the least cost.
 """
 
 from __future__ import annotations
