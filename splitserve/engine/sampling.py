@@ -58,11 +58,18 @@ def verify(logits: torch.Tensor, request: Request, draft: Sequence[int]) -> list
     vocab], engine/speculative.py): row j is sampled as `sample` samples it after the drafted tokens before it
     were taken (penalties, min_tokens, the grammar and a seeded generator see them), until a token differs
     from the draft (that token is the sampler's own, and the last), sampling fails, or the request ends. One
-    draw per token returned, as without a draft."""
-    p = request.params
-    if p.greedy and plain(request):  # the processors change nothing: every row's token at once
-        tokens = logits.argmax(dim=-1).tolist()
+    draw per token returned, as without a draft. A request whose rows no processor changes has them all
+    sampled at once (a seeded generator is then set back to one draw per token kept)."""
+    if plain(request):  # no processor reads the tokens before a row: every row's token at once
+        generator = request.generator
+        state = generator.get_state() if generator is not None else None
+        rows = [request] * logits.shape[0]
+        tokens = (logits.argmax(dim=-1) if request.params.greedy else _sample_rows(logits.float(), rows)).tolist()
         kept = next((j for j, d in enumerate(draft) if tokens[j] != d), len(draft)) + 1
+        if state is not None:  # it drew a number per row: leave it having drawn one per token kept
+            generator.set_state(state)
+            for _ in range(kept):
+                request.draw()
         return [Sampled(t, None) for t in tokens[:kept]]
     out: list[Sampled | SamplingFailed] = []
     with request.tentatively() as take:
