@@ -95,7 +95,7 @@ def workloads() -> dict[str, Callable[[int], tuple[list[dict], str | None]]]:
                       {"role": "assistant", "content": call},
                       {"role": "user", "content": f"Tool result: {12 + len(day)} degrees, cloudy."},
                       {"role": "assistant", "content": said}]  # fmt: skip
-        turns.append({"role": "user", "content": f"And on Wednesday in {city}? Call the tool, then say it."})
+        turns.append({"role": "user", "content": f"What is the weather in {city} on Wednesday?"})
         return turns, f"agent-{i}"
 
     def chat(i: int):

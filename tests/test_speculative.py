@@ -252,7 +252,10 @@ def test_preemption_under_speculation_loses_nothing():
     others verify drafts; every output equals the run without speculation (with room for all), no page leaks."""
     if not cpu_quant.available():
         pytest.skip("no native CPU kernels here")
-    roomy, tight = LLM(**DEFAULTS), LLM(device="cpu", kv_cache_memory="32MiB", speculative="ngram")
+    roomy, tight = (
+        LLM(**DEFAULTS),
+        LLM(device="cpu", kv_cache_memory="32MiB", speculative="ngram", speculative_max_batch=8),
+    )
     params = SamplingParams(max_tokens=80, temperature=0)
     convs = [COPY, QUOTE] * 4
     ref = roomy.chat(convs, params, use_tqdm=False)

@@ -104,11 +104,16 @@ class EngineConfig:
         "(README 'Speculative decoding') (default {default})",
         choices=METHODS,
     )
-    num_speculative_tokens: int = option(4, "tokens a request proposes per step at most (default {default})")
+    num_speculative_tokens: int = option(
+        8, "tokens a request proposes per step at most (default {default}: benchmarks/speculative.py)"
+    )
     ngram_max: int = option(4, "longest n-gram matched to find a proposal (default {default})")
     ngram_min: int = option(2, "shortest n-gram matched (default {default})")
     speculative_max_batch: int = option(
-        8, "steps with more decoding requests than this do not speculate (default {default})"
+        2,
+        "steps with more decoding requests than this do not speculate; past 2, only requests whose recent drafts "
+        "were mostly kept do (default {default}: on 2 CPU cores, chat at 4 streams lost 11% with speculation; "
+        "benchmarks/speculative.py --batch-sweep)",
     )
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # A request whose recent drafts were mostly rejected stops proposing for a while, longer each time (steps).
 _LOW_ACCEPTANCE = 0.25
 _FIRST_PAUSE, _LONGEST_PAUSE = 4, 256
+_SMALL_BATCH, _LIKELY = 2, 0.5  # past a batch this small, only requests with a recent acceptance this high draft
 _RECENT = 0.7  # weight of the past in a request's moving acceptance rate
 _SUFFIX_CONVERSATIONS = 1024  # conversations whose earlier outputs --speculative suffix keeps (least recent go)
 _SUFFIX_TOKENS = 16384  # tokens kept per conversation (the oldest go)
@@ -103,10 +104,25 @@ class Speculator:
         self.stats = SpecStats()
 
     def drafts(self, decoding: list[Request]) -> dict[str, list[int]]:
-        """Drafted tokens per request id for this step's decoding requests (those with one token to compute);
-        none when they are more than `max_batch`, where a wider step costs more than it saves."""
+        """Drafted tokens per request id for this step's decoding requests (those with one token to compute):
+        none when they are more than `max_batch`, and at most `2 * num_tokens` in all, the requests whose recent
+        drafts were accepted most first (each drafted token is a row of the step: past a few, a step of
+        several requests stops being bound by reading the weights, and rows cost compute)."""
         if len(decoding) > self.max_batch:
             return {}
+        proposed = self._proposals(decoding)
+        if len(decoding) > _SMALL_BATCH:  # rows cost compute here: only drafts that are likely kept
+            proposed = {r: d for r, d in proposed.items() if self._records[r].rate >= _LIKELY}
+        budget = 2 * self.num_tokens
+        out = {}
+        for request_id, draft in sorted(proposed.items(), key=lambda kv: -self._records[kv[0]].rate):
+            if budget <= 0:
+                break
+            out[request_id] = draft[:budget]
+            budget -= len(out[request_id])
+        return out
+
+    def _proposals(self, decoding: list[Request]) -> dict[str, list[int]]:
         out = {}
         for request in decoding:
             k = self._room(request)
