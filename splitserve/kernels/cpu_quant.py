@@ -76,13 +76,13 @@ def quantize4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q.view(n, -1), d.contiguous(), m.contiguous()
 
 
-def holds_4bit(weight: torch.Tensor) -> bool:
-    """Whether every block of `weight` is on a 4-bit grid that `quantize4` recovers exactly: a 4-bit GGUF
-    matrix's (Q4_0, Q4_1, Q4_K), not a wider one's (Q5_0, Q6_K, Q8_0, F16) nor a trained one's."""
+def quantize4_exact(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`quantize4(weight)` where every block of `weight` is on the 4-bit grid it recovers, exactly: a 4-bit GGUF
+    matrix's (Q4_0, Q4_1, Q4_K); None for a wider one's (Q5_0, Q6_K, Q8_0, F16) or a trained one's."""
     q, d, m = quantize4(weight)
     n, k = weight.shape
     back = (q.float().view(n, -1, BLOCK) * d[..., None] + m[..., None]).view(n, -1)[:, :k]
-    return torch.equal(back, weight.float())
+    return (q, d, m) if torch.equal(back, weight.float()) else None
 
 
 def _grid(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -147,9 +147,16 @@ class QuantizedLinear(nn.Module):
     """A frozen `nn.Linear` with quantized weights for up to `max_rows` rows, its fp32 weights past them (weight-only
     int8)."""
 
-    def __init__(self, linear: nn.Linear, activation_bits: int = 32, weight_bits: int = 8):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        activation_bits: int = 32,
+        weight_bits: int = 8,
+        blocks4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         """`weight_bits`: 8 (int8 per channel) or 4 (Q4_1 per block of 32, with 8-bit activations only).
-        `activation_bits`: 32 keeps a step's activations in fp32; 8 or 7 quantizes them per block of 32."""
+        `activation_bits`: 32 keeps a step's activations in fp32; 8 or 7 quantizes them per block of 32.
+        `blocks4`: the weight's `quantize4` already computed (`quantize4_exact`), for 4 bits."""
         super().__init__()
         if (weight_bits, activation_bits) not in ((8, 32), (8, 8), (8, 7), (4, 8)):
             raise ValueError(f"no kernel for {weight_bits}-bit weights with {activation_bits}-bit activations")
@@ -157,7 +164,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight if activation_bits == 32 else None  # shared, not copied
         if weight_bits == 4:
-            q, d, m = quantize4(linear.weight.data)
+            q, d, m = blocks4 if blocks4 is not None else quantize4(linear.weight.data)
             qweight, scale, offset = pack4(q), _per_group(d, GROUP4), _per_group(m, GROUP4)
         else:
             q, scale = quantize(linear.weight.data)

@@ -248,16 +248,16 @@ class CausalLM(nn.Module):
         `activation_bits`: 8 or 7 quantizes a step's activations too. `fused`: decode steps and prompt chunks run
         all layers in one native call (kernels/cpu_fused.py)."""
         from splitserve.kernels.cpu_fused import DecoderShape, FusedDecoder, LayerWeights
-        from splitserve.kernels.cpu_quant import QuantizedLinear, holds_4bit
+        from splitserve.kernels.cpu_quant import QuantizedLinear, quantize4_exact
 
         for module, bits in [*((layer, weight_bits) for layer in self.model.layers), (self, 8)]:
             for name, child in list(module.named_modules()):
                 if isinstance(child, nn.Linear):
                     parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                    wide = bits == 4 and keep_wider and not holds_4bit(child.weight.data)
-                    setattr(
-                        parent, name.rpartition(".")[2], QuantizedLinear(child, activation_bits, 8 if wide else bits)
-                    )
+                    blocks = quantize4_exact(child.weight.data) if bits == 4 and keep_wider else None
+                    wide = bits == 4 and keep_wider and blocks is None
+                    quantized = QuantizedLinear(child, activation_bits, 8 if wide else bits, blocks)
+                    setattr(parent, name.rpartition(".")[2], quantized)
         if fused and self.cfg.fused_decode_supported:
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
