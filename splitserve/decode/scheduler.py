@@ -20,7 +20,7 @@ worker computes their KV, then is *admitted* straight into the running batch wit
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.request import Chunk, Request, RequestStatus, Sampled, SamplingFailed
@@ -161,11 +161,11 @@ class Scheduler:
             request.take(outcome, self.max_model_len)
             taken.append((request, outcome))
             previous = request
+        tokens = Counter(id(r) for r, _ in taken)  # each request's tokens this step
         for chunk in chunks:
             request = chunk.request
             if chunk.draft and self.speculator is not None:
-                kept = sum(r is request for r, _ in taken)
-                self.speculator.verified(request, len(chunk.draft), max(kept - 1, 0))
+                self.speculator.verified(request, len(chunk.draft), max(tokens[id(request)] - 1, 0))
             self.pages.cache_computed(request)
             if request.finish_reason is not None:
                 self.running.remove(request)

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from splitserve.engine.config import METHODS
 from splitserve.protocol import ACCEPTANCE_BUCKETS
 
 if TYPE_CHECKING:
@@ -95,8 +94,6 @@ class SpecStats:
 
 class Speculator:
     def __init__(self, method: str, num_tokens: int, ngram_min: int, ngram_max: int, max_batch: int):
-        if method not in METHODS[1:]:
-            raise ValueError(f"speculative method must be one of {', '.join(METHODS[1:])}, got {method!r}")
         self.method, self.num_tokens, self.max_batch = method, num_tokens, max_batch
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
         self._records: dict[str, _Record] = {}
