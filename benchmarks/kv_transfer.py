@@ -53,16 +53,19 @@ def transfer_seconds(
     sender: Peer, receiver: Peer, num_pages: int, reps: int, rng: random.Random, consecutive: bool = False
 ) -> list[float]:
     """Seconds of each of `reps` transfers of `num_pages` pages: scattered at random on both sides, or with
-    `consecutive` one stretch on each side (sent in place, without the gather and scatter copies)."""
-
-    def pick(total: int) -> list[int]:
-        if consecutive:
-            first = rng.randrange(total - num_pages + 1)
-            return list(range(first, first + num_pages))
-        return rng.sample(range(total), num_pages)
-
-    src = pick(sender.num_pages)
-    tickets = [receiver.call("reserve", pages=pick(receiver.num_pages), timeout=300)["ticket"] for _ in range(reps)]
+    `consecutive` one stretch on each side (sent in place, without the gather and scatter copies). The
+    receiver's reservations are all made first, so their pages are disjoint (a page is filled by one transfer
+    at a time: the receiver refuses a page still being filled)."""
+    if consecutive:
+        src_first = rng.randrange(sender.num_pages - num_pages + 1)
+        src = list(range(src_first, src_first + num_pages))
+        firsts = rng.sample(range(receiver.num_pages // num_pages), reps)
+        dsts = [list(range(f * num_pages, (f + 1) * num_pages)) for f in firsts]
+    else:
+        src = rng.sample(range(sender.num_pages), num_pages)
+        free = rng.sample(range(receiver.num_pages), reps * num_pages)
+        dsts = [free[i * num_pages : (i + 1) * num_pages] for i in range(reps)]
+    tickets = [receiver.call("reserve", pages=dst, timeout=300)["ticket"] for dst in dsts]
     answer = sender.call("timed_sends", tickets=tickets, pages=src, timeout=300)
     if "error" in answer:
         raise RuntimeError(answer["error"])
@@ -70,6 +73,11 @@ def transfer_seconds(
     if len(done) != reps or not all(c["ok"] for c in done):
         raise RuntimeError(f"receiver: {done}")
     return answer["seconds"]
+
+
+def repetitions(num_pages: int) -> int:
+    """Transfers per round for requests of `num_pages` pages."""
+    return max(2, min(10, 256 // num_pages))
 
 
 def main() -> None:
@@ -82,6 +90,7 @@ def main() -> None:
     sizes = [int(n) for n in args.pages.split(",")]
     transports = (args.transports or ("auto" if args.device == "cuda" else "tcp,shm-tagged,shm")).split(",")
     num_pages = max(sizes) + 64
+    receiver_pages = max(repetitions(n) * n for n in sizes) + 64  # a round's reservations are disjoint
     assert 2 * torch.Size(page_shape(KEY)).numel() == PAGE_BYTES
     torch.set_num_threads(1)
     rng = random.Random(0)
@@ -94,11 +103,11 @@ def main() -> None:
         options = dict(device=args.device, pulls=transport != "shm-tagged", env=MODES[mode])
         base = "shm" if transport == "shm-tagged" else transport
         sender = Peer("sender", KEY, num_pages, base, fill_seed=1, **options)
-        receiver = Peer("receiver", KEY, num_pages, base, fill_seed=None, **options)
+        receiver = Peer("receiver", KEY, receiver_pages, base, fill_seed=None, **options)
         try:
             transfer_seconds(sender, receiver, 1, 3, rng)  # handshake and connection set-up
             for n in sizes:
-                reps = max(2, min(10, 256 // n))
+                reps = repetitions(n)
                 src = torch.randint(0, 255, (n * PAGE_BYTES,), dtype=torch.uint8, device=args.device)
                 dst = torch.empty_like(src)
                 dst.copy_(src)  # no page faults in the timings

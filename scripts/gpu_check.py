@@ -247,7 +247,8 @@ def kv_transfer(table: Table) -> None:
     bench = _benchmark("kv_transfer")
     rng = random.Random(0)
     sender = Peer("sender", bench.KEY, 2100, "auto", fill_seed=1, device="cuda")
-    receiver = Peer("receiver", bench.KEY, 2100, "auto", fill_seed=None, device="cuda")
+    # A round's 4 reservations of up to 2,048 pages are disjoint (a page is filled by one transfer at a time).
+    receiver = Peer("receiver", bench.KEY, 4 * 2048 + 64, "auto", fill_seed=None, device="cuda")
     try:
         bench.transfer_seconds(sender, receiver, 1, 3, rng)
         best = 0.0

@@ -2,7 +2,8 @@
 
 `reserve` splits the destination pages into a few large messages (`link.message_sizes`), posts one receive
 for each (straight into its pages where they are consecutive, else into a staging buffer whose pages are
-scattered into place once the transfer is whole) and returns the `Ticket` a sender needs. The pages arrive
+scattered into place once the transfer is whole) and returns the `Ticket` a sender needs. A page is filled by
+one transfer at a time: `reserve` refuses a page that a reservation not yet ended holds. The pages arrive
 one of two ways (see `messages`): as tagged messages into those receives and then a `Done`; or, from a
 sender whose page memory we mapped at its `Hello` (same host), as an `Offer` whose pages we copy ourselves
 in one pass, completing our posted receives with empty messages of our own, and answer `Taken`.
@@ -98,6 +99,7 @@ class Receiver:
         self._offers: list[Offer] = []  # taken once every control message that arrived with them is handled
         self._xids = itertools.count(1)
         self._reservations: dict[int, _Reservation] = {}  # not ended
+        self._reserved: dict[int, int] = {}  # page -> the xid of the reservation not ended that holds it
         self._watched: dict[int, _Reservation] = {}  # abandoned: late messages for them are drained
         self._orphans: list = []  # receives given up on (see `_poll_reservation`); kept alive, never reused
         self._scratch = np.empty(0, dtype=np.uint8)  # grows to the largest run drained
@@ -107,9 +109,11 @@ class Receiver:
         """Post receives into `pages` (in order) and return the ticket a sender needs to fill them."""
         if not 0 < len(pages) <= MAX_PAGES_PER_TRANSFER:
             raise TransferError(f"a transfer holds 1 to {MAX_PAGES_PER_TRANSFER} pages, got {len(pages)}")
+        self._check_unreserved(pages)
         link = self._link
         now = time.monotonic()
         res = _Reservation(next(self._xids), list(pages), now + timeout_s, now)
+        self._reserved.update(dict.fromkeys(res.pages, res.xid))
         start = 0
         for i, size in enumerate(message_sizes(len(pages), link.page_bytes)):
             dest = res.pages[start : start + size]
@@ -122,6 +126,16 @@ class Receiver:
         res.done_recv = link.worker.tag_recv(Array(res.done_buffer), tag=done_tag(res.xid))
         self._reservations[res.xid] = res
         return Ticket(link.agent_id, link.address, res.xid, list(map(len, res.messages)), link.key)
+
+    def _check_unreserved(self, pages: list[int]) -> None:
+        """A page is filled by one transfer at a time: two in flight into the same page would race (the later
+        one's messages can land between the earlier one's arrival and its check, which then fails, or after
+        it, which corrupts pages already handed to the engine)."""
+        if len(set(pages)) != len(pages):
+            raise TransferError("a reservation names a page twice")
+        for page in pages:
+            if page in self._reserved:
+                raise TransferError(f"page {page} is already being filled by transfer {self._reserved[page]}")
 
     def cancel(self, xid: int) -> None:
         res = self._reservations.get(xid)
@@ -164,6 +178,7 @@ class Receiver:
             mapping.close()
         self._mappings.clear()
         self._reservations.clear()
+        self._reserved.clear()
         self._watched.clear()
 
     def _map_sender(self, hello: Hello) -> bool:
@@ -220,6 +235,8 @@ class Receiver:
         if pending and not (res.abandoned is not None and now > res.abandoned_at + ABANDON_GRACE_S):
             return
         del self._reservations[res.xid]
+        for page in res.pages:
+            del self._reserved[page]
         try:
             self._end(res, pending, now)
         finally:
