@@ -28,6 +28,13 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     return options.to_argv({"model": args.model, **_engine_config(args)}, EngineConfig)
 
 
+CHAT_TEMPLATE_HELP = (
+    "a Jinja chat template for chat requests, instead of the model's own (default: the model's; for a model "
+    "without one, a built-in template of its family where it has a known one: Gemma's turns, Llama 3's headers, "
+    "ChatML; else chat requests are refused)"
+)
+
+
 def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
     p.add_argument("--worker-host", default="127.0.0.1", help="address the workers' socket binds (default 127.0.0.1)")
     p.add_argument(
@@ -52,6 +59,7 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
         "(Qwen, Hermes); llama3_json, JSON objects with name and parameters (Llama 3.1+); auto (default) picks "
         "from the chat template",
     )
+    p.add_argument("--chat-template", metavar="FILE", default=None, help=CHAT_TEMPLATE_HELP)
     options.add_arguments(p, RouterOptions)
     options.add_arguments(p, PolicyOptions)
 
@@ -68,6 +76,7 @@ def _router_options(args: argparse.Namespace, worker_address: str):
         args.served_model_name,
         args.verbose,
         args.tool_call_parser,
+        args.chat_template,
     )
     cluster = {**options.values(args, RouterOptions), "policy": PolicyOptions(**options.values(args, PolicyOptions))}
     return server, cluster
@@ -186,7 +195,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     started = time.monotonic()
-    llm = LLM(args.model, **_engine_config(args))
+    llm = LLM(args.model, chat_template=args.chat_template, **_engine_config(args))
     loaded = time.monotonic()
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     for text in llm.stream(prompt, params):  # print the completion as it is generated
@@ -217,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--chat-template", metavar="FILE", default=None, help=CHAT_TEMPLATE_HELP)
     gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -15,7 +16,10 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.errors import InvalidRequestError
+from splitserve.model.chat_templates import choose_chat_template
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -36,12 +40,18 @@ class LLM:
     """Generate from a Llama-family model (default: the embedded SmolLM2-135M-Instruct).
 
     Keyword arguments are `EngineConfig` fields: dtype, device, page_size, kv_cache_memory, max_num_seqs,
-    max_num_batched_tokens, max_model_len.
+    max_num_batched_tokens, max_model_len. `chat_template`: a Jinja file for `chat` instead of the model's
+    own (a model without one gets its family's built-in template where there is one: `model.chat_templates`).
     """
 
-    def __init__(self, model: str | None = None, **engine_options: Any):
+    def __init__(self, model: str | None = None, *, chat_template: str | None = None, **engine_options: Any):
         self.engine = DecodeEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = load_tokenizer(self.engine.model_path)
+        self._chat_stop: tuple[int, ...] = ()  # a built-in chat template's end of turn
+        if self.tokenizer is not None:
+            template = choose_chat_template(self.tokenizer, self.engine.model_config.architecture, chat_template)
+            log.info("%s", template.source)
+            self._chat_stop = template.stop_token_ids
         self._ids = itertools.count()
 
     def generate(
@@ -68,13 +78,18 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         encoded = [self._encode_chat(c) for c in conversations]
-        return self._run([ids for _, ids in encoded], [text for text, _ in encoded], sampling_params, use_tqdm)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(encoded)
+        params = [self._for_chat(p) for p in params]
+        return self._run([ids for _, ids in encoded], [text for text, _ in encoded], params, use_tqdm)
 
     def stream(self, prompt: Prompt | list[Message], sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt (text, token ids, or a chat conversation), yielding text as it comes."""
         tokenizer = self._require_tokenizer()
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             ids = self._encode_chat(prompt)[1]
+            sampling_params = self._for_chat(sampling_params or SamplingParams())
         else:
             ids = self._encode(prompt)
         self.engine.validate_prompt(ids)
@@ -95,6 +110,10 @@ class LLM:
         finally:
             if not finished:  # the caller stopped early: free the request's pages
                 self.engine.abort(request_id)
+
+    def _for_chat(self, params: SamplingParams) -> SamplingParams:
+        """A chat answer's params: it also ends at a built-in template's end of turn."""
+        return replace(params, stop_token_ids=params.stop_token_ids + self._chat_stop) if self._chat_stop else params
 
     def _encode_chat(self, conversation: list[Message]) -> tuple[str, list[int]]:
         return encode_chat(self._require_tokenizer(), conversation)

@@ -72,6 +72,7 @@ class RouterState:
     api_key: str | None = None
     slo: SLO | None = None  # judged over a recent window, for operators (/health, /metrics)
     tool_call_parser: str = "auto"  # how calls are found in the model's text (`--tool-call-parser`)
+    chat_stop_token_ids: tuple[int, ...] = ()  # a built-in chat template's end of turn (`model.chat_templates`)
     metrics: RouterMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -263,7 +264,7 @@ def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[Sa
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
         logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
-        stop_token_ids=tuple(body.stop_token_ids),
+        stop_token_ids=tuple(body.stop_token_ids) + (state.chat_stop_token_ids if chat else ()),
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs if chat else body.logprobs,
         structured=_structured(body),

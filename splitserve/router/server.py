@@ -12,6 +12,7 @@ import uvicorn
 import zmq
 
 from splitserve.errors import ModelLoadError, SplitserveError
+from splitserve.model.chat_templates import choose_chat_template
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import architecture, vocab_size
 from splitserve.model.tokenizer import load_tokenizer
@@ -33,6 +34,7 @@ class ServerOptions:
     served_model_name: str | None  # the name clients use (None: the model's)
     access_log: bool  # log every HTTP request (-v)
     tool_call_parser: str = "auto"  # the format of the model's tool calls (auto: its chat template's)
+    chat_template: str | None = None  # a Jinja file (None: the model's own, else a built-in one for its family)
 
 
 def run_router(
@@ -41,10 +43,11 @@ def run_router(
     """Serve until SIGINT/SIGTERM. `on_bound` gets the worker socket's address once it is bound (before HTTP)."""
     _check_port_free(options.host, options.port)
     path = resolve_model(options.model)
-    architecture(path)  # an unsupported model fails here, before any worker starts, with the supported ones named
+    arch = architecture(path)  # an unsupported model fails here, before any worker starts, naming the supported ones
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise ModelLoadError(f"{path} has no tokenizer; the router needs one to serve text")
+    template = choose_chat_template(tokenizer, arch, options.chat_template)
     name = model_name(options.model)
     cluster = Cluster(RouterOptions(model=name, **cluster_options))
     try:
@@ -53,11 +56,12 @@ def run_router(
         raise SplitserveError(f"cannot bind the workers' socket {options.worker_address}: {e}") from None
     served = options.served_model_name or name
     print(f"splitserve router: model {name}" + (f" served as {served}" if served != name else "")
-          + f", HTTP on http://{options.host}:{options.port}, workers join at {address}", flush=True)  # fmt: skip
+          + f", HTTP on http://{options.host}:{options.port}, workers join at {address}; {template.source}",
+          flush=True)  # fmt: skip
     if on_bound is not None:
         on_bound(address, cluster)
     state = RouterState(cluster, tokenizer, vocab_size(path), served, options.api_key, cluster.options.slo,
-                        options.tool_call_parser)  # fmt: skip
+                        options.tool_call_parser, template.stop_token_ids)  # fmt: skip
     config = uvicorn.Config(
         create_app(state),
         host=options.host,
