@@ -5,7 +5,10 @@ against transformers' on three prompts (the same weights: exactness on a real mo
 `kv-bf16` and `kv-int8` store the KV cache so (`--kv-dtype`) under fp32 weights; the KV bytes a token takes in
 the cache and on the link between the pools are printed with each.
 
-    .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8,kv-fp16,kv-bf16,kv-int8]
+    .venv/bin/python benchmarks/quality.py [--model PATH] [--modes w8a8,w4a8,w8a7,int8,kv-fp16,kv-bf16,kv-int8,fp8]
+
+`fp8` is a CUDA mode (`--quantization fp8`): here the decoder's weights are rounded through float8_e4m3 with a
+scale per output channel, as its kernel reads them, and run in fp32.
 
 --model: a Hugging Face folder or GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1); a GGUF file's
 "fp32 weights" are its own, dequantized.
@@ -28,7 +31,7 @@ from splitserve.model.config import ModelConfig
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or .gguf file (default: the embedded model)")
-    p.add_argument("--modes", default=",".join([*CPU_QUANTIZATIONS, "kv-fp16", "kv-bf16", "kv-int8"]),
+    p.add_argument("--modes", default=",".join([*CPU_QUANTIZATIONS, "kv-fp16", "kv-bf16", "kv-int8", "fp8"]),
                    help="weight quantizations, kv-fp16/-bf16/-int8, or both as w8a8+kv-fp16")  # fmt: skip
     args = p.parse_args()
     started = time.monotonic()

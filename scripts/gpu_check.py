@@ -8,7 +8,9 @@
    batch 1 and 64 (8B also 256), next to the floor of reading the weights once at the device's copy
    bandwidth measured in the same run;
 5. KV transfer GB/s between two processes on the GPU (UCX, pages on the device, as `benchmarks/kv_transfer.py
-   --device cuda`).
+   --device cuda`);
+6. `--quantization fp8` (compute capability 8.9+): the 8B shape's captured decode step at batch 1 and 256 with
+   the decoder's weights in fp8, against the bf16 step the decode section timed in the same run.
 
 It prints one table (and writes it to `--out`), and exits 1 when a check fails (a test, a token mismatch, a
 capture that fell back to eager). Speed targets are reported as met or missed, not as failures.
@@ -53,10 +55,13 @@ TARGET_MS = {"135m": 0.5, "1b": 1.0, "8b": 4.3}  # per token at batch 1, capture
 TARGET_8B_256 = 14_000  # output tok/s at 256 concurrent
 TARGET_KV_GBPS = 200
 TARGET_ATTENTION = (0.5, 1.0)  # share of HBM peak at batch 1 and 8k context; worst ratio to SDPA
+TARGET_FP8 = (2.6, 1.3)  # 8B with fp8 weights: ms per token at batch 1; throughput at 256 over bf16's
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
 # Seconds each section may take before it is stopped and reported as failed, so that one hang (a transfer that
 # never completes, say) cannot take the whole lease: the device time is short (about 8 minutes for the lot).
-SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "decode": 300}
+SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "decode": 300, "fp8": 150}
+# The decode section's captured bf16 steps (shape, batch) -> ms, for the fp8 section's ratios in the same run.
+BF16_STEP_MS: dict[tuple[str, int], float] = {}
 
 
 class Table:
@@ -77,7 +82,8 @@ class Table:
 
 def kernel_tests(table: Table) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+    tests = ["tests/test_kernels.py", "tests/test_fp8.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                          cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=SECTION_LIMIT_S["kernels"] - 10)  # fmt: skip
     tail = (run.stdout.strip().splitlines() or ["no output"])[-1]
@@ -204,6 +210,8 @@ def decode_speed(table: Table, workdir: Path) -> None:
                     target, status = f"<= {TARGET_MS[shape]} ms", "met" if ms <= TARGET_MS[shape] else "missed"
                 if mode == "captured" and shape == "8b" and batch == 256:
                     target, status = f">= {TARGET_8B_256} tok/s", "met" if tok_s >= TARGET_8B_256 else "missed"
+                if mode == "captured":
+                    BF16_STEP_MS[shape, batch] = ms
                 figures = f"{ms:.2f} ms/step ({ms / floor:.1f}x floor), {tok_s:,.0f} tok/s"
                 if replay is not None:
                     figures += f"; graph alone {replay:.2f} ms"
@@ -211,6 +219,35 @@ def decode_speed(table: Table, workdir: Path) -> None:
         engine.runner.decode_graphs = graphs
         del engine, graphs
         torch.cuda.empty_cache()
+
+
+def fp8_decode(table: Table, workdir: Path) -> None:
+    """The 8B shape with `--quantization fp8`: captured decode steps at batch 1 and 256 (random weights)."""
+    from splitserve.decode.engine import DecodeEngine
+    from splitserve.engine.config import EngineConfig
+    from splitserve.kernels import fp8
+
+    why = fp8.unsupported(torch.device("cuda"))
+    if why is not None:
+        table.add("fp8", f"not run: {why}", "", "skipped")
+        return
+    folder = random_checkpoint("8b", workdir / "8b")
+    engine = DecodeEngine(EngineConfig(model=str(folder), device="cuda", quantization="fp8", max_num_seqs=256,
+                                       max_num_batched_tokens=8192, kv_cache_memory="24GiB"))  # fmt: skip
+    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    table.add("8b fp8: weights", f"{weights / 1e9:.2f} GB", "", _ok(engine.runner.decode_graphs is not None))
+    for batch in (1, 256):
+        ms, _ = decode_step_ms(engine, batch)
+        bf16 = BF16_STEP_MS.get(("8b", batch))
+        versus = f", {bf16 / ms:.2f}x bf16's throughput ({bf16:.2f} ms)" if bf16 else " (no bf16 step this run)"
+        figures = f"{ms:.2f} ms/step, {batch / ms * 1000:,.0f} tok/s{versus}"
+        if batch == 1:
+            target, met = f"<= {TARGET_FP8[0]} ms", ms <= TARGET_FP8[0]
+        else:
+            target, met = f">= {TARGET_FP8[1]}x bf16", bf16 is not None and bf16 / ms >= TARGET_FP8[1]
+        table.add(f"8b fp8 decode, batch {batch}, captured", figures, target, "met" if met else "missed")
+    del engine
+    torch.cuda.empty_cache()
 
 
 def _benchmark(name: str):
@@ -288,6 +325,13 @@ def dry_run(table: Table, workdir: Path) -> None:
         with torch.device("meta"):
             params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
         table.add(f"shape {shape}", f"{params / 1e9:.2f}B parameters, {2 * params / 1e9:.2f} GB in bf16")
+    # The fp8 section's path, as far as the CPU runs it: the tensor-core product against the rounded weights.
+    from splitserve.kernels import fp8
+
+    x, w = torch.randn(32, 64), torch.randn(48, 64)
+    qweight, scale = fp8.quantize(w)
+    error = fp8.scaled_mm(x, qweight, scale) - fp8.dequantize(*fp8.quantize(x)) @ fp8.dequantize(qweight, scale).T
+    table.add("fp8 scaled_mm on the CPU", f"max error {error.abs().max():.1e}", "", _ok(error.abs().max() < 1e-3))
     table.add("CUDA", str(torch.cuda.is_available()), "", "dry run")
 
 
@@ -308,7 +352,7 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="check inputs and imports only (no GPU needed)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to OUT/gpu_check.txt")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: /dev/shm or tmp)")
-    p.add_argument("--skip", default="", help="sections to skip, comma-separated: kernels,exact,attention,kv,decode")
+    p.add_argument("--skip", default="", help="sections to skip, comma-separated: " + ",".join(SECTION_LIMIT_S))
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     base = args.workdir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
@@ -331,7 +375,8 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
         # The longest section last: if the lease runs out, only its last rows are lost.
         sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
-                    "kv": kv_transfer, "decode": lambda t: decode_speed(t, workdir)}  # fmt: skip
+                    "kv": kv_transfer, "decode": lambda t: decode_speed(t, workdir),
+                    "fp8": lambda t: fp8_decode(t, workdir)}  # fmt: skip
         signal.signal(signal.SIGALRM, _section_overran)
         for name, section in sections.items():
             if name in skip:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a machine with one NVIDIA GPU (about 8 minutes, no network):
-#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--skip kernels,exact,attention,kv,decode]
+#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--skip kernels,exact,attention,kv,decode,fp8]
 # Native kernel tests, greedy tokens against transformers, decode attention against SDPA, the decode step per
 # token at 135M/1B/8B shapes (random bf16 weights; eager and captured, batch 1 and 64) against the weight-read
-# floor, and KV transfer GB/s GPU to GPU: one table (scripts/gpu_check.py says what each row means); exits
-# non-zero when a check fails.
+# floor, KV transfer GB/s GPU to GPU, and the 8B step with fp8 weights: one table (scripts/gpu_check.py says
+# what each row means); exits non-zero when a check fails.
 # --dry-run runs without a GPU (CI does): it checks that the script parses and finds its inputs.
 #
 # Python: ./.venv where it exists (this project's set-up), else python3. Packages the GPU machine lacks travel

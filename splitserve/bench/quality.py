@@ -53,12 +53,18 @@ def every_row_quantized() -> Iterator[None]:
         cpu_quant.KERNEL_MAX_ROWS = saved
 
 
+# Weight modes whose kernels do not run on the CPU, measured with the weights rounded as those kernels see them.
+ROUNDED_ON_THE_CPU = ("fp8",)
+
+
 def engine_options(mode: str) -> dict[str, str]:
     """A mode's engine options: a weight quantization (`w8a8`, ...), `kv-fp16` / `kv-bf16` / `kv-int8` (the KV cache
-    stored so, under fp32 weights), or one of each joined by `+` (`w8a8+kv-fp16`); `none` is the reference."""
+    stored so, under fp32 weights), or one of each joined by `+` (`w8a8+kv-fp16`); `none` is the reference. `fp8`
+    (a CUDA mode) is fp32 here, its weights rounded afterwards (`compare`)."""
     options = {"quantization": "none", "kv_dtype": "fp32"}
     for part in mode.split("+"):
-        options["kv_dtype" if part.startswith("kv-") else "quantization"] = part.removeprefix("kv-")
+        if part not in ROUNDED_ON_THE_CPU:
+            options["kv_dtype" if part.startswith("kv-") else "quantization"] = part.removeprefix("kv-")
     return options
 
 
@@ -79,6 +85,10 @@ def compare(model: str | None, modes: list[str], text: str = REFERENCE_TEXT) -> 
         with every_row_quantized():
             config = EngineConfig(model=model, dtype="fp32", kv_cache_memory="64MiB", **engine_options(mode))
             core = EngineCore(config)
+            if "fp8" in mode.split("+"):
+                from splitserve.kernels import fp8
+
+                fp8.round_weights(core.runner.model.model.layers)
             kv_bytes[mode] = page_bytes(core.model_config, config.page_size, config.torch_kv_dtype) / config.page_size
             return core.score(ids)[:-1]
 

@@ -20,7 +20,7 @@ METHODS = ("off", "ngram", "suffix")  # --speculative (engine/speculative.py)
 KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per page and head (kernels/kv_format.py)
 # The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
 CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
-QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS)
+QUANTIZATIONS = ("auto", "none", *CPU_QUANTIZATIONS, "fp8")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -66,7 +66,8 @@ class EngineConfig:
         "of 32 (llama.cpp's Q4_1) and int8 activations, for every step: a 4-bit GGUF file's own weights (Q4_0, "
         "Q4_1, Q4_K), the fastest; auto = with --dtype auto on the CPU where the kernels build, w4a8 for a 4-bit "
         "GGUF model and w8a8 for every other checkpoint (README: 'Modes'), else none; none = weights as loaded "
-        "(exactness tests) (default {default})",
+        "(exactness tests); fp8 = on CUDA devices of compute capability 8.9+ (Ada, Hopper), the decoder's weights "
+        "in float8_e4m3 with a scale per output channel (default {default})",
         choices=QUANTIZATIONS,
     )
     prefix_caching: bool = option(
@@ -131,6 +132,12 @@ class EngineConfig:
         cpu_only = self.quantization in CPU_QUANTIZATIONS
         if cpu_only and (self.torch_device.type != "cpu" or self.resolved_dtype != "fp32"):
             raise ValueError(f"--quantization {self.quantization} is for the CPU, with fp32 (--dtype fp32 or auto)")
+        if self.quantization == "fp8":
+            from splitserve.kernels import fp8
+
+            why = fp8.unsupported(self.torch_device)
+            if why is not None:
+                raise ValueError(f"--quantization fp8: {why}")
         if self.cache_ttl_s < 0:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
         if self.speculative not in METHODS:

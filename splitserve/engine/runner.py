@@ -37,6 +37,8 @@ class ModelRunner:
             types = gguf_layer_types(config.model) or []
             keep_wider = any(GGUF_MODES.get(t) == "w4a8" for t in types)
             self.model.quantize(*bits, fused=not config.enforce_eager, keep_wider=keep_wider)
+        elif config.resolved_quantization == "fp8":
+            self.model.quantize_fp8()
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size, limit)
         self.model.place_kv(self.kv_layout.slots)

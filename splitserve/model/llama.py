@@ -6,7 +6,7 @@ Weights load straight from Hugging Face safetensors; q/k/v and gate/up are fused
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -238,6 +238,14 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits
 
+    def quantize_fp8(self) -> None:
+        """The decoder layers' linear layers to fp8 weights for CUDA (kernels/fp8.py); the LM head keeps the
+        model's dtype (as vLLM's fp8 does), and so do experts stored as one tensor each."""
+        from splitserve.kernels.fp8 import Fp8Linear
+
+        for layer in self.model.layers:
+            _replace_linears(layer, Fp8Linear)
+
     def quantize(
         self, weight_bits: int = 8, activation_bits: int = 32, fused: bool = True, keep_wider: bool = False
     ) -> None:
@@ -250,14 +258,14 @@ class CausalLM(nn.Module):
         from splitserve.kernels.cpu_fused import DecoderShape, FusedDecoder, LayerWeights
         from splitserve.kernels.cpu_quant import QuantizedLinear, quantize4_exact
 
-        for module, bits in [*((layer, weight_bits) for layer in self.model.layers), (self, 8)]:
-            for name, child in list(module.named_modules()):
-                if isinstance(child, nn.Linear):
-                    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                    blocks = quantize4_exact(child.weight.data) if bits == 4 and keep_wider else None
-                    wide = bits == 4 and keep_wider and blocks is None
-                    quantized = QuantizedLinear(child, activation_bits, 8 if wide else bits, blocks)
-                    setattr(parent, name.rpartition(".")[2], quantized)
+        def quantized(child: nn.Linear, bits: int) -> nn.Module:
+            blocks = quantize4_exact(child.weight.data) if bits == 4 and keep_wider else None
+            wide = bits == 4 and keep_wider and blocks is None
+            return QuantizedLinear(child, activation_bits, 8 if wide else bits, blocks)
+
+        for layer in self.model.layers:
+            _replace_linears(layer, lambda child: quantized(child, weight_bits))
+        _replace_linears(self, lambda child: quantized(child, 8))  # what is left: the LM head
         if fused and self.cfg.fused_decode_supported:
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
@@ -266,3 +274,11 @@ class CausalLM(nn.Module):
             shape = DecoderShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                                  cfg.rms_norm_eps, layers[0].self_attn.scale)  # fmt: skip
             self.fused_decode = FusedDecoder(weights, shape)
+
+
+def _replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Every `nn.Linear` under `module` replaced by `make(linear)`."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear):
+            parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            setattr(parent, name.rpartition(".")[2], make(child))
