@@ -10,7 +10,10 @@
 5. KV transfer GB/s between two processes on the GPU (UCX, pages on the device, as `benchmarks/kv_transfer.py
    --device cuda`);
 6. `--quantization fp8` (compute capability 8.9+): the 8B shape's captured decode step at batch 1 and 256 with
-   the decoder's weights in fp8, against the bf16 step the decode section timed in the same run.
+   the decoder's weights in fp8, against the bf16 step the decode section timed in the same run;
+7. speculative decoding at 1B and 8B, batch 1: the captured verification step of 8 drafted tokens (9 rows, a
+   graph of its own) against the plain step, as ms per token at an acceptance that is injected (random weights
+   keep no draft: each step verifies a forced draft, and the share kept is assumed, and said).
 
 It prints one table (and writes it to `--out`), and exits 1 when a check fails (a test, a token mismatch, a
 capture that fell back to eager). Speed targets are reported as met or missed, not as failures.
@@ -59,7 +62,8 @@ TARGET_FP8 = (2.6, 1.3)  # 8B with fp8 weights: ms per token at batch 1; through
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
 # Seconds each section may take before it is stopped and reported as failed, so that one hang (a transfer that
 # never completes, say) cannot take the whole lease: the device time is short (about 8 minutes for the lot).
-SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "decode": 300, "fp8": 150}
+SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "spec": 150, "decode": 300, "fp8": 150}
+SPEC_TOKENS, SPEC_ACCEPTANCE = 8, (0.5, 0.8)  # drafted tokens a step; shares of them kept, injected
 # The decode section's captured bf16 steps (shape, batch) -> ms, for the fp8 section's ratios in the same run.
 BF16_STEP_MS: dict[tuple[str, int], float] = {}
 
@@ -146,9 +150,9 @@ def random_checkpoint(shape: str, folder: Path) -> Path:
     return folder
 
 
-def decode_step_ms(engine, batch: int) -> tuple[float, float | None]:
+def decode_step_ms(engine, batch: int, rows: int | None = None) -> tuple[float, float | None]:
     """ms per decode step of `batch` requests 128 tokens into their prompts (the best of two timings), and ms
-    of its graph replayed alone (None when eager)."""
+    of its graph (of `rows` rows: `batch`, or more with drafted tokens) replayed alone (None when eager)."""
     from splitserve.engine.params import SamplingParams
 
     params = SamplingParams(max_tokens=4 * TIMED_STEPS + 8, temperature=0, ignore_eos=True)
@@ -162,7 +166,7 @@ def decode_step_ms(engine, batch: int) -> tuple[float, float | None]:
         for _ in range(TIMED_STEPS):
             engine.step()
         best = min(best, (time.perf_counter() - start) / TIMED_STEPS * 1000)
-    replay = graph_replay_ms(engine, batch)
+    replay = graph_replay_ms(engine, rows or batch)
     for i in range(batch):
         engine.abort(f"r{i}")
     return best, replay
@@ -218,6 +222,35 @@ def decode_speed(table: Table, workdir: Path) -> None:
                 table.add(f"{shape} decode, batch {batch}, {mode}", figures, target, status)
         engine.runner.decode_graphs = graphs
         del engine, graphs
+        torch.cuda.empty_cache()
+
+
+def speculation_speed(table: Table, workdir: Path) -> None:
+    """Batch 1 at the 1B and 8B shapes with `--speculative ngram`: ms per step with no draft, and with a forced
+    draft of `SPEC_TOKENS` (the request's last tokens, verified in the captured graph of exactly their rows), and
+    the ms per token that gives if a share of the drafted tokens were kept (injected: random weights keep none)."""
+    from splitserve.decode.engine import DecodeEngine
+    from splitserve.engine.config import EngineConfig
+
+    k = SPEC_TOKENS
+    for shape in ("1b", "8b"):
+        folder = random_checkpoint(shape, workdir / shape)
+        engine = DecodeEngine(EngineConfig(model=str(folder), device="cuda", speculative="ngram", max_num_seqs=4,
+                                           num_speculative_tokens=k, kv_cache_memory="8GiB"))  # fmt: skip
+        captured = engine.runner.decode_graphs is not None and k + 1 in engine.runner.decode_graphs.buckets
+        engine.speculator.drafts = lambda decoding: {}
+        plain, _ = decode_step_ms(engine, 1)
+        engine.speculator.drafts = lambda decoding: {r.request_id: r.token_ids[-k:] for r in decoding}
+        verify, replay = decode_step_ms(engine, 1, rows=k + 1)
+        replayed = f"; graph alone {replay:.2f} ms" if replay is not None else ""
+        table.add(f"{shape} verification step, {k} drafted (9 rows)",
+                  f"{verify:.2f} ms against {plain:.2f} for one token ({verify / plain:.2f}x){replayed}", "",
+                  _ok(captured))  # fmt: skip
+        for share in SPEC_ACCEPTANCE:
+            per_token = verify / (1 + share * k)
+            table.add(f"{shape} speculative, batch 1, {share:.0%} of drafts kept (injected)",
+                      f"{per_token:.2f} ms/token against {plain:.2f} without ({plain / per_token:.2f}x)")  # fmt: skip
+        del engine
         torch.cuda.empty_cache()
 
 
@@ -332,6 +365,17 @@ def dry_run(table: Table, workdir: Path) -> None:
     qweight, scale = fp8.quantize(w)
     error = fp8.scaled_mm(x, qweight, scale) - fp8.dequantize(*fp8.quantize(x)) @ fp8.dequantize(qweight, scale).T
     table.add("fp8 scaled_mm on the CPU", f"max error {error.abs().max():.1e}", "", _ok(error.abs().max() < 1e-3))
+    # The spec section's engines capture a graph of exactly a verification's rows.
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.runner import ModelRunner
+
+    folder = workdir / EXACT_MODELS[0]
+    config = EngineConfig(model=str(folder), device="cpu", dtype="fp32", speculative="ngram",
+                          num_speculative_tokens=SPEC_TOKENS, max_num_seqs=4, kv_cache_memory="4MiB")  # fmt: skip
+    runner = ModelRunner(ModelConfig.from_pretrained(folder), folder, config, None)
+    runner.use_decode_graphs(capture=False)
+    buckets = runner.decode_graphs.buckets
+    table.add("verification buckets (8 drafted, batch <= 4)", str(buckets), "", _ok(SPEC_TOKENS + 1 in buckets))
     table.add("CUDA", str(torch.cuda.is_available()), "", "dry run")
 
 
@@ -375,7 +419,8 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
         # The longest section last: if the lease runs out, only its last rows are lost.
         sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
-                    "kv": kv_transfer, "decode": lambda t: decode_speed(t, workdir),
+                    "kv": kv_transfer, "spec": lambda t: speculation_speed(t, workdir),
+                    "decode": lambda t: decode_speed(t, workdir),
                     "fp8": lambda t: fp8_decode(t, workdir)}  # fmt: skip
         signal.signal(signal.SIGALRM, _section_overran)
         for name, section in sections.items():

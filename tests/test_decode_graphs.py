@@ -19,6 +19,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs, batch_buckets
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.request import Chunk
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
@@ -50,11 +51,12 @@ def test_bucketed_decode_step_gives_transformers_tokens_and_pads_into_the_null_p
     steps: list[tuple[int, int]] = []  # (rows, bucket)
     run = graphs.run
 
-    def checked_run(requests, run=run):
+    def checked_run(chunks, run=run):
+        requests = [c.request for c in chunks]
         ps = engine.config.page_size
         live = {(r.pages[r.num_computed_tokens // ps], r.num_computed_tokens % ps) for r in requests}
         before = kv.clone()
-        out = run(requests)
+        out = run(chunks)
         changed = (before != kv).transpose(1, 3).flatten(2).any(-1)  # [pages, slots]
         written = {tuple(x) for x in changed.nonzero().tolist()}
         assert written - live <= {(null, 0)}, f"padding rows wrote outside the null page: {written - live}"
@@ -97,16 +99,22 @@ def test_bucketed_steps_sample_as_the_eager_sampler_does(tiny_llama_gqa):
 
 
 @contextmanager
-def _prepared_step(folder) -> Iterator[DecodeGraphs]:
-    """Static buffers that hold a real step: three requests a few tokens into decoding (aborted afterwards)."""
-    engine = _engine(folder, graphs=True, page_size=16, max_num_seqs=4)
+def _prepared_step(folder, drafts: tuple[tuple[int, ...], ...] = ((), (), ())) -> Iterator[DecodeGraphs]:
+    """Static buffers that hold a real step: three requests a few tokens into decoding (aborted afterwards),
+    with `drafts` (a verification step: each drafted token a row of its own, pages reserved for them)."""
+    engine = _engine(folder, graphs=True, page_size=16, max_num_seqs=4, speculative="ngram",
+                     num_speculative_tokens=4)  # fmt: skip
     graphs = engine.runner.decode_graphs
     for i, n in enumerate((3, 9, 14)):
-        engine.add_request(str(i), list(range(10 + i, 10 + i + n)), SamplingParams(max_tokens=40, temperature=0.8))
+        params = SamplingParams(max_tokens=40, temperature=0.8, speculative=False)
+        engine.add_request(str(i), list(range(10 + i, 10 + i + n)), params)
     for _ in range(4):
         engine.step()
     requests = [engine._requests[str(i)] for i in range(3)]
-    graphs._fill(graphs._host_views[4], requests, sampled=True)
+    for r in requests:  # room for the drafted tokens' K/V
+        r.pages += engine.allocator.allocate(1)
+    chunks = [Chunk(r, 1, draft) for r, draft in zip(requests, drafts, strict=True)]
+    graphs._fill(graphs._host_views[8], chunks, sampled=not any(drafts))
     graphs._ints.copy_(graphs._ints_host)
     graphs._floats.copy_(graphs._floats_host)
     try:
@@ -124,10 +132,56 @@ def test_the_decode_step_traces_as_one_graph_with_no_host_sync(tiny_llama_gqa, m
         # raises instead of splitting the step.
         compiled = torch.compile(graphs.forward, fullgraph=True, backend="eager")
         for sampled in (False, True):
-            graphs.forward(4, sampled)
+            graphs.forward(8, sampled)
             expected = graphs.tokens.clone(), graphs.logits.clone()
-            compiled(4, sampled)
+            compiled(8, sampled)
             assert torch.equal(graphs.tokens, expected[0]) and torch.equal(graphs.logits, expected[1])
+
+
+def test_a_verification_step_traces_as_the_same_graph_with_no_host_sync(tiny_llama_gqa, monkeypatch):
+    """A speculative step's verification (three requests with drafts of 2, 0 and 3 tokens: 8 rows, each a
+    decode row at its position) runs in the decode step's bucket as it is, traced with no graph break."""
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "reference")
+    torch._dynamo.reset()
+    with _prepared_step(tiny_llama_gqa, drafts=((5, 6), (), (7, 8, 9))) as graphs:
+        host = graphs._host_views[8]
+        assert list(host.input_ids[:8]) == [host.input_ids[0], 5, 6, host.input_ids[3], host.input_ids[4], 7, 8, 9]
+        assert list(host.context_lens[1:3] - host.context_lens[0]) == [1, 2]  # a drafted row sees the rows before
+        compiled = torch.compile(graphs.forward, fullgraph=True, backend="eager")
+        graphs.forward(8, False)
+        expected = graphs.logits.clone()
+        compiled(8, False)
+        assert torch.equal(graphs.logits, expected)
+
+
+def test_speculation_through_the_bucketed_step_gives_the_tokens_without_it(tiny_llama_gqa):
+    """Greedy and seeded requests that copy their prompt, with `--speculative ngram`, through the bucketed step
+    (verification rows included): the tokens of the same requests without speculation, with drafts kept."""
+    rng = random.Random(5)
+    phrase = [rng.randrange(8, 384) for _ in range(12)]
+    prompts = [phrase * 3, phrase[:7] * 4, [rng.randrange(8, 384) for _ in range(9)]]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)]  # fmt: skip
+    results, verified = [], []
+    for speculative in ("off", "ngram"):
+        engine = _engine(tiny_llama_gqa, graphs=True, max_num_seqs=4, speculative=speculative, speculative_max_batch=4)
+        graphs = engine.runner.decode_graphs
+        if speculative == "ngram":  # a bucket of exactly 1, 2 requests' rows with whole drafts (8 tokens)
+            assert {9, 18} <= set(graphs.buckets) and max(graphs.buckets) == 4 + 2 * 8
+        run, drafted_rows = graphs.run, []
+
+        def counted(chunks, run=run, drafted_rows=drafted_rows):
+            drafted_rows.append(sum(len(c.draft) for c in chunks))
+            return run(chunks)
+
+        graphs.run = counted
+        results.append(run_staggered(engine, prompts, params, [0, 0, 0])[0])
+        verified.append(sum(drafted_rows))
+        if speculative == "ngram":
+            assert engine.speculator.stats.accepted > 0, "no draft was kept: the test proves nothing"
+    assert results[0] == results[1]
+    assert verified[0] == 0 and verified[1] > 0, "the drafts were not verified in the bucketed step"
 
 
 class _NoReadBack(TorchDispatchMode):
@@ -151,7 +205,7 @@ def test_the_triton_decode_step_reads_nothing_back(tiny_qwen2, monkeypatch):
         for kernels in ("reference", "triton"):
             monkeypatch.setenv("SPLITSERVE_KERNELS", kernels)
             with _NoReadBack():
-                graphs.forward(4, sampled=True)
+                graphs.forward(8, sampled=True)
             tokens[kernels] = graphs.tokens.clone()
     assert torch.equal(tokens["reference"], tokens["triton"])
     with pytest.raises(AssertionError, match="host synchronisation"), _NoReadBack():

@@ -15,6 +15,13 @@ Two graphs per bucket: greedy rows only (an argmax), and with sampled rows (`sam
 vocabulary). Rows that need the sampler's processors (penalties, logit bias, grammars, `min_tokens`) or
 logprobs run the greedy graph and `sampling.sample` on its logits. Without CUDA (the CPU's tests) the same
 step runs as a plain call.
+
+A speculative step's verification is the same step: a request's last token and each drafted token after it
+are rows of their own, each a decode row at its position (its context ends at itself; the rows' K/V are all
+written before any row attends), so the graphs of the row buckets serve every draft length, and each drafted
+token is scored by the same kernels as a token decoded alone. Its rows' logits go to `sampling.verify`. The
+buckets reach `max_rows` (the batch limit plus the most drafted rows a step takes), with a bucket of exactly
+the rows of 1, 2, ... requests with whole drafts among them (`extra_buckets`: a bucket per draft length).
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.request import Request, Sampled, SamplingFailed
-from splitserve.engine.sampling import draw, plain, sample, uniforms
+from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
+from splitserve.engine.sampling import draw, plain, sample_chunks, uniforms
 from splitserve.kernels.metadata import PagedAttentionMetadata
 from splitserve.model.llama import CausalLM
 
@@ -59,19 +66,22 @@ class StepBuffers(NamedTuple):
 
 class DecodeGraphs:
     def __init__(
-        self, model: CausalLM, kv_cache: torch.Tensor, null_page: int, max_num_seqs: int, max_pages_per_seq: int
-    ):
-        """`null_page`: a page of `kv_cache` that no request holds (padding rows write there)."""
+        self, model: CausalLM, kv_cache: torch.Tensor, null_page: int, max_rows: int, max_pages_per_seq: int,
+        extra_buckets: tuple[int, ...] = (),
+    ):  # fmt: skip
+        """`null_page`: a page of `kv_cache` that no request holds (padding rows write there). `max_rows`: the
+        most rows of a step (its requests, and their drafted tokens); `extra_buckets`, step sizes to capture
+        besides the powers of two (a verification's rows)."""
         self.model, self.kv_cache, self.null_page = model, kv_cache, null_page
         self.page_size = kv_cache.shape[3]
         self.max_pages = max_pages_per_seq
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = sorted({*batch_buckets(max_rows), *(b for b in extra_buckets if b <= max_rows)})
         device, pinned = kv_cache.device, kv_cache.is_cuda
-        ints = max_num_seqs * (_INT_FIELDS + max_pages_per_seq)
+        ints = max_rows * (_INT_FIELDS + max_pages_per_seq)
         self._ints_host = torch.zeros(ints, dtype=torch.long, pin_memory=pinned)
-        self._floats_host = torch.zeros(max_num_seqs * _FLOAT_FIELDS, pin_memory=pinned)
+        self._floats_host = torch.zeros(max_rows * _FLOAT_FIELDS, pin_memory=pinned)
         self._ints = torch.zeros(ints, dtype=torch.long, device=device)
-        self._floats = torch.zeros(max_num_seqs * _FLOAT_FIELDS, device=device)
+        self._floats = torch.zeros(max_rows * _FLOAT_FIELDS, device=device)
         self._views = {b: self._buffers(b, self._ints, self._floats) for b in self.buckets}
         self._host_views = {
             b: self._buffers(b, self._ints_host.numpy(), self._floats_host.numpy()) for b in self.buckets
@@ -79,8 +89,8 @@ class DecodeGraphs:
         for views in (*self._views.values(), *self._host_views.values()):  # a valid step for every bucket
             self._pad(views, 0)
         self._token_range = torch.arange(max_pages_per_seq * self.page_size, device=device)
-        self.logits = torch.zeros(max_num_seqs, model.cfg.vocab_size, device=device)
-        self.tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.logits = torch.zeros(max_rows, model.cfg.vocab_size, device=device)
+        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     def _buffers(self, bucket: int, ints, floats) -> StepBuffers:
@@ -133,13 +143,20 @@ class DecodeGraphs:
                 self._graphs[bucket, sampled] = graph
         torch.cuda.synchronize()
 
-    def run(self, requests: list[Request]) -> list[Sampled | SamplingFailed]:
-        """One decode step of `requests` (each with its next token's slot in its pages): their tokens."""
-        n = len(requests)
+    def takes(self, chunks: list[Chunk]) -> bool:
+        """Whether the step is one of these: every chunk a decoding request's last token (and its draft)."""
+        rows = sum(c.rows for c in chunks)
+        return rows <= self.buckets[-1] and all(c.num_tokens == 1 and c.completes for c in chunks)
+
+    def run(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
+        """One decode step of `chunks` (each request with its next token's slot, and its draft's, in its pages):
+        each request's tokens, as `sampling.sample_chunks` gives them."""
+        requests = [c.request for c in chunks]
+        n = sum(c.rows for c in chunks)
         bucket = next(b for b in self.buckets if b >= n)
-        processed = not all(map(plain, requests))
+        processed = n > len(chunks) or not all(map(plain, requests))
         sampled = not processed and any(not r.params.greedy for r in requests)
-        self._fill(self._host_views[bucket], requests, sampled)
+        self._fill(self._host_views[bucket], chunks, sampled)
         ints, floats = (_INT_FIELDS + self.max_pages) * bucket, _FLOAT_FIELDS * bucket
         self._ints[:ints].copy_(self._ints_host[:ints], non_blocking=True)
         self._floats[:floats].copy_(self._floats_host[:floats], non_blocking=True)
@@ -149,25 +166,27 @@ class DecodeGraphs:
         else:
             self.forward(bucket, sampled)
         if processed:
-            return sample(self.logits[:n].clone(), requests)
-        return [Sampled(token, None) for token in self.tokens[:n].tolist()]
+            return sample_chunks(self.logits[:n].clone(), chunks)
+        return [(r, Sampled(token, None)) for r, token in zip(requests, self.tokens[:n].tolist(), strict=True)]
 
-    def _fill(self, host: StepBuffers, requests: list[Request], sampled: bool) -> None:
-        """The host copies of the step's inputs: each request's row, then padding rows."""
-        ps, n, vocab = self.page_size, len(requests), self.logits.shape[1]
-        positions = [r.num_computed_tokens for r in requests]
-        host.input_ids[:n] = [r.token_ids[pos] for r, pos in zip(requests, positions, strict=True)]
-        host.positions[:n] = positions
-        host.slot_pages[:n] = [r.pages[pos // ps] for r, pos in zip(requests, positions, strict=True)]
-        host.slot_offsets[:n] = [pos % ps for pos in positions]
-        host.context_lens[:n] = [pos + 1 for pos in positions]
+    def _fill(self, host: StepBuffers, chunks: list[Chunk], sampled: bool) -> None:
+        """The host copies of the step's inputs: a row per request and drafted token, then padding rows."""
+        ps, vocab = self.page_size, self.logits.shape[1]
+        rows = [(c.request, c.request.num_computed_tokens + j, token)
+                for c in chunks for j, token in enumerate((c.request.token_ids[-1], *c.draft))]  # fmt: skip
+        n = len(rows)
+        host.input_ids[:n] = [token for _, _, token in rows]
+        host.positions[:n] = [pos for _, pos, _ in rows]
+        host.slot_pages[:n] = [r.pages[pos // ps] for r, pos, _ in rows]
+        host.slot_offsets[:n] = [pos % ps for _, pos, _ in rows]
+        host.context_lens[:n] = [pos + 1 for _, pos, _ in rows]
         host.page_table[:n] = self.null_page  # past a row's pages, entries must still be valid page ids
-        for i, (r, pos) in enumerate(zip(requests, positions, strict=True)):
+        for i, (r, pos, _) in enumerate(rows):
             host.page_table[i, : pos // ps + 1] = r.pages[: pos // ps + 1]
-        params = [r.params for r in requests]
+        params = [r.params for r, _, _ in rows]
         host.temperature[:n] = [0.0 if p.greedy else p.temperature for p in params]
         host.top_k[:n] = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         host.top_p[:n] = [p.top_p if p.top_p < 1 else float("inf") for p in params]
-        if sampled:
-            host.uniform[:n] = uniforms(requests)[:, 0].numpy()
+        if sampled:  # (no drafts then: a row per request)
+            host.uniform[:n] = uniforms([r for r, _, _ in rows])[:, 0].numpy()
         self._pad(host, n)

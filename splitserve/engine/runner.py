@@ -4,7 +4,6 @@ decode rows only replays a captured graph (`decode_graphs`) unless `--enforce-ea
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ from splitserve.engine.decode_graphs import DecodeGraphs
 from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
-from splitserve.engine.sampling import sample, verify
+from splitserve.engine.sampling import sample_chunks
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
 from splitserve.model.checkpoint import gguf_layer_types, iter_safetensors
 from splitserve.model.config import ModelConfig
@@ -70,6 +69,12 @@ class ModelRunner:
         self._decode_context_lens = torch.zeros(s, **long)
         self._token_range = torch.arange(self.max_pages_per_seq * self.page_size, **long)
         self.max_num_seqs = s
+        # A decode step's rows: a token per request, and drafted ones (at most twice the draft length in all);
+        # its graphs also fit the rows of 1, 2, ... speculating requests with whole drafts exactly.
+        speculative, k = config.speculative != "off", config.num_speculative_tokens
+        self.max_step_rows = s + (2 * k if speculative else 0)
+        whole = range(1, config.speculative_max_batch + 1) if speculative else ()
+        self.verify_buckets = tuple(m * (k + 1) for m in whole)
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             if not self.kv_layout.has_rings:
@@ -83,7 +88,8 @@ class ModelRunner:
         Not for a KV layout with rings: the step's buffers hold one page table, of a page per position."""
         if self.kv_layout.has_rings:
             raise ValueError("decode graphs need a KV layout without sliding-window rings")
-        graphs = DecodeGraphs(self.model, self.kv_cache, self.null_page, self.max_num_seqs, self.max_pages_per_seq)
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.null_page, self.max_step_rows, self.max_pages_per_seq,
+                              self.verify_buckets)  # fmt: skip
         if capture:
             try:
                 graphs.capture()
@@ -96,9 +102,8 @@ class ModelRunner:
     def execute(self, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
         """Run the chunks' tokens through the model; sample for every chunk that completes its request: one
         token, or for a chunk with a draft the tokens `verify` keeps of it (the request's outcomes in order)."""
-        if self.decode_graphs is not None and all(c.rows == 1 and c.completes for c in chunks):
-            requests = [c.request for c in chunks]
-            return list(zip(requests, self.decode_graphs.run(requests), strict=True))
+        if self.decode_graphs is not None and self.decode_graphs.takes(chunks):
+            return self.decode_graphs.run(chunks)
         # Decode rows (one query token) first: the attention batches them in one call.
         ordered = [c for c in chunks if c.rows == 1] + [c for c in chunks if c.rows > 1]
         meta, sample_rows = self._prepare(ordered)
@@ -108,18 +113,7 @@ class ModelRunner:
         if not finishing:
             return []
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        # each finishing chunk's rows: one, or its last token's and its draft's
-        firsts = [0, *itertools.accumulate(1 + len(c.draft) for c in finishing)]
-        single = [i for i, c in enumerate(finishing) if not c.draft]
-        outcomes = dict(zip(single, sample(logits[[firsts[i] for i in single]], [finishing[i].request for i in single]),
-                            strict=True))  # fmt: skip
-        results = []
-        for i, c in enumerate(finishing):
-            if c.draft:
-                results.extend((c.request, o) for o in verify(logits[firsts[i] : firsts[i + 1]], c.request, c.draft))
-            else:
-                results.append((c.request, outcomes[i]))
-        return results
+        return sample_chunks(logits, finishing)
 
     @torch.inference_mode()
     def prompt_logits(self, request: Request) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from splitserve.engine.params import TokenLogprob
-from splitserve.engine.request import Request, Sampled, SamplingFailed
+from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.errors import InvalidRequestError
 
 
@@ -217,3 +217,22 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor, shortcut: bool = True) -> 
     drop = (mass - probs) >= top_p
     drop[:, 0] = False
     return torch.full_like(scores, float("-inf")).scatter(1, order, best.masked_fill(drop, float("-inf")))
+
+
+def sample_chunks(logits: torch.Tensor, chunks: list[Chunk]) -> list[tuple[Request, Sampled | SamplingFailed]]:
+    """The outcomes of a step's finishing chunks, from their rows' logits in order (a chunk's last token's row,
+    then its draft's): one sampled token per chunk without a draft (all in one call), and what `verify` keeps of
+    each draft, in the chunks' order."""
+    firsts = [0]
+    for c in chunks:
+        firsts.append(firsts[-1] + 1 + len(c.draft))
+    single = [i for i, c in enumerate(chunks) if not c.draft]
+    outcomes = dict(zip(single, sample(logits[[firsts[i] for i in single]], [chunks[i].request for i in single]),
+                        strict=True))  # fmt: skip
+    results = []
+    for i, c in enumerate(chunks):
+        if c.draft:
+            results.extend((c.request, o) for o in verify(logits[firsts[i] : firsts[i + 1]], c.request, c.draft))
+        else:
+            results.append((c.request, outcomes[i]))
+    return results
