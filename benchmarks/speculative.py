@@ -9,6 +9,12 @@ which copies little.
 
     .venv/bin/python benchmarks/speculative.py [--methods ngram,suffix] [--streams 1,16] [--max-tokens 128]
     .venv/bin/python benchmarks/speculative.py --batch-sweep 1,2,4,8,16   # where speculation stops paying
+    .venv/bin/python benchmarks/speculative.py --methods draft [--draft-model PATH]
+
+`draft`'s model defaults to the embedded model itself (no smaller model with its tokenizer is at hand offline):
+that shows the mechanism and its costs (nearly every greedy draft kept, but each drafted token costs a step of
+the same size), not a speed-up. The decode worker prefills the draft itself: the run also prints what that
+catch-up cost per prompt token against the model's own prefill.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from splitserve import LLM, SamplingParams
+from splitserve.model.checkpoint import resolve_model
 from splitserve.model.tokenizer import encode_chat
 
 CODE = '''import json
@@ -136,10 +143,14 @@ def main() -> None:
     p.add_argument("--workloads", default="code-edit,quote,agent,chat")
     p.add_argument("--batch-sweep", default=None, help="batches to time chat at with speculation forced on")
     p.add_argument("--speculative-tokens", type=int, default=None, help="--num-speculative-tokens (default: its)")
+    p.add_argument("--draft-model", default=None, help="the draft model of method draft (default: the model itself)")
     args = p.parse_args()
     print(f"# {platform.processor() or platform.machine()}, speculation at serve's defaults otherwise", flush=True)
     extra = {} if args.speculative_tokens is None else {"num_speculative_tokens": args.speculative_tokens}
-    llms = {"off": LLM()} | {m: LLM(speculative=m, **extra) for m in args.methods.split(",")}
+    draft = {"draft_model": args.draft_model or str(resolve_model(None))}
+    llms = {"off": LLM()} | {m: LLM(speculative=m, **extra, **(draft if m == "draft" else {}))
+                             for m in args.methods.split(",")}  # fmt: skip
+    catch_up = timed_catch_up(llms["draft"]) if "draft" in llms else None
     if args.batch_sweep:
         sweep(llms, [int(b) for b in args.batch_sweep.split(",")], args.max_tokens)
         return
@@ -161,6 +172,33 @@ def main() -> None:
             accept = f"{s.accepted - before[1]}/{s.drafted - before[0]}" if s else ""
             print(f"| {name} | {streams} | {method} | {tpot * 1e3:.1f} | {rate:.1f} | {ratio:.2f}x | {accept} | "
                   f"{'yes' if toks == base[2] else 'NO'} |", flush=True)  # fmt: skip
+    if catch_up is not None and catch_up[1]:
+        seconds, tokens = catch_up
+        prefill = llms["draft"].engine.prefill_tokens_per_s
+        print(
+            f"the draft's prompt catch-up on the decode side: {tokens} tokens in {seconds:.2f} s, "
+            f"{1e3 * seconds / tokens:.2f} ms a token (the model's prefill: {1e3 / prefill:.2f} ms a token)"
+        )
+
+
+def timed_catch_up(llm: LLM) -> list[float]:
+    """[seconds, tokens] the draft model spends running the prompts it has not seen (its catch-ups of 32 tokens
+    or more: a step's own one or two new tokens are left out), updated as the engine runs."""
+    proposer = llm.engine.speculator.proposer
+    totals = [0.0, 0]
+    catch_up = proposer._catch_up
+
+    def timed(shadows, drafts):
+        start = time.perf_counter()
+        before = sum(s.request.num_computed_tokens for s in shadows.values())
+        catch_up(shadows, drafts)
+        tokens = sum(s.request.num_computed_tokens for s in shadows.values()) - before
+        if tokens >= 32:
+            totals[0] += time.perf_counter() - start
+            totals[1] += tokens
+
+    proposer._catch_up = timed
+    return totals
 
 
 def sweep(llms: dict[str, LLM], batches: list[int], max_tokens: int) -> None:

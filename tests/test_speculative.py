@@ -1,7 +1,9 @@
-"""Speculative decoding (`--speculative ngram|suffix`, engine/speculative.py): drafted tokens verified in one
-step give the tokens of a run without speculation (greedy and seeded, with penalties, logit bias, min_tokens,
-logprobs and a grammar), sampled tokens follow the model's distribution (chi-square), the policy backs off, and
-no page leaks. The embedded model runs with serve's defaults (one numerics: README 'Modes')."""
+"""Speculative decoding (`--speculative ngram|suffix|draft`, engine/speculative.py, engine/draft_model.py):
+drafted tokens verified in one step give the tokens of a run without speculation (greedy and seeded, with
+penalties, logit bias, min_tokens, logprobs and a grammar), sampled tokens follow the model's distribution
+(chi-square), the policy backs off, and no page leaks. The embedded model runs with serve's defaults (one
+numerics: README 'Modes'). No smaller model with SmolLM2's tokenizer is at hand offline: its draft model is
+itself (nearly every draft kept), and a tiny random model drafts for another (nearly none kept)."""
 
 from __future__ import annotations
 
@@ -89,6 +91,56 @@ def test_config_refuses_bad_speculative_options():
         EngineConfig(ngram_min=3, ngram_max=2)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(num_speculative_tokens=0)
+    for options in ({"speculative": "draft"}, {"speculative": "ngram", "draft_model": "x"}):
+        with pytest.raises(ValueError, match="--speculative draft and --draft-model go together"):
+            EngineConfig(**options)
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tiny_llama_gqa, smollm2):
+    from splitserve.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="a vocabulary of 49152 tokens, the model's has 384"):
+        LLM(tiny_llama_gqa, dtype="fp32", speculative="draft", draft_model=str(smollm2))
+
+
+@pytest.mark.parametrize("draft", ["itself", "another"])
+def test_a_draft_model_gives_the_tokens_of_a_run_without_it(tiny_llama_gqa, tiny_qwen2, draft):
+    """A tiny Llama drafted for by itself (its greedy drafts nearly always kept: the draft proposes its argmax,
+    so a sampled request keeps one with the probability the model gives it) or by a tiny random Qwen 2 of the
+    same vocabulary (nearly never): greedy and seeded tokens of a run without speculation, with prompts long
+    enough to take the draft's catch-up several passes, and every page back."""
+    folder = tiny_llama_gqa if draft == "itself" else tiny_qwen2
+    options = dict(dtype="fp32", page_size=4, max_num_batched_tokens=32, kv_cache_memory="2MiB")
+    off = LLM(tiny_llama_gqa, **options)
+    on = LLM(tiny_llama_gqa, **options, speculative="draft", draft_model=str(folder), num_speculative_tokens=4,
+             speculative_max_batch=4)  # fmt: skip
+    proposer = on.engine.speculator.proposer
+    assert proposer.runner.num_pages == on.engine.runner.num_pages
+    proposals = []  # (a request's tokens, its first drafted token)
+    propose = proposer.propose
+
+    def recorded(chunks):
+        out = propose(chunks)
+        proposals.extend((list(c.request.token_ids), c.draft[0]) for c in out if c.draft)
+        return out
+
+    proposer.propose = recorded
+    prompts = [list(range(20, 90)), [5, 6, 7], list(range(100, 140))]
+    stats = on.engine.speculator.stats
+    for params in (SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True)):  # fmt: skip
+        before = stats.drafted, stats.accepted
+        want = [o.token_ids for o in off.generate(prompts, params, use_tqdm=False)]
+        assert [o.token_ids for o in on.generate(prompts, params, use_tqdm=False)] == want
+        drafted, accepted = stats.drafted - before[0], stats.accepted - before[1]
+        assert drafted > 0
+        if draft == "itself" and params.greedy:
+            assert accepted >= 0.9 * drafted, (drafted, accepted)
+    if draft == "itself":  # after the sampled run's rejections too, the draft's K/V held the right tokens:
+        scorer = LLM(tiny_llama_gqa, **{**options, "max_num_batched_tokens": 256})
+        for tokens, first in proposals[-30:]:  # its first token is the model's argmax after them
+            assert int(scorer.engine.score(tokens)[-1].argmax()) == first
+    assert on.engine.allocator.num_available == on.engine.allocator.capacity
 
 
 @pytest.fixture(scope="module")
@@ -189,17 +241,19 @@ def _chi2_quantile(dof: int, q: float) -> float:
 
 
 @pytest.mark.slow
-def test_served_speculation_1p1d_gives_the_tokens_of_a_run_without_it(pair):
-    """serve's defaults, 1 prefill + 1 decode worker, with `--speculative suffix`: greedy and seeded streams of
-    copying prompts equal the in-process run without speculation (one numerics: colocated or disaggregated, the
-    same bits); a conversation's second turn (prompt_cache_key) drafts from the first's output; /metrics counts
-    the drafted and accepted tokens."""
+@pytest.mark.parametrize("method", ["suffix", "draft"])
+def test_served_speculation_1p1d_gives_the_tokens_of_a_run_without_it(pair, smollm2, method):
+    """serve's defaults, 1 prefill + 1 decode worker, with `--speculative suffix`, or `draft` (the embedded model
+    drafting for itself: the decode worker prefills the draft from the prompt, nothing of it crosses from the
+    prefill worker): greedy and seeded streams of copying prompts equal the in-process run without speculation
+    (one numerics: colocated or disaggregated, the same bits); a conversation's second turn (prompt_cache_key)
+    drafts (with suffix, from the first's output); /metrics counts the drafted and accepted tokens."""
     from splitserve.launcher import ServeProcess
     from tests.test_serving import complete
 
     off, _ = pair
     args = ["--prefill", "1", "--decode", "1", "--fixed-roles", "--kv-cache-memory", "128MiB", "--speculative",
-            "suffix"]  # fmt: skip
+            method, *(["--draft-model", str(smollm2)] if method == "draft" else [])]  # fmt: skip
     server = ServeProcess(None, args, num_workers=2)
     try:
         model = server.http.get("/v1/models").json()["data"][0]["id"]

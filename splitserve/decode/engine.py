@@ -16,11 +16,14 @@ import torch
 from splitserve.decode.scheduler import Scheduler
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
+from splitserve.engine.draft_model import DraftModel, target_kv_share
 from splitserve.engine.kv_cache import TensorAllocator
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.request import Request, Sampled, SamplingFailed
 from splitserve.engine.speculative import Speculator
 from splitserve.errors import InvalidRequestError
+from splitserve.model.checkpoint import resolve_model
+from splitserve.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,10 @@ class DecodeEngine(EngineCore):
     def __init__(
         self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
     ):
-        super().__init__(config, kv_allocator, take_over)
+        share = 1.0
+        if config.speculative == "draft" and take_over is None:  # the draft's pages share the KV budget
+            share = target_kv_share(config, ModelConfig.from_pretrained(resolve_model(config.model)))
+        super().__init__(config, kv_allocator, take_over, kv_share=share)
         self.speculator = self._speculator()
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self.speculator)  # fmt: skip
@@ -112,7 +118,11 @@ class DecodeEngine(EngineCore):
         if self.numerics_differ:
             log.warning("--speculative %s: greedy tokens may differ from a run without it in near ties: %s",
                         c.speculative, self.numerics_differ)  # fmt: skip
-        return Speculator(c.speculative, c.num_speculative_tokens, c.ngram_min, c.ngram_max, c.speculative_max_batch)
+        proposer = None
+        if c.speculative == "draft":
+            proposer = DraftModel(c, self.model_config, self.runner.num_pages, self.max_model_len)
+        return Speculator(c.speculative, c.num_speculative_tokens, c.ngram_min, c.ngram_max, c.speculative_max_batch,
+                          proposer)  # fmt: skip
 
     def step(self) -> list[RequestUpdate]:
         """Schedule, run one forward pass, sample; returns one update per token, in order (a request whose draft

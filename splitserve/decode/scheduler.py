@@ -134,7 +134,7 @@ class Scheduler:
             self.running.append(request)
             chunks.append(Chunk(request, n))
             budget -= n
-        return chunks
+        return chunks if self.speculator is None else self.speculator.fill(chunks)
 
     def _drafts(self) -> dict[str, list[int]]:
         if self.speculator is None:

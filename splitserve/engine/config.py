@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "bf16", "fp16")
-METHODS = ("off", "ngram", "suffix")  # --speculative (engine/speculative.py)
+METHODS = ("off", "ngram", "suffix", "draft")  # --speculative (engine/speculative.py)
 KV_DTYPES = (*DTYPES, "int8")  # int8: symmetric, a scale per page and head (kernels/kv_format.py)
 # The CPU's quantized modes: (weight bits, activation bits); 32-bit activations: fp32, weight-only.
 CPU_QUANTIZATIONS = {"int8": (8, 32), "w8a8": (8, 8), "w8a7": (8, 7), "w4a8": (4, 8)}
@@ -101,9 +101,13 @@ class EngineConfig:
         "speculative decoding on the decode side: ngram = each request proposes the tokens that followed the "
         "latest earlier occurrence of its last few tokens in its prompt and output (code edits, quotes, RAG "
         "answers, repeated tool calls), and a step verifies them at once; suffix = also in what this worker "
-        "generated earlier for the same prompt_cache_key; the tokens are those of a run without speculation "
+        "generated earlier for the same prompt_cache_key; draft = a small model with the same vocabulary "
+        "(--draft-model) proposes them; the tokens are those of a run without speculation "
         "(README 'Speculative decoding') (default {default})",
         choices=METHODS,
+    )
+    draft_model: str | None = option(
+        None, "the draft model of --speculative draft: a folder or GGUF file with the target's vocabulary", type=str
     )
     num_speculative_tokens: int = option(
         8, "tokens a request proposes per step at most (default {default}: benchmarks/speculative.py)"
@@ -142,6 +146,8 @@ class EngineConfig:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
         if self.speculative not in METHODS:
             raise ValueError(f"speculative must be one of {', '.join(METHODS)}, got {self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("--speculative draft and --draft-model go together")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
         for name in ("num_speculative_tokens", "speculative_max_batch"):

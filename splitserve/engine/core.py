@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import msgspec
 import torch
@@ -34,11 +35,13 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(
-        self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None
-    ):
+        self, config: EngineConfig, kv_allocator: TensorAllocator | None = None, take_over: EngineCore | None = None,
+        kv_share: float = 1.0,
+    ):  # fmt: skip
         """`kv_allocator`: where the KV cache tensor's memory comes from (default: torch). `take_over`: an idle
         engine of the other pool whose weights, KV cache and cached pages this one takes (a worker switching
-        roles in place); it must not be used afterwards."""
+        roles in place); it must not be used afterwards. `kv_share`: of `--kv-cache-memory`, what the model's
+        pages take (a draft model's take the rest)."""
         self.config = config
         if take_over is not None:
             if take_over.allocator.num_available != take_over.allocator.capacity:
@@ -50,7 +53,8 @@ class EngineCore:
             return
         self.model_path = resolve_model(config.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
-        self.runner = ModelRunner(self.model_config, self.model_path, config, kv_allocator)
+        budget = config if kv_share == 1 else replace(config, kv_cache_memory=int(config.kv_cache_bytes * kv_share))
+        self.runner = ModelRunner(self.model_config, self.model_path, budget, kv_allocator)
         self.max_model_len = self.runner.max_model_len
         layout = self.runner.kv_layout
         caching = config.prefix_caching and not layout.has_rings

@@ -1,5 +1,6 @@
-"""Draftless speculative decoding (`--speculative ngram|suffix`): which tokens a decoding request will likely
-write next, read from text it has already seen, and which requests propose them in a step.
+"""Speculative decoding (`--speculative ngram|suffix|draft`): which tokens a decoding request will likely
+write next, read from text it has already seen (ngram, suffix) or proposed by a draft model
+(`engine/draft_model.py`), and which requests propose them in a step.
 
 A proposal is checked in the step that follows: the request's last token and its drafted tokens go through the
 model as one chunk of k + 1 rows (the paged kernels take them as a prompt's rows: in the default mode bitwise
@@ -14,7 +15,9 @@ otherwise a token from p without d, renormalised (the residual).
 This module owns each speculating request's n-gram index and acceptance record, the conversations' indexes of
 earlier outputs (`--speculative suffix`: an agent re-emitting a tool call it made in an earlier turn), and the
 policy: which requests propose how many tokens in a step (`Speculator.drafts`), backing off per request when
-its drafts are rejected and for the whole step when the batch is large.
+its drafts are rejected and for the whole step when the batch is large. With a draft model the policy decides
+how many tokens each request drafts, the scheduler takes pages for them, and the draft model then writes them
+(`fill`): it needs those pages for its own K/V.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import TYPE_CHECKING
 from splitserve.protocol import ACCEPTANCE_BUCKETS
 
 if TYPE_CHECKING:
-    from splitserve.engine.request import Request
+    from splitserve.engine.draft_model import DraftModel
+    from splitserve.engine.request import Chunk, Request
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,11 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, method: str, num_tokens: int, ngram_min: int, ngram_max: int, max_batch: int):
+    def __init__(self, method: str, num_tokens: int, ngram_min: int, ngram_max: int, max_batch: int,
+                 proposer: DraftModel | None = None):  # fmt: skip
+        """`proposer`: the draft model, for method `draft`."""
         self.method, self.num_tokens, self.max_batch = method, num_tokens, max_batch
+        self.proposer = proposer
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
         self._records: dict[str, _Record] = {}
         self._conversations: OrderedDict[str, NgramIndex] = OrderedDict()
@@ -128,6 +135,9 @@ class Speculator:
             record = self._record(request)
             if record.paused:
                 record.paused -= 1
+                continue
+            if self.proposer is not None:  # placeholders: the draft model writes them once the pages are taken
+                out[request.request_id] = [0] * k
                 continue
             record.index.extend(request.token_ids[len(record.index.tokens) :])
             draft = record.index.continuation(request.token_ids, k)
@@ -165,9 +175,16 @@ class Speculator:
         elif accepted == drafted:
             record.pause = _FIRST_PAUSE
 
+    def fill(self, chunks: list[Chunk]) -> list[Chunk]:
+        """The step's chunks with their drafts written: the draft model's tokens in place of the placeholders
+        (with pages taken for them); n-gram drafts are written already."""
+        return chunks if self.proposer is None else self.proposer.propose(chunks)
+
     def finished(self, request: Request) -> tuple[int, int] | None:
         """Forget the request (finished, aborted or preempted: a preempted one starts over); remember its output
         for its conversation's next turns. (drafted, accepted) of its drafts, or None when it drafted none."""
+        if self.proposer is not None:
+            self.proposer.forget(request)
         record = self._records.pop(request.request_id, None)
         if self.method == "suffix" and request.cache_key is not None and request.finish_reason in ("stop", "length"):
             self._remember(request.cache_key, request.output_token_ids)
