@@ -21,6 +21,7 @@ import time
 from torch import nn
 
 from splitserve import LLM, SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.kernels import cpu_kernels, cpu_quant
 from splitserve.model.llama import RMSNorm
 
@@ -43,7 +44,7 @@ def step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 64) -> float:
 
     def run(tag: str) -> float:
         for i in range(batch):
-            engine.add_request(f"{tag}-{i}", [100 + (i + j) % 30000 for j in range(prompt_len)], params)
+            engine.add_request(EngineRequest(f"{tag}-{i}", [100 + (i + j) % 30000 for j in range(prompt_len)], params))
         started: set[str] = set()
         while len(started) < batch:  # the prefills (and any decode steps mixed with them)
             started.update(u.request_id for u in engine.step())

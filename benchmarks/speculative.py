@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from splitserve import LLM, SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.model.checkpoint import resolve_model
 from splitserve.model.tokenizer import encode_chat
 
@@ -117,7 +118,7 @@ def run(llm: LLM, convs: list[tuple[list[dict], str | None]], max_tokens: int) -
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     ids = [f"r{next(_ids)}" for _ in convs]
     for rid, (messages, key) in zip(ids, convs, strict=True):
-        engine.add_request(rid, encode_chat(llm.tokenizer, messages)[1], params, cache_key=key)
+        engine.add_request(EngineRequest(rid, encode_chat(llm.tokenizer, messages)[1], params, cache_key=key))
     times: dict[str, list[float]] = {rid: [] for rid in ids}
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     start = time.perf_counter()

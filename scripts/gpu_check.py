@@ -154,10 +154,11 @@ def decode_step_ms(engine, batch: int, rows: int | None = None) -> tuple[float, 
     """ms per decode step of `batch` requests 128 tokens into their prompts (the best of two timings), and ms
     of its graph (of `rows` rows: `batch`, or more with drafted tokens) replayed alone (None when eager)."""
     from splitserve.engine.params import SamplingParams
+    from splitserve.engine.request import EngineRequest
 
     params = SamplingParams(max_tokens=4 * TIMED_STEPS + 8, temperature=0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(PROMPT_TOKENS)], params)
+        engine.add_request(EngineRequest(f"r{i}", [(7 * i + j) % 1000 + 10 for j in range(PROMPT_TOKENS)], params))
     while any(r.num_computed_tokens < PROMPT_TOKENS for r in engine._requests.values()):
         engine.step()
     best = float("inf")

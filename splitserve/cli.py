@@ -10,8 +10,8 @@ import time
 from splitserve import options
 from splitserve.engine.config import EngineConfig
 from splitserve.errors import SplitserveError
-from splitserve.router.cluster import RouterOptions
-from splitserve.router.policy import PolicyOptions
+from splitserve.router.cluster.options import RouterOptions
+from splitserve.router.cluster.policy import PolicyOptions
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def _add_router_args(p: argparse.ArgumentParser, worker_port: int) -> None:
 
 
 def _router_options(args: argparse.Namespace, worker_address: str):
-    from splitserve.router.server import ServerOptions
+    from splitserve.router.http.server import ServerOptions
 
     server = ServerOptions(
         args.model,
@@ -151,7 +151,7 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from splitserve.router.server import run_router
+    from splitserve.router.http.server import run_router
 
     server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
     run_router(server, cluster)

@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 
 from splitserve.children import die_with_parent
-from splitserve.router.cluster import Cluster
-from splitserve.router.server import ServerOptions, run_router
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.http.server import ServerOptions, run_router
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.params import SamplingParams, TokenLogprob
+from splitserve.engine.request import EngineRequest
 from splitserve.errors import InvalidRequestError
 from splitserve.model.chat_templates import choose_chat_template
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
@@ -94,7 +95,7 @@ class LLM:
             ids = self._encode(prompt)
         self.engine.validate_prompt(ids)
         request_id = str(next(self._ids))
-        self.engine.add_request(request_id, ids, sampling_params or SamplingParams())
+        self.engine.add_request(EngineRequest(request_id, ids, sampling_params or SamplingParams()))
         detokenizer = IncrementalDetokenizer(tokenizer, ids)
         finished = False
         try:
@@ -150,7 +151,7 @@ class LLM:
         pending = set(outputs)
         try:
             for (request_id, out), p in zip(outputs.items(), params, strict=True):
-                self.engine.add_request(request_id, out.prompt_token_ids, p)
+                self.engine.add_request(EngineRequest(request_id, out.prompt_token_ids, p))
             with tqdm(total=len(outputs), desc="generating", unit="req", disable=not use_tqdm) as bar:
                 while pending:
                     for update in self.engine.step():

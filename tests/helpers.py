@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import root_hash
+from splitserve.engine.request import EngineRequest
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.protocol import KvStats, Load, Role, WorkerInfo
-from splitserve.router.cluster import Cluster, RouterOptions
-from splitserve.router.membership import Worker
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.cluster.membership import Worker
+from splitserve.router.cluster.options import RouterOptions
 
 
 def hf_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
@@ -64,7 +66,7 @@ def run_staggered(
         while pending:
             for i, arrival in enumerate(arrival_steps):
                 if arrival == step:
-                    engine.add_request(str(i), prompts[i], params[i])
+                    engine.add_request(EngineRequest(str(i), prompts[i], params[i]))
             for update in engine.step():
                 outputs[update.request_id].append(update.token_id)
                 if update.finish_reason is not None:

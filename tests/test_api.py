@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from splitserve import LLM, InvalidRequestError, ModelLoadError, SamplingParams
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.request import EngineRequest
 
 PROMPTS = [[11, 12, 13, 14], [40, 41], [100, 200, 300, 150, 20, 21, 22]]
 
@@ -137,8 +138,8 @@ def test_logprobs_match_transformers(llm):
 
 def test_abort_frees_pages(tiny_llama_gqa):
     engine = DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=4))
-    engine.add_request("a", PROMPTS[2], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-    engine.add_request("b", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.add_request(EngineRequest("a", PROMPTS[2], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)))
+    engine.add_request(EngineRequest("b", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)))
     engine.step()
     engine.step()
     assert engine.allocator.num_free < engine.allocator.capacity

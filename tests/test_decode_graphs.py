@@ -19,7 +19,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs, batch_buckets
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
-from splitserve.engine.request import Chunk
+from splitserve.engine.request import Chunk, EngineRequest
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
@@ -107,7 +107,7 @@ def _prepared_step(folder, drafts: tuple[tuple[int, ...], ...] = ((), (), ())) -
     graphs = engine.runner.decode_graphs
     for i, n in enumerate((3, 9, 14)):
         params = SamplingParams(max_tokens=40, temperature=0.8, speculative=False)
-        engine.add_request(str(i), list(range(10 + i, 10 + i + n)), params)
+        engine.add_request(EngineRequest(str(i), list(range(10 + i, 10 + i + n)), params))
     for _ in range(4):
         engine.step()
     requests = [engine._requests[str(i)] for i in range(3)]

@@ -13,6 +13,7 @@ from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.model.config import ModelConfig
 from tests.helpers import hf_greedy, run_staggered
 
@@ -77,7 +78,7 @@ def test_chunked_prefill_equals_unchunked(tiny_llama_gqa):
             return execute(chunks)
 
         engine.runner.execute = recording_execute
-        engine.add_request("r", prompt, params)
+        engine.add_request(EngineRequest("r", prompt, params))
         tokens = []
         while engine.has_unfinished():
             tokens += [u.token_id for u in engine.step()]

@@ -14,6 +14,7 @@ from splitserve.decode.engine import DecodeEngine, NoCapacityError
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import page_bytes
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.kernels import kv_format
 from splitserve.model.config import ModelConfig
 from splitserve.prefill.engine import PrefillEngine
@@ -25,8 +26,8 @@ def _disaggregated(prefill: PrefillEngine, decode: DecodeEngine, prompts, params
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     reserved = {}
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        reserved[str(i)] = decode.reserve(str(i), prompt, p)
-        prefill.add_request(str(i), prompt, p)
+        reserved[str(i)] = decode.reserve(EngineRequest(str(i), prompt, p))
+        prefill.add_request(EngineRequest(str(i), prompt, p))
     pending = set(outputs)
     while prefill.has_work():
         for done in prefill.step():
@@ -87,13 +88,13 @@ def test_reserve_refused_when_full(tiny_llama_gqa):
     )
     decode = DecodeEngine(cfg)
     params = SamplingParams(max_tokens=4, temperature=0)
-    decode.reserve("a", [9] * 10, params)
-    decode.reserve("b", [9] * 10, params)
+    decode.reserve(EngineRequest("a", [9] * 10, params))
+    decode.reserve(EngineRequest("b", [9] * 10, params))
     with pytest.raises(NoCapacityError, match="batch slots"):
-        decode.reserve("c", [9] * 10, params)
+        decode.reserve(EngineRequest("c", [9] * 10, params))
     decode.abort("b")
     with pytest.raises(NoCapacityError, match="3 pages free"):
-        decode.reserve("c", [9] * 30, params)  # 4 pages
+        decode.reserve(EngineRequest("c", [9] * 30, params))  # 4 pages
     decode.abort("a")
     assert decode.allocator.num_free == decode.allocator.capacity
     assert decode.scheduler.num_requests == 0

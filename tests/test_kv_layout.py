@@ -14,6 +14,7 @@ from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.kernels import kv_format
 from splitserve.launcher import ServeProcess
 from tests.helpers import hf_greedy, run_staggered
@@ -95,7 +96,7 @@ def test_a_long_request_holds_pages_for_its_window_and_matches_transformers(tiny
     max_tokens = [30, 25, 40]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        engine.add_request(str(i), prompt, p)
+        engine.add_request(EngineRequest(str(i), prompt, p))
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     longest = 0
     while engine.has_unfinished():

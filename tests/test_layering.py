@@ -61,7 +61,10 @@ def test_the_router_imports_no_torch(smollm2):
 
     from splitserve.launcher import free_port
 
-    code = "import sys, splitserve.router.server, splitserve.cli; print(sorted({'torch', 'xgrammar'} & {*sys.modules}))"
+    code = (
+        "import sys, splitserve.router.http.server, splitserve.cli; "
+        "print(sorted({'torch', 'xgrammar'} & {*sys.modules}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
     cmd = [sys.executable, "-m", "splitserve", "router", "--model", str(smollm2), "--port", str(free_port()),

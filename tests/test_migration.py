@@ -12,6 +12,7 @@ import pytest
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.params import SamplingParams
+from splitserve.engine.request import EngineRequest
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import Ticket
 from splitserve.prefill.engine import PrefillEngine
@@ -29,8 +30,8 @@ from splitserve.protocol import (
     TokenOut,
     Tokens,
 )
-from splitserve.router.cluster import RouterOptions
-from splitserve.router.jobs import ErrorEvent, JobState, TokenEvent
+from splitserve.router.cluster.jobs import ErrorEvent, JobState, TokenEvent
+from splitserve.router.cluster.options import RouterOptions
 from tests.helpers import FAKE_KEY, add_fake_worker, hf_greedy, recording_cluster
 
 PROMPT = [11, 42, 7, 300, 5, 19, 8, 77, 120, 3, 64, 9, 250]
@@ -57,7 +58,7 @@ def engines(tiny_llama_gqa):
 
 
 def _colocated(decode: DecodeEngine, params: SamplingParams, resumed: list[int]) -> list[int]:
-    decode.add_request("r", PROMPT, params, output_token_ids=resumed)
+    decode.add_request(EngineRequest("r", PROMPT, params, output_token_ids=resumed))
     out = []
     while decode.has_unfinished():
         out += [u.token_id for u in decode.step()]
@@ -65,8 +66,8 @@ def _colocated(decode: DecodeEngine, params: SamplingParams, resumed: list[int])
 
 
 def _disaggregated(prefill: PrefillEngine, decode: DecodeEngine, params: SamplingParams, resumed: list[int]):
-    pages = decode.reserve("r", PROMPT, params, output_token_ids=resumed)
-    prefill.add_request("r", PROMPT, params, output_token_ids=resumed)
+    pages = decode.reserve(EngineRequest("r", PROMPT, params, output_token_ids=resumed))
+    prefill.add_request(EngineRequest("r", PROMPT, params, output_token_ids=resumed))
     done = []
     while prefill.has_work():
         done += prefill.step()
@@ -100,9 +101,9 @@ def test_a_resumed_request_continues_the_undisturbed_one(engines, tiny_llama_gqa
 def test_a_resumed_request_must_leave_tokens_to_generate(engines):
     _, decode = engines
     with pytest.raises(InvalidRequestError, match="none left"):
-        decode.add_request("r", PROMPT, SamplingParams(max_tokens=3), output_token_ids=[1, 2, 3])
+        decode.add_request(EngineRequest("r", PROMPT, SamplingParams(max_tokens=3), output_token_ids=[1, 2, 3]))
     with pytest.raises(InvalidRequestError, match="prompt token ids"):
-        decode.add_request("r", PROMPT, SamplingParams(max_tokens=3), output_token_ids=[10**6])
+        decode.add_request(EngineRequest("r", PROMPT, SamplingParams(max_tokens=3), output_token_ids=[10**6]))
 
 
 # --- the router's side, with fake workers ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from splitserve import LLM, SamplingParams
 from splitserve.decode.engine import DecodeEngine
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.request import EngineRequest
 from splitserve.kernels import cpu_quant
 from splitserve.prefill.engine import PrefillEngine
 from tests.test_migration import PARAMS
@@ -55,7 +56,7 @@ def test_prompt_chunks_of_any_size_and_decode_steps_write_the_same_kv_bytes(llm)
     the next token are the same in all four."""
     prompt = llm.tokenizer.encode(" ".join(TEXTS) * 3)[:600]
     decode = llm.engine
-    decode.add_request("d", prompt, SamplingParams(max_tokens=41, temperature=0, ignore_eos=True))
+    decode.add_request(EngineRequest("d", prompt, SamplingParams(max_tokens=41, temperature=0, ignore_eos=True)))
     out = []
     while len(out) < 41:
         out += [u.token_id for u in decode.step()]
@@ -68,7 +69,9 @@ def test_prompt_chunks_of_any_size_and_decode_steps_write_the_same_kv_bytes(llm)
     assert computed == len(prompt) + 39  # the 40th token's KV is written by the step that samples the 41st
     for chunk in (16, 64, 512):
         prefill = PrefillEngine(EngineConfig(max_num_batched_tokens=chunk, **DEFAULTS))
-        prefill.add_request("p", prompt, SamplingParams(max_tokens=41, temperature=0), output_token_ids=out[:40])
+        prefill.add_request(
+            EngineRequest("p", prompt, SamplingParams(max_tokens=41, temperature=0), output_token_ids=out[:40])
+        )
         done = []
         while prefill.has_work():
             done += prefill.step()
@@ -114,8 +117,8 @@ def test_resuming_warns_only_where_the_mode_is_not_one_numerics(engines, tiny_ll
     assert "int8 KV cache" in int8_kv.numerics_differ
     params = SamplingParams(max_tokens=4, temperature=0)
     with caplog.at_level("WARNING", logger="splitserve.engine.core"):
-        decode.add_request("one", [1, 2, 3], params, output_token_ids=[4])
-        exact.add_request("other", [1, 2, 3], params, output_token_ids=[4])
+        decode.add_request(EngineRequest("one", [1, 2, 3], params, output_token_ids=[4]))
+        exact.add_request(EngineRequest("other", [1, 2, 3], params, output_token_ids=[4]))
     for engine in (decode, exact):
         while engine.has_unfinished():
             engine.step()

@@ -10,9 +10,9 @@ import pytest
 from splitserve import cli, options
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.params import RANGES
-from splitserve.router.cluster import RouterOptions
-from splitserve.router.openai_schema import MAX_TEMPERATURE, ChatCompletionRequest, CompletionRequest
-from splitserve.router.policy import PolicyOptions
+from splitserve.router.cluster.options import RouterOptions
+from splitserve.router.cluster.policy import PolicyOptions
+from splitserve.router.http.openai_schema import MAX_TEMPERATURE, ChatCompletionRequest, CompletionRequest
 from splitserve.slo import SLO
 
 ENGINE = ["--model", "/m", "--dtype", "fp32", "--device", "cpu", "--page-size", "8", "--kv-cache-memory", "64MiB",

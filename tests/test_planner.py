@@ -15,7 +15,7 @@ from splitserve.planner.link import LOOPBACK, Link, learned, parse_rate
 from splitserve.planner.link import resolve as resolve_link
 from splitserve.planner.profile import Profile, measure
 from splitserve.planner.simulator import Hardware, SimRequest, SimRouter, sample_phases, simulate
-from splitserve.router.policy import PolicyOptions
+from splitserve.router.cluster.policy import PolicyOptions
 from splitserve.slo import SLO
 
 # A hand-made profile: prefill 10 ms + 1 ms/token; decode 20 ms + 2 ms per request + 0.01 ms per context token.

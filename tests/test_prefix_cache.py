@@ -15,6 +15,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.kv_cache import PageAllocator, page_bytes
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages, root_hash
+from splitserve.engine.request import EngineRequest
 from splitserve.model.config import ModelConfig
 from splitserve.prefill.engine import PrefillEngine
 from tests.helpers import hf_greedy
@@ -26,7 +27,9 @@ def _run(engine: DecodeEngine, requests: dict[str, tuple[list[int], int]], cache
     """Add every request (prompt, max_tokens), greedy; run to the end; returns each one's output tokens."""
     out: dict[str, list[int]] = {}
     for rid, (prompt, n) in requests.items():
-        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), cache_key)
+        engine.add_request(
+            EngineRequest(rid, prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), cache_key)
+        )
         out[rid] = []
     while engine.has_unfinished():
         for u in engine.step():
@@ -125,7 +128,7 @@ def test_sharers_abort_independently(engine, tiny_llama_gqa):
     _run(engine, {"warm": ([*prefix, 7], 1)})
     prompts = {f"s{i}": [*prefix, 100 + i, 200 + i] for i in range(3)}
     for rid, p in prompts.items():
-        engine.add_request(rid, p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        engine.add_request(EngineRequest(rid, p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
     out = {rid: [] for rid in prompts}
     engine.step()  # all three admitted, sharing the prefix's pages
     shared = engine.scheduler.running[0].pages[0]
@@ -196,9 +199,9 @@ def test_decode_worker_receives_only_the_pages_it_lacks(tiny_llama_gqa):
     _run(decode, {"warm": ([*prefix, 5, 6], 2)})
     prompt = [*prefix, 9, 9, 9]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    reserved = decode.reserve("r", prompt, params)
+    reserved = decode.reserve(EngineRequest("r", prompt, params))
     assert len(reserved) == -(-len(prompt) // PAGE) - 10  # the cached prefix's 10 pages are not sent
-    prefill.add_request("r", prompt, params)
+    prefill.add_request(EngineRequest("r", prompt, params))
     (done,) = prefill.step()
     decode.runner.kv_cache[reserved] = prefill.runner.kv_cache[done.request.pages[-len(reserved) :]]
     out = [decode.start_decode("r", done.token_id, None, None).token_id]

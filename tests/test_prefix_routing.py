@@ -15,7 +15,7 @@ from splitserve.engine.params import SamplingParams
 from splitserve.engine.prefix_cache import page_hashes, reusable_pages
 from splitserve.launcher import ServeProcess
 from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role
-from splitserve.router.cluster import RouterOptions
+from splitserve.router.cluster.options import RouterOptions
 from tests.helpers import add_fake_worker, fake_worker_info, hf_greedy, recording_cluster
 from tests.test_serving import _metric
 

@@ -34,7 +34,7 @@ from splitserve.protocol import (
     decode_to_worker,
     encode,
 )
-from splitserve.router.output import TextStream
+from splitserve.router.http.output import TextStream
 
 KEY = CompatKey("m", "bfloat16", 16, 2, 2, 64)
 
@@ -129,7 +129,9 @@ def test_stop_strings(tokenizer, stop, expected):
 def test_the_router_does_not_load_the_engine():
     """The router builds, checks and relays requests; it never imports the model, sampler or schedulers
     (`import splitserve` loads `LLM` only when it is used)."""
-    code = "import sys, splitserve.router.server; print(sorted(m for m in sys.modules if m.startswith('splitserve')))"
+    code = (
+        "import sys, splitserve.router.http.server; print(sorted(m for m in sys.modules if m.startswith('splitserve')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for engine_part in ("splitserve.llm", "splitserve.engine.runner", "splitserve.engine.request",
                         "splitserve.engine.sampling", "splitserve.model.llama", "splitserve.decode",

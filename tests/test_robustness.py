@@ -16,14 +16,16 @@ from splitserve.decode.engine import DecodeEngine
 from splitserve.engine import sampling
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.params import SamplingParams, StructuredOutput, check_params
+from splitserve.engine.request import EngineRequest
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.launcher import ServeProcess
 from splitserve.prefill.engine import PrefillEngine
 from splitserve.protocol import KvStats, Load, Role, WorkerInfo
-from splitserve.router.cluster import Cluster, RouterOptions
-from splitserve.router.jobs import ErrorEvent
-from splitserve.router.membership import Worker
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.cluster.jobs import ErrorEvent
+from splitserve.router.cluster.membership import Worker
+from splitserve.router.cluster.options import RouterOptions
 from tests.helpers import hf_greedy
 from tests.test_serving import ENGINE
 
@@ -73,7 +75,7 @@ def greedy_reference(tiny_llama_gqa) -> list[int]:
 
 def _run(engine: DecodeEngine, requests: dict[str, SamplingParams]) -> dict[str, tuple[list[int], str]]:
     for request_id, params in requests.items():
-        engine.add_request(request_id, PROMPT, params)
+        engine.add_request(EngineRequest(request_id, PROMPT, params))
     out: dict[str, list[int]] = {r: [] for r in requests}
     finish: dict[str, str] = {}
     for _ in range(200):
@@ -125,7 +127,7 @@ def test_a_failing_row_fails_its_request_alone(engine, greedy_reference, monkeyp
 
     def run(requests: dict[str, SamplingParams]) -> list:
         for request_id, params in requests.items():
-            engine.add_request(request_id, PROMPT, params)
+            engine.add_request(EngineRequest(request_id, PROMPT, params))
         updates = []
         while engine.has_unfinished():
             updates += engine.step()
@@ -143,8 +145,8 @@ def test_a_failing_row_fails_its_request_alone(engine, greedy_reference, monkeyp
 def test_a_failing_row_in_prefill_frees_its_pages(tiny_llama_gqa, monkeypatch):
     monkeypatch.setattr(sampling, "_sample_rows", lambda *a: 1 / 0)
     prefill = PrefillEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", page_size=4))
-    prefill.add_request("bad", PROMPT, SamplingParams(temperature=1.0))
-    prefill.add_request("good", PROMPT, SamplingParams(temperature=0))
+    prefill.add_request(EngineRequest("bad", PROMPT, SamplingParams(temperature=1.0)))
+    prefill.add_request(EngineRequest("good", PROMPT, SamplingParams(temperature=0)))
     done = {d.request.request_id: d for d in prefill.step()}
     assert done["bad"].error and "ZeroDivisionError" in done["bad"].error and done["good"].error is None
     prefill.release("good")
@@ -164,11 +166,13 @@ def test_extreme_temperatures_and_top_p_sample_like_greedy(engine, greedy_refere
 
 def test_bad_schema_is_refused_by_the_engine(engine, tiny_chat_llama):
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
-        engine.add_request("x", PROMPT, SamplingParams(structured=StructuredOutput("json_object")))
+        engine.add_request(EngineRequest("x", PROMPT, SamplingParams(structured=StructuredOutput("json_object"))))
     chat_engine = DecodeEngine(EngineConfig(model=str(tiny_chat_llama), dtype="fp32", page_size=4))
     for schema in ['{"type": 5}', "[1, 2]", "not json"]:
         with pytest.raises(InvalidRequestError, match="response_format: unusable JSON schema"):
-            chat_engine.add_request("x", PROMPT, SamplingParams(structured=StructuredOutput("json_schema", schema)))
+            chat_engine.add_request(
+                EngineRequest("x", PROMPT, SamplingParams(structured=StructuredOutput("json_schema", schema)))
+            )
     assert not engine.has_unfinished() and not chat_engine.has_unfinished()
 
 

@@ -16,8 +16,8 @@ import pytest
 from splitserve.engine.params import SamplingParams
 from splitserve.launcher import ServeProcess
 from splitserve.protocol import Generate, Heartbeat, KvStats, Load, Reserve, Role, SwitchRole
-from splitserve.router.cluster import RouterOptions
-from splitserve.router.policy import (
+from splitserve.router.cluster.options import RouterOptions
+from splitserve.router.cluster.policy import (
     LocalPrefill,
     PolicyOptions,
     RolePolicy,

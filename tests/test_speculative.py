@@ -16,6 +16,7 @@ import torch
 from splitserve import LLM, SamplingParams
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.params import StructuredOutput
+from splitserve.engine.request import EngineRequest
 from splitserve.engine.speculative import NgramIndex, Speculator
 from splitserve.kernels import cpu_quant
 
@@ -293,7 +294,7 @@ def test_a_resumed_request_speculates_on_to_the_same_tokens(pair):
         prompt = on.tokenizer.apply_chat_template(COPY, tokenize=False, add_generation_prompt=True)
         ids = on.tokenizer(prompt, add_special_tokens=False).input_ids
         whole = off.generate([ids], params, use_tqdm=False)[0].token_ids
-        on.engine.add_request(f"resumed-{case}", ids, params, output_token_ids=whole[:30])
+        on.engine.add_request(EngineRequest(f"resumed-{case}", ids, params, output_token_ids=whole[:30]))
         rest = []
         while on.engine.has_unfinished():
             rest += [u.token_id for u in on.engine.step()]

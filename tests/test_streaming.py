@@ -53,7 +53,7 @@ def test_a_server_sent_event_stays_on_one_line_for_line_splitting_clients():
     splits where str.splitlines() does (the load benchmark met one in a sampled answer)."""
     import json
 
-    from splitserve.router.formats import sse
+    from splitserve.router.http.formats import sse
 
     payload = {"choices": [{"text": "a\u2028b\x85c\u2029d\u00e9\u2027"}]}
     event = sse(payload).decode()

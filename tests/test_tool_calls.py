@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
-from splitserve.router import tool_calls
-from splitserve.router.openai_schema import ChatCompletionRequest, ChatMessage, Tool
+from splitserve.router.http import tool_calls
+from splitserve.router.http.openai_schema import ChatCompletionRequest, ChatMessage, Tool
 
 QWEN_TEMPLATE = Path(__file__).parent / "templates" / "qwen2.5.jinja"  # Qwen 2.5's chat template (tools: Hermes)
 

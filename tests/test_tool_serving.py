@@ -23,8 +23,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from splitserve.launcher import ServeProcess
 from splitserve.model.tokenizer import encode_chat, load_tokenizer
-from splitserve.router import tool_calls
-from splitserve.router.openai_schema import ChatMessage, Tool
+from splitserve.router.http import tool_calls
+from splitserve.router.http.openai_schema import ChatMessage, Tool
 from tests import checkpoints
 from tests.test_serving import ENGINE, idle_after  # noqa: F401 (every test leaves the cluster idle)
 from tests.test_tool_calls import ADD, HISTORY, QWEN_TEMPLATE, WEATHER

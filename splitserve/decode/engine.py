@@ -8,7 +8,6 @@ the prompt's KV into the reserved pages and hands over the first token: the disa
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,8 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.draft_model import DraftModel, target_kv_share
 from splitserve.engine.kv_cache import TensorAllocator
-from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.request import Request, Sampled, SamplingFailed
+from splitserve.engine.params import TokenLogprob
+from splitserve.engine.request import EngineRequest, Request, Sampled, SamplingFailed
 from splitserve.engine.speculative import Speculator
 from splitserve.errors import InvalidRequestError
 from splitserve.model.checkpoint import resolve_model
@@ -56,33 +55,17 @@ class DecodeEngine(EngineCore):
                                    self.speculator)  # fmt: skip
         self._requests: dict[str, Request] = {}
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_key: str | None = None,
-        output_token_ids: Sequence[int] = (),
-    ) -> None:
-        """A request this engine prefills itself (`output_token_ids`: see `EngineCore.new_request`)."""
-        self.scheduler.add(
-            self._register(self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids))
-        )
+    def add_request(self, spec: EngineRequest) -> None:
+        """A request this engine prefills itself."""
+        self.scheduler.add(self._register(self.new_request(spec)))
 
-    def reserve(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_key: str | None = None,
-        output_token_ids: Sequence[int] = (),
-    ) -> list[int]:
+    def reserve(self, spec: EngineRequest) -> list[int]:
         """Take pages for a prompt (and the outputs it resumes after) whose KV another worker will write;
         returns those that need it, in order: the pages after the prefix that this engine has cached (the last
         page always)."""
-        request = self._register(self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids))
+        request = self._register(self.new_request(spec))
         if not self.scheduler.reserve(request):
-            del self._requests[request_id]
+            del self._requests[request.request_id]
             raise NoCapacityError(
                 f"no room for {request.num_tokens} prompt tokens: {self.allocator.num_available} pages free, "
                 f"{self.scheduler.num_requests} of {self.scheduler.max_num_seqs} batch slots taken"

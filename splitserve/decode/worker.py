@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from splitserve.decode.engine import DecodeEngine, NoCapacityError, RequestUpdate
 from splitserve.engine.kv_cache import PageAllocator
+from splitserve.engine.request import EngineRequest
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.agent import Side, TransferAgent
 from splitserve.protocol import (
@@ -70,8 +71,7 @@ class DecodeWorker:
             self._reserve(message)
         elif isinstance(message, Generate):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key,
-                                        message.output_token_ids)  # fmt: skip
+                self.engine.add_request(EngineRequest.of(message))
             except InvalidRequestError as e:
                 self._send(JobFailed(message.job, str(e), retryable=False, invalid=True))
         elif isinstance(message, Abort):
@@ -103,10 +103,8 @@ class DecodeWorker:
             self._send(Tokens(tokens, self.load()))
 
     def _reserve(self, message: Reserve) -> None:
-        job = str(message.job)
         try:
-            pages = self.engine.reserve(job, message.prompt_token_ids, message.params, message.cache_key,
-                                        message.output_token_ids)  # fmt: skip
+            pages = self.engine.reserve(EngineRequest.of(message))
         except (NoCapacityError, InvalidRequestError) as e:
             self._send(Reserved(message.job, None, self.load(), str(e), invalid=isinstance(e, InvalidRequestError)))
             return

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 
 import msgspec
@@ -18,7 +17,7 @@ from splitserve.engine.kv_offload import OffloadTier
 from splitserve.engine.pages import RequestPages
 from splitserve.engine.params import SamplingParams, check_params, check_prompt
 from splitserve.engine.prefix_cache import root_hash
-from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
+from splitserve.engine.request import Chunk, EngineRequest, Request, Sampled, SamplingFailed
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.structured import GrammarCompiler
 from splitserve.errors import InvalidRequestError
@@ -122,17 +121,9 @@ class EngineCore:
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
-    def new_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_key: str | None = None,
-        output_token_ids: Sequence[int] = (),
-    ) -> Request:
-        """A request for this engine; InvalidRequestError when the model cannot serve it as given. Requests
-        of one conversation share a `cache_key`: its pages are kept for its next turn. `output_token_ids`:
-        what an earlier attempt at the request generated (it resumes after them; `Request.create`)."""
+    def new_request(self, spec: EngineRequest) -> Request:
+        """A request for this engine; InvalidRequestError when the model cannot serve it as given."""
+        request_id, prompt_token_ids, params, cache_key, output_token_ids = spec
         self.validate_prompt([*prompt_token_ids, *output_token_ids])
         if len(output_token_ids) >= params.max_tokens:
             done, limit = len(output_token_ids), params.max_tokens

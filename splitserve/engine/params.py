@@ -35,7 +35,7 @@ class Range:
         return None
 
 
-# Every bounded sampling parameter's range: `SamplingParams` checks them, the HTTP schema (router/openai_schema.py)
+# Every bounded sampling parameter's range: `SamplingParams` checks them, the HTTP schema (router/http/openai_schema.py)
 # declares them, from here alike.
 RANGES = {
     "max_tokens": Range(1),

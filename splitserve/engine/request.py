@@ -7,13 +7,16 @@ import enum
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.structured import Grammar
 from splitserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from splitserve.protocol import Generate, Prefill, Reserve
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,24 @@ class Request:
             self.finish_reason = "stop"
         elif len(self.token_ids) - self.num_prompt_tokens >= p.max_tokens or len(self.token_ids) >= max_model_len:
             self.finish_reason = "length"
+
+
+class EngineRequest(NamedTuple):
+    """What an engine is asked to run: the fields of the protocol's `Generate`, `Reserve` and `Prefill` (their
+    job id as the request id: `of`). Requests of one conversation share a `cache_key`: its pages are kept for
+    its next turn. `output_token_ids`: what an earlier attempt at the request generated (a migrated request
+    resumes after them; `Request.create`)."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+    cache_key: str | None = None
+    output_token_ids: Sequence[int] = ()
+
+    @classmethod
+    def of(cls, message: Generate | Reserve | Prefill) -> EngineRequest:
+        return cls(str(message.job), message.prompt_token_ids, message.params, message.cache_key,
+                   message.output_token_ids)  # fmt: skip
 
 
 class Chunk(NamedTuple):

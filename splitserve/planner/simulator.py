@@ -14,7 +14,7 @@ with the policies the real ones use, timed by a measured `Profile`.
   request that lands during a step joins the next one.
 - Workers slow each other down: a pass started while k workers are busy takes `Profile.slowdown(k)`
   longer (the measured slowdown of two workers side by side, and cores shared beyond cores / threads).
-- With a `SimRouter` (an SLO) it runs the router's own policies (`router/policy.py`): a decode worker
+- With a `SimRouter` (an SLO) it runs the router's own policies (`router/cluster/policy.py`): a decode worker
   prefills short prompts and those the prefill pool could not start in time itself, in steps that mix its
   prompt chunks with its decode rows; and every policy window the misses and busy times decide whether a
   worker is drained and moved to the other pool.
@@ -35,7 +35,7 @@ from splitserve.bench.client import Record
 from splitserve.bench.workloads import LengthDist, Phase, arrival_times
 from splitserve.planner.profile import Profile
 from splitserve.protocol import Role
-from splitserve.router.policy import (
+from splitserve.router.cluster.policy import (
     LocalPrefill,
     PolicyOptions,
     RolePolicy,
@@ -297,7 +297,7 @@ class _Sim:
             nxt.queued_at = None
             self.arrive(t, nxt)
 
-    # --- the router's SLO loop, as `router/cluster.py` runs it ------------------------------------------
+    # --- the router's SLO loop, as `router/cluster/cluster.py` runs it ------------------------------------------
 
     def _observe(self, r: _Req, t: float, final: bool) -> None:
         if r.judged:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.core import EngineCore
 from splitserve.engine.kv_cache import TensorAllocator
-from splitserve.engine.params import SamplingParams, TokenLogprob
-from splitserve.engine.request import Request, SamplingFailed
+from splitserve.engine.params import TokenLogprob
+from splitserve.engine.request import EngineRequest, Request, SamplingFailed
 from splitserve.errors import InvalidRequestError
 from splitserve.prefill.scheduler import PrefillScheduler
 
@@ -39,19 +38,12 @@ class PrefillEngine(EngineCore):
         self.scheduler = PrefillScheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self._ids: set[str] = set()
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        cache_key: str | None = None,
-        output_token_ids: Sequence[int] = (),
-    ) -> None:
-        """Queue a prompt (and the outputs it resumes after: `EngineCore.new_request`) for prefill."""
-        if request_id in self._ids:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = self.new_request(request_id, prompt_token_ids, params, cache_key, output_token_ids)
-        self._ids.add(request_id)
+    def add_request(self, spec: EngineRequest) -> None:
+        """Queue a prompt (and the outputs it resumes after) for prefill."""
+        if spec.request_id in self._ids:
+            raise InvalidRequestError(f"request id {spec.request_id!r} is already in use")
+        request = self.new_request(spec)
+        self._ids.add(spec.request_id)
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:

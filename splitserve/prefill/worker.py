@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from splitserve.engine.kv_cache import PageAllocator
-from splitserve.engine.request import Request
+from splitserve.engine.request import EngineRequest, Request
 from splitserve.errors import InvalidRequestError
 from splitserve.kv_transfer.agent import Side, TransferAgent, TransferError
 from splitserve.kv_transfer.messages import Ticket
@@ -56,8 +56,7 @@ class PrefillWorker:
     def on_message(self, message: ToWorker) -> None:
         if isinstance(message, Prefill):
             try:
-                self.engine.add_request(str(message.job), message.prompt_token_ids, message.params, message.cache_key,
-                                        message.output_token_ids)  # fmt: skip
+                self.engine.add_request(EngineRequest.of(message))
             except InvalidRequestError as e:
                 self._send(PrefillDone(message.job, False, self.load(), str(e), retryable=False, invalid=True))
                 return

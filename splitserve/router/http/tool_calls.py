@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.router.openai_schema import ChatMessage, Tool
-from splitserve.router.output import overlap
+from splitserve.router.http.openai_schema import ChatMessage, Tool
+from splitserve.router.http.output import overlap
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 MAX_FORCED_CALLS = 8  # calls in one answer to tool_choice required

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from splitserve.protocol import Role, SwitchRole, ToWorker, WorkerInfo
-from splitserve.router.jobs import Job, JobState
-from splitserve.router.membership import Membership, Worker
-from splitserve.router.policy import Decision, RolePolicy, Window, WindowCounts, judge
+from splitserve.router.cluster.jobs import Job, JobState
+from splitserve.router.cluster.membership import Membership, Worker
+from splitserve.router.cluster.policy import Decision, RolePolicy, Window, WindowCounts, judge
 
 if TYPE_CHECKING:
-    from splitserve.router.cluster import RouterOptions
+    from splitserve.router.cluster.options import RouterOptions
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from splitserve.model.chat_templates import choose_chat_template
 from splitserve.model.checkpoint import model_name, resolve_model
 from splitserve.model.config import architecture, vocab_size
 from splitserve.model.tokenizer import load_tokenizer
-from splitserve.router.app import RouterState, create_app
-from splitserve.router.cluster import Cluster, RouterOptions
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.cluster.options import RouterOptions
+from splitserve.router.http.app import RouterState, create_app
 
 log = logging.getLogger(__name__)
 

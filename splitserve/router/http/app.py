@@ -36,14 +36,14 @@ from splitserve.engine.params import (
 from splitserve.errors import InvalidRequestError
 from splitserve.model.tokenizer import encode_chat
 from splitserve.protocol import Role
-from splitserve.router import tool_calls
-from splitserve.router.cluster import Cluster
-from splitserve.router.formats import ChatShape, CompletionShape, sse
-from splitserve.router.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
-from splitserve.router.metrics import RouterMetrics
-from splitserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, RoleChange
-from splitserve.router.output import TextStream
-from splitserve.router.tool_calls import CallDelta
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.cluster.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
+from splitserve.router.cluster.metrics import RouterMetrics
+from splitserve.router.http import tool_calls
+from splitserve.router.http.formats import ChatShape, CompletionShape, sse
+from splitserve.router.http.openai_schema import ChatCompletionRequest, CompletionRequest, RoleChange
+from splitserve.router.http.output import TextStream
+from splitserve.router.http.tool_calls import CallDelta
 from splitserve.slo import SLO
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import msgspec
 from splitserve.engine.prefix_cache import root_hash
 from splitserve.kv_transfer.messages import CompatKey
 from splitserve.protocol import CacheStats, Heartbeat, KvStats, Load, Role, SpeculationStats, WorkerInfo
-from splitserve.router.policy import Decision
-from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.cluster.policy import Decision
+from splitserve.router.cluster.prefix_index import PrefixIndex
 
 
 @dataclass

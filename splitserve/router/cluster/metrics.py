@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from splitserve.protocol import ACCEPTANCE_BUCKETS
-from splitserve.router.cluster import Cluster
-from splitserve.router.snapshot import SloView
+from splitserve.router.cluster.cluster import Cluster
+from splitserve.router.cluster.snapshot import SloView
 from splitserve.slo import SLO, percentile
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)

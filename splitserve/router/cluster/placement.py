@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitserve.protocol import Role
-from splitserve.router.jobs import Job, JobState
-from splitserve.router.membership import Membership, Worker
-from splitserve.router.policy import LocalPrefill, has_decode_room, local_prefill_threshold, prefills_locally
+from splitserve.router.cluster.jobs import Job, JobState
+from splitserve.router.cluster.membership import Membership, Worker
+from splitserve.router.cluster.policy import LocalPrefill, has_decode_room, local_prefill_threshold, prefills_locally
 
 if TYPE_CHECKING:
-    from splitserve.router.cluster import RouterOptions
+    from splitserve.router.cluster.options import RouterOptions
 
 
 @dataclass(frozen=True)

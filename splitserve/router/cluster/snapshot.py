@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from splitserve.protocol import SpeculationStats
-from splitserve.router.policy import Window
+from splitserve.router.cluster.policy import Window
 
 
 class WorkerView(msgspec.Struct, frozen=True):
