@@ -11,7 +11,14 @@
    --device cuda`);
 6. `--quantization fp8` (compute capability 8.9+): the 8B shape's captured decode step at batch 1 and 256 with
    the decoder's weights in fp8, against the bf16 step the decode section timed in the same run;
-7. speculative decoding at 1B and 8B, batch 1: the captured verification step of 8 drafted tokens (9 rows, a
+7. the whole serving path (`serve`): the 8B shape colocated, then 1P+1D on the one GPU (two worker processes,
+   `--gpu-memory-fraction 0.45` each), `splitserve bench` at two request rates with 1k-token prompts and
+   128-token answers (TTFT and TPOT p50 / p90, goodput at the SLO it prints), KV bytes and seconds per
+   transfer from `/metrics`, and `splitserve plan --quick` on the same checkpoint; `--dry-run` runs this section
+   on the CPU with a tiny checkpoint;
+8. prefill of 1k, 4k and 8k-token prompts at 8B (TTFT, tokens/s, share of the bf16 peak), an 8k prompt in 2k
+   chunks against one pass, and the Triton prefill attention against SDPA on 4k tokens;
+9. speculative decoding at 1B and 8B, batch 1: the captured verification step of 8 drafted tokens (9 rows, a
    graph of its own) against the plain step, as ms per token at an acceptance that is injected (random weights
    keep no draft: each step verifies a forced draft, and the share kept is assumed, and said).
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -59,10 +67,15 @@ TARGET_8B_256 = 14_000  # output tok/s at 256 concurrent
 TARGET_KV_GBPS = 200
 TARGET_ATTENTION = (0.5, 1.0)  # share of HBM peak at batch 1 and 8k context; worst ratio to SDPA
 TARGET_FP8 = (2.6, 1.3)  # 8B with fp8 weights: ms per token at batch 1; throughput at 256 over bf16's
+TARGET_PREFILL = (105.0, 0.6, 0.9, 0.1)  # 8B 4k prompt: TTFT ms, share of bf16 peak; attention vs SDPA; chunking
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peaks (SXM)
+# The serving section: prompts and answers, request rates, requests per rate, and the SLO goodput is judged at
+SERVE_LENGTHS, SERVE_RATES, SERVE_REQUESTS, SERVE_SLO = (1024, 128), (2.0, 8.0), 48, "ttft=0.5,tpot=0.05"
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
 # Seconds each section may take before it is stopped and reported as failed, so that one hang (a transfer that
 # never completes, say) cannot take the whole lease: the device time is short (about 8 minutes for the lot).
-SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "spec": 150, "decode": 300, "fp8": 150}
+SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "prefill": 120, "spec": 150,
+                   "decode": 300, "fp8": 150, "serve": 420}  # fmt: skip
 SPEC_TOKENS, SPEC_ACCEPTANCE = 8, (0.5, 0.8)  # drafted tokens a step; shares of them kept, injected
 # The decode section's captured bf16 steps (shape, batch) -> ms, for the fp8 section's ratios in the same run.
 BF16_STEP_MS: dict[tuple[str, int], float] = {}
@@ -226,6 +239,153 @@ def decode_speed(table: Table, workdir: Path) -> None:
         torch.cuda.empty_cache()
 
 
+def prefill_speed(table: Table, workdir: Path) -> None:
+    """TTFT of one prompt of 1k, 4k and 8k tokens at 8B in one pass (the best of two), its tokens/s and share of
+    the device's bf16 peak; the 8k prompt in 2k-token chunks; the Triton prefill attention against SDPA."""
+    from splitserve.decode.engine import DecodeEngine
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.params import SamplingParams
+    from splitserve.engine.request import EngineRequest
+
+    folder = random_checkpoint("8b", workdir / "8b")
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), 0.0)
+    cfg = LlamaConfig(**SHAPES["8b"])
+    h, kv_share = cfg.hidden_size, cfg.num_key_value_heads / cfg.num_attention_heads
+    layers = cfg.num_hidden_layers * (2 * h * h * (1 + kv_share) + 3 * h * cfg.intermediate_size)  # matmul weights
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    def flops(n: int) -> float:  # the layers' matmuls and causal attention (the LM head runs on one row)
+        return 2 * n * layers + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * n * (n + 1) / 2
+
+    def ttft_ms(engine, n: int) -> float:
+        best = float("inf")
+        for attempt in range(2):
+            prompt = [(7 * i + attempt) % 30000 + 10 for i in range(n)]
+            engine.add_request(EngineRequest(f"p{n}-{attempt}", prompt, SamplingParams(max_tokens=1, temperature=0)))
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            best = min(best, (time.perf_counter() - start) * 1000)
+        return best
+
+    whole = DecodeEngine(EngineConfig(model=str(folder), device="cuda", max_num_batched_tokens=8192,
+                                      kv_cache_memory="8GiB", enforce_eager=True))  # fmt: skip
+    one_pass = {}
+    for n in (1024, 4096, 8192):
+        ms = one_pass[n] = ttft_ms(whole, n)
+        share = flops(n) / (ms / 1000) / (peak * 1e12) if peak else 0.0
+        target, status = "", "ok"
+        if n == 4096:
+            target = f"<= {TARGET_PREFILL[0]:.0f} ms, >= {TARGET_PREFILL[1]:.0%} of peak"
+            status = "met" if ms <= TARGET_PREFILL[0] and share >= TARGET_PREFILL[1] else "missed"
+        table.add(f"8b prefill, {n} tokens", f"{ms:.1f} ms, {n / ms * 1000:,.0f} tok/s, {share:.0%} of {peak:.0f} "
+                  "TFLOP/s", target, status)  # fmt: skip
+    del whole
+    torch.cuda.empty_cache()
+    chunked = DecodeEngine(EngineConfig(model=str(folder), device="cuda", max_num_batched_tokens=2048,
+                                        kv_cache_memory="8GiB", enforce_eager=True))  # fmt: skip
+    ms = ttft_ms(chunked, 8192)
+    slower = ms / one_pass[8192] - 1
+    table.add("8b prefill, 8192 tokens in 2048-token chunks", f"{ms:.1f} ms ({slower:+.0%} against one pass)",
+              f"<= +{TARGET_PREFILL[3]:.0%}", "met" if slower <= TARGET_PREFILL[3] else "missed")  # fmt: skip
+    del chunked
+    torch.cuda.empty_cache()
+    shape = dict(heads=32, kv_heads=8, dim=128, page_size=16, dtype=torch.bfloat16, device=torch.device("cuda"))
+    ours, sdpa = _benchmark("attention_kernels").prefill_case([4096], **shape)
+    table.add("prefill attention, 4096 tokens", f"{ours:.0f} TFLOP/s, SDPA {sdpa:.0f} ({ours / sdpa:.2f}x)",
+              f">= {TARGET_PREFILL[2]}x SDPA", "met" if ours / sdpa >= TARGET_PREFILL[2] else "missed")  # fmt: skip
+
+
+def serving(table: Table, workdir: Path, dry_run: bool = False) -> None:
+    """`serve` colocated and 1P+1D on one device, `splitserve bench` at two rates, KV per transfer from
+    /metrics, and `plan --quick`: at 8B on the GPU, or (`dry_run`) a tiny model on the CPU."""
+    from splitserve.bench.metrics import prometheus_total
+    from splitserve.launcher import ServeProcess
+
+    tokenizer = _tokenizer_folder()
+    if tokenizer is None:
+        table.add("serve", "not run: no tokenizer (.tokenizer/ or the embedded model's package)", "", "FAIL")
+        return
+    if dry_run:
+        folder, (prompt, answer), rates, requests = _tiny_served_model(workdir / "tiny-served"), (64, 8), (2.0, 8.0), 6
+        engine = ["--device", "cpu", "--dtype", "fp32", "--kv-cache-memory", "64MiB"]
+        setups = {"colocated": ["--prefill", "0", "--decode", "0", "--both", "1"], "1P+1D": []}
+    else:
+        folder, (prompt, answer), rates, requests = (
+            random_checkpoint("8b", workdir / "8b"),
+            SERVE_LENGTHS,
+            SERVE_RATES,
+            SERVE_REQUESTS,
+        )
+        engine = ["--max-num-seqs", "64"]
+        setups = {"colocated": ["--prefill", "0", "--decode", "0", "--both", "1", "--gpu-memory-fraction", "0.9"],
+                  "1P+1D": ["--gpu-memory-fraction", "0.45"]}  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    for setup, args in setups.items():
+        workers = 1 if setup == "colocated" else 2
+        server = ServeProcess(folder, [*args, *engine, "--fixed-roles"], workers, timeout=300)
+        try:
+            out = workdir / f"bench-{setup}.json"
+            cmd = [sys.executable, "-m", "splitserve", "bench", "--url", server.url, "--tokenizer", str(folder),
+                   "--num-requests", str(requests), "--input-len", f"fixed:{prompt}", "--output-len", f"fixed:{answer}",
+                   "--rate", ",".join(f"{r:g}" for r in rates), "--slo", SERVE_SLO, "--output", str(out),
+                   "--no-progress"]  # fmt: skip
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if run.returncode:
+                table.add(f"serve {setup}: bench", run.stderr.strip()[-200:], "", "FAIL")
+                continue
+            result = json.loads(out.read_text())
+            for r in result["runs"]:
+                s = r["summary"]
+                figures = (f"TTFT p50/p90 {1e3 * s['p50_ttft']:.0f}/{1e3 * s['p90_ttft']:.0f} ms, TPOT p50/p90 "
+                           f"{1e3 * s['p50_tpot']:.1f}/{1e3 * s['p90_tpot']:.1f} ms, {s['output_throughput']:,.0f} "
+                           f"tok/s, goodput {s['goodput']:.2f} req/s at {SERVE_SLO}")  # fmt: skip
+                ok = s["completed"] == s["requests"]
+                table.add(f"serve {setup}, {prompt}/{answer} tokens at {r['rate']:g} req/s", figures, "", _ok(ok))
+            if setup == "1P+1D":
+                metrics = server.http.get("/metrics").text
+                moved = prometheus_total(metrics, "splitserve_kv_bytes_received_total")
+                seconds = prometheus_total(metrics, "splitserve_kv_seconds_receiving_total")
+                done = sum(r["summary"]["completed"] for r in result["runs"])
+                per = f"{moved / done / 1e3:,.0f} KB in {1e3 * seconds / done:.1f} ms"
+                rate = f"{moved / max(seconds, 1e-9) / 1e9:.2f} GB/s"
+                table.add("serve 1P+1D: KV per transfer", f"{per} ({rate})", "", _ok(moved > 0))
+        finally:
+            server.stop()
+    device = ["--device", "cpu", "--dtype", "fp32"] if dry_run else []
+    cmd = [sys.executable, "-m", "splitserve", "plan", "--quick", "--model", str(folder), "--slo", SERVE_SLO,
+           "--rate", f"{max(rates):g}",
+           "--input-len", f"fixed:{prompt}", "--output-len", f"fixed:{answer}", *device]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    last = (run.stdout.strip().splitlines() or [run.stderr.strip()[-200:]])[-1]
+    table.add("plan --quick", last[:160], "", _ok(run.returncode == 0))
+
+
+def _tokenizer_folder() -> Path | None:
+    """SmolLM2's tokenizer: brought along in `.tokenizer/` (../shared/gpu-kit), or the embedded model's."""
+    if (ROOT / ".tokenizer" / "tokenizer.json").exists():
+        return ROOT / ".tokenizer"
+    try:
+        from splitserve.model.checkpoint import resolve_model
+
+        return resolve_model(None)
+    except Exception:  # the embedded model's package is not installed here
+        return None
+
+
+def _tiny_served_model(folder: Path) -> Path:
+    """A tiny random Llama of SmolLM2's vocabulary (for its tokenizer), for the dry run's serving section."""
+    from tests import checkpoints
+
+    cfg = LlamaConfig(**{**checkpoints.COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return checkpoints.save(LlamaForCausalLM, cfg, folder, seed=4)
+
+
 def speculation_speed(table: Table, workdir: Path) -> None:
     """Batch 1 at the 1B and 8B shapes with `--speculative ngram`: ms per step with no draft, and with a forced
     draft of `SPEC_TOKENS` (the request's last tokens, verified in the captured graph of exactly their rows), and
@@ -377,6 +537,7 @@ def dry_run(table: Table, workdir: Path) -> None:
     runner.use_decode_graphs(capture=False)
     buckets = runner.decode_graphs.buckets
     table.add("verification buckets (8 drafted, batch <= 4)", str(buckets), "", _ok(SPEC_TOKENS + 1 in buckets))
+    serving(table, workdir, dry_run=True)
     table.add("CUDA", str(torch.cuda.is_available()), "", "dry run")
 
 
@@ -420,9 +581,10 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
         # The longest section last: if the lease runs out, only its last rows are lost.
         sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
-                    "kv": kv_transfer, "spec": lambda t: speculation_speed(t, workdir),
+                    "kv": kv_transfer, "prefill": lambda t: prefill_speed(t, workdir),
+                    "spec": lambda t: speculation_speed(t, workdir),
                     "decode": lambda t: decode_speed(t, workdir),
-                    "fp8": lambda t: fp8_decode(t, workdir)}  # fmt: skip
+                    "fp8": lambda t: fp8_decode(t, workdir), "serve": lambda t: serving(t, workdir)}  # fmt: skip
         signal.signal(signal.SIGALRM, _section_overran)
         for name, section in sections.items():
             if name in skip:

@@ -3,8 +3,10 @@
 #   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--skip kernels,exact,attention,kv,decode,fp8]
 # Native kernel tests, greedy tokens against transformers, decode attention against SDPA, the decode step per
 # token at 135M/1B/8B shapes (random bf16 weights; eager and captured, batch 1 and 64) against the weight-read
-# floor, KV transfer GB/s GPU to GPU, and the 8B step with fp8 weights: one table (scripts/gpu_check.py says
-# what each row means); exits non-zero when a check fails.
+# floor, KV transfer GB/s GPU to GPU, prefill at 8B (1k-8k tokens, chunked, MFU), speculative verification,
+# the 8B step with fp8 weights, and `serve` colocated and 1P+1D with `splitserve bench` and `plan --quick`: one
+# table (scripts/gpu_check.py says what each row means); exits non-zero when a check fails. With every section
+# it runs past 8 minutes: skip some (--skip) to fit a short lease.
 # --dry-run runs without a GPU (CI does): it checks that the script parses and finds its inputs.
 #
 # Python: ./.venv where it exists (this project's set-up), else python3. Packages the GPU machine lacks travel

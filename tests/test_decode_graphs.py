@@ -214,7 +214,8 @@ def test_the_triton_decode_step_reads_nothing_back(tiny_qwen2, monkeypatch):
 
 def test_the_gpu_check_runs_its_dry_run_without_a_gpu():
     """`scripts/gpu_check.sh --dry-run` (what CI can run of the GPU check): it parses, imports what the real run
-    imports, finds its inputs, builds the tiny checkpoints and prints its table."""
+    imports, finds its inputs, builds the tiny checkpoints, runs the serving section on a tiny model on the CPU
+    (serve colocated and 1P+1D, bench at two rates, KV per transfer, plan --quick) and prints its table."""
     import subprocess
     import sys
     from pathlib import Path
@@ -224,5 +225,7 @@ def test_the_gpu_check_runs_its_dry_run_without_a_gpu():
     run = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    for row in ("found benchmarks/kv_transfer.py", "tiny checkpoint tiny_qwen2", "shape 8b", "passed"):
+    rows = ("found benchmarks/kv_transfer.py", "tiny checkpoint tiny_qwen2", "shape 8b", "serve colocated, 64/8 tokens",
+            "serve 1P+1D: KV per transfer", "plan --quick", "passed")  # fmt: skip
+    for row in rows:
         assert row in run.stdout

@@ -54,3 +54,19 @@ def test_cache_layout_is_page_major_and_sized_by_budget(tiny_llama_gqa):
     assert cache[3].is_contiguous() and cache[3].numel() * cache.element_size() == per_page
     with pytest.raises(ValueError, match="holds no page"):
         allocate_kv_cache(cfg, 16, per_page - 1, torch.bfloat16, torch.device("cpu"))
+
+
+def test_a_workers_share_of_the_gpu_gives_its_kv_cache_what_the_weights_leave():
+    """`--gpu-memory-fraction`: the KV cache gets the share less the weights and the activations' reserve; a
+    share too small for the weights, and the flag off CUDA, are refused with what to do."""
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.kv_cache import ACTIVATION_RESERVE, kv_bytes_in_share
+
+    gib = 2**30
+    assert kv_bytes_in_share(80 * gib, 0.45, 16 * gib) == int(36 * gib) - 16 * gib - int(36 * gib * ACTIVATION_RESERVE)
+    with pytest.raises(ValueError, match=r"--gpu-memory-fraction 0.2: its 16.0 GiB hold the weights \(16.0 GiB\)"):
+        kv_bytes_in_share(80 * gib, 0.2, 16 * gib)
+    with pytest.raises(ValueError, match="--gpu-memory-fraction is for CUDA devices, not cpu"):
+        EngineConfig(device="cpu", gpu_memory_fraction=0.5)
+    with pytest.raises(ValueError, match=r"gpu_memory_fraction must be in \(0, 1\]"):
+        EngineConfig(device="cpu", gpu_memory_fraction=1.5)

@@ -53,6 +53,13 @@ class EngineConfig:
     kv_cache_memory: str | int = option(
         "1GiB", "memory for the paged KV cache, e.g. 512MiB or 2GiB; sets the page count (default {default})"
     )
+    gpu_memory_fraction: float | None = option(
+        None,
+        "on CUDA: the share of the device's memory this worker may take (weights, KV cache, activations), for "
+        "several workers on one GPU (1P+1D: e.g. 0.45 each); the KV cache then gets what the share leaves after "
+        "the weights and a reserve for activations, instead of --kv-cache-memory (default: no limit)",
+        type=float,
+    )
     max_num_seqs: int = option(64, "largest running batch (default {default})")
     max_num_batched_tokens: int = option(
         1024, "tokens per forward pass; longer prompts are prefilled in chunks (default {default})"
@@ -142,6 +149,13 @@ class EngineConfig:
             why = fp8.unsupported(self.torch_device)
             if why is not None:
                 raise ValueError(f"--quantization fp8: {why}")
+        if self.gpu_memory_fraction is not None:
+            if not 0 < self.gpu_memory_fraction <= 1:
+                raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+            if self.torch_device.type != "cuda":
+                raise ValueError(f"--gpu-memory-fraction is for CUDA devices, not {self.torch_device}")
+            if self.speculative == "draft":
+                raise ValueError("--gpu-memory-fraction with --speculative draft: give --kv-cache-memory instead")
         if self.cache_ttl_s < 0:
             raise ValueError(f"cache_ttl_s must be >= 0, got {self.cache_ttl_s}")
         if self.speculative not in METHODS:

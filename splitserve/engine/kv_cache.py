@@ -29,6 +29,22 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
 TensorAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 
+# Of a worker's share of a device (`--gpu-memory-fraction`), what is kept for activations, CUDA graphs and the
+# allocator's slack: the KV cache gets the rest after the weights.
+ACTIVATION_RESERVE = 0.1
+
+
+def kv_bytes_in_share(total: int, fraction: float, used: int) -> int:
+    """The KV cache's bytes in a worker's share `fraction` of a device of `total` bytes, `used` of them taken
+    (its weights): the share less those and the activations' reserve."""
+    share = int(total * fraction)
+    left = share - used - int(share * ACTIVATION_RESERVE)
+    if left <= 0:
+        raise ValueError(f"--gpu-memory-fraction {fraction}: its {share / 2**30:.1f} GiB hold the weights "
+                         f"({used / 2**30:.1f} GiB) and the activations' reserve, and no KV cache")  # fmt: skip
+    return left
+
+
 def allocate_kv_cache(
     cfg: ModelConfig,
     page_size: int,

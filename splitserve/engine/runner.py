@@ -12,7 +12,7 @@ import torch
 
 from splitserve.engine.config import CPU_QUANTIZATIONS, GGUF_MODES, EngineConfig
 from splitserve.engine.decode_graphs import DecodeGraphs
-from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache
+from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache, kv_bytes_in_share
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.sampling import sample_chunks
@@ -30,6 +30,8 @@ class ModelRunner:
     ):
         self.model_config = model_config
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
+        if config.gpu_memory_fraction is not None:  # the allocator refuses past the share (others use the rest)
+            torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, self.device)
         self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:  # a 4-bit GGUF file's wider matrices keep 8 bits under w4a8; others' are asked for 4
@@ -41,11 +43,18 @@ class ModelRunner:
         limit = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         self.kv_layout = KVLayout.for_model(model_config.layer_windows, model_config.num_layers, self.page_size, limit)
         self.model.place_kv(self.kv_layout.slots)
+        kv_bytes = config.kv_cache_bytes
+        if config.gpu_memory_fraction is not None:
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            kv_bytes = kv_bytes_in_share(total, config.gpu_memory_fraction, torch.cuda.memory_allocated(self.device))
+            log.info("KV cache: %.2f GiB of this worker's %.0f%% of the device", kv_bytes / 2**30,
+                     100 * config.gpu_memory_fraction)  # fmt: skip
         # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
             model_config,
             self.page_size,
-            config.kv_cache_bytes,
+            kv_bytes,
             config.torch_kv_dtype,
             self.device,
             kv_allocator,
