@@ -108,6 +108,7 @@ def add_fake_worker(cluster: Cluster, worker_id: str, role: Role, free_pages: in
     w.root_hash = root_hash(msgspec.msgpack.encode(FAKE_KEY))
     cluster.workers[worker_id] = w
     cluster.prefix_index.add_worker(worker_id, 100)
+    cluster.members.changed()
     return w
 
 

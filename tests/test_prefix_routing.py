@@ -181,5 +181,30 @@ def test_prefix_affinity_gives_way_when_the_placed_load_outweighs_the_cached_tok
             cluster.submit(shared + [1000 + 60 * i + j for j in range(60)], SamplingParams())
         placed = [w for w, m in sent if isinstance(m, (Reserve, Generate))]  # local prefills where it caches
         assert len(placed) == 6 and 2 <= placed.count("a") <= 4, (burst, placed)
-        for w in workers:
-            w.jobs.clear()
+        for w in workers:  # the burst ends
+            for wire_id in list(w.jobs):
+                w.drop(wire_id)
+
+
+def test_a_large_pool_weighs_a_shortlist_the_prefix_holders_and_a_few_drawn_at_random(router, monkeypatch):
+    """64 colocated workers: a request weighs a shortlist, not every worker (the same cost at 1,024 workers as
+    at 8): the worker holding its prompt's prefix gets it, and a burst without one spreads (drawn at random,
+    the least loaded of the draw taken)."""
+    from splitserve.router.cluster import placement
+
+    cluster, sent = router
+    workers = [add_fake_worker(cluster, f"w{i}", Role.BOTH) for i in range(64)]
+    weighed = []
+    cost = cluster.placement.cost
+    monkeypatch.setattr(cluster.placement, "cost", lambda w, job: weighed.append(w) or cost(w, job))
+    shared = list(range(240))
+    cluster.prefix_index.apply("w37", page_hashes(shared, 8, workers[0].root_hash), [])
+    cluster.submit(shared + [7, 8, 9], SamplingParams())
+    assert sent[-1][0] == "w37"
+    assert len(weighed) <= placement.SAMPLED + placement.PREFIX_HOLDERS
+    weighed.clear()
+    for i in range(128):
+        cluster.submit([5000 + 60 * i + j for j in range(60)], SamplingParams())
+    assert len(weighed) <= 128 * placement.SAMPLED
+    counts = [len(w.jobs) for w in workers]
+    assert max(counts) <= 5 and sum(counts) == 129, counts  # two each on average: no worker piles up

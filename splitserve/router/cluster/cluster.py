@@ -243,6 +243,7 @@ class Cluster:
         """Send a worker no new work, so that it can be stopped once it holds none (`/health` shows its
         jobs); KeyError for an unknown worker."""
         self.workers[worker_id].leaving = True
+        self.members.changed()
         log.info("draining worker %s: it gets no new work", worker_id)
 
     def _balance(self, now: float) -> None:

@@ -2,9 +2,9 @@
 reports and holds, and which of them each pool's new work may go to.
 
 A worker joins with its first heartbeat (or is refused, with the reason) and leaves with a goodbye or when the
-router takes it for dead. Each `Worker` keeps what the router gave it (`take`, `settle`, `drop`), so its
-counters are derived and cannot drift. Only the router's event loop touches this state, except `num_joined`,
-which other threads may read.
+router takes it for dead. Each `Worker` keeps what the router gave it (`take`, `settle`, `drop`: the only
+writers), and their totals alongside, so that placing a request costs the same however many it holds. Only
+the router's event loop touches this state, except `num_joined`, which other threads may read.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class Worker:
     last_heartbeat: float
     loop_age_s: float = 0.0
     # The attempts it holds state for, by wire id: the one record of what the router gave it (`take`,
-    # `settle`, `drop`); the counters below are derived from it, so they cannot drift.
+    # `settle`, `drop`), and their sums (kept by the same three).
     jobs: dict[int, _Hold] = field(default_factory=dict)
+    held: _Hold = field(default_factory=_Hold)
     refused_reserve: bool = False  # it refused a reservation; skipped until its next heartbeat
     cache: CacheStats = field(default_factory=CacheStats)
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
@@ -56,24 +57,36 @@ class Worker:
         return self.info.worker_id
 
     def take(self, wire_id: int, reserving_pages: int = 0, prefill_tokens: int = 0, pages: int = 0) -> None:
+        self.drop(wire_id)
         self.jobs[wire_id] = _Hold(reserving_pages, prefill_tokens, pages)
+        self._add(self.jobs[wire_id], 1)
 
     def settle(self, wire_id: int) -> None:
         """Its answer to the attempt's Reserve arrived: the pages show in its load from now on."""
-        if wire_id in self.jobs:
-            self.jobs[wire_id].reserving_pages = 0
+        hold = self.jobs.get(wire_id)
+        if hold is not None:
+            self.held.reserving_pages -= hold.reserving_pages
+            hold.reserving_pages = 0
 
     def drop(self, wire_id: int) -> bool:
         """It holds nothing of the attempt any more; False when it held nothing already."""
-        return self.jobs.pop(wire_id, None) is not None
+        hold = self.jobs.pop(wire_id, None)
+        if hold is not None:
+            self._add(hold, -1)
+        return hold is not None
+
+    def _add(self, hold: _Hold, sign: int) -> None:
+        self.held.reserving_pages += sign * hold.reserving_pages
+        self.held.prefill_tokens += sign * hold.prefill_tokens
+        self.held.pages += sign * hold.pages
 
     @property
     def reserving_pages(self) -> int:
-        return sum(h.reserving_pages for h in self.jobs.values())
+        return self.held.reserving_pages
 
     @property
     def prefill_tokens(self) -> int:
-        return sum(h.prefill_tokens for h in self.jobs.values())
+        return self.held.prefill_tokens
 
     @property
     def role(self) -> Role:
@@ -88,8 +101,7 @@ class Worker:
         worker's page count only changes with its next message (a burst placed on its last report would all
         go to one worker)."""
         slots = len(self.jobs) / self.info.max_num_seqs * self.info.num_pages
-        placed = sum(h.pages for h in self.jobs.values())
-        return max(self.info.num_pages - self.free_pages(), slots, placed)
+        return max(self.info.num_pages - self.free_pages(), slots, self.held.pages)
 
 
 class Membership:
@@ -99,6 +111,7 @@ class Membership:
         self.kv_key: CompatKey | None = None  # every prefill and decode worker must share it
         self.prefix_index = PrefixIndex()  # which worker caches which page hash
         self.num_joined = 0  # workers that ever joined (written on the loop, read by any thread)
+        self._pools: dict[Role, list[Worker]] | None = None  # each role's pool, until `changed`
 
     def admission_problem(self, info: WorkerInfo) -> str | None:
         """Why a worker may not join, or None."""
@@ -121,15 +134,26 @@ class Membership:
         self.num_joined += 1
         # It may name every page of its pool and of its offload tier (which keeps what the pool overwrites).
         self.prefix_index.add_worker(info.worker_id, info.num_pages + info.offload_pages)
+        self.changed()
         return worker
 
     def remove(self, worker_id: str) -> Worker:
         self.prefix_index.remove_worker(worker_id)
+        self.changed()
         return self.workers.pop(worker_id)
 
+    def changed(self) -> None:
+        """A worker joined or left, changed roles, or started or stopped draining (its `switch` or `leaving`):
+        whoever changes those says so here, and the pools are listed again when next asked for."""
+        self._pools = None
+
     def pool(self, role: Role) -> list[Worker]:
-        """The workers taking new work of this role (not those draining to switch roles or to leave)."""
-        return [w for w in self.workers.values() if w.role is role and w.switch is None and not w.leaving]
+        """The workers taking new work of this role (not those draining to switch roles or to leave); the list is
+        shared until `changed`: read it, do not change it."""
+        if self._pools is None:
+            self._pools = {r: [w for w in self.workers.values() if w.role is r and w.switch is None and not w.leaving]
+                           for r in Role}  # fmt: skip
+        return self._pools[role]
 
     @property
     def max_model_len(self) -> int | None:

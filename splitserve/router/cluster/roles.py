@@ -93,6 +93,7 @@ class RoleController:
         old = w.role
         why = w.switch.reason if w.switch is not None and w.switch.target is info.role else "switched by itself"
         w.info, w.switch, w.switch_sent = info, None, False
+        self.members.changed()
         w.role_reason = f"switched from {old.value} {time.strftime('%H:%M:%S')}: {why}"
         self.switches[(old.value, info.role.value)] += 1
         log.warning("worker %s is now a %s worker", w.worker_id, info.role.value)
@@ -100,6 +101,7 @@ class RoleController:
     def _drain(self, w: Worker, decision: Decision, now: float) -> None:
         """Stop giving `w` new work; it gets `SwitchRole` once it holds none."""
         w.switch, w.switch_started, w.switch_sent = decision, now, False
+        self.members.changed()
         log.warning("moving worker %s from the %s pool to the %s pool: %s", w.worker_id, decision.source.value,
                     decision.target.value, decision.reason)  # fmt: skip
         self._advance_switch(w, now)
@@ -117,6 +119,7 @@ class RoleController:
             log.warning("worker %s did not switch to %s within %.0fs: back to its pool", w.worker_id,
                         w.switch.target.value, self.options.switch_timeout_s)  # fmt: skip
             w.switch, w.switch_sent = None, False
+            self.members.changed()
 
     def _close_window(self, now: float) -> Window:
         counts, self.window = self.window, WindowCounts(now)

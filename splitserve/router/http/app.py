@@ -399,25 +399,38 @@ class _Answer:
         return text, [event.logprob] if event.logprob is not None else [], deltas
 
     async def _events(self, firsts: list[TokenEvent], gone: _ClientGone | None):
-        """(choice, event) pairs as they come, each choice's in order, until every choice has finished;
-        (None, None) when the client disconnected while waiting (`gone`; a streaming response watches itself)."""
-        for choice, event in zip(self.choices, firsts, strict=True):
-            yield choice, event
+        """Batches of (choice, event) pairs as they come, each choice's in order, until every choice has finished:
+        what has arrived by now, all at once (a worker's message may carry many of a job's tokens); [(None, None)]
+        when the client disconnected while waiting (`gone`; a streaming response watches itself)."""
+        yield list(zip(self.choices, firsts, strict=True))
         waiting: dict[asyncio.Future, _Choice] = {}
         try:
             while True:
-                for choice in self.choices:
-                    if choice.finish_reason is None and choice not in waiting.values():
-                        waiting[asyncio.ensure_future(choice.job.next_event())] = choice
-                if not waiting:
+                batch = []
+                for choice in self.choices:  # what is there already, without a task per event
+                    if choice not in waiting.values():
+                        while not choice.job.events.empty() and choice.finish_reason is None:
+                            batch.append((choice, choice.job.events.get_nowait()))
+                            if isinstance(batch[-1][1], ErrorEvent) or batch[-1][1].finish_reason is not None:
+                                break
+                if batch:
+                    yield batch
+                    continue
+                open_choices = [c for c in self.choices if c.finish_reason is None]
+                if not open_choices:
                     return
+                if gone is None and len(open_choices) == 1 and not waiting:  # one choice, nothing else to watch
+                    yield [(open_choices[0], await open_choices[0].job.next_event())]
+                    continue
+                for choice in open_choices:
+                    if choice not in waiting.values():
+                        waiting[asyncio.ensure_future(choice.job.next_event())] = choice
                 watched = (*waiting, gone.future) if gone is not None else tuple(waiting)
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 if gone is not None and gone.future in done:
-                    yield None, None
+                    yield [(None, None)]
                     return
-                for future in sorted(done, key=lambda f: waiting[f].index):
-                    yield waiting.pop(future), future.result()
+                yield [(waiting.pop(f), f.result()) for f in sorted(done, key=lambda f: waiting[f].index)]
         finally:
             for future in waiting:
                 future.cancel()
@@ -427,15 +440,18 @@ class _Answer:
         texts: dict[int, list[str]] = {c.index: [c.echo] for c in self.choices}
         logprobs: dict[int, list[TokenLogprob]] = {c.index: [] for c in self.choices}
         async with contextlib.aclosing(self._events(firsts, gone)) as events:
-            async for choice, event in events:
-                if choice is None:
-                    return None
-                if isinstance(event, ErrorEvent):
-                    self.count_error()
-                    raise APIError(event.status, event.message, _error_type(event.status))
-                text, lps, _ = self._take(choice, event)
-                texts[choice.index].append(text)
-                logprobs[choice.index].extend(lps)
+            async for batch in events:
+                for choice, event in batch:
+                    if choice is None:
+                        return None
+                    if choice.finish_reason is not None:  # (a stop string ended it earlier in the batch)
+                        continue
+                    if isinstance(event, ErrorEvent):
+                        self.count_error()
+                        raise APIError(event.status, event.message, _error_type(event.status))
+                    text, lps, _ = self._take(choice, event)
+                    texts[choice.index].append(text)
+                    logprobs[choice.index].extend(lps)
         out = [self.shape.whole_choice(c.index, "".join(texts[c.index]), c.finish_reason,
                                        self._logprobs(c, logprobs[c.index]), c.token_ids,
                                        [call.as_openai() for call in c.calls.calls] if c.calls else [])
@@ -450,16 +466,26 @@ class _Answer:
                 if opening is not None:
                     yield self.shape.chunk(opening, include_usage)
             async with contextlib.aclosing(self._events(firsts, None)) as events:
-                async for choice, event in events:
-                    if isinstance(event, ErrorEvent):
-                        self.count_error()
-                        yield sse(_error_body(event.message, "server_error"))
+                async for batch in events:
+                    chunks, failed = [], False  # a batch's chunks go out in one write
+                    for choice, event in batch:
+                        if choice.finish_reason is not None:  # (a stop string ended it earlier in the batch)
+                            continue
+                        if isinstance(event, ErrorEvent):
+                            self.count_error()
+                            chunks.append(sse(_error_body(event.message, "server_error")))
+                            failed = True
+                            break
+                        text, lps, deltas = self._take(choice, event)
+                        if text or lps or deltas or choice.finish_reason or self.body.return_token_ids:
+                            entry = self.shape.piece(choice.index, text, self._logprobs(choice, lps),
+                                                     choice.finish_reason, event.token_id,
+                                                     [d.as_openai() for d in deltas])  # fmt: skip
+                            chunks.append(self.shape.chunk(entry, include_usage))
+                    if chunks:
+                        yield b"".join(chunks)
+                    if failed:
                         break
-                    text, lps, deltas = self._take(choice, event)
-                    if text or lps or deltas or choice.finish_reason or self.body.return_token_ids:
-                        entry = self.shape.piece(choice.index, text, self._logprobs(choice, lps), choice.finish_reason,
-                                                 event.token_id, [d.as_openai() for d in deltas])  # fmt: skip
-                        yield self.shape.chunk(entry, include_usage)
             if self.finished and include_usage:
                 yield self.shape.usage_chunk(self._usage())
             yield b"data: [DONE]\n\n"
