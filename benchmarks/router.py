@@ -41,9 +41,10 @@ from splitserve.protocol import (
     decode_to_worker,
     encode,
 )
+from splitserve.worker import WorkerOptions
 
 PROMPT = "Say hello."
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = WorkerOptions.heartbeat_interval_s  # as often as a real worker
 
 
 def fake_workers(address: str, ids: list[str], tokens: int, model: str, stop) -> None:
