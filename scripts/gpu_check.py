@@ -308,23 +308,19 @@ def serving(table: Table, workdir: Path, dry_run: bool = False) -> None:
     if tokenizer is None:
         table.add("serve", "not run: no tokenizer (.tokenizer/ or the embedded model's package)", "", "FAIL")
         return
+    from tests import checkpoints
+
     if dry_run:
-        folder, (prompt, answer), rates, requests = _tiny_served_model(workdir / "tiny-served"), (64, 8), (2.0, 8.0), 6
+        folder = checkpoints.tiny_chat_llama(workdir / "tiny-served", tokenizer)
+        (prompt, answer), rates, requests = (64, 8), (2.0, 8.0), 6
         engine = ["--device", "cpu", "--dtype", "fp32", "--kv-cache-memory", "64MiB"]
         setups = {"colocated": ["--prefill", "0", "--decode", "0", "--both", "1"], "1P+1D": []}
     else:
-        folder, (prompt, answer), rates, requests = (
-            random_checkpoint("8b", workdir / "8b"),
-            SERVE_LENGTHS,
-            SERVE_RATES,
-            SERVE_REQUESTS,
-        )
+        folder = checkpoints.with_tokenizer(random_checkpoint("8b", workdir / "8b"), tokenizer)
+        (prompt, answer), rates, requests = SERVE_LENGTHS, SERVE_RATES, SERVE_REQUESTS
         engine = ["--max-num-seqs", "64"]
         setups = {"colocated": ["--prefill", "0", "--decode", "0", "--both", "1", "--gpu-memory-fraction", "0.9"],
                   "1P+1D": ["--gpu-memory-fraction", "0.45"]}  # fmt: skip
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, folder / name)
     for setup, args in setups.items():
         workers = 1 if setup == "colocated" else 2
         server = ServeProcess(folder, [*args, *engine, "--fixed-roles"], workers, timeout=300)
@@ -375,15 +371,6 @@ def _tokenizer_folder() -> Path | None:
         return resolve_model(None)
     except Exception:  # the embedded model's package is not installed here
         return None
-
-
-def _tiny_served_model(folder: Path) -> Path:
-    """A tiny random Llama of SmolLM2's vocabulary (for its tokenizer), for the dry run's serving section."""
-    from tests import checkpoints
-
-    cfg = LlamaConfig(**{**checkpoints.COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    return checkpoints.save(LlamaForCausalLM, cfg, folder, seed=4)
 
 
 def speculation_speed(table: Table, workdir: Path) -> None:

@@ -3,6 +3,7 @@ suite's fixtures and `scripts/gpu_check.py` build their models here."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,6 +74,22 @@ def tiny_qwen3(folder: Path) -> Path:
     """Qwen 3: per-head q/k RMS norms, no q/k/v bias, a head_dim (32) other than hidden / heads (16)."""
     cfg = Qwen3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
     return save(Qwen3ForCausalLM, cfg, folder, seed=4, random_norms=True)
+
+
+def tiny_chat_llama(folder: Path, tokenizer: Path) -> Path:
+    """A tiny random Llama with the vocabulary of `tokenizer`'s folder (SmolLM2's) and its tokenizer and chat
+    template, for serving text."""
+    cfg = LlamaConfig(**{**COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return with_tokenizer(save(LlamaForCausalLM, cfg, folder, seed=4), tokenizer)
+
+
+def with_tokenizer(folder: Path, tokenizer: Path) -> Path:
+    """`folder` with the tokenizer (and chat template) of the model folder `tokenizer`."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
+    return folder
 
 
 def tiny_llama_untied(folder: Path) -> Path:

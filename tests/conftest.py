@@ -7,12 +7,10 @@ import os
 # Triton kernels run on the CPU through the interpreter; it must be on before any kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import shutil
 import weakref
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig
 
 from splitserve.engine.kv_cache import PageAllocator
 from splitserve.model.checkpoint import resolve_model
@@ -61,27 +59,11 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_llama(tmp_path_factory, smollm2) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template (its vocabulary size), for serving text."""
-    from transformers import LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        **{**checkpoints.COMMON, "vocab_size": 49152, "eos_token_id": 2, "max_position_embeddings": 512},
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    folder = checkpoints.save(LlamaForCausalLM, cfg, tmp_path_factory.mktemp("tiny-chat-llama"), seed=4)
-    return _with_tokenizer(folder, smollm2)
+    return checkpoints.tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"), smollm2)
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_gemma3(tmp_path_factory, smollm2) -> Path:
     """tiny_gemma3 (window 8) with SmolLM2's tokenizer and chat template (its vocabulary size), for serving it."""
     folder = checkpoints.tiny_gemma3(tmp_path_factory.mktemp("tiny-chat-gemma3"), vocab_size=49152, eos_token_id=2)
-    return _with_tokenizer(folder, smollm2)
-
-
-def _with_tokenizer(folder: Path, smollm2: Path) -> Path:
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2 / name).exists():
-            shutil.copy(smollm2 / name, folder / name)
-    return folder
+    return checkpoints.with_tokenizer(folder, smollm2)

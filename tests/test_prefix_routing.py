@@ -199,7 +199,7 @@ def test_a_large_pool_weighs_a_shortlist_the_prefix_holders_and_a_few_drawn_at_r
     monkeypatch.setattr(cluster.placement, "cost", lambda w, job: weighed.append(w) or cost(w, job))
     shared = list(range(240))
     cluster.prefix_index.apply("w37", page_hashes(shared, 8, workers[0].root_hash), [])
-    cluster.submit(shared + [7, 8, 9], SamplingParams())
+    cluster.submit([*shared, 7, 8, 9], SamplingParams())
     assert sent[-1][0] == "w37"
     assert len(weighed) <= placement.SAMPLED + placement.PREFIX_HOLDERS
     weighed.clear()

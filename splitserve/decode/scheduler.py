@@ -178,6 +178,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.pages.preempted(request)
+        if self.speculator is not None:
+            self.speculator.preempted(request)
         request.status = RequestStatus.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -8,8 +8,8 @@ and a request's pages for its drafted positions are taken before the draft runs)
 whose draft K/V its pages hold. Each step, for the requests the scheduler gave drafted rows, it first runs the
 tokens the draft has not seen (a new request's whole prompt: the decode worker prefills the draft itself, so
 nothing about the draft crosses between the pools), then one draft step per drafted token. A verified draft
-leaves the draft's K/V valid up to the first rejected token; a request whose pages changed (preempted, resumed)
-starts again from its first token.
+leaves the draft's K/V valid up to the first rejected token; a preempted request (its pages freed) is
+forgotten and starts again from its first token.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def target_kv_share(config: EngineConfig, target: ModelConfig) -> float:
 
 @dataclasses.dataclass(eq=False)
 class _Shadow:
-    """A request as the draft sees it: the tokens whose draft K/V are in its pages, and those pages."""
+    """A request as the draft sees it: the tokens whose draft K/V are in its pages."""
 
     request: Request  # the draft runner's: the tokens fed so far, greedy, the target request's page list
-    pages: list[int]  # the target's pages when last drafted (others since: start again)
+    confirmed: int = 0  # the request's tokens when last drafted: the fed tokens before it are the request's own
 
 
 class DraftModel:
@@ -92,19 +92,21 @@ class DraftModel:
 
     def _shadow(self, request: Request) -> _Shadow:
         """The request's shadow, its tokens the request's and its computed ones those whose draft K/V are in the
-        pages (at least the last token left to run)."""
+        pages (at least the last token left to run). Only the draft's own tokens past `confirmed` can differ
+        from the request's (those verification rejected): the comparison starts there."""
         shadow = self._shadows.get(request.request_id)
-        if shadow is None or request.pages[: len(shadow.pages)] != shadow.pages:
+        if shadow is None:
             mirror = Request(request.request_id, [], request.num_prompt_tokens, _GREEDY, frozenset())
-            shadow = self._shadows[request.request_id] = _Shadow(mirror, [])
+            shadow = self._shadows[request.request_id] = _Shadow(mirror)
         fed, tokens = shadow.request.token_ids, request.token_ids
-        valid = next(
-            (n for n, (a, b) in enumerate(zip(fed, tokens, strict=False)) if a != b), min(len(fed), len(tokens))
-        )
-        shadow.request.token_ids = list(tokens)
+        valid, end = shadow.confirmed, min(len(fed), len(tokens))
+        while valid < end and fed[valid] == tokens[valid]:
+            valid += 1
+        del fed[valid:]
+        fed.extend(tokens[valid:])
+        shadow.confirmed = len(tokens)
         shadow.request.num_computed_tokens = min(valid, shadow.request.num_computed_tokens, len(tokens) - 1)
         shadow.request.pages = request.pages
-        shadow.pages = list(request.pages)
         return shadow
 
     def _catch_up(self, shadows: dict[int, _Shadow], drafts: dict[int, list[int]]) -> None:

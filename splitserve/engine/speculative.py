@@ -180,9 +180,14 @@ class Speculator:
         (with pages taken for them); n-gram drafts are written already."""
         return chunks if self.proposer is None else self.proposer.propose(chunks)
 
+    def preempted(self, request: Request) -> None:
+        """Its pages were freed: a draft model's K/V in them is gone."""
+        if self.proposer is not None:
+            self.proposer.forget(request)
+
     def finished(self, request: Request) -> tuple[int, int] | None:
-        """Forget the request (finished, aborted or preempted: a preempted one starts over); remember its output
-        for its conversation's next turns. (drafted, accepted) of its drafts, or None when it drafted none."""
+        """Forget the request (finished or aborted); remember its output for its conversation's next turns.
+        (drafted, accepted) of its drafts, or None when it drafted none."""
         if self.proposer is not None:
             self.proposer.forget(request)
         record = self._records.pop(request.request_id, None)

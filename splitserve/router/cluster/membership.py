@@ -92,6 +92,11 @@ class Worker:
     def role(self) -> Role:
         return self.info.role
 
+    @property
+    def takes_work(self) -> bool:
+        """In its pool: not draining to switch roles or to leave."""
+        return self.switch is None and not self.leaving
+
     def free_pages(self) -> int:
         return self.load.free_pages - self.reserving_pages
 
@@ -151,8 +156,7 @@ class Membership:
         """The workers taking new work of this role (not those draining to switch roles or to leave); the list is
         shared until `changed`: read it, do not change it."""
         if self._pools is None:
-            self._pools = {r: [w for w in self.workers.values() if w.role is r and w.switch is None and not w.leaving]
-                           for r in Role}  # fmt: skip
+            self._pools = {r: [w for w in self.workers.values() if w.role is r and w.takes_work] for r in Role}
         return self._pools[role]
 
     @property

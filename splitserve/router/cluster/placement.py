@@ -88,8 +88,8 @@ class Placement:
             holders = index.holders(h)
             if holders:
                 held = (workers.get(i) for i in holders)
-                listed += itertools.islice((w for w in held if w is not None and w.role is first.role
-                                            and w.switch is None and not w.leaving), PREFIX_HOLDERS)  # fmt: skip
+                in_pool = (w for w in held if w is not None and w.role is first.role and w.takes_work)
+                listed += itertools.islice(in_pool, PREFIX_HOLDERS)
                 break
         return listed
 
