@@ -3,6 +3,7 @@ natively on a CUDA machine with `TRITON_INTERPRET=0`."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -151,23 +152,29 @@ def test_native_cpu_attention_matches_reference(dim, group, page_size, kv_dtype)
 def test_native_attention_of_a_prompt_row_is_its_decode_rows_bitwise(dim, kv_dtype):
     """A token's attention is the same bits whether its row is a decode row or one of a prompt chunk of any size
     (`row_tables`; the kernel attends up to 8 of a chunk's rows together, sharing their keys' reads): the one
-    numerics that lets a prompt computed in chunks, a decode step and a migrated request's prefill agree."""
+    numerics that lets a prompt computed in chunks, a decode step and a migrated request's prefill agree. And on
+    any number of threads: with few rows the kernel splits a KV head's query heads between threads."""
     page_size, kv_heads, ctx = 16, 3, 50
     cache, _, _ = _step([(1, ctx)], page_size, kv_heads, dim, kv_dtype, num_layers=1)
     cache = kv_format.copy(cache, "cpu")
     pages = torch.randperm(cache.shape[0] - 1)[: math.ceil(ctx / page_size)]
     q = torch.randn(ctx, 3 * kv_heads, dim)
     outs = {}
-    for chunk in (1, 7, 16, ctx):
-        got = torch.empty_like(q)
-        for start in range(0, ctx, chunk):
-            end = min(start + chunk, ctx)
-            table = pages.expand(end - start, -1)
-            lens = torch.arange(start + 1, end + 1)
-            got[start:end] = cpu_kernels.paged_attention(q[start:end], cache, 0, table, lens, dim**-0.5)
-        outs[chunk] = got
-    for chunk in (7, 16, ctx):
-        assert torch.equal(outs[chunk], outs[1]), chunk
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, chunk in itertools.product((1, 4), (1, 7, 16, ctx)):
+            torch.set_num_threads(n_threads)
+            got = torch.empty_like(q)
+            for start in range(0, ctx, chunk):
+                end = min(start + chunk, ctx)
+                table = pages.expand(end - start, -1)
+                lens = torch.arange(start + 1, end + 1)
+                got[start:end] = cpu_kernels.paged_attention(q[start:end], cache, 0, table, lens, dim**-0.5)
+            outs[n_threads, chunk] = got
+    finally:
+        torch.set_num_threads(threads)
+    for key, got in outs.items():
+        assert torch.equal(got, outs[1, 1]), key
 
 
 def _on_cpu(meta: PagedAttentionMetadata) -> PagedAttentionMetadata:

@@ -583,9 +583,9 @@ static inline __attribute__((always_inline)) void values_chunk(const float* p, c
 static inline __attribute__((always_inline)) void attend_rows(const float* q, int64_t q_stride, int64_t rows,
                                                               const int64_t* lens, const char* cache,
                                                               const int64_t* pages, int64_t layer, int64_t h,
-                                                              const AttnShape* a, float* out, int64_t out_stride,
-                                                              int kind) {
-    const int64_t group = a->heads / a->kv_heads, dim = a->dim, row = dim * kv_bytes(kind), n = lens[rows - 1];
+                                                              int64_t group, const AttnShape* a, float* out,
+                                                              int64_t out_stride, int kind) {
+    const int64_t dim = a->dim, row = dim * kv_bytes(kind), n = lens[rows - 1];
     const int64_t token_stride = a->kv_heads * row;
     const int64_t half = kv_block(a->page_size, a->kv_heads, dim, kind); /* K to V within a page's layer */
     const int64_t page_stride = a->num_layers * 2 * half;
@@ -671,11 +671,11 @@ static inline __attribute__((always_inline)) void attend_rows(const float* q, in
 }
 
 typedef void (*AttendRows)(const float*, int64_t, int64_t, const int64_t*, const char*, const int64_t*, int64_t,
-                           int64_t, const AttnShape*, float*, int64_t);
+                           int64_t, int64_t, const AttnShape*, float*, int64_t);
 #define ATTEND_ROWS(name, kind)                                                                                      \
     static void name(const float* q, int64_t qs, int64_t rows, const int64_t* lens, const char* c, const int64_t* p, \
-                     int64_t layer, int64_t h, const AttnShape* a, float* out, int64_t os) {                         \
-        attend_rows(q, qs, rows, lens, c, p, layer, h, a, out, os, kind);                                            \
+                     int64_t layer, int64_t h, int64_t group, const AttnShape* a, float* out, int64_t os) {          \
+        attend_rows(q, qs, rows, lens, c, p, layer, h, group, a, out, os, kind);                                     \
     }
 ATTEND_ROWS(attend_rows_f32, KV_F32)
 ATTEND_ROWS(attend_rows_f16, KV_F16)
@@ -702,14 +702,18 @@ static void attend(const float* q, int64_t q_stride, const void* cache, const in
         if (!joins) starts[blocks++] = s;
     }
     starts[blocks] = nd;
-    #pragma omp parallel for collapse(2) schedule(dynamic, a->kv_heads) num_threads(nthreads)
+    /* Work items: a block's rows over one KV head, or where those are too few to keep the threads busy (a decode
+     * step of one or two requests), over one of its query heads: a query head's values are the same either way. */
+    const int64_t split = blocks * a->kv_heads < 2 * nthreads ? group : 1, per = group / split;
+    #pragma omp parallel for collapse(3) schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t b = 0; b < blocks; b++)
-        for (int64_t h = 0; h < a->kv_heads; h++) {
-            const int64_t s = starts[b], last = starts[b + 1] - 1;
-            head(q + s * q_stride + h * group * a->dim, q_stride, last - s + 1, context_lens + s, (const char*)cache,
-                 page_table + last * table_stride, layer, h, a, out + (s * a->heads + h * group) * a->dim,
-                 a->heads * a->dim);
-        }
+        for (int64_t h = 0; h < a->kv_heads; h++)
+            for (int64_t part = 0; part < split; part++) {
+                const int64_t s = starts[b], last = starts[b + 1] - 1, first = (h * group + part * per) * a->dim;
+                head(q + s * q_stride + first, q_stride, last - s + 1, context_lens + s, (const char*)cache,
+                     page_table + last * table_stride, layer, h, per, a, out + s * a->heads * a->dim + first,
+                     a->heads * a->dim);
+            }
     free(starts);
 }
 
