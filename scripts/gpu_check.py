@@ -1,7 +1,8 @@
 """The GPU check (run by `scripts/gpu_check.sh`): on one CUDA GPU, in about 8 minutes and with no network,
 
 1. the kernel tests natively (`tests/test_kernels.py`, TRITON_INTERPRET=0);
-2. the engine's greedy tokens against transformers' on two tiny shapes (fp32; captured and eager steps);
+2. the engine's greedy tokens against transformers' on two tiny shapes (fp32; captured and eager steps), and
+   through the tensor-parallel path (`tp`: 2 ranks over NCCL with 2+ GPUs, else a NCCL group of one);
 3. Triton decode attention against SDPA on the same K/V (`benchmarks/attention_kernels.py`'s cases: 32/8 heads, head_dim
    128, bf16, batch 1-128, context 512-8k): GB/s as a share of HBM peak, and the ratio to SDPA;
 4. one decode step per token of Llama shapes with random bf16 weights (135M, 1B, 8B), eager and captured, at
@@ -74,7 +75,7 @@ SERVE_LENGTHS, SERVE_RATES, SERVE_REQUESTS, SERVE_SLO = (1024, 128), (2.0, 8.0),
 PROMPT_TOKENS, TIMED_STEPS = 128, 32
 # Seconds each section may take before it is stopped and reported as failed, so that one hang (a transfer that
 # never completes, say) cannot take the whole lease: the device time is short (about 8 minutes for the lot).
-SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "attention": 90, "kv": 90, "prefill": 120, "spec": 150,
+SECTION_LIMIT_S = {"kernels": 200, "exact": 120, "tp": 60, "attention": 90, "kv": 90, "prefill": 120, "spec": 150,
                    "decode": 300, "fp8": 150, "serve": 420}  # fmt: skip
 SPEC_TOKENS, SPEC_ACCEPTANCE = 8, (0.5, 0.8)  # drafted tokens a step; shares of them kept, injected
 # The decode section's captured bf16 steps (shape, batch) -> ms, for the fp8 section's ratios in the same run.
@@ -133,6 +134,41 @@ def exactness(table: Table, workdir: Path) -> None:
             mode = "eager" if eager else "captured" if captured else "capture FAILED"
             table.add(f"greedy = transformers, {name}, {mode}", f"{same}/{len(prompts)} prompts", "all", _ok(ok))
             del engine
+
+
+def tensor_parallel(table: Table, workdir: Path, device: str = "cuda") -> None:
+    """The tensor-parallel path (issue 40) on the device: with 2+ GPUs, 2 ranks over NCCL; with one, the one rank's
+    collectives through a NCCL group of one (a rank needs a device of its own). Greedy tokens against
+    transformers'. The dry run takes the same path on the CPU with gloo."""
+    import torch.distributed as dist
+
+    from splitserve.decode.engine import DecodeEngine
+    from splitserve.engine import tensor_parallel as ranks
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.params import SamplingParams
+    from tests import checkpoints
+    from tests.helpers import hf_greedy, run_staggered
+
+    folder = checkpoints.tiny_llama_gqa(workdir / "tp_llama")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(8, 384) for _ in range(n)] for n in (1, 3, 7, 12, 17, 25, 33, 48, 64)]
+    max_tokens = [rng.randrange(6, 24) for _ in prompts]
+    width = 2 if device == "cuda" and torch.cuda.device_count() >= 2 else 1
+    engine = DecodeEngine(EngineConfig(model=str(folder), dtype="fp32", device=device, page_size=16,
+                                       tensor_parallel=width, enforce_eager=True))  # fmt: skip
+    try:
+        if width == 1:  # the model's all-reduces and the LM head's gather through a real group of one
+            store = dist.TCPStore("127.0.0.1", 0, 1, True)
+            group = ranks.connect(store, 0, 1, torch.device(device)).group
+            object.__setattr__(engine.runner.tp, "group", group)
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
+        ours, _ = run_staggered(engine, prompts, params, [0, 0, 1, 3, 4, 6, 9, 12, 15])
+        same = sum(a == b for a, b in zip(ours, hf_greedy(folder, prompts, max_tokens), strict=True))
+        backend = "NCCL" if device == "cuda" else "gloo"
+        table.add(f"greedy = transformers, {width} rank(s) over {backend}", f"{same}/{len(prompts)} prompts", "all",
+                  _ok(same == len(prompts)))  # fmt: skip
+    finally:
+        engine.runner.close()
 
 
 def copy_bandwidth() -> float:
@@ -506,6 +542,7 @@ def dry_run(table: Table, workdir: Path) -> None:
         with torch.device("meta"):
             params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
         table.add(f"shape {shape}", f"{params / 1e9:.2f}B parameters, {2 * params / 1e9:.2f} GB in bf16")
+    tensor_parallel(table, workdir, device="cpu")
     # The fp8 section's path, as far as the CPU runs it: the tensor-core product against the rounded weights.
     from splitserve.kernels import fp8
 
@@ -567,7 +604,8 @@ def _run(args: argparse.Namespace, skip: set[str], workdir: Path) -> int:
     else:
         table.add("device", torch.cuda.get_device_name(), f"torch {torch.__version__}")
         # The longest section last: if the lease runs out, only its last rows are lost.
-        sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir), "attention": attention,
+        sections = {"kernels": kernel_tests, "exact": lambda t: exactness(t, workdir),
+                    "tp": lambda t: tensor_parallel(t, workdir), "attention": attention,
                     "kv": kv_transfer, "prefill": lambda t: prefill_speed(t, workdir),
                     "spec": lambda t: speculation_speed(t, workdir),
                     "decode": lambda t: decode_speed(t, workdir),

@@ -86,12 +86,17 @@ def _serve(args: argparse.Namespace) -> int:
     pools = {"prefill": args.prefill, "decode": args.decode, "both": args.both}
     if args.both == 0 and (args.prefill == 0 or args.decode == 0):
         raise ValueError("a cluster needs at least one prefill and one decode worker, or --both N")
+    if args.tensor_parallel > 1 and (args.prefill or args.decode):
+        raise ValueError(
+            "--tensor-parallel above 1 runs colocated workers for now (--prefill 0 --decode 0 --both N): "
+            "KV between pools of several ranks is not done yet"
+        )
     if args.ray is not None:
         return _serve_on_ray(args, pools)
     from splitserve.launcher import serve
 
     server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
-    serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose)
+    serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose, args.tensor_parallel)
     return 0
 
 

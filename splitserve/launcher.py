@@ -39,16 +39,18 @@ def serve(
     pools: dict[str, int],
     threads: int | None,
     verbose: bool,
+    ranks: int = 1,
 ) -> None:
-    """`pools`: how many workers of each role (prefill, decode, both); `worker_argv`: their engine options."""
-    num_workers, cores = sum(pools.values()), os.cpu_count() or 1
-    per_worker = threads or worker_threads(pools, cores)
+    """`pools`: how many workers of each role (prefill, decode, both); `worker_argv`: their engine options;
+    `ranks`: processes per worker (--tensor-parallel), each taking `threads` (default: its share of the cores)."""
+    processes, cores = sum(pools.values()) * ranks, os.cpu_count() or 1
+    per_worker = threads or max(1, worker_threads(pools, cores) // ranks)
     supervisor: Supervisor | None = None
 
     def start_workers(address: str, cluster: Cluster) -> None:
         nonlocal supervisor
         env = {**os.environ, "OMP_NUM_THREADS": str(per_worker)}
-        if num_workers * per_worker > cores:
+        if processes * per_worker > cores:
             # More threads than cores: a thread of an idle worker must not spin long at a barrier, or it would
             # steal the busy worker's core; a short spin (~10 us) still spans the gaps between a step's kernels,
             # where sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up each: 16.5 against 8.4 ms a token.
@@ -56,8 +58,9 @@ def serve(
         argv = {role: [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "worker", "--role", role,
                        "--router", address, "--threads", str(per_worker), *worker_argv]
                 for role in pools}  # fmt: skip
+        each = f"{per_worker} thread(s) each" + (f" in each of {ranks} ranks" if ranks > 1 else "")
         print(f"splitserve serve: starting {', '.join(f'{n} {role}' for role, n in pools.items() if n)} worker(s), "
-              f"{per_worker} thread(s) each", flush=True)  # fmt: skip
+              f"{each}", flush=True)  # fmt: skip
         slots = [(role, argv[role]) for role, n in pools.items() for _ in range(n)]
 
         def ready() -> None:

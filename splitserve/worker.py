@@ -97,6 +97,11 @@ def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None],
 
     if role is Role.BOTH:
         return DecodeWorker(DecodeEngine(options.engine), None, send, options.kv_timeout_s)
+    if options.engine.tensor_parallel > 1:
+        raise ValueError(
+            "--tensor-parallel above 1 is for colocated workers for now: a prefill or decode pool's "
+            "ranks would each need their heads' KV moved (issue 40.3, not done yet)"
+        )
 
     from splitserve.kernels import kv_format
     from splitserve.kv_transfer.agent import TransferAgent, TransferContext

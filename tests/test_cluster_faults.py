@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import psutil
 import pytest
 import zmq
 
@@ -66,17 +67,20 @@ def _stream_all(
     return results
 
 
-def _kill_the_busier_decode_worker_midstream(server: ServeProcess, bodies: list[dict], at: int) -> list[dict]:
-    """Stream every body at once and SIGKILL the decode worker running the most of them once each stream has `at`
-    tokens; every stream must end whole, without an error. Returns the streams' results."""
+def _kill_the_busier_decode_worker_midstream(
+    server: ServeProcess, bodies: list[dict], at: int, role: str = "decode", rank: int = 0
+) -> list[dict]:
+    """Stream every body at once and SIGKILL the decode worker running the most of them (of `role`; its process of
+    tensor-parallel `rank`) once each stream has `at` tokens; every stream must end whole, without an error.
+    Returns the streams' results."""
     started = threading.Barrier(len(bodies) + 1)
     results: list[dict] = []
     runner = threading.Thread(target=lambda: results.extend(_stream_all(server, bodies, started, at)))
     runner.start()
     started.wait(timeout=120)  # every stream is decoding
-    victim = max(server.workers("decode"), key=lambda w: w["running"])
+    victim = max(server.workers(role), key=lambda w: w["running"])
     assert victim["running"] > 0
-    os.kill(victim["pid"], signal.SIGKILL)
+    os.kill(victim["pid"] if rank == 0 else psutil.Process(victim["pid"]).children()[rank - 1].pid, signal.SIGKILL)
     runner.join(300)
     assert all("error" not in r and r["done"] for r in results), [r.get("error") for r in results]
     migrations = server.health()["migrations"]

@@ -49,6 +49,13 @@ class EngineConfig:
         choices=("auto", *KV_DTYPES),
     )
     device: str | None = option(None, "default: cuda when present, else cpu", choices=("cpu", "cuda"), type=str)
+    tensor_parallel: int = option(
+        1,
+        "processes (ranks) this engine's model is split across, Megatron-style: each holds 1/N of the heads, the "
+        "MLPs and the vocabulary, and a KV cache of its heads (--kv-cache-memory is each rank's); gloo on the CPU, "
+        "NCCL on CUDA (one device per rank); for a colocated worker or LLM() for now: KV between prefill and "
+        "decode pools of several ranks is not done yet (default {default})",
+    )
     page_size: int = option(16, "tokens per KV page (default {default})")
     kv_cache_memory: str | int = option(
         "1GiB", "memory for the paged KV cache, e.g. 512MiB or 2GiB; sets the page count (default {default})"
@@ -131,7 +138,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for size in (self.kv_cache_memory, self.kv_offload_memory, self.kv_offload_size):
@@ -162,6 +169,8 @@ class EngineConfig:
             raise ValueError(f"speculative must be one of {', '.join(METHODS)}, got {self.speculative!r}")
         if (self.speculative == "draft") != (self.draft_model is not None):
             raise ValueError("--speculative draft and --draft-model go together")
+        if self.tensor_parallel > 1 and self.speculative == "draft":
+            raise ValueError("--speculative draft with --tensor-parallel: the draft model runs on one rank (not yet)")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
         for name in ("num_speculative_tokens", "speculative_max_batch"):

@@ -16,23 +16,38 @@ from splitserve.engine.kv_cache import TensorAllocator, allocate_kv_cache, kv_by
 from splitserve.engine.kv_layout import KVLayout
 from splitserve.engine.request import Chunk, Request, Sampled, SamplingFailed
 from splitserve.engine.sampling import sample_chunks
+from splitserve.engine.tensor_parallel import Followers, plan_of
 from splitserve.kernels.attention import PagedAttentionMetadata, PrefillSpan
 from splitserve.model.checkpoint import gguf_layer_types, iter_safetensors
 from splitserve.model.config import ModelConfig
 from splitserve.model.llama import CausalLM
+from splitserve.model.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(
-        self, model_config: ModelConfig, folder: Path, config: EngineConfig, kv_allocator: TensorAllocator | None
+        self,
+        model_config: ModelConfig,
+        folder: Path,
+        config: EngineConfig,
+        kv_allocator: TensorAllocator | None,
+        tp: TensorParallel | None = None,
     ):
+        """`tp`: this process's rank in a tensor-parallel worker when it is not rank 0 (engine/tensor_parallel.py);
+        rank 0 (any runner built without it) starts the others itself where `config.tensor_parallel` > 1."""
         self.model_config = model_config
+        self._followers = None
+        if tp is None and config.tensor_parallel > 1:
+            TensorParallel(width=config.tensor_parallel).check(model_config)  # before any follower starts
+            self._followers = Followers(config, folder)
+            tp = self._followers.tp
+        self.tp = tp or TensorParallel()
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
         if config.gpu_memory_fraction is not None:  # the allocator refuses past the share (others use the rest)
             torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, self.device)
-        self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device)
+        self.model = CausalLM.load(model_config, iter_safetensors(folder), self.dtype, self.device, self.tp)
         bits = CPU_QUANTIZATIONS.get(config.resolved_quantization)
         if bits is not None:  # a 4-bit GGUF file's wider matrices keep 8 bits under w4a8; others' are asked for 4
             types = gguf_layer_types(config.model) or []
@@ -52,7 +67,7 @@ class ModelRunner:
                      100 * config.gpu_memory_fraction)  # fmt: skip
         # One page past the budget is the null page: no request holds it; padded decode rows write there.
         self.kv_cache = allocate_kv_cache(
-            model_config,
+            self.model.cfg,  # this rank's KV heads
             self.page_size,
             kv_bytes,
             config.torch_kv_dtype,
@@ -86,7 +101,9 @@ class ModelRunner:
         self.verify_buckets = tuple(m * (k + 1) for m in whole)
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            if not self.kv_layout.has_rings:
+            if self.tp.width > 1:
+                log.info("decode steps run eagerly: no CUDA graphs across tensor-parallel ranks yet")
+            elif not self.kv_layout.has_rings:
                 self.use_decode_graphs(capture=True)
             else:
                 log.info("decode steps run eagerly: the sliding-window layers' rings are page tables of their own")
@@ -113,6 +130,14 @@ class ModelRunner:
         token, or for a chunk with a draft the tokens `verify` keeps of it (the request's outcomes in order)."""
         if self.decode_graphs is not None and self.decode_graphs.takes(chunks):
             return self.decode_graphs.run(chunks)
+        if self._followers is not None:  # the other ranks run the same pass on their slices
+            self._followers.send(plan_of("execute", chunks))
+        logits, finishing = self.forward(chunks)
+        return sample_chunks(logits, finishing) if finishing else []
+
+    def forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor | None, list[Chunk]]:
+        """The pass of `execute`: the logits of the chunks that complete their requests (None if none does), and
+        those chunks, in the order of the logits' rows."""
         # Decode rows (one query token) first: the attention batches them in one call.
         ordered = [c for c in chunks if c.rows == 1] + [c for c in chunks if c.rows > 1]
         meta, sample_rows = self._prepare(ordered)
@@ -120,15 +145,21 @@ class ModelRunner:
         hidden = self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta)
         finishing = [c for c in ordered if c.completes]
         if not finishing:
-            return []
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return sample_chunks(logits, finishing)
+            return None, []
+        return self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)]), finishing
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel worker (they also die with this process)."""
+        if self._followers is not None:
+            self._followers.close()
 
     @torch.inference_mode()
     def prompt_logits(self, request: Request) -> torch.Tensor:
         """fp32 logits after every token of `request` (teacher forcing), in one forward pass; its pages must
         have room for all its tokens."""
         n = request.num_tokens
+        if self._followers is not None:
+            self._followers.send(plan_of("logits", [Chunk(request, n)]))
         meta, _ = self._prepare([Chunk(request, n)])
         return self.model.logits(self.model(self._input_ids[:n], self._positions[:n], self.kv_cache, meta))
 

@@ -16,6 +16,7 @@ from splitserve.kernels.attention import PagedAttentionMetadata, QKNorm, attend
 from splitserve.kernels.layers import add_rms_norm
 from splitserve.model.config import ModelConfig, rope_parameter_sets
 from splitserve.model.mlp import MLP, SparseMoE
+from splitserve.model.parallel import TensorParallel
 from splitserve.model.rope import rope_tables
 
 
@@ -34,8 +35,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel):
         super().__init__()
+        self.tp = tp  # cfg is the rank's: its heads (model/parallel.py); o's partial outputs are summed here
         self.layer = layer  # where its K/V sit among a page's layers, and which page group holds them (kv_layout)
         self.group = 0
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -66,14 +68,15 @@ class Attention(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qkv = torch.cat((self.q_norm(q.contiguous())[0], self.k_norm(k.contiguous())[0], v), dim=-1)
         o = attend(qkv, cos, sin, kv_cache, self.layer, meta, self.num_heads, self.scale, self.window, qk_norm)
-        return self.o_proj(o.view(x.shape[0], self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.view(x.shape[0], self.q_size)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if layer in cfg.moe_layers:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size,
@@ -86,14 +89,18 @@ class DecoderLayer(nn.Module):
         x, residual = self.input_layernorm(h, residual)
         h = self.self_attn(x, cos, sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(x), residual
+        return self.feed_forward(x), residual
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP (or the experts), its ranks' partial outputs summed."""
+        return self.tp.all_reduce(self.mlp(x))
 
 
 class SandwichDecoderLayer(DecoderLayer):
     """Gemma 3's layer: norms after attention and after the MLP too, before each joins the residual stream."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__(cfg, layer)
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel):
+        super().__init__(cfg, layer, tp)
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -101,15 +108,16 @@ class SandwichDecoderLayer(DecoderLayer):
         x, residual = self.input_layernorm(h, residual)
         attended = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta))[0]
         x, residual = self.pre_feedforward_layernorm(attended, residual)
-        return self.post_feedforward_layernorm(self.mlp(x))[0], residual
+        return self.post_feedforward_layernorm(self.feed_forward(x))[0], residual
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        start, end = tp.vocab_range(cfg.vocab_size)
+        self.embed_tokens = nn.Embedding(end - start, cfg.hidden_size)
         layer = SandwichDecoderLayer if cfg.sandwich_norms else DecoderLayer
-        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -137,13 +145,17 @@ def _our_name(name: str) -> tuple[str, int]:
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. `forward` runs one step's flat batch; `logits` maps chosen rows to vocab scores."""
+    """Decoder + LM head. `forward` runs one step's flat batch; `logits` maps chosen rows to vocab scores. In a
+    worker of several ranks (`tp`), this rank's slice of them (model/parallel.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp or TensorParallel()
+        self.tp.check(cfg)
+        self.whole_cfg, self.cfg = cfg, self.tp.local(cfg)  # the model's, and what this rank's modules hold
+        self.model = Backbone(self.cfg, self.tp)
+        start, end = self.tp.vocab_range(cfg.vocab_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, end - start, bias=False)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3's sliding layers' own tables
@@ -152,10 +164,15 @@ class CausalLM(nn.Module):
 
     @classmethod
     def load(
-        cls, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+        cls,
+        cfg: ModelConfig,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallel | None = None,
     ) -> CausalLM:
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, tp)
         model = model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
         if None in rope_parameter_sets(cfg.hf_config):  # one rotary embedding for every layer
@@ -186,6 +203,7 @@ class CausalLM(nn.Module):
             if target not in params:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.cfg.architecture}")
             dest = params[target].data.split(self._shard_sizes(target), dim=0)[shard]
+            tensor = self.tp.shard(target, shard, tensor, self.whole_cfg)
             if dest.shape != tensor.shape:
                 raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
             if self.cfg.norm_offset and target.endswith("norm.weight"):
@@ -216,7 +234,7 @@ class CausalLM(nn.Module):
         """Hidden states `[num_tokens, hidden]` after the final norm; K/V of every token lands in its slot. `meta`:
         a list of one per page group when the KV layout has several (`place_kv`)."""
         cos, sin = self.cos[positions], self.sin[positions]
-        h, residual = self.model.embed_tokens(input_ids), None
+        h, residual = self._embed(input_ids), None
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
         grouped = isinstance(meta, list)
@@ -232,8 +250,16 @@ class CausalLM(nn.Module):
                 h, residual = layer(h, residual, *rope, kv_cache, meta[attn.group] if grouped else meta)
         return self.model.norm(h, residual)[0]
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.width == 1:
+            return self.model.embed_tokens(input_ids)
+        start, end = self.tp.vocab_range(self.cfg.vocab_size)  # a rank's rows: the others' ids look up zeros
+        inside = (input_ids >= start) & (input_ids < end)
+        h = self.model.embed_tokens(torch.where(inside, input_ids - start, 0)) * inside.unsqueeze(-1)
+        return self.tp.all_reduce(h)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = self.tp.gather_vocab(self.lm_head(hidden), self.cfg.vocab_size).float()
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits
@@ -266,7 +292,7 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             _replace_linears(layer, lambda child: quantized(child, weight_bits))
         _replace_linears(self, lambda child: quantized(child, 8))  # what is left: the LM head
-        if fused and self.cfg.fused_decode_supported:
+        if fused and self.cfg.fused_decode_supported and self.tp.width == 1:  # one call for all layers: no all-reduce
             cfg, layers = self.cfg, self.model.layers
             weights = [LayerWeights(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                     layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj)
