@@ -159,8 +159,8 @@ def tensor_parallel(table: Table, workdir: Path, device: str = "cuda") -> None:
     try:
         if width == 1:  # the model's all-reduces and the LM head's gather through a real group of one
             store = dist.TCPStore("127.0.0.1", 0, 1, True)
-            group = ranks.connect(store, 0, 1, torch.device(device)).group
-            object.__setattr__(engine.runner.tp, "group", group)
+            collectives = ranks.connect(store, 0, 1, torch.device(device)).collectives
+            object.__setattr__(engine.runner.tp, "collectives", collectives)
         params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
         ours, _ = run_staggered(engine, prompts, params, [0, 0, 1, 3, 4, 6, 9, 12, 15])
         same = sum(a == b for a, b in zip(ours, hf_greedy(folder, prompts, max_tokens), strict=True))

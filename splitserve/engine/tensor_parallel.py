@@ -15,8 +15,10 @@ import argparse
 import contextlib
 import datetime
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,12 @@ import torch.distributed as dist
 from splitserve.children import die_with_parent
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.request import Chunk
+from splitserve.model.collectives import (
+    GroupCollectives,
+    SharedMemoryCollectives,
+    create_slots,
+    shared_memory_supported,
+)
 from splitserve.model.parallel import TensorParallel
 
 if TYPE_CHECKING:
@@ -89,32 +97,55 @@ def chunks_of(plan: StepPlan) -> list[Chunk]:
     return [Chunk(_Mirror(c), len(c.tokens), tuple(c.draft)) for c in plan.chunks]  # type: ignore[arg-type]
 
 
-def connect(store: dist.Store, rank: int, width: int, device: torch.device) -> TensorParallel:
+def connect(store: dist.Store, rank: int, width: int, device: torch.device, slots: Path | None = None,
+            slot_bytes: int = 0) -> TensorParallel:  # fmt: skip
+    """This rank's groups: the plans' (gloo) and the model's collectives (NCCL on CUDA; on the CPU the mapped
+    `slots` file where given, gloo past its slots' size). Returns once every rank has connected."""
+    mapped = None if slots is None else SharedMemoryCollectives(slots, rank, width, slot_bytes)  # before the others
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, width, _IDLE)
     if device.type == "cuda":
         group = dist.ProcessGroupNCCL(dist.PrefixStore("model", store), rank, width)
     else:
         group = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, width, _IDLE)
-    return TensorParallel(rank, width, group, control)
+    collectives = GroupCollectives(group, width)
+    if mapped is not None:
+        mapped.fallback = collectives
+        collectives = mapped
+    return TensorParallel(rank, width, collectives, control)
 
 
 class Followers:
     """Rank 0's side: starts ranks 1..N-1 and sends them each pass's plan; they are told to stop when this object
-    is closed or collected (and die with this process in any case)."""
+    is closed or collected (and die with this process in any case). `slot_bytes`: the largest tensor the ranks
+    sum or gather through shared memory (CPU ranks)."""
 
-    def __init__(self, config: EngineConfig, folder: Path):
-        width = config.tensor_parallel
+    def __init__(self, config: EngineConfig, folder: Path, slot_bytes: int):
+        width, device = config.tensor_parallel, config.torch_device
         self._store = dist.TCPStore(_HOST, 0, width, True, wait_for_workers=False)
-        encoded = msgspec.json.encode(config)
         argv = [sys.executable, "-m", "splitserve.engine.tensor_parallel", "--port", str(self._store.port),
                 "--model-folder", str(folder), "--threads", str(torch.get_num_threads())]  # fmt: skip
+        slots = None
+        if shared_memory_supported(device):
+            shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+            fd, name = tempfile.mkstemp(prefix="splitserve-ranks-", dir=shm)
+            os.close(fd)
+            slots = Path(name)
+            create_slots(slots, width, slot_bytes)
+            argv += ["--slots", str(slots), "--slot-bytes", str(slot_bytes)]
+        encoded = msgspec.json.encode(config)
         processes = [subprocess.Popen([*argv, "--rank", str(rank)], stdin=subprocess.PIPE, preexec_fn=die_with_parent)
                      for rank in range(1, width)]  # fmt: skip
         for p in processes:
             p.stdin.write(encoded)
             p.stdin.close()
         log.info("tensor parallel: %d ranks, followers' pids %s", width, [p.pid for p in processes])
-        self.tp = connect(self._store, 0, width, config.torch_device)
+        try:
+            self.tp = connect(self._store, 0, width, device, slots, slot_bytes)
+        finally:
+            if slots is not None:  # every rank has it mapped once all have connected
+                slots.unlink(missing_ok=True)
+        if isinstance(self.tp.collectives, SharedMemoryCollectives):
+            self.tp.collectives.peers_alive = lambda: all(p.poll() is None for p in processes)
         self.close = weakref.finalize(self, _stop, self.tp.control, processes)
 
     def send(self, plan: StepPlan) -> None:
@@ -173,6 +204,8 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model-folder", type=Path, required=True)
     p.add_argument("--threads", type=int, required=True, help="torch threads: rank 0's")
+    p.add_argument("--slots", type=Path, default=None, help="the shared-memory collectives' file (CPU ranks)")
+    p.add_argument("--slot-bytes", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {args.rank} %(name)s: %(message)s")
@@ -181,7 +214,7 @@ def main() -> None:
     if config.torch_device.type == "cuda":
         torch.cuda.set_device(args.rank)
     store = dist.TCPStore(_HOST, args.port, width, False)
-    tp = connect(store, args.rank, width, config.torch_device)
+    tp = connect(store, args.rank, width, config.torch_device, args.slots, args.slot_bytes)
     runner = ModelRunner(ModelConfig.from_pretrained(args.model_folder), args.model_folder, config, None, tp)
     follow(runner)
 

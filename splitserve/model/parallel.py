@@ -21,6 +21,7 @@ import torch
 if TYPE_CHECKING:
     import torch.distributed as dist
 
+    from splitserve.model.collectives import Collectives
     from splitserve.model.config import ModelConfig
 
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 class TensorParallel:
     rank: int = 0
     width: int = 1
-    group: dist.ProcessGroup | None = None  # the ranks' collectives (gloo on the CPU, NCCL on CUDA)
+    collectives: Collectives | None = None  # the ranks' sums and gathers (model/collectives.py)
     control: dist.ProcessGroup | None = None  # rank 0's step plans to the others (gloo: host memory)
 
     def check(self, cfg: ModelConfig) -> None:
@@ -72,17 +73,15 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `x` (a row-parallel layer's partial outputs), in place."""
-        if self.group is not None:  # (a group of one rank too: the GPU check runs NCCL so)
-            self.group.allreduce([x]).wait()
+        if self.collectives is not None:  # (a group of one rank too: the GPU check runs NCCL so)
+            self.collectives.all_reduce(x)
         return x
 
     def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Every rank's vocabulary slice of `logits` ([rows, vocab / N]) side by side, the padding dropped."""
-        if self.group is None:
+        if self.collectives is None:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.width)]
-        self.group.allgather([parts], [logits.contiguous()]).wait()
-        return torch.cat(parts, dim=-1)[..., :vocab_size]
+        return torch.cat(self.collectives.all_gather(logits), dim=-1)[..., :vocab_size]
 
     def shard(self, name: str, index: int, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         """This rank's piece of checkpoint tensor `tensor`, loading into our parameter `name` (its `index`-th
