@@ -28,6 +28,7 @@ from splitserve.model.collectives import GroupCollectives, SharedMemoryCollectiv
 from tests.helpers import hf_greedy
 from tests.test_cluster_faults import _kill_the_busier_decode_worker_midstream
 from tests.test_exactness import _check_against_hf
+from tests.test_prefix_cache import _run
 from tests.test_serving import ENGINE
 
 
@@ -100,7 +101,7 @@ def test_a_dead_follower_fails_the_next_step_at_once(tiny_llama_gqa):
         follower.send_signal(signal.SIGKILL)
         follower.wait(timeout=10)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match="Connection closed by peer|rank died"):
+        with pytest.raises(RuntimeError, match=r"Connection closed by peer|rank died"):
             while engine.has_unfinished():
                 engine.step()
         assert time.monotonic() - start < 5
@@ -209,3 +210,28 @@ def test_shared_memory_collectives_sum_in_rank_order_and_fall_back_past_a_slot(t
         a, b = tensors[0][i % 3], tensors[1][i % 3]
         assert torch.equal(sum0, sum1) and torch.equal(sum0, a + b), i
         assert all(torch.equal(g, want) for g, want in zip([*gathered0, *gathered1], [a, b, a, b], strict=True)), i
+
+
+def test_ranks_share_the_prefix_cache_and_store_int8_kv_each(tiny_llama_gqa):
+    """Rank 0's allocator decides for all: a later prompt's cached prefix pages hold every rank's heads, so the
+    hits give transformers' tokens at 2 ranks (fp32 KV); with --kv-dtype int8 each rank quantizes its own heads
+    (a scale per page and head, as one rank does), so 2 ranks give 1 rank's int8 tokens. The offload tier, which
+    copies rank 0's pages only, is refused."""
+    rng = random.Random(5)
+    system = [rng.randrange(8, 384) for _ in range(37)]
+    prompts = [system + [rng.randrange(8, 384) for _ in range(n)] for n in (1, 3, 6, 11)]
+    requests = {f"r{i}": (p, 7) for i, p in enumerate(prompts)}
+    outputs = {}
+    for kv_dtype, width in (("fp32", 2), ("int8", 1), ("int8", 2)):
+        engine = DecodeEngine(EngineConfig(model=str(tiny_llama_gqa), dtype="fp32", kv_dtype=kv_dtype, page_size=4,
+                                           max_num_batched_tokens=64, tensor_parallel=width))  # fmt: skip
+        try:
+            first = _run(engine, dict(list(requests.items())[:1]))
+            outputs[kv_dtype, width] = [*first.values(), *_run(engine, dict(list(requests.items())[1:])).values()]
+            assert engine.allocator.stats.hits == 3 * 36
+        finally:
+            _close(engine)
+    assert outputs["fp32", 2] == hf_greedy(tiny_llama_gqa, prompts, [7] * 4)
+    assert outputs["int8", 2] == outputs["int8", 1]
+    with pytest.raises(ValueError, match="offload tier copies rank 0's pages only"):
+        EngineConfig(model=str(tiny_llama_gqa), tensor_parallel=2, kv_offload_memory="64MiB")
