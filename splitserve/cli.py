@@ -112,7 +112,8 @@ def _serve_on_ray(args: argparse.Namespace, pools: dict[str, int]) -> int:
         raise ValueError(f"--prefill-resources/--decode-resources take JSON objects: {e}") from None
     resources.setdefault("both", resources.get("decode", {}))
     threads = args.threads or 1
-    placement = RayPlacement(args.placement, resources, float(threads), 1.0 if args.device == "cuda" else 0.0)
+    placement = RayPlacement(args.placement, resources, float(threads), 1.0 if args.device == "cuda" else 0.0,
+                             args.tensor_parallel)  # fmt: skip
     verbose = ["-v"] if args.verbose else []
     spec = ClusterSpec(
         router_argv=[sys.executable, "-m", "splitserve", *verbose, "router", *_router_argv(args)],

@@ -49,8 +49,16 @@ class RayPlacement:
 
     strategy: str = "spread"  # spread | pack
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # by role
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # per rank, as the GPUs
     gpus_per_worker: float = 0.0  # 1 on GPU nodes: Ray sets CUDA_VISIBLE_DEVICES for the worker
+    # Processes per worker (--tensor-parallel): its ranks are its actor's process and that process's children,
+    # so one actor asking for every rank's CPUs and GPUs keeps a worker's ranks on one node, its devices together.
+    ranks: int = 1
+
+    def needs(self, role: str) -> dict[str, float]:
+        """What one worker of `role` asks Ray for."""
+        return {"CPU": self.cpus_per_worker * self.ranks, "GPU": self.gpus_per_worker * self.ranks,
+                **self.resources.get(role, {})}  # fmt: skip
 
 
 def _serving_child() -> None:
@@ -202,8 +210,7 @@ class PoolManager:
         """Whether the Ray cluster has, free right now, what one more worker of `role` asks for."""
         import ray
 
-        p = self.spec.placement
-        need = {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker, **p.resources.get(role, {})}
+        need = self.spec.placement.needs(role)
         free = ray.available_resources()
         return all(free.get(name, 0.0) >= amount for name, amount in need.items() if amount)
 
@@ -226,8 +233,8 @@ class PoolManager:
         import ray
 
         p = self.spec.placement
-        options = {"max_restarts": -1, "num_cpus": p.cpus_per_worker, "num_gpus": p.gpus_per_worker,
-                   "resources": p.resources.get(role, {}),
+        need = p.needs(role)
+        options = {"max_restarts": -1, "num_cpus": need.pop("CPU"), "num_gpus": need.pop("GPU"), "resources": need,
                    "scheduling_strategy": "SPREAD" if p.strategy == "spread" else "DEFAULT"}  # fmt: skip
         argv = [sys.executable, "-m", "splitserve", "worker", "--role", role, "--router", self.address,
                 "--threads", str(self.spec.threads), *self.spec.worker_argv]  # fmt: skip

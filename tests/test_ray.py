@@ -155,3 +155,24 @@ def test_autoscaling_grows_the_pool_the_slo_router_finds_behind(monkeypatch):
     assert poll("prefill", 80) is None and poll("prefill", 85) is None  # no room for a prefill worker
     assert poll(None, 90) is None and poll("decode", 95) is None  # the streak starts again
     assert poll("decode", 100) == "decode"
+
+
+def test_a_worker_of_several_ranks_asks_ray_for_all_of_them(monkeypatch):
+    """--tensor-parallel N on Ray: a worker's ranks are its actor's process and its children, so the actor asks for
+    N ranks' CPUs and GPUs (and the role's resources): Ray places it whole on one node, its devices together."""
+    placement = RayPlacement("pack", {"decode": {"node_b": 1}}, cpus_per_worker=2.0, gpus_per_worker=1.0, ranks=4)
+    spec = ClusterSpec([], ["--tensor-parallel", "4"], 2, "127.0.0.1", 1, 0, None, placement, {})
+    asked: list[dict] = []
+
+    class Remote:
+        def options(self, **options):
+            asked.append(options)
+            return self
+
+        def remote(self, *args):
+            return "actor"
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    PoolManager(spec)._worker_actor("decode")
+    assert asked[0]["num_cpus"] == 8 and asked[0]["num_gpus"] == 4 and asked[0]["resources"] == {"node_b": 1}
+    assert placement.needs("decode") == {"CPU": 8.0, "GPU": 4.0, "node_b": 1}

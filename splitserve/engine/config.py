@@ -170,8 +170,10 @@ class EngineConfig:
         if (self.speculative == "draft") != (self.draft_model is not None):
             raise ValueError("--speculative draft and --draft-model go together")
         if self.tensor_parallel > 1 and (parse_memory_size(self.kv_offload_memory) or self.kv_offload_dir):
-            raise ValueError("--kv-offload-memory/--kv-offload-dir with --tensor-parallel: the offload tier copies "
-                             "rank 0's pages only (not yet per rank)")
+            raise ValueError(
+                "--kv-offload-memory/--kv-offload-dir with --tensor-parallel: the offload tier copies "
+                "rank 0's pages only (not yet per rank)"
+            )
         if self.tensor_parallel > 1 and self.speculative == "draft":
             raise ValueError("--speculative draft with --tensor-parallel: the draft model runs on one rank (not yet)")
         if not 1 <= self.ngram_min <= self.ngram_max:
