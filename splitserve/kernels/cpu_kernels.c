@@ -72,6 +72,15 @@ static inline float hsum(__m256 v) {
 #define QB 32 /* inputs per block */
 #define NG 4  /* channels per group */
 
+/* The tiles below ask for the weights (and 4-bit scales) PREFETCH blocks ahead of the one they compute: a decode
+ * step reads each weight once, from memory, and computing between loads left too few of them in flight (the
+ * embedded model's step on 2 cores: 7.4-8.0 ms without, 6.0-6.4 ms 32 blocks ahead; 16 gained less). A block past
+ * a group's last is the next group's, which the same thread reads next; a prefetch past the end does not fault. */
+#define PREFETCH 32
+static inline __attribute__((always_inline)) void prefetch_lines(const void* p, int lines) {
+    for (int i = 0; i < lines; i++) _mm_prefetch((const char*)p + 64 * i, _MM_HINT_T0);
+}
+
 static inline __m256 load_w8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
@@ -81,7 +90,8 @@ static inline __m256 load_w8(const int8_t* p) {
 static inline __attribute__((always_inline)) void tile_f32(
     const float* x, int64_t ldx, const int8_t* wg, int64_t kb, int MR, __m256 acc[2][NG])
 {
-    for (int64_t b = 0; b < kb; b++)
+    for (int64_t b = 0; b < kb; b++) {
+        prefetch_lines(wg + (b + PREFETCH) * NG * QB, NG * QB / 64);
         for (int kk = 0; kk < QB; kk += 8) {
             __m256 wv[NG];
             for (int j = 0; j < NG; j++) wv[j] = load_w8(wg + b * NG * QB + j * QB + kk);
@@ -90,6 +100,7 @@ static inline __attribute__((always_inline)) void tile_f32(
                 for (int j = 0; j < NG; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
             }
         }
+    }
 }
 
 /* The same from int8 x blocks (xq, ldq apart; d: each block's scale, kb per row): per block, 32 products
@@ -98,6 +109,7 @@ static inline __attribute__((always_inline)) void tile_a8(
     const int8_t* xq, int64_t ldq, const float* d, const int8_t* wg, int64_t kb, int MR, __m256 acc[2][NG])
 {
     for (int64_t b = 0; b < kb; b++) {
+        prefetch_lines(wg + (b + PREFETCH) * NG * QB, NG * QB / 64);
         __m256i wv[NG];
         for (int j = 0; j < NG; j++) wv[j] = _mm256_loadu_si256((const __m256i*)(wg + b * NG * QB + j * QB));
         for (int i = 0; i < MR; i++) {
@@ -121,6 +133,7 @@ static inline __attribute__((always_inline)) void tile_a7(
     __m256 acc[2][NG], __m128 corr[2])
 {
     for (int64_t b = 0; b < kb; b++) {
+        prefetch_lines(wg + (b + PREFETCH) * NG * QB, NG * QB / 64);
         __m256i wv[NG];
         for (int j = 0; j < NG; j++) wv[j] = _mm256_loadu_si256((const __m256i*)(wg + b * NG * QB + j * QB));
         const __m128 w4 = _mm_loadu_ps(ws + b * NG);
@@ -156,6 +169,9 @@ static inline __attribute__((always_inline)) void tile_w4(
 {
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < kb; b++) {
+        prefetch_lines(wg + (b + PREFETCH) * 128, 2);
+        prefetch_lines(dw + (b + PREFETCH) * NG4, 1);
+        prefetch_lines(mw + (b + PREFETCH) * NG4, 1);
         __m256i sum[4]; /* int16 pairs (AVX2), or int32 (VNNI: the low nibbles' products; the high ones' in sum2) */
 #if VNNI
         __m256i sum2[4]; /* two dependency chains: a row alone (a decode step's) waits on one vpdpbusd per product */
@@ -202,6 +218,12 @@ static inline __attribute__((always_inline)) void tile_w4x2(
 {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < kb; b++) {
+        prefetch_lines(wg + (b + PREFETCH) * 128, 2);
+        prefetch_lines(wg1 + (b + PREFETCH) * 128, 2);
+        prefetch_lines(dw + (b + PREFETCH) * NG4, 1);
+        prefetch_lines(dw1 + (b + PREFETCH) * NG4, 1);
+        prefetch_lines(mw + (b + PREFETCH) * NG4, 1);
+        prefetch_lines(mw1 + (b + PREFETCH) * NG4, 1);
         __m512i sum[4], sum2[4]; /* the low and the high nibbles' products: two dependency chains (see tile_w4) */
         for (int i = 0; i < MR; i++) sum[i] = sum2[i] = _mm512_setzero_si512();
         for (int r = 0; r < 4; r++) {
