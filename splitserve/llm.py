@@ -18,7 +18,7 @@ from splitserve.engine.params import SamplingParams, TokenLogprob
 from splitserve.engine.request import EngineRequest
 from splitserve.errors import InvalidRequestError
 from splitserve.model.chat_templates import choose_chat_template
-from splitserve.model.tokenizer import encode_chat, load_tokenizer
+from splitserve.model.tokenizer import encode, encode_chat, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class LLM:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self._require_tokenizer()(prompt).input_ids
+            return encode(self._require_tokenizer(), prompt)
         return list(prompt)
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:

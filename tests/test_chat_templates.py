@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast
 
 from splitserve.errors import InvalidRequestError, ModelLoadError
 from splitserve.launcher import ServeProcess
 from splitserve.llm import LLM
 from splitserve.model.chat_templates import BUILT_IN, choose_chat_template
-from splitserve.model.tokenizer import encode_chat, load_tokenizer
+from splitserve.model.tokenizer import encode, encode_chat, load_tokenizer
 from tests.test_serving import ENGINE
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "}]
@@ -137,3 +137,22 @@ def test_served_built_in_template_renders_the_turns_and_ends_the_answer_at_its_e
         assert r.json()["usage"]["completion_tokens"] == 4
     finally:
         server.stop()
+
+
+def test_encoding_through_the_rust_tokenizer_gives_transformers_ids(smollm2):
+    """`encode` (the router's and LLM's prompt path) skips transformers' per-call Python but must give exactly
+    `tokenizer(text).input_ids`: special tokens (added by a post-processor, or written in the text), spaces and
+    unicode included; on the embedded tokenizer and on one that adds a BOS (a Llama-style post-processor)."""
+    embedded = load_tokenizer(Path(smollm2))
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(embedded.backend_tokenizer.to_str()))
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 1)]
+    )
+    texts = ["Hello, world!", "  leading and trailing  ", "naïve café 東京 🚀", "a\n\nb\tc", "",
+             "<|im_start|>user\nhi<|im_end|>", "<|endoftext|>x", "1234567890" * 5]  # fmt: skip
+    for tokenizer in (embedded, with_bos):
+        for text in texts:
+            for special in (True, False):
+                want = tokenizer(text, add_special_tokens=special).input_ids
+                assert encode(tokenizer, text, special) == want, (text, special)
+    assert encode(with_bos, "hi")[0] == 1 != encode(with_bos, "hi", False)[0]

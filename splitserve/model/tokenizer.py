@@ -24,6 +24,16 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(folder)
 
 
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`tokenizer(text).input_ids`, straight from the Rust tokenizer where there is one: the same ids (the same
+    normalizer, pre-tokenizer, model and post-processor) without transformers' per-call Python around it, which
+    was a tenth of the router's time per short request."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]],
                 tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:  # fmt: skip
     """The conversation (and the tools it may call, for a template that takes them) through the chat template,
@@ -35,4 +45,4 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str,
     except TemplateError as e:  # the template itself refuses the conversation (e.g. roles out of order)
         raise InvalidRequestError(f"messages: the model's chat template refused them: {e}", param="messages") from e
     # The template already holds the special tokens: do not let the tokenizer add another BOS.
-    return text, tokenizer(text, add_special_tokens=False).input_ids
+    return text, encode(tokenizer, text, add_special_tokens=False)

@@ -34,7 +34,7 @@ from splitserve.engine.params import (
     check_prompt,
 )
 from splitserve.errors import InvalidRequestError
-from splitserve.model.tokenizer import encode_chat
+from splitserve.model.tokenizer import encode, encode_chat
 from splitserve.protocol import Role
 from splitserve.router.cluster.cluster import Cluster
 from splitserve.router.cluster.jobs import ErrorEvent, Job, JobState, Overloaded, TokenEvent
@@ -217,8 +217,8 @@ async def _serve(state: RouterState, body: CompletionRequest | ChatCompletionReq
             firsts.append(first)
         if body.stream:  # from here the streaming response watches for the client leaving
             gone.stop()
-            return StreamingResponse(answer.stream(firsts), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+            return _EventStream(answer.stream(firsts), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache"})  # fmt: skip
         whole = await answer.whole(firsts, gone)
         return Response(status_code=499) if whole is None else JSONResponse(whole)
     except BaseException:
@@ -233,7 +233,7 @@ def _prompt_ids(state: RouterState, body: CompletionRequest | ChatCompletionRequ
         tools = body.tools if body.tool_mode is not None else None
         conversation, specs = tool_calls.template_input(body.messages, tools, state.native_tools)
         return [encode_chat(state.tokenizer, conversation, specs)[1]]
-    return [list(p) if not isinstance(p, str) else state.tokenizer(p).input_ids if p else [] for p in body.prompts()]
+    return [list(p) if not isinstance(p, str) else encode(state.tokenizer, p) if p else [] for p in body.prompts()]
 
 
 def _sampling_params(state: RouterState, body, prompt_ids: list[int]) -> list[SamplingParams]:
@@ -294,6 +294,36 @@ def _structured(body: CompletionRequest | ChatCompletionRequest) -> StructuredOu
 def _error_type(status: int) -> str:
     """OpenAI's error type for a job's error event: the request's own fault (a worker found it invalid), or ours."""
     return "invalid_request_error" if status == 400 else "server_error"
+
+
+class _EventStream(StreamingResponse):
+    """A streamed answer that ends when its client leaves, as Starlette's does, with a plain asyncio task
+    watching for the disconnect instead of an anyio task group around the stream (a tenth of the router's time
+    per short streamed request went to the group's machinery). The watcher cancels the streaming task; the
+    answer's generator then closes, and its `finally` aborts the requests."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        left = done = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not done:  # (a disconnect after the last byte cancels nothing)
+                left = True
+                streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+            done = True  # before any other await: the watcher cannot run in between
+        except asyncio.CancelledError:
+            if not left:  # cancelled from outside: not ours to swallow
+                raise
+            streaming.uncancel()
+        finally:
+            watcher.cancel()
 
 
 class _ClientGone:
