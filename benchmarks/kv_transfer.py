@@ -9,8 +9,10 @@ receiver process reserved, and times each from `send()` to its completion:
 - `shm-tagged`: tagged messages through UCX's shared-memory transports (pages outside UCX's shared memory);
 - `shm`: the receiver pulls the pages out of the sender's UCX-mapped memory (one offer, no page messages;
   the same either way, shown for reference);
-- `--device cuda`: the pages live on the GPU and UCX picks its transport (cuda_ipc between processes on
-  one host); the baseline is then a device-to-device copy.
+- `--device cuda`: the pages live on the GPU; `auto-tagged`: tagged messages, UCX picking its transport
+  (cuda_ipc between processes on one host); `ipc`: the receiver opens the sender's pages through CUDA IPC
+  (handles exchanged once, at the first transfer) and copies them device to device, as the agents do on one
+  host; the baseline is then a device-to-device copy.
 
 The baseline copy runs in this process, single-threaded on the CPU as each peer is. Each size has one
 untimed round first (connections, staging buffers: the steady state is measured), then transfers and copies
@@ -32,6 +34,7 @@ from splitserve.kv_transfer.messages import CompatKey
 from splitserve.kv_transfer.testing import Peer, page_shape
 
 # 8 layers x K/V x 16 tokens x 8 heads x 64 dims x fp16 = 256 KiB per page
+PULLED = ("shm", "ipc")  # the receiver copies the pages out of the sender's memory: one offer, no page messages
 KEY = CompatKey(model="bench", dtype="fp16", page_size=16, num_layers=8, num_kv_heads=8, head_dim=64)
 PAGE_BYTES = 256 * 1024
 MODES = {"per page": {"SPLITSERVE_KV_MAX_MESSAGES": str(1 << 30), "SPLITSERVE_KV_MIN_MESSAGE_BYTES": "1"},
@@ -85,10 +88,10 @@ def main() -> None:
     ap.add_argument("--pages", default="16,64,256,1024,2048", help="request sizes in pages of 256 KiB")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per size")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both peers' pages live")
-    ap.add_argument("--transports", default=None, help="default: tcp,shm-tagged,shm on cpu; auto on cuda")
+    ap.add_argument("--transports", default=None, help="default: tcp,shm-tagged,shm on cpu; auto-tagged,ipc on cuda")
     args = ap.parse_args()
     sizes = [int(n) for n in args.pages.split(",")]
-    transports = (args.transports or ("auto" if args.device == "cuda" else "tcp,shm-tagged,shm")).split(",")
+    transports = (args.transports or ("auto-tagged,ipc" if args.device == "cuda" else "tcp,shm-tagged,shm")).split(",")
     num_pages = max(sizes) + 64
     receiver_pages = max(repetitions(n) * n for n in sizes) + 64  # a round's reservations are disjoint
     assert 2 * torch.Size(page_shape(KEY)).numel() == PAGE_BYTES
@@ -96,12 +99,12 @@ def main() -> None:
     rng = random.Random(0)
 
     seconds: dict[tuple[str, int], list[float]] = {}
-    runs = [(t, m) for t in transports for m in MODES if t != "shm" or m == "coalesced"]
+    runs = [(t, m) for t in transports for m in MODES if t not in PULLED or m == "coalesced"]
     for transport, mode in runs:  # one pair of peers at a time: their busy polling would slow another pair
-        label = transport if transport == "shm" else f"{transport} {mode}"
+        label = transport if transport in PULLED else f"{transport} {mode}"
         print(f"{label}: {len(sizes)} sizes x {args.rounds} rounds", flush=True)
-        options = dict(device=args.device, pulls=transport != "shm-tagged", env=MODES[mode])
-        base = "shm" if transport == "shm-tagged" else transport
+        options = dict(device=args.device, pulls=not transport.endswith("-tagged"), env=MODES[mode])
+        base = {"shm-tagged": "shm", "auto-tagged": "auto", "ipc": "auto"}.get(transport, transport)
         sender = Peer("sender", KEY, num_pages, base, fill_seed=1, **options)
         receiver = Peer("receiver", KEY, receiver_pages, base, fill_seed=None, **options)
         try:
@@ -122,7 +125,7 @@ def main() -> None:
     def gbps(name: str, n: int) -> float:
         return n * PAGE_BYTES / statistics.median(seconds[(name, n)]) / 1e9
 
-    columns = [t if t == "shm" else f"{t} {m}" for t, m in runs]
+    columns = [t if t in PULLED else f"{t} {m}" for t, m in runs]
     print(f"\nGB/s by request size (pages of 256 KiB, scattered on both sides), {args.device}:")
     print(f"{'pages':>6} {'MiB':>5} {'copy':>7} " + " ".join(f"{c:>20}" for c in columns))
     for n in sizes:
@@ -130,7 +133,7 @@ def main() -> None:
         cells = " ".join(f"{gbps(c, n):>8.2f} ({gbps(c, n) / copy:>4.0%} copy)" for c in columns)
         print(f"{n:>6} {n * PAGE_BYTES / 2**20:>5.0f} {copy:>7.2f} {cells}")
     print("\ncoalesced / per page:")
-    for t in (t for t in transports if t != "shm"):
+    for t in (t for t in transports if t not in PULLED):
         ratios = ", ".join(f"{n} pages {gbps(f'{t} coalesced', n) / gbps(f'{t} per page', n):.2f}x" for n in sizes)
         print(f"  {t}: {ratios}")
 

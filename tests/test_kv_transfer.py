@@ -12,7 +12,7 @@ import time
 import msgspec
 import pytest
 
-from splitserve.kv_transfer.messages import CompatKey, Ticket
+from splitserve.kv_transfer.messages import CompatKey, DevicePages, Ticket
 from splitserve.kv_transfer.testing import Peer, page_shape, random_pages
 
 KEY = CompatKey(model="tiny", dtype="fp16", page_size=4, num_layers=2, num_kv_heads=2, head_dim=16)
@@ -447,6 +447,7 @@ def test_messages_roundtrip_and_malformed_frames_are_refused():
     assert decode_control(frame(cancel) + bytes(100)) == cancel  # trailing buffer space is ignored
     for message in (
         Hello("s", b"addr", KEY, SharedPages(rkey=b"\x00key", address=1 << 46, nbytes=4096)),
+        Hello("s", b"addr", KEY, None, DEVICE_PAGES),
         Offer("s", "r", 3, [5, 1, 2], deadline=123.5, payload=b"tok"),
         Taken("r", 3, ok=False, reason="late"),
     ):
@@ -457,6 +458,31 @@ def test_messages_roundtrip_and_malformed_frames_are_refused():
             decode_control(garbage)  # truncated, overlong length, not msgpack, a Done where control is due
     with pytest.raises(ProtocolError, match="protocol version 9"):
         decode_control(frame(Cancel("r", 1, "x", version=9)))
+
+
+DEVICE_PAGES = DevicePages(host="this-host", device=0, handle=b"\x01" * 64, storage_bytes=1 << 30, storage_offset=0,
+                           ref_counter_handle=b"/torch_123", ref_counter_offset=8, event_handle=b"\x02" * 64,
+                           event_sync_required=True, offset=4096, nbytes=1 << 20)  # fmt: skip
+
+
+def test_cuda_pages_are_offered_through_ipc_on_their_own_host_only(monkeypatch):
+    """A sender's CUDA pages travel in its Hello as a CUDA IPC handle (the receiver then copies them device to
+    device, `Offer`/`Taken` as for shared host memory); a receiver on another host (another boot id), or without
+    CUDA, does not try to open them and gets tagged messages instead. CPU pages never carry a handle, and
+    SPLITSERVE_KV_CUDA_IPC=0 turns the handles off. (Opening one is the GPU check's `kv` section.)"""
+    import torch
+
+    from splitserve.kv_transfer import shared_memory
+
+    assert shared_memory.describe_device(torch.zeros(4)) is None
+    assert shared_memory.host_id()  # Linux: the kernel's boot id
+    assert shared_memory.RemotePages.open_device(DEVICE_PAGES) is None  # another host's handle: not even tried
+    here = msgspec.structs.replace(DEVICE_PAGES, host=shared_memory.host_id())
+    if not torch.cuda.is_available():
+        assert shared_memory.RemotePages.open_device(here) is None  # this host, no device: tagged messages
+    monkeypatch.setenv(shared_memory.CUDA_IPC_ENV, "0")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
+    assert shared_memory.describe_device(torch.zeros(4)) is None
 
 
 def test_malformed_control_frames_are_dropped_and_the_agent_keeps_working(peers):

@@ -42,7 +42,7 @@ from splitserve.kv_transfer.messages import (
     decode_control,
     frame,
 )
-from splitserve.kv_transfer.shared_memory import SharedPageMemory
+from splitserve.kv_transfer.shared_memory import SharedPageMemory, describe_device
 
 # ucxx sets a variable that UCX 1.21 does not know; UCX would print a warning on stdout for it.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -260,7 +260,8 @@ class Link:
         self.pages = pages.view(torch.uint8).view(pages.shape[0], -1)  # one row of bytes per page
         self.page_bytes = self.pages.shape[1]
         self.context = context
-        self.shared = context.memory.describe(pages)  # None: receivers must be sent tagged pages
+        self.shared = context.memory.describe(pages)  # host pages a receiver may map (None: not shareable)
+        self.device_pages = describe_device(pages)  # CUDA pages a receiver on this host may open
         self.staging = StagingBuffers(self.pages)
         self.worker = ucx.UCXWorker(context.ucx)
         self._progress_thread = context.progress_thread

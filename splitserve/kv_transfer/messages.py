@@ -19,7 +19,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 KV_LAYOUT = "page-major:[pages,layers,2,page_size,kv_heads,head_dim]"
 MAX_CONTROL_BYTES = 64 * 1024
 _FRAME = struct.Struct("<I")
@@ -78,14 +78,32 @@ class SharedPages(msgspec.Struct, frozen=True):
     nbytes: int
 
 
+class DevicePages(msgspec.Struct, frozen=True):
+    """A sender's page tensor on a CUDA device: the CUDA IPC handle of the allocation holding it (as torch shares
+    a CUDA storage between processes), for a peer on the same host, seeing the same devices, to open."""
+
+    host: str  # the kernel's boot id: a handle opens only on its own host
+    device: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int  # of the storage within the IPC allocation
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    offset: int  # of the first page within the storage, in bytes
+    nbytes: int
+
+
 class Hello(msgspec.Struct, tag=True, frozen=True):
     """First contact from a sender: who it is, where to answer, its compatibility key, and its pages when
-    a receiver on its host may map them."""
+    a receiver on its host may map them (host memory UCX shares, or a CUDA device's through CUDA IPC)."""
 
     agent_id: str
     address: bytes
     key: CompatKey
     shared: SharedPages | None = None
+    device: DevicePages | None = None
     version: int = PROTOCOL_VERSION
 
 

@@ -186,9 +186,12 @@ class Receiver:
         old = self._mappings.pop(hello.agent_id, None)
         if old is not None:
             old.close()
-        if hello.shared is None or hello.shared.nbytes % self._link.page_bytes:
+        if hello.device is not None and hello.device.nbytes % self._link.page_bytes == 0:
+            mapping = RemotePages.open_device(hello.device)  # CUDA pages, same host: copied device to device
+        elif hello.shared is None or hello.shared.nbytes % self._link.page_bytes:
             return False
-        mapping = RemotePages.map(self._link.endpoint(hello.address).handle, hello.shared)
+        else:
+            mapping = RemotePages.map(self._link.endpoint(hello.address).handle, hello.shared)
         if mapping is None:
             return False
         self._mappings[hello.agent_id] = mapping
@@ -214,6 +217,8 @@ class Receiver:
             reason = ""
             if time.monotonic() < offer.deadline:
                 copy_pages(source, offer.pages, link.pages, res.pages)
+                if source.is_cuda or link.pages.is_cuda:  # done before `Taken` lets the sender reuse its pages
+                    torch.cuda.synchronize(source.device if source.is_cuda else link.pages.device)
                 reason = self._verify(res, None, offer.digest)
             # The sender may reuse its pages once the deadline passes: a copy that ends later may hold them.
             if time.monotonic() >= offer.deadline:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from splitserve.kernels.layers import copy_pages
 from splitserve.kv_transfer.link import (
@@ -135,7 +136,8 @@ class Sender:
         peer = self._receivers.get(ticket.receiver_id)
         if peer is None:
             peer = _Peer(ticket.receiver_id, ticket.address, _PeerState.HELLO_SENT)
-            if not link.send_control(ticket.address, Hello(link.agent_id, link.address, link.key, link.shared)):
+            hello = Hello(link.agent_id, link.address, link.key, link.shared, link.device_pages)
+            if not link.send_control(ticket.address, hello):
                 self._fail(out, f"receiver {ticket.receiver_id} is unreachable (it may have died)")
                 return
             self._receivers[peer.agent_id] = peer
@@ -233,6 +235,8 @@ class Sender:
                 return
             offer = Offer(link.agent_id, out.ticket.receiver_id, xid, out.pages, out.deadline, out.payload,
                           page_digest(link.pages, out.pages, link.key.page_layers))  # fmt: skip
+            if link.pages.is_cuda:  # the pages' writes, on this process's streams, end before the peer reads them
+                torch.cuda.synchronize(link.pages.device)
             try:
                 link.send_control(out.ticket.address, offer)
                 out.offered, out.posted = True, time.monotonic()

@@ -5,7 +5,9 @@ a remote key for it; a peer on the same host unpacks that key on its endpoint an
 own address space (`ucp_rkey_ptr`). The receiving agent then copies a sender's pages into its own in one
 pass, at memcpy speed, where a tagged message through UCX's shared-memory FIFOs is copied twice (in and
 out) and moves half as fast. Where UCX cannot map the memory (another host, no shared-memory transport,
-GPU memory), `map_remote` says so and the agents use tagged messages.
+GPU memory), `RemotePages.map` says so and the agents use tagged messages. Pages on a CUDA device are shared
+the same way through CUDA IPC (`describe_device`, `RemotePages.open_device`): the receiver copies a sender's
+pages device to device, where UCX's tagged messages moved them at 84-128 GB/s on an H200 (2026-12-04).
 
 ucxx's Python API has neither memory mapping nor remote keys, so these few UCP calls go through ctypes to
 the libucp that ucxx itself loaded, on the handles of ucxx's own objects.
@@ -16,10 +18,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
+from pathlib import Path
 
 import torch
 
-from splitserve.kv_transfer.messages import SharedPages
+from splitserve.kv_transfer.messages import DevicePages, SharedPages
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +148,52 @@ class RemotePages:
             return None
         return cls(rkey, _bytes_at(pointer.value, shared.nbytes))
 
+    @classmethod
+    def open_device(cls, shared: DevicePages) -> RemotePages | None:
+        """Open a sender's CUDA pages (same host, same devices); None where they cannot be opened here."""
+        if shared.host != host_id() or not torch.cuda.is_available():
+            return None
+        try:
+            storage = torch.UntypedStorage._new_shared_cuda(
+                shared.device, shared.handle, shared.storage_bytes, shared.storage_offset,
+                shared.ref_counter_handle, shared.ref_counter_offset, shared.event_handle, shared.event_sync_required,
+            )  # fmt: skip
+            tensor = torch.empty(0, dtype=torch.uint8, device=f"cuda:{shared.device}")
+            tensor.set_(storage, shared.offset, (shared.nbytes,))
+        except (RuntimeError, TypeError) as e:
+            log.warning("could not open a sender's KV pages through CUDA IPC (tagged messages instead): %s", e)
+            return None
+        return cls(ctypes.c_void_p(), tensor)
+
     def close(self) -> None:
         if self._rkey:
             _ucp().ucp_rkey_destroy(self._rkey)
             self._rkey = ctypes.c_void_p()
+        self.tensor = torch.empty(0, dtype=torch.uint8)  # (a device mapping closes when its storage is freed)
+
+
+def host_id() -> str:
+    """This host's identity for CUDA IPC: the kernel's boot id (processes in containers on one host share it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+CUDA_IPC_ENV = "SPLITSERVE_KV_CUDA_IPC"  # 0: never offer CUDA pages through CUDA IPC (tagged messages only)
+
+
+def describe_device(tensor: torch.Tensor) -> DevicePages | None:
+    """What a peer on this host needs to open `tensor`'s CUDA memory (None off CUDA, where it cannot be shared,
+    or where SPLITSERVE_KV_CUDA_IPC=0): torch's CUDA IPC, as torch.multiprocessing shares a CUDA tensor."""
+    if tensor.device.type != "cuda" or not host_id() or os.environ.get(CUDA_IPC_ENV, "1") == "0":
+        return None
+    storage = tensor.untyped_storage()
+    try:
+        device, handle, size, offset, ref_handle, ref_offset, event, sync = storage._share_cuda_()
+    except RuntimeError as e:
+        log.warning("the KV pages cannot be shared through CUDA IPC: %s", e)
+        return None
+    return DevicePages(host_id(), device, bytes(handle), size, offset, bytes(ref_handle), ref_offset, bytes(event),
+                       bool(sync), tensor.storage_offset() * tensor.element_size(),
+                       tensor.numel() * tensor.element_size())  # fmt: skip

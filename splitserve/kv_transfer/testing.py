@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from splitserve.kv_transfer.messages import CompatKey
+from splitserve.kv_transfer.shared_memory import CUDA_IPC_ENV
 
 TRANSPORTS = {
     "tcp": {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "UCX_TCP_TX_SEG_SIZE": "1M", "UCX_TCP_RX_SEG_SIZE": "1M"},
@@ -50,8 +51,11 @@ def _main(conn, agent_id: str, key_fields: dict, num_pages: int, transport: str,
     key = CompatKey(**key_fields)
     context = TransferContext()
     shape, device = (num_pages, *page_shape(key)), options["device"]
-    # Pages outside UCX's shared memory cannot be mapped by a receiver: it is sent tagged messages instead.
+    # Pages outside UCX's shared memory cannot be mapped by a receiver: it is sent tagged messages instead (and
+    # CUDA pages are not offered through CUDA IPC).
     allocate = context.memory.zeros if options["pulls"] else torch.zeros
+    if not options["pulls"]:
+        os.environ[CUDA_IPC_ENV] = "0"
     pages = allocate(shape, dtype=torch.float16, device=device)
     if fill_seed is not None:
         pages.view(torch.uint8).view(num_pages, -1).copy_(random_pages(key, num_pages, fill_seed).to(device))
