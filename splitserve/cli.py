@@ -96,13 +96,17 @@ def _serve(args: argparse.Namespace) -> int:
     from splitserve.launcher import serve
 
     server, cluster = _router_options(args, f"tcp://{args.worker_host}:{args.worker_port}")
-    serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose, args.tensor_parallel)
+    serve(server, cluster, _engine_argv(args), pools, args.threads, args.verbose, args.tensor_parallel,
+          _router_argv(args))  # fmt: skip
     return 0
 
 
 def _serve_on_ray(args: argparse.Namespace, pools: dict[str, int]) -> int:
     import json
 
+    if args.replicas > 1:
+        raise ValueError("--routers above 1 with --ray: not yet (start further `splitserve router --replica i` "
+                         "yourself, and give the workers every router)")
     from splitserve.ray_cluster import ClusterSpec, RayPlacement, forwarded_env, serve_on_ray
 
     try:
@@ -341,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("decode", ["decode", "both"], "start a decode worker (--role both: a colocated one)"),
     ]:
         w = command(name, help=text, description=f"{text[0].upper()}{text[1:]} that joins a router.")
-        w.add_argument("--router", required=True, help="the router's worker socket, tcp://HOST:PORT")
+        w.add_argument("--router", required=True,
+                       help="the router's worker socket, tcp://HOST:PORT; several routers in front of the same "
+                       "workers (`router --routers N`): all of them, comma-separated, replica i's i-th")  # fmt: skip
         if len(roles) > 1:
             w.add_argument(
                 "--role",

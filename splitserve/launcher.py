@@ -40,15 +40,33 @@ def serve(
     threads: int | None,
     verbose: bool,
     ranks: int = 1,
+    router_argv: list[str] | None = None,
 ) -> None:
     """`pools`: how many workers of each role (prefill, decode, both); `worker_argv`: their engine options;
-    `ranks`: processes per worker (--tensor-parallel), each taking `threads` (default: its share of the cores)."""
+    `ranks`: processes per worker (--tensor-parallel), each taking `threads` (default: its share of the cores).
+    With `--routers N` this process is router replica 0 and starts replicas 1..N-1 (`router_argv`: the router's
+    options), all on the HTTP port; every worker joins all of them."""
+    replicas = cluster_options.get("replicas", 1)
+    routers: list[subprocess.Popen] = []
     processes, cores = sum(pools.values()) * ranks, os.cpu_count() or 1
     per_worker = threads or max(1, worker_threads(pools, cores) // ranks)
     supervisor: Supervisor | None = None
 
+    def start_routers(address: str) -> list[str]:
+        """Replicas 1..N-1 as child processes; all the routers' worker sockets, replica i's i-th."""
+        host = address.removeprefix("tcp://").rsplit(":", 1)[0]
+        addresses = [address]
+        for i in range(1, replicas):
+            port = free_port()
+            argv = [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "router", *(router_argv or []),
+                    "--replica", str(i), "--worker-host", host, "--worker-port", str(port)]  # fmt: skip
+            routers.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
+            addresses.append(f"tcp://{host}:{port}")
+        return addresses
+
     def start_workers(address: str, cluster: Cluster) -> None:
         nonlocal supervisor
+        address = ",".join(start_routers(address))
         env = {**os.environ, "OMP_NUM_THREADS": str(per_worker)}
         if processes * per_worker > cores:
             # More threads than cores: a thread of an idle worker must not spin long at a barrier, or it would
@@ -76,6 +94,13 @@ def serve(
     finally:
         if supervisor is not None:
             supervisor.stop()
+        for router in routers:
+            router.terminate()
+        for router in routers:
+            try:
+                router.wait(10)
+            except subprocess.TimeoutExpired:
+                router.kill()
 
 
 @dataclass

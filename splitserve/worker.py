@@ -39,6 +39,8 @@ from splitserve.protocol import (
     Role,
     SpeculationStats,
     SwitchRole,
+    TokenOut,
+    Tokens,
     ToRouter,
     WorkerInfo,
     decode_to_worker,
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    router: str  # tcp://HOST:PORT of the router's worker socket
+    router: str  # tcp://HOST:PORT of the router's worker socket; replicas' comma-separated, replica i i-th
     role: Role
     engine: EngineConfig
     kv_timeout_s: float = 120.0  # how long reserved pages wait for their KV (covers the prefill queue)
@@ -120,19 +122,36 @@ def _build(options: WorkerOptions, role: Role, send: Callable[[ToRouter], None],
     return handler(engine, agent, send, options.kv_timeout_s)
 
 
+def routers(option: str) -> list[str]:
+    """The routers' worker sockets in a `--router` value: one, or replicas' comma-separated (replica i i-th)."""
+    return [address.strip() for address in option.split(",") if address.strip()]
+
+
+def addressed(message: ToRouter, replicas: int) -> list[tuple[int, ToRouter]]:
+    """Which routers get `message`, and what each gets: a job's messages go to the replica that issued the job
+    (its ids are its index modulo the replicas: `Cluster`), a `Tokens` message split by job; the rest (heartbeats,
+    cache events, goodbyes) to every router."""
+    if replicas == 1:
+        return [(0, message)]
+    if isinstance(message, Tokens):
+        parts: dict[int, list[TokenOut]] = {}
+        for item in message.items:
+            parts.setdefault(item.job % replicas, []).append(item)
+        return [(index, msgspec.structs.replace(message, items=items)) for index, items in parts.items()]
+    job = getattr(message, "job", None)
+    if job is not None:
+        return [(job % replicas, message)]
+    return [(index, message) for index in range(replicas)]
+
+
 class _Loop:
     def __init__(self, options: WorkerOptions, info: WorkerInfo, role, outbox: list[ToRouter]):
         self.options = options
         self.info = info
         self.role = role
         self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, info.worker_id.encode())
-        self.socket.setsockopt(zmq.LINGER, 1000)
-        # While the router is away nothing queues for it (what a dead router's jobs produce is worth nothing),
-        # and the loop never blocks on a send; ZeroMQ reconnects by itself, and the next heartbeat rejoins.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.connect(options.router)
+        self.routers = routers(options.router)
+        self.sockets = [self._connect(address) for address in self.routers]
         self.outbox = outbox
         self.stopping = threading.Event()
         self.refused: str | None = None
@@ -143,6 +162,16 @@ class _Loop:
         self.malformed_messages = 0
         self.switch: SwitchRole | None = None  # asked for; done once the role has no work left
 
+    def _connect(self, address: str) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.info.worker_id.encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        # While the router is away nothing queues for it (what a dead router's jobs produce is worth nothing),
+        # and the loop never blocks on a send; ZeroMQ reconnects by itself, and the next heartbeat rejoins.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.connect(address)
+        return sock
+
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
@@ -150,12 +179,13 @@ class _Loop:
         beat.start()
         log.info("%s ready: %d KV pages, talking to %s", self.info.worker_id, self.info.num_pages, self.options.router)
         poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
+        for sock in self.sockets:
+            poller.register(sock, zmq.POLLIN)
         try:
             while not self.stopping.is_set():
                 timeout_ms = 0 if self.role.busy() else (1 if self.role.in_flight() else 20)
-                if poller.poll(timeout_ms):
-                    self._receive()
+                for sock, _ in poller.poll(timeout_ms):
+                    self._receive(sock)
                 self.role.step()
                 if self.switch is not None and self.role.idle():
                     self._switch_role(self.switch)
@@ -169,10 +199,11 @@ class _Loop:
             agent = getattr(self.role, "agent", None)
             if agent is not None:
                 agent.close()
-            if self.refused is None:
-                with contextlib.suppress(zmq.Again):
-                    self.socket.send(encode(Goodbye(self.info.worker_id)), zmq.NOBLOCK)
-            self.socket.close()
+            for sock in self.sockets:
+                if self.refused is None:
+                    with contextlib.suppress(zmq.Again):
+                        sock.send(encode(Goodbye(self.info.worker_id)), zmq.NOBLOCK)
+                sock.close()
             self.context.term()
         if self.refused is not None:
             raise WorkerRefused(f"the router refused this worker: {self.refused}")
@@ -214,18 +245,19 @@ class _Loop:
     def _flush(self) -> None:
         dropped = 0
         for message in self.outbox:
-            try:
-                self.socket.send(encode(message), zmq.NOBLOCK)
-            except zmq.Again:
-                dropped += 1
+            for index, part in addressed(message, len(self.sockets)):
+                try:
+                    self.sockets[index].send(encode(part), zmq.NOBLOCK)
+                except zmq.Again:
+                    dropped += 1
         if dropped:
             log.warning("the router is unreachable: dropped %d message(s) for it", dropped)
         self.outbox.clear()
 
-    def _receive(self) -> None:
+    def _receive(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                frame = self.socket.recv(zmq.NOBLOCK)
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -244,11 +276,14 @@ class _Loop:
             self.role.on_message(message)
 
     def _heartbeats(self) -> None:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # no stale heartbeats piling up while the router is away
-        sock.setsockopt(zmq.SNDHWM, 4)
-        sock.connect(self.options.router)
+        socks = []
+        for address in self.routers:  # every router learns the worker's load, cache and role from the worker
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # no stale heartbeats piling up while the router is away
+            sock.setsockopt(zmq.SNDHWM, 4)
+            sock.connect(address)
+            socks.append(sock)
         try:
             while not self.stopping.wait(self.options.heartbeat_interval_s):
                 agent = getattr(self.role, "agent", None)
@@ -268,8 +303,10 @@ class _Loop:
                     )
                 )
                 age = time.monotonic() - self.loop_time
-                with contextlib.suppress(zmq.Again):  # the router is away: keep trying until it is back
-                    sock.send(encode(Heartbeat(self.info, self.load, kv, age, self.cache, self.speculation)),
-                              zmq.NOBLOCK)  # fmt: skip
+                beat = encode(Heartbeat(self.info, self.load, kv, age, self.cache, self.speculation))
+                for sock in socks:
+                    with contextlib.suppress(zmq.Again):  # a router is away: keep trying until it is back
+                        sock.send(beat, zmq.NOBLOCK)
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()

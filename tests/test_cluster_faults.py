@@ -40,24 +40,27 @@ def _model(server: ServeProcess) -> str:
 def _stream_all(
     server: ServeProcess, bodies: list[dict], started: threading.Barrier | None = None, at: int = 3
 ) -> list[dict]:
-    """Stream every body at once; each result: the token ids, the error (if any), whether [DONE] came. Each
-    stream waits at `started` once it has `at` tokens."""
+    """Stream every body at once; each result: the token ids, the error event (if any), whether [DONE] came, and
+    `cut` where the connection broke. Each stream waits at `started` once it has `at` tokens."""
     results: list[dict] = [{"tokens": [], "done": False} for _ in bodies]
 
     def stream(i: int) -> None:
         out = results[i]
-        with server.http.stream("POST", "/v1/completions", json={**bodies[i], "return_token_ids": True}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    event = json.loads(line.removeprefix("data: "))
-                    if "error" in event:
-                        out["error"] = event["error"]["message"]
-                        continue
-                    out["tokens"] += event["choices"][0]["token_ids"]
-                    if started is not None and len(out["tokens"]) == at:
-                        started.wait()
-                elif line == "data: [DONE]":
-                    out["done"] = True
+        try:
+            with server.http.stream("POST", "/v1/completions", json={**bodies[i], "return_token_ids": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        event = json.loads(line.removeprefix("data: "))
+                        if "error" in event:
+                            out["error"] = event["error"]["message"]
+                            continue
+                        out["tokens"] += event["choices"][0]["token_ids"]
+                        if started is not None and len(out["tokens"]) == at:
+                            started.wait()
+                    elif line == "data: [DONE]":
+                        out["done"] = True
+        except httpx.TransportError as e:  # the connection itself broke (its router died): the stream was cut
+            out["cut"] = str(e)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(bodies))]
     for t in threads:

@@ -89,8 +89,10 @@ class Cluster:
         self.jobs: dict[int, Job] = {}  # by wire id of the current attempt
         self.queue: deque[Job] = deque()
         self.stats = ClusterStats()
-        # Job ids start at a random point: a worker that outlived an earlier router never sees one reused.
-        self._wire_ids = itertools.count(secrets.randbits(62))
+        # Job ids start at a random point: a worker that outlived an earlier router never sees one reused. Among
+        # replicas, replica i's ids are i modulo their number: a worker answers each job to the router it names.
+        start, n = secrets.randbits(56), options.replicas
+        self._wire_ids = (k * n + options.replica for k in itertools.count(start))
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished worker raises, not drops

@@ -51,6 +51,19 @@ class RouterOptions:
         "with --slo: never move workers between the prefill and decode pools (a fixed split)",
         flag="--fixed-roles",
     )
+    replica: int = option(
+        0,
+        "this router's index among --routers N in front of the same workers (0 to N-1): its job ids are its own "
+        "(they leave this remainder modulo N), and only replica 0 moves workers between the pools "
+        "(default {default})",
+    )
+    replicas: int = option(
+        1,
+        "routers in front of the same workers, sharing the HTTP port (SO_REUSEPORT: the kernel spreads the "
+        "connections): `serve` starts them all; a router alone is given its --replica, and every worker all "
+        "their worker sockets, replica i's i-th in its --router list (default {default})",
+        flag="--routers",
+    )
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     switch_timeout_s: float = 300.0  # a worker not switched this long after the decision goes back to its pool
     drain_timeout_s: float = option(
@@ -65,3 +78,8 @@ class RouterOptions:
         "already sent prefilled again, the stream going on); beyond it the client gets an error event; 0: never "
         "(default {default})",
     )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.replica < self.replicas:
+            raise ValueError(f"--replica must be in 0..{self.replicas - 1} (of --routers {self.replicas}), "
+                             f"got {self.replica}")  # fmt: skip

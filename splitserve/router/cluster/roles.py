@@ -36,7 +36,9 @@ class RoleController:
     ):
         """`evacuate(worker, why, reason)`: move the worker's requests to others (the cluster's)."""
         self.options, self.members, self._send, self._evacuate = options, members, send, evacuate
-        self.policy = RolePolicy(options.policy) if options.slo and options.role_switching else None
+        # One router decides role switches: among replicas, replica 0 (the others' workers are the same).
+        deciding = options.role_switching and options.replica == 0
+        self.policy = RolePolicy(options.policy) if options.slo and deciding else None
         self.window = WindowCounts(time.monotonic())  # the one under way
         self.last_window: Window | None = None
         self.last_verdict = ""

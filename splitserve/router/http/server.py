@@ -41,8 +41,11 @@ class ServerOptions:
 def run_router(
     options: ServerOptions, cluster_options: dict, on_bound: Callable[[str, Cluster], None] | None = None
 ) -> None:
-    """Serve until SIGINT/SIGTERM. `on_bound` gets the worker socket's address once it is bound (before HTTP)."""
-    _check_port_free(options.host, options.port)
+    """Serve until SIGINT/SIGTERM. `on_bound` gets the worker socket's address once it is bound (before HTTP).
+    Among replicas (`--routers N`) every router listens on the same HTTP port (SO_REUSEPORT)."""
+    shared = cluster_options.get("replicas", 1) > 1
+    if not shared:
+        _check_port_free(options.host, options.port)
     path = resolve_model(options.model)
     arch = architecture(path)  # an unsupported model fails here, before any worker starts, naming the supported ones
     tokenizer = load_tokenizer(path)
@@ -75,7 +78,22 @@ def run_router(
     # collector's sight, a full collection during a flood of requests scans only what they allocate.
     gc.collect()
     gc.freeze()
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[_shared_socket(options.host, options.port)] if shared else None)
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound with SO_REUSEPORT: the replicas' sockets on one port, the kernel spreading new
+    connections among them (Linux)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SplitserveError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _check_port_free(host: str, port: int) -> None:
