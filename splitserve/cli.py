@@ -105,8 +105,10 @@ def _serve_on_ray(args: argparse.Namespace, pools: dict[str, int]) -> int:
     import json
 
     if args.replicas > 1:
-        raise ValueError("--routers above 1 with --ray: not yet (start further `splitserve router --replica i` "
-                         "yourself, and give the workers every router)")
+        raise ValueError(
+            "--routers above 1 with --ray: not yet (start further `splitserve router --replica i` "
+            "yourself, and give the workers every router)"
+        )
     from splitserve.ray_cluster import ClusterSpec, RayPlacement, forwarded_env, serve_on_ray
 
     try:

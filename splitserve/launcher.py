@@ -47,21 +47,27 @@ def serve(
     With `--routers N` this process is router replica 0 and starts replicas 1..N-1 (`router_argv`: the router's
     options), all on the HTTP port; every worker joins all of them."""
     replicas = cluster_options.get("replicas", 1)
-    routers: list[subprocess.Popen] = []
+    routers: Supervisor | None = None
     processes, cores = sum(pools.values()) * ranks, os.cpu_count() or 1
     per_worker = threads or max(1, worker_threads(pools, cores) // ranks)
     supervisor: Supervisor | None = None
 
     def start_routers(address: str) -> list[str]:
-        """Replicas 1..N-1 as child processes; all the routers' worker sockets, replica i's i-th."""
+        """Replicas 1..N-1 as child processes, restarted (on the same worker port) when one dies; all the routers'
+        worker sockets, replica i's i-th."""
+        nonlocal routers
         host = address.removeprefix("tcp://").rsplit(":", 1)[0]
-        addresses = [address]
+        addresses, slots = [address], []
         for i in range(1, replicas):
             port = free_port()
             argv = [sys.executable, "-m", "splitserve", *(["-v"] if verbose else []), "router", *(router_argv or []),
                     "--replica", str(i), "--worker-host", host, "--worker-port", str(port)]  # fmt: skip
-            routers.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
+            slots.append(("router", argv))
             addresses.append(f"tcp://{host}:{port}")
+        if slots:
+            routers = Supervisor(slots, dict(os.environ), joined=lambda: len(slots), on_ready=lambda: None,
+                                 on_restart=lambda role: None)  # fmt: skip
+            routers.start()
         return addresses
 
     def start_workers(address: str, cluster: Cluster) -> None:
@@ -92,15 +98,9 @@ def serve(
     try:
         run_router(server, cluster_options, on_bound=start_workers)
     finally:
-        if supervisor is not None:
-            supervisor.stop()
-        for router in routers:
-            router.terminate()
-        for router in routers:
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
+        for children in (supervisor, routers):
+            if children is not None:
+                children.stop()
 
 
 @dataclass
