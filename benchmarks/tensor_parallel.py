@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from decode_step import step_ms  # the decode step timed as benchmarks/decode_step.py times it
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from splitserve.decode.engine import DecodeEngine
-from splitserve.engine.config import EngineConfig
+from splitserve import LLM
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.request import EngineRequest
 
@@ -35,23 +35,7 @@ def checkpoint(folder: Path, args: argparse.Namespace) -> Path:
     return folder
 
 
-def step_ms(engine: DecodeEngine, batch: int, prompt_len: int = 128, steps: int = 32) -> float:
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(EngineRequest(f"d{batch}-{i}", [100 + (i + j) % 1000 for j in range(prompt_len)], params))
-    started: set[str] = set()
-    while len(started) < batch:
-        started.update(u.request_id for u in engine.step())
-    begin = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    seconds = time.perf_counter() - begin
-    while engine.has_unfinished():
-        engine.step()
-    return seconds / steps * 1000
-
-
-def prefill_tokens_per_s(engine: DecodeEngine, prompt_len: int = 512) -> float:
+def prefill_tokens_per_s(engine, prompt_len: int = 512) -> float:
     params = SamplingParams(max_tokens=1, temperature=0)
     begin = time.perf_counter()
     for k in range(2):
@@ -79,12 +63,12 @@ def main() -> None:
         cores = torch.get_num_threads()
         for width in [1, *(int(w) for w in args.widths.split(","))]:
             torch.set_num_threads(max(1, cores // width))  # the ranks share the cores, as `serve` splits them
-            engine = DecodeEngine(EngineConfig(model=str(folder), device="cpu", prefix_caching=False,
-                                               tensor_parallel=width, **options))  # fmt: skip
+            llm = LLM(str(folder), device="cpu", prefix_caching=False, tensor_parallel=width, **options)
+            engine = llm.engine
             try:
                 weights = sum(t.numel() * t.element_size() for t in engine.runner.model.state_dict().values())
                 kv_token = engine.runner.kv_cache[0].numel() * engine.runner.kv_cache.element_size() / 16
-                row = (width, weights / 1e6, kv_token / 1e3, step_ms(engine, 1), step_ms(engine, 16),
+                row = (width, weights / 1e6, kv_token / 1e3, step_ms(llm, 1, 128), step_ms(llm, 16, 128),
                        prefill_tokens_per_s(engine))  # fmt: skip
             finally:
                 engine.runner.close()
