@@ -86,6 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
     pools = {"prefill": args.prefill, "decode": args.decode, "both": args.both}
     if args.both == 0 and (args.prefill == 0 or args.decode == 0):
         raise ValueError("a cluster needs at least one prefill and one decode worker, or --both N")
+    if args.replica != 0:
+        raise ValueError("--replica is for a router started alone: `serve --routers N` numbers its routers itself")
     if args.tensor_parallel > 1 and (args.prefill or args.decode):
         raise ValueError(
             "--tensor-parallel above 1 runs colocated workers for now (--prefill 0 --decode 0 --both N): "

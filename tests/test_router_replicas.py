@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 
+from splitserve.cli import main as cli_main
 from splitserve.launcher import ServeProcess
 from splitserve.protocol import Heartbeat, KvStats, Load, Role, TokenOut, Tokens
 from splitserve.router.cluster.cluster import Cluster
@@ -108,3 +109,8 @@ def test_two_routers_share_the_workers_and_one_dying_leaves_the_other_serving(ti
         assert [r["tokens"] for r in again] == expected and all(r["done"] for r in again)
     finally:
         server.stop()
+
+
+def test_serve_numbers_its_routers_itself(capsys):
+    assert cli_main(["serve", "--replica", "1"]) != 0
+    assert "--replica is for a router started alone" in capsys.readouterr().err
