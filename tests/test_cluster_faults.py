@@ -83,7 +83,10 @@ def _kill_the_busier_decode_worker_midstream(
     started.wait(timeout=120)  # every stream is decoding
     victim = max(server.workers(role), key=lambda w: w["running"])
     assert victim["running"] > 0
-    os.kill(victim["pid"] if rank == 0 else psutil.Process(victim["pid"]).children()[rank - 1].pid, signal.SIGKILL)
+    pid = victim["pid"]
+    if rank > 0:  # the worker's follower of that rank (engine/tensor_parallel.py)
+        (pid,) = [p.pid for p in psutil.Process(pid).children() if p.cmdline()[-2:] == ["--rank", str(rank)]]
+    os.kill(pid, signal.SIGKILL)
     runner.join(300)
     assert all("error" not in r and r["done"] for r in results), [r.get("error") for r in results]
     migrations = server.health()["migrations"]

@@ -139,6 +139,7 @@ class Followers:
             p.stdin.write(encoded)
             p.stdin.close()
         log.info("tensor parallel: %d ranks, followers' pids %s", width, [p.pid for p in processes])
+        self.processes = processes  # ranks 1..N-1, in order
         try:
             self.tp = connect(self._store, 0, width, device, slots, slot_bytes)
         finally:
