@@ -25,8 +25,6 @@ from splitserve.model.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
-_MAX_SLOT_BYTES = 64 << 20  # tensor-parallel CPU ranks: larger exchanges (long prompts' logits) go through gloo
-
 
 class ModelRunner:
     def __init__(
@@ -43,10 +41,7 @@ class ModelRunner:
         self._followers = None
         if tp is None and config.tensor_parallel > 1:
             TensorParallel(width=config.tensor_parallel).check(model_config)  # before any follower starts
-            # the largest tensor the ranks exchange: a pass's activations, or its logits' vocabulary slices
-            widest = max(model_config.hidden_size, -(-model_config.vocab_size // config.tensor_parallel))
-            slot = min(config.max_num_batched_tokens * widest * 4, _MAX_SLOT_BYTES)
-            self._followers = Followers(config, folder, slot)
+            self._followers = Followers(config, folder, model_config)
             tp = self._followers.tp
         self.tp = tp or TensorParallel()
         self.device, self.dtype, self.page_size = config.torch_device, config.torch_dtype, config.page_size
@@ -140,6 +135,7 @@ class ModelRunner:
         logits, finishing = self.forward(chunks)
         return sample_chunks(logits, finishing) if finishing else []
 
+    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor | None, list[Chunk]]:
         """The pass of `execute`: the logits of the chunks that complete their requests (None if none does), and
         those chunks, in the order of the logits' rows."""

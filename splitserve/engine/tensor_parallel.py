@@ -40,12 +40,14 @@ from splitserve.model.parallel import TensorParallel
 
 if TYPE_CHECKING:
     from splitserve.engine.runner import ModelRunner
+    from splitserve.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 _IDLE = datetime.timedelta(days=365)  # a follower waits for the next pass as long as the worker lives
 _HOST = "127.0.0.1"  # a worker's ranks share a host
+_MAX_SLOT_BYTES = 64 << 20
 
 
 class ChunkPlan(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -116,11 +118,14 @@ def connect(store: dist.Store, rank: int, width: int, device: torch.device, slot
 
 class Followers:
     """Rank 0's side: starts ranks 1..N-1 and sends them each pass's plan; they are told to stop when this object
-    is closed or collected (and die with this process in any case). `slot_bytes`: the largest tensor the ranks
-    sum or gather through shared memory (CPU ranks)."""
+    is closed or collected (and die with this process in any case)."""
 
-    def __init__(self, config: EngineConfig, folder: Path, slot_bytes: int):
+    def __init__(self, config: EngineConfig, folder: Path, model: ModelConfig):
         width, device = config.tensor_parallel, config.torch_device
+        # CPU ranks' shared-memory slots hold the largest tensor they exchange: a pass's activations, or its
+        # logits' vocabulary slices (larger ones, long prompts' logits, go through gloo)
+        widest = max(model.hidden_size, -(-model.vocab_size // width))
+        slot_bytes = min(config.max_num_batched_tokens * widest * 4, _MAX_SLOT_BYTES)
         self._store = dist.TCPStore(_HOST, 0, width, True, wait_for_workers=False)
         argv = [sys.executable, "-m", "splitserve.engine.tensor_parallel", "--port", str(self._store.port),
                 "--model-folder", str(folder), "--threads", str(torch.get_num_threads())]  # fmt: skip
